@@ -1,0 +1,41 @@
+//! `versatile`: the command-line tool of the versatile library.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Convolutional networks from versatile filters: geometry, costs, training and export.
+#[derive(Debug, Parser)]
+#[command(name = "versatile", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The geometry and costs of one versatile layer.
+    Layer(commands::layer::LayerArgs),
+}
+
+/// Exit code for invalid arguments or configurations (as clap uses for usage errors).
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Layer(args) => commands::layer::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            match err.downcast_ref::<commands::UsageError>() {
+                Some(_) => ExitCode::from(EXIT_USAGE),
+                None => ExitCode::FAILURE,
+            }
+        }
+    }
+}

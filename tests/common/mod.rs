@@ -1,0 +1,196 @@
+//! Shared helpers of the integration tests: golden-case loading and tolerant comparison.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+use versatile::layer::{ChannelMode, VConv2dConfig};
+
+/// Configuration of one golden case (the `meta` header entry of its safetensors file).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CaseMeta {
+    pub name: String,
+    #[serde(rename = "N")]
+    pub batch: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    #[serde(rename = "H")]
+    pub height: usize,
+    #[serde(rename = "W")]
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+    pub delta: usize,
+    pub g: usize,
+    pub bias: bool,
+    pub channel_mode: String,
+    pub s: usize,
+    pub n_c: usize,
+    pub primary: usize,
+    pub c_hat: usize,
+    pub out_shape: Vec<usize>,
+}
+
+impl CaseMeta {
+    pub fn config(&self) -> VConv2dConfig {
+        let p = self.padding;
+        VConv2dConfig::new(
+            [self.in_channels, self.out_channels],
+            [self.kernel, self.kernel],
+        )
+        .with_stride([self.stride; 2])
+        .with_dilation([self.dilation; 2])
+        .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
+        .with_groups(self.groups)
+        .with_bias(self.bias)
+        .with_delta(self.delta)
+        .with_g(self.g)
+        .with_channel_mode(self.channel_mode.parse::<ChannelMode>().unwrap())
+    }
+}
+
+/// One golden case in one precision: its configuration and tensors as f64 host data.
+pub struct GoldenCase {
+    pub meta: CaseMeta,
+    pub dtype: DType,
+    pub path: PathBuf,
+    pub tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
+}
+
+impl GoldenCase {
+    pub fn load(path: &Path) -> GoldenCase {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
+        let meta_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("meta"))
+            .unwrap_or_else(|| panic!("{}: no 'meta' header entry", path.display()));
+        let meta: CaseMeta = serde_json::from_str(meta_json).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors = HashMap::new();
+        let mut dtype = DType::F32;
+        for (name, view) in st.tensors() {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                Dtype::F64 => {
+                    dtype = DType::F64;
+                    data.chunks_exact(8)
+                        .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                        .collect()
+                }
+                Dtype::I64 => data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{}: unexpected dtype {other:?} for {name}", path.display()),
+            };
+            tensors.insert(name.to_string(), (view.shape().to_vec(), values));
+        }
+        GoldenCase {
+            meta,
+            dtype,
+            path: path.to_path_buf(),
+            tensors,
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn values(&self, name: &str) -> &[f64] {
+        &self.get(name).1
+    }
+
+    pub fn get(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: missing tensor '{name}'", self.path.display()))
+    }
+
+    /// A float tensor in the case's own precision.
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let (shape, values) = self.get(name);
+        let data = TensorData::new(values.clone(), shape.clone());
+        Tensor::from_data(data, (device, self.dtype))
+    }
+
+    /// Relative tolerance for this precision (README of the golden cases).
+    pub fn tolerance(&self) -> f64 {
+        if self.dtype == DType::F64 {
+            1e-9
+        } else {
+            1e-4
+        }
+    }
+}
+
+/// The golden directory: `VERSATILE_GOLDEN_DIR` or the copy in the repository.
+pub fn golden_dir() -> PathBuf {
+    std::env::var_os("VERSATILE_GOLDEN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden"))
+}
+
+/// Every `*.safetensors` case file of `dir`, sorted.
+pub fn case_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read golden directory {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Host values of a tensor as f64.
+pub fn host(tensor: Tensor<1>) -> Vec<f64> {
+    tensor
+        .into_data()
+        .convert::<f64>()
+        .try_to_vec::<f64>()
+        .unwrap()
+}
+
+/// Host values of a tensor of any rank, flattened.
+pub fn host_any<const D: usize>(tensor: Tensor<D>) -> Vec<f64> {
+    let n = tensor.shape().num_elements();
+    host(tensor.reshape([n]))
+}
+
+/// Largest absolute difference divided by the largest magnitude of `expected`
+/// (absolute when `expected` is all zeros).
+pub fn relative_error(got: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(got.len(), expected.len(), "length mismatch");
+    let scale = expected
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    let scale = if scale < 1e-30 { 1.0 } else { scale };
+    got.iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Asserts `got` is within `tol` of `expected` relative to its magnitude.
+pub fn assert_close(what: &str, got: &[f64], expected: &[f64], tol: f64) {
+    let err = relative_error(got, expected);
+    assert!(
+        err <= tol,
+        "{what}: relative error {err:.3e} exceeds {tol:.0e}"
+    );
+}
