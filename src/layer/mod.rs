@@ -1,10 +1,12 @@
 //! The versatile layer: its geometry, its dense form and the burn module.
 
+mod conv;
 pub mod dense;
 mod error;
 mod geometry;
 mod vconv2d;
 
+pub use conv::conv2d_forward;
 pub use error::{VConvConfigError, VConvShapeError};
 pub use geometry::{ChannelMode, ChannelSource, Geometry, GeometrySpec, PaddingPairs};
 pub use vconv2d::{authors_initializer, VConv2d, VConv2dConfig};
