@@ -503,3 +503,42 @@ fn configs_serialize_by_name() {
             .unwrap()
     );
 }
+
+#[test]
+fn record_keys_are_torchvisions_once_enum_variants_are_skipped() {
+    use burn::store::ModuleSnapshot;
+    let device = Device::flex();
+    let keys = |name: &str, variant: &str| -> Vec<String> {
+        let model = config(name, variant).init(&device).unwrap();
+        model
+            .collect(None, None, true)
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    };
+    let vgg = keys("vgg11_bn", "spatial");
+    for key in [
+        "features.0.weight",
+        "features.0.bias",
+        "features.1.running_mean",
+        "features.4.weight",
+        "fc6.weight",
+        "classifier.2.weight",
+        "classifier.5.bias",
+    ] {
+        assert!(vgg.iter().any(|k| k == key), "{key} not in {vgg:?}");
+    }
+    let resnet = keys("resnet18", "spatial+channel");
+    for key in [
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.conv2.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.running_mean",
+        "layer4.1.bn2.running_var",
+        "fc.weight",
+        "fc.bias",
+    ] {
+        assert!(resnet.iter().any(|k| k == key), "{key} not in {resnet:?}");
+    }
+}

@@ -20,6 +20,17 @@ pub fn giga(value: u64) -> String {
     format!("{:.2} G", value as f64 / 1e9)
 }
 
+/// `value` with two decimals in the largest unit of G, M, k that keeps it at least 1.
+pub fn scaled(value: u64) -> String {
+    let v = value as f64;
+    match value {
+        0..=999 => value.to_string(),
+        1_000..=999_999 => format!("{:.2} k", v / 1e3),
+        1_000_000..=999_999_999 => format!("{:.2} M", v / 1e6),
+        _ => format!("{:.2} G", v / 1e9),
+    }
+}
+
 /// Float32 bytes of `values` in MiB (2^20 bytes), two decimals.
 pub fn mib(values: u64) -> String {
     format!("{:.2} MiB", bytes(values) as f64 / (1u64 << 20) as f64)

@@ -5,7 +5,7 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use versatile::cost::LayerCost;
-use versatile::models::reference::{giga, grouped, millions};
+use versatile::models::reference::{grouped, scaled};
 use versatile::models::report::bytes;
 use versatile::models::{reference, CostReport, ModelConfig, CONVENTION};
 
@@ -143,7 +143,6 @@ fn print_table(report: &CostReport, dense: &CostReport, notes: &[String]) {
         "{:<name_width$}  {:<17}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  settings",
         "layer", "type", "output", "params", "MACs dense", "MACs paper", "MACs nested"
     );
-    let mega = |v: u64| format!("{:.2}M", v as f64 / 1e6);
     for row in &report.layers {
         println!(
             "{:<name_width$}  {:<17}  {:>12}  {:>12}  {:>12}  {:>12}  {:>12}  {}",
@@ -151,9 +150,9 @@ fn print_table(report: &CostReport, dense: &CostReport, notes: &[String]) {
             row.kind,
             shape(&row.output),
             grouped(row.cost.params),
-            mega(row.cost.macs_dense),
-            mega(row.cost.macs_paper),
-            mega(row.cost.macs_nested),
+            scaled(row.cost.macs_dense),
+            scaled(row.cost.macs_paper),
+            scaled(row.cost.macs_nested),
             row.detail
         );
     }
@@ -164,9 +163,9 @@ fn print_table(report: &CostReport, dense: &CostReport, notes: &[String]) {
         "",
         shape(report.output()),
         grouped(t.params),
-        mega(t.macs_dense),
-        mega(t.macs_paper),
-        mega(t.macs_nested),
+        scaled(t.macs_dense),
+        scaled(t.macs_paper),
+        scaled(t.macs_nested),
     );
     println!();
     print_totals(report, dense);
@@ -194,8 +193,8 @@ fn print_totals(report: &CostReport, dense: &CostReport) {
     let rows: [(&str, String, String, Option<f64>); 9] = [
         (
             "parameters",
-            format!("{} ({})", millions(t.params), grouped(t.params)),
-            format!("{} ({})", millions(d.params), grouped(d.params)),
+            format!("{} ({})", scaled(t.params), grouped(t.params)),
+            format!("{} ({})", scaled(d.params), grouped(d.params)),
             Some(ratio(t.params, d.params)),
         ),
         (
@@ -218,32 +217,32 @@ fn print_totals(report: &CostReport, dense: &CostReport) {
         ),
         (
             "MACs, paper count",
-            giga(t.macs_paper),
-            giga(d.macs_dense),
+            scaled(t.macs_paper),
+            scaled(d.macs_dense),
             Some(ratio(t.macs_paper, d.macs_dense)),
         ),
         (
             "MACs, nested evaluation",
-            giga(t.macs_nested),
-            giga(d.macs_dense),
+            scaled(t.macs_nested),
+            scaled(d.macs_dense),
             Some(ratio(t.macs_nested, d.macs_dense)),
         ),
         (
             "MACs, dense equivalent",
-            giga(t.macs_dense),
-            giga(d.macs_dense),
+            scaled(t.macs_dense),
+            scaled(d.macs_dense),
             Some(ratio(t.macs_dense, d.macs_dense)),
         ),
         (
             "FLOPs (2 x MACs), paper count",
-            giga(2 * t.macs_paper),
-            giga(2 * d.macs_dense),
+            scaled(2 * t.macs_paper),
+            scaled(2 * d.macs_dense),
             Some(ratio(t.macs_paper, d.macs_dense)),
         ),
         (
             "FLOPs (2 x MACs), nested",
-            giga(2 * t.macs_nested),
-            giga(2 * d.macs_dense),
+            scaled(2 * t.macs_nested),
+            scaled(2 * d.macs_dense),
             Some(ratio(t.macs_nested, d.macs_dense)),
         ),
     ];
