@@ -131,6 +131,15 @@ pub fn dense_twin_params(geometry: &Geometry, bias: bool) -> u64 {
     .params
 }
 
+/// Parameters as the authors' code allocates them: a `[m, c / groups, d, d]` weight
+/// (all `c` input channels, the last `delta` unused in shared mode) plus the bias. What
+/// their checkpoints, and parameter counts taken from their code, hold.
+pub fn authors_allocation_params(geometry: &Geometry, bias: bool) -> u64 {
+    let g = geometry;
+    let weight = (g.primary * (g.in_channels / g.groups) * g.kernel * g.kernel) as u64;
+    weight + if bias { g.out_channels as u64 } else { 0 }
+}
+
 /// Cost of a dense `Conv2d` (`channels = [in, out]`) with output `out_h x out_w`.
 pub fn conv2d(
     channels: [usize; 2],

@@ -13,5 +13,6 @@
 
 pub mod cost;
 pub mod layer;
+pub mod models;
 
 pub use layer::{ChannelMode, VConv2d, VConv2dConfig};

@@ -18,6 +18,10 @@ struct Cli {
 enum Command {
     /// The geometry and costs of one versatile layer.
     Layer(commands::layer::LayerArgs),
+    /// A model's layers with output shapes, parameters and multiply-adds, against its dense twin.
+    Summary(commands::summary::SummaryArgs),
+    /// The models of the zoo and their variants.
+    Models(commands::models::ModelsArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -27,6 +31,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Layer(args) => commands::layer::run(&args),
+        Command::Summary(args) => commands::summary::run(&args),
+        Command::Models(args) => commands::models::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

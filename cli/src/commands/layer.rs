@@ -53,7 +53,8 @@ pub struct LayerArgs {
     json: bool,
 }
 
-fn parse_hw(text: &str) -> Result<[usize; 2], String> {
+/// Parses `HxW` (or one number for a square) into `[height, width]`.
+pub(crate) fn parse_hw(text: &str) -> Result<[usize; 2], String> {
     let parse = |v: &str| {
         v.trim()
             .parse::<usize>()

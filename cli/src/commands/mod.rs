@@ -1,6 +1,8 @@
 //! One module per subcommand.
 
 pub mod layer;
+pub mod models;
+pub mod summary;
 
 /// An error in what the user asked for (exit code 2), as opposed to a failure while
 /// doing it (exit code 1).
