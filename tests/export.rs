@@ -275,3 +275,48 @@ fn onnx_exports_run_in_onnxruntime_with_our_outputs() {
         jobs.len()
     );
 }
+
+#[test]
+fn dense_safetensors_of_an_imagenet_vgg_are_torchvisions_vgg() {
+    let device = Device::flex();
+    let dir = scratch("torchvision-vgg");
+    let started = std::time::Instant::now();
+    // The smallest ImageNet-form VGG (129 M parameters, most in fc6). Dense: the
+    // unfolding is checked on the small models; this test is about the key layout.
+    let config = config("vgg11", "dense")
+        .with_in_channels(1)
+        .with_num_classes(10);
+    let model = config.init(&device).unwrap();
+    let path = dir.join("vgg11-dense.safetensors");
+    export_dense_safetensors(&model, None, &path).unwrap();
+    let keys = file_keys(&path);
+    // torchvision's vgg11(num_classes=10) on 1-channel images: features 0, 3, 6, 8, 11,
+    // 13, 16, 18; classifier 0, 3, 6; the authors' fc6 is classifier.0 as a Linear.
+    let mut expected = BTreeMap::new();
+    let convs = [(0, 1, 64), (3, 64, 128), (6, 128, 256), (8, 256, 256)];
+    let more = [
+        (11, 256, 512),
+        (13, 512, 512),
+        (16, 512, 512),
+        (18, 512, 512),
+    ];
+    for (index, c, n) in convs.into_iter().chain(more) {
+        expected.insert(format!("features.{index}.weight"), vec![n, c, 3, 3]);
+        expected.insert(format!("features.{index}.bias"), vec![n]);
+    }
+    for (index, i, o) in [(0, 512 * 7 * 7, 4096), (3, 4096, 4096), (6, 4096, 10)] {
+        expected.insert(format!("classifier.{index}.weight"), vec![o, i]);
+        expected.insert(format!("classifier.{index}.bias"), vec![o]);
+    }
+    assert_eq!(keys, expected);
+
+    let x = input(&config, 1, 32, &device);
+    let ours = values(model.forward(x.clone()));
+    // Read back as torchvision's VGG through the import path (the file's own
+    // description is not used there).
+    let imported = import_state_dict(&path, &config.dense_twin(), &device).unwrap();
+    assert!(imported.notes.torchvision_classifier);
+    let err = relative_error(&values(imported.model.forward(x)), &ours);
+    assert!(err < 1e-5, "{err}");
+    println!("took {:?}", started.elapsed());
+}

@@ -7,9 +7,13 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::store::burn_pack::Tensor as PackTensor;
-use burn::store::{bridge, BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter};
-use burn::tensor::{DType, Shape, TensorData};
+use burn::store::{
+    bridge, BurnToPyTorchAdapter, ModuleAdapter, ModuleContext, ModuleSnapshot,
+    PyTorchToBurnAdapter,
+};
+use burn::tensor::{Bool, DType, Int, Shape, Tensor, TensorData};
 
 use crate::models::{Arch, ConvLayer, ImageClassifier, Model, VggHead};
 
@@ -69,6 +73,78 @@ impl FromStr for KeyLayout {
     }
 }
 
+/// Converts between burn's and PyTorch's layouts as burn-store's adapters do (batch
+/// norm `gamma`/`beta` <-> `weight`/`bias`, linear weights transposed), with a blocked
+/// transpose: burn-store's element-by-element one takes seconds on a VGG's classifier.
+#[derive(Clone)]
+struct TorchAdapter {
+    /// `true` for burn -> PyTorch, `false` for PyTorch -> burn.
+    to_torch: bool,
+}
+
+impl TorchAdapter {
+    fn inner(&self) -> Box<dyn ModuleAdapter> {
+        if self.to_torch {
+            Box::new(BurnToPyTorchAdapter)
+        } else {
+            Box::new(PyTorchToBurnAdapter)
+        }
+    }
+}
+
+/// Tile side of the blocked transpose.
+const TILE: usize = 32;
+
+/// `[rows, cols]` row-major elements of `size` bytes, transposed to `[cols, rows]`.
+fn transposed_bytes(bytes: &[u8], rows: usize, cols: usize, size: usize) -> Vec<u8> {
+    let mut out = vec![0u8; bytes.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let (from, to) = ((r * cols + c) * size, (c * rows + r) * size);
+                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                }
+            }
+        }
+    }
+    out
+}
+
+impl ModuleAdapter for TorchAdapter {
+    fn adapt(&self, tensor: PackTensor, ctx: ModuleContext<'_>) -> PackTensor {
+        let linear_weight = ctx.module_type() == Some("Struct:Linear")
+            && tensor.name.rsplit('.').next() == Some("weight")
+            && tensor.shape.len() == 2
+            && tensor.dtype.is_float();
+        if !linear_weight {
+            return self.inner().adapt(tensor, ctx);
+        }
+        let (rows, cols) = (tensor.shape[0], tensor.shape[1]);
+        let name = tensor.name.clone();
+        let dtype = tensor.dtype;
+        bridge::map_data(
+            tensor,
+            name,
+            dtype,
+            Shape::from([cols, rows]),
+            move |data| {
+                let bytes = transposed_bytes(data.as_bytes(), rows, cols, dtype.size());
+                TensorData::from_bytes_vec(bytes, vec![cols, rows], dtype)
+            },
+        )
+    }
+
+    fn get_alternative_param_name(&self, param_name: &str, container_type: &str) -> Option<String> {
+        self.inner()
+            .get_alternative_param_name(param_name, container_type)
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
 /// The batch-norm step counter PyTorch keeps next to the running statistics.
 const BATCHES_TRACKED: &str = "num_batches_tracked";
 
@@ -109,16 +185,139 @@ fn reshaped(tensor: PackTensor, name: String, shape: Vec<usize>) -> PackTensor {
     })
 }
 
+/// Names, shapes and types of a module's tensors, without touching their values (a
+/// freshly built model's weights are not even drawn): each entry is a tensor whose data
+/// cannot be read, adapted exactly as [`ModuleSnapshot::collect`] adapts real ones.
+struct ShapeCollector {
+    tensors: Vec<PackTensor>,
+    path: Vec<String>,
+    containers: Vec<String>,
+    adapter: Option<Box<dyn ModuleAdapter>>,
+    skip_enum_variants: bool,
+}
+
+impl ShapeCollector {
+    fn push(&mut self, path: String, shape: Shape, dtype: DType) {
+        let tensor = bridge::deferred(path, dtype, shape, None, || {
+            Err(burn::store::burn_pack::Error::ValidationError(
+                "a shape-only tensor has no data".to_string(),
+            ))
+        });
+        let tensor = match &self.adapter {
+            Some(adapter) => adapter.adapt(tensor, ModuleContext::new(&self.containers)),
+            None => tensor,
+        };
+        self.tensors.push(tensor);
+    }
+
+    fn param<const D: usize, K>(&mut self, param: &Param<Tensor<D, K>>, dtype: DType)
+    where
+        K: burn::tensor::kind::Basic,
+        Tensor<D, K>: burn::module::Parameter,
+    {
+        let dtype = if param.is_initialized() {
+            param.val().dtype()
+        } else {
+            dtype
+        };
+        self.push(self.path.join("."), param.lazy_shape(), dtype);
+    }
+}
+
+impl ModuleVisitor for ShapeCollector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+        if !self.skip_enum_variants || !container_type.starts_with("Enum:") {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, container_type: &str) {
+        self.containers.pop();
+        if !self.skip_enum_variants || !container_type.starts_with("Enum:") {
+            self.path.pop();
+        }
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let dtype = param.lazy_device().settings().float_dtype.into();
+        self.param(param, dtype);
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+        let dtype = param.lazy_device().settings().int_dtype.into();
+        self.param(param, dtype);
+    }
+
+    fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<D, Bool>>) {
+        let dtype = param.lazy_device().settings().bool_dtype.into();
+        self.param(param, dtype);
+    }
+
+    fn visit_float_with_path<const D: usize>(
+        &mut self,
+        path: &[String],
+        _id: ParamId,
+        tensor: &Tensor<D>,
+    ) {
+        self.push(path.join("."), tensor.shape(), tensor.dtype());
+    }
+
+    fn visit_int_with_path<const D: usize>(
+        &mut self,
+        path: &[String],
+        _id: ParamId,
+        tensor: &Tensor<D, Int>,
+    ) {
+        self.push(path.join("."), tensor.shape(), tensor.dtype());
+    }
+
+    fn visit_bool_with_path<const D: usize>(
+        &mut self,
+        path: &[String],
+        _id: ParamId,
+        tensor: &Tensor<D, Bool>,
+    ) {
+        self.push(path.join("."), tensor.shape(), tensor.dtype());
+    }
+}
+
 /// The model's tensors as a file of `layout` holds them (data read lazily from the
 /// model when written).
 pub(crate) fn collect(model: &Model, layout: KeyLayout) -> Vec<PackTensor> {
+    gather(model, layout, false)
+}
+
+/// The names, shapes and types of the model's tensors in `layout`; reading their data
+/// fails.
+fn describe(model: &Model, layout: KeyLayout) -> Vec<PackTensor> {
+    gather(model, layout, true)
+}
+
+fn gather(model: &Model, layout: KeyLayout, shapes_only: bool) -> Vec<PackTensor> {
+    let base = |adapter: Option<Box<dyn ModuleAdapter>>, skip: bool| {
+        if shapes_only {
+            let mut collector = ShapeCollector {
+                tensors: Vec::new(),
+                path: Vec::new(),
+                containers: Vec::new(),
+                adapter,
+                skip_enum_variants: skip,
+            };
+            model.visit(&mut collector);
+            collector.tensors
+        } else {
+            model.collect(None, adapter, skip)
+        }
+    };
+    let torch = || Some(Box::new(TorchAdapter { to_torch: true }) as Box<dyn ModuleAdapter>);
     match layout {
-        KeyLayout::Burn => model.collect(None, None, false),
-        KeyLayout::Torch => model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), true),
+        KeyLayout::Burn => base(None, false),
+        KeyLayout::Torch => base(torch(), true),
         KeyLayout::Torchvision => {
             let vgg = imagenet_vgg(model);
             let mut out = Vec::new();
-            for tensor in collect(model, KeyLayout::Torch) {
+            for tensor in base(torch(), true) {
                 let name = tensor.name.clone();
                 if let Some(bn) = name.strip_suffix(".running_mean") {
                     out.push(bridge::from_data(
@@ -257,7 +456,7 @@ fn from_torch_convention(
             continue;
         };
         let key = format!("{prefix}.weight");
-        let ours = layer.weight.dims().to_vec();
+        let ours = layer.weight.lazy_shape().to_vec();
         let authors = layer.authors_weight_shape().to_vec();
         if ours == authors {
             continue;
@@ -273,11 +472,11 @@ fn from_torch_convention(
     by_name.into_values().collect()
 }
 
-/// The weight shape of a convolution, dense or versatile.
+/// The weight shape of a convolution, dense or versatile (without drawing the weights).
 fn conv_weight_shape(conv: &ConvLayer) -> Vec<usize> {
     match conv {
-        ConvLayer::Dense(conv) => conv.weight.dims().to_vec(),
-        ConvLayer::Versatile(conv) => conv.weight.dims().to_vec(),
+        ConvLayer::Dense(conv) => conv.weight.lazy_shape().to_vec(),
+        ConvLayer::Versatile(conv) => conv.weight.lazy_shape().to_vec(),
     }
 }
 
@@ -299,7 +498,7 @@ fn check(
     tensors: Vec<PackTensor>,
     notes: &mut LoadNotes,
 ) -> Result<Vec<PackTensor>, KeyReport> {
-    let expected: BTreeMap<String, PackTensor> = collect(model, layout)
+    let expected: BTreeMap<String, PackTensor> = describe(model, layout)
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
@@ -371,7 +570,12 @@ pub(crate) fn load(
     })?;
     let result = match check_layout {
         KeyLayout::Burn => model.apply(tensors, None, None, false),
-        _ => model.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), true),
+        _ => model.apply(
+            tensors,
+            None,
+            Some(Box::new(TorchAdapter { to_torch: false })),
+            true,
+        ),
     };
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         let errors: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
