@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
 use safetensors::SafeTensors;
@@ -11,7 +12,7 @@ use versatile::checkpoint::{
     inspect, load_checkpoint, load_model, load_model_as, save_checkpoint, save_model,
     CheckpointError, CheckpointMeta, Format, KeyLayout,
 };
-use versatile::models::{ImageClassifier, Model, ModelConfig};
+use versatile::models::{ConvLayer, FeatureLayer, ImageClassifier, Model, ModelConfig};
 
 mod support;
 use support::{config, input, random_model, scratch, values};
@@ -105,6 +106,35 @@ fn every_model_family_round_trips_in_both_formats() {
         .with_in_channels(1)
         .with_num_classes(3);
     round_trip(&random_model(&grey, &device), 28, &dir, &device);
+}
+
+#[test]
+fn a_checkpoint_loads_onto_an_autodiff_device_for_training() {
+    let device = Device::flex();
+    let dir = scratch("autodiff");
+    let model = random_model(&config("vgg_small", "spatial+channel"), &device);
+    let path = dir.join("vgg.bpk");
+    save_model(&path, &model).unwrap();
+    let autodiff = device.clone().autodiff();
+    let back = load_model(&path, &autodiff).unwrap();
+    // The loaded values, not fresh ones: same logits in inference mode.
+    let x = input(model.config(), 2, 28, &device);
+    let expected = values(model.forward(x.clone()));
+    assert!(values(back.valid().forward(x)) == expected);
+    // And trainable: gradients reach the primary filters.
+    let loss = back.forward(input(model.config(), 2, 28, &autodiff)).sum();
+    let grads = loss.backward();
+    let Model::ConvNet(net) = &back else {
+        panic!("a VGG is a ConvNet")
+    };
+    let FeatureLayer::Conv(ConvLayer::Versatile(conv)) = &net.features[3] else {
+        panic!("features.3 is versatile")
+    };
+    let grad = conv
+        .weight
+        .grad(&grads)
+        .expect("a gradient for features.3.weight");
+    assert_eq!(grad.dims(), conv.weight.dims());
 }
 
 #[test]

@@ -19,7 +19,10 @@ use versatile::checkpoint::{load_model, CheckpointError};
 use versatile::models::{ConvLayer, FeatureLayer, ImageClassifier, Model};
 
 mod support;
-use support::{config, input, random_model, relative_error, scratch, values};
+use support::{
+    authors_io, authors_small_vgg, config, input, random_model, relative_error, scratch, values,
+    AUTHORS_PTH,
+};
 
 const VARIANTS: [&str; 4] = [
     "dense",
@@ -227,6 +230,23 @@ fn onnx_exports_run_in_onnxruntime_with_our_outputs() {
             expected,
         });
     }
+    // The authors' PyTorch state dict, imported and exported: onnxruntime against the
+    // logits recorded with it (an independent statement of the layer), not ours.
+    let imported = import_state_dict(AUTHORS_PTH, &authors_small_vgg(), &device).unwrap();
+    let onnx = dir.join("authors.onnx");
+    export_onnx(&imported.model, [28, 28], &onnx).unwrap();
+    let (x, recorded) = authors_io(&device);
+    let input = dir.join("authors-input.f32");
+    write_f32(&input, &values(x));
+    jobs.push(Job {
+        what: "the authors' state dict, against its recorded logits".to_string(),
+        model: onnx,
+        input,
+        shape: [2, 1, 28, 28],
+        output: dir.join("authors-output.f32"),
+        expected: recorded,
+    });
+
     let list: Vec<serde_json::Value> = jobs
         .iter()
         .map(|j| {

@@ -5,46 +5,13 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::SafeTensors;
+use burn::tensor::{Device, Tensor};
 use versatile::checkpoint::import::import_state_dict;
 use versatile::checkpoint::{inspect, load_model, save_model, CheckpointError, Format};
 use versatile::models::{ImageClassifier, ModelConfig};
 
-const PTH: &str = "tests/data/torch/small_vgg_authors_layout.pth";
-const IO: &str = "tests/data/torch/small_vgg_authors_layout.io.safetensors";
-
-/// The network of the README: VConv2d 1->16 (spatial), 16->32 (delta 1, g 1), fc6
-/// 32->64 7x7 (spatial), Linear 64->64, Linear 64->10, on 1x28x28 images.
-fn authors_small_vgg() -> ModelConfig {
-    ModelConfig::parse("vgg_fc6:64:16-M-32-M", "spatial+channel:max_kernel=3")
-        .unwrap()
-        .with_in_channels(1)
-        .with_num_classes(10)
-}
-
-/// `x` [2, 1, 28, 28] and the recorded `logits` [2, 10].
-fn recorded(device: &Device) -> (Tensor<4>, Vec<f32>) {
-    let bytes = std::fs::read(IO).unwrap();
-    let file = SafeTensors::deserialize(&bytes).unwrap();
-    let read = |name: &str| {
-        let view = file.tensor(name).unwrap();
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        (values, view.shape().to_vec())
-    };
-    let (x, shape) = read("x");
-    assert_eq!(shape, [2, 1, 28, 28]);
-    let (logits, shape) = read("logits");
-    assert_eq!(shape, [2, 10]);
-    (
-        Tensor::from_data(TensorData::new(x, [2, 1, 28, 28]), device),
-        logits,
-    )
-}
+mod support;
+use support::{authors_io as recorded, authors_small_vgg, AUTHORS_PTH as PTH};
 
 fn logits(model: &impl ImageClassifier, x: Tensor<4>) -> Vec<f32> {
     model

@@ -240,15 +240,33 @@ pub fn load_model(path: impl AsRef<Path>, device: &Device) -> Result<Model, Chec
 }
 
 /// Loads a checkpoint that must hold the model `expected` describes (same architecture,
-/// variant, classes and input channels): [`CheckpointError::OtherModel`] otherwise.
+/// variant, classes and input channels): [`CheckpointError::OtherModel`] otherwise,
+/// decided from the file's metadata before any weight is read.
 pub fn load_model_as(
     path: impl AsRef<Path>,
     expected: &ModelConfig,
     device: &Device,
 ) -> Result<Model, CheckpointError> {
-    let path = path.as_ref();
-    let info = inspect(path)?;
-    if let Some(meta) = &info.meta {
+    load(path.as_ref(), device, Some(expected)).map(|checkpoint| checkpoint.model)
+}
+
+/// Loads a checkpoint with its description and load notes.
+pub fn load_checkpoint(
+    path: impl AsRef<Path>,
+    device: &Device,
+) -> Result<Checkpoint, CheckpointError> {
+    load(path.as_ref(), device, None)
+}
+
+fn load(
+    path: &Path,
+    device: &Device,
+    expected: Option<&ModelConfig>,
+) -> Result<Checkpoint, CheckpointError> {
+    let format = load_format(path)?;
+    let raw = format::read(path, format)?;
+    let (meta, layout) = read_meta(path, &raw.metadata, format)?;
+    if let Some(expected) = expected {
         if &meta.config != expected {
             return Err(CheckpointError::OtherModel {
                 path: path.to_path_buf(),
@@ -257,18 +275,6 @@ pub fn load_model_as(
             });
         }
     }
-    load_model(path, device)
-}
-
-/// Loads a checkpoint with its description and load notes.
-pub fn load_checkpoint(
-    path: impl AsRef<Path>,
-    device: &Device,
-) -> Result<Checkpoint, CheckpointError> {
-    let path = path.as_ref();
-    let format = load_format(path)?;
-    let raw = format::read(path, format)?;
-    let (meta, layout) = read_meta(path, &raw.metadata, format)?;
     let model = meta
         .config
         .init(device)

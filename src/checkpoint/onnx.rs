@@ -3,7 +3,7 @@
 //!
 //! The exporter records one forward pass on burn's capture device, so it sees only
 //! burn's own operations: the model is first turned into its dense form
-//! ([`to_dense`](super::export::to_dense)) and traced through plain `Conv2d`, batch norm,
+//! ([`to_dense`]) and traced through plain `Conv2d`, batch norm,
 //! pooling, ReLU and `Linear`, which every ONNX runtime runs. The batch axis is
 //! symbolic (`batch`); height and width are fixed at export.
 //!

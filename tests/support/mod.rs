@@ -6,7 +6,43 @@ use std::path::PathBuf;
 
 use burn::store::{bridge, ModuleSnapshot};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use safetensors::SafeTensors;
 use versatile::models::{Model, ModelConfig};
+
+/// The small network in the authors' layout (`tests/data/torch/README.md`).
+pub const AUTHORS_PTH: &str = "tests/data/torch/small_vgg_authors_layout.pth";
+/// Its input and the logits it gives.
+pub const AUTHORS_IO: &str = "tests/data/torch/small_vgg_authors_layout.io.safetensors";
+
+/// That network in the zoo: VConv2d 1->16 (spatial), 16->32 (delta 1, g 1), fc6
+/// 32->64 7x7 (spatial), Linear 64->64, Linear 64->10, on 1x28x28 images.
+pub fn authors_small_vgg() -> ModelConfig {
+    ModelConfig::parse("vgg_fc6:64:16-M-32-M", "spatial+channel:max_kernel=3")
+        .unwrap()
+        .with_in_channels(1)
+        .with_num_classes(10)
+}
+
+/// The recorded input `x` [2, 1, 28, 28] and `logits` [2, 10].
+pub fn authors_io(device: &Device) -> (Tensor<4>, Vec<f32>) {
+    let bytes = std::fs::read(AUTHORS_IO).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let read = |name: &str| {
+        let view = file.tensor(name).unwrap();
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        (values, view.shape().to_vec())
+    };
+    let (x, shape) = read("x");
+    assert_eq!(shape, [2, 1, 28, 28]);
+    let (logits, shape) = read("logits");
+    assert_eq!(shape, [2, 10]);
+    let x = Tensor::from_data(TensorData::new(x, [2, 1, 28, 28]), device);
+    (x, logits)
+}
 
 /// A fresh directory for one test's files.
 pub fn scratch(test: &str) -> PathBuf {
