@@ -57,6 +57,13 @@ fn the_dense_form_computes_what_the_versatile_model_computes() {
             assert!(err < 1e-5, "{name} {variant}: {err}");
         }
     }
+    // The bottleneck blocks (conv3, 1x1 downsampling), every convolution versatile.
+    let config = config("resnet50", "spatial+channel").with_num_classes(10);
+    let model = random_model(&config, &device);
+    let dense = to_dense(&model).unwrap();
+    let x = input(&config, 1, 32, &device);
+    let err = relative_error(&values(dense.forward(x.clone())), &values(model.forward(x)));
+    assert!(err < 1e-5, "resnet50: {err}");
 }
 
 /// torchvision's ResNet-18 state dict: every key with its shape.
