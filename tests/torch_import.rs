@@ -11,7 +11,7 @@ use versatile::checkpoint::{inspect, load_model, save_model, CheckpointError, Fo
 use versatile::models::{ImageClassifier, ModelConfig};
 
 mod support;
-use support::{authors_io as recorded, authors_small_vgg, AUTHORS_PTH as PTH};
+use support::{authors_io as recorded, authors_small_vgg, scratch, AUTHORS_PTH as PTH};
 
 fn logits(model: &impl ImageClassifier, x: Tensor<4>) -> Vec<f32> {
     model
@@ -45,8 +45,7 @@ fn the_authors_state_dict_gives_the_recorded_logits() {
     assert!(err <= 1e-5 * scale.max(1.0), "{err}");
 
     // Saved in our compact form, the model comes back alone, same logits.
-    let dir = std::env::temp_dir().join(format!("versatile-torch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("torch-import");
     let path = dir.join("authors.safetensors");
     save_model(&path, &imported.model).unwrap();
     let back = load_model(&path, &device).unwrap();

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::store::{bridge, ModuleSnapshot};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -44,12 +44,29 @@ pub fn authors_io(device: &Device) -> (Tensor<4>, Vec<f32>) {
     (x, logits)
 }
 
+/// A directory for one test's files, removed with everything in it when dropped.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A fresh directory for one test's files.
-pub fn scratch(test: &str) -> PathBuf {
+pub fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("versatile-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// The model `name` under `variant`.
