@@ -1010,9 +1010,19 @@ fn loader_gives_tensors_on_the_device() {
     assert_eq!(batch.images.dims(), [8, 1, 28, 28]);
     assert_eq!(batch.labels.dims(), [8]);
     assert_eq!(batch.indices, (8..16).collect::<Vec<_>>());
-    let labels: Vec<i64> = batch.labels.to_data().convert::<i64>().try_into_vec().unwrap();
+    let labels: Vec<i64> = batch
+        .labels
+        .to_data()
+        .convert::<i64>()
+        .try_into_vec()
+        .unwrap();
     assert_eq!(labels, [8, 9, 0, 1, 2, 3, 4, 5]);
-    let images: Vec<f32> = batch.images.to_data().convert::<f32>().try_into_vec().unwrap();
+    let images: Vec<f32> = batch
+        .images
+        .to_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap();
     let norm = Normalize::fashion_mnist();
     let expected = (synthetic_pixel(8, 0) as f32 / 255.0 - norm.mean[0]) / norm.std[0];
     assert!((images[0] - expected).abs() < 1e-5);

@@ -204,6 +204,9 @@ pub enum DataError {
     /// A worker thread that could not be started.
     #[error("cannot start a data loader thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A loader thread that stopped before its epoch was complete (a bug: please report).
+    #[error("a data loader thread stopped unexpectedly: {0}")]
+    WorkerFailed(String),
     /// An operation the dataset's storage does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),

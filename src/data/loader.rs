@@ -485,17 +485,44 @@ impl Iterator for HostBatches {
     type Item = Result<HostBatch, DataError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let item = self.receiver.as_ref()?.recv().ok();
-        match &item {
-            Some(Ok(_)) => self.remaining -= 1,
-            _ => self.remaining = 0,
+        match self.receiver.as_ref()?.recv() {
+            Ok(item) => {
+                match &item {
+                    Ok(_) => self.remaining -= 1,
+                    Err(_) => self.remaining = 0,
+                }
+                Some(item)
+            }
+            Err(_) => {
+                // The producer has finished: after the last batch or an error, unless it
+                // panicked; an epoch must never end short silently.
+                self.receiver = None;
+                let missing = std::mem::take(&mut self.remaining);
+                match self.handle.take().map(JoinHandle::join) {
+                    Some(Err(payload)) => Some(Err(DataError::WorkerFailed(panic_message(
+                        payload.as_ref(),
+                    )))),
+                    _ if missing > 0 => Some(Err(DataError::WorkerFailed(format!(
+                        "{missing} batches of the epoch were not produced"
+                    )))),
+                    _ => None,
+                }
+            }
         }
-        item
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         (0, Some(self.remaining))
     }
+}
+
+/// The message of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic without a message".to_string())
 }
 
 impl Drop for HostBatches {

@@ -54,13 +54,23 @@ pub struct Image {
 
 impl Image {
     /// An image from its shape and `height * width * channels` interleaved bytes, or
-    /// `None` when the number of bytes does not match the shape.
+    /// `None` when the number of bytes does not match the shape or the channels are
+    /// neither 1 nor 3.
     pub fn new(shape: ImageShape, pixels: Vec<u8>) -> Option<Self> {
-        (pixels.len() == shape.num_elements()).then_some(Image { shape, pixels })
+        let valid = matches!(shape.channels, 1 | 3) && pixels.len() == shape.num_elements();
+        valid.then_some(Image { shape, pixels })
     }
 
     /// An image of zeros.
+    ///
+    /// # Panics
+    /// If the channels are neither 1 nor 3.
     pub fn zeros(shape: ImageShape) -> Self {
+        assert!(
+            matches!(shape.channels, 1 | 3),
+            "images have 1 or 3 channels, not {}",
+            shape.channels
+        );
         Image {
             shape,
             pixels: vec![0; shape.num_elements()],

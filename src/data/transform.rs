@@ -134,11 +134,12 @@ impl Step {
             } => {
                 let (top, left, h, w) =
                     resized_crop_params(image.height(), image.width(), scale, ratio, rng);
-                resize_region(&image, top, left, h, w, height, width)
+                resize_region(image, top, left, h, w, height, width)
             }
             Step::Resize { shorter } => {
                 let (h, w) = resized_size(image.height(), image.width(), shorter);
-                resize_region(&image, 0, 0, image.height(), image.width(), h, w)
+                let (ih, iw) = (image.height(), image.width());
+                resize_region(image, 0, 0, ih, iw, h, w)
             }
             Step::CenterCrop { height, width } => {
                 // torchvision: int(round((size - crop) / 2)), rounding half to even;
@@ -215,7 +216,7 @@ fn resized_crop_params(
 /// The `h x w` region at (`top`, `left`) of `image`, resized to `out_h x out_w`
 /// (antialiased bilinear).
 fn resize_region(
-    image: &Image,
+    image: Image,
     top: usize,
     left: usize,
     h: usize,
@@ -224,13 +225,14 @@ fn resize_region(
     out_w: usize,
 ) -> Image {
     if (h, w) == (out_h, out_w) {
-        return crop_padded(image, top as isize, left as isize, h, w);
+        return crop_padded(&image, top as isize, left as isize, h, w);
     }
     let (iw, ih) = (image.width() as u32, image.height() as u32);
     let (x, y, cw, ch) = (left as u32, top as u32, w as u32, h as u32);
     let (ow, oh) = (out_w as u32, out_h as u32);
-    let pixels = image.pixels().to_vec();
-    let resized = match image.channels() {
+    let channels = image.channels();
+    let pixels = image.into_pixels();
+    let resized = match channels {
         1 => {
             let buffer = GrayImage::from_raw(iw, ih, pixels).expect("sizes agree");
             let view = imageops::crop_imm(&buffer, x, y, cw, ch);
@@ -242,7 +244,7 @@ fn resize_region(
             imageops::resize(&*view, ow, oh, FilterType::Triangle).into_raw()
         }
     };
-    Image::new(ImageShape::new(image.channels(), out_h, out_w), resized).expect("sizes agree")
+    Image::new(ImageShape::new(channels, out_h, out_w), resized).expect("sizes agree")
 }
 
 /// The `h x w` window whose top-left corner is at (`top`, `left`) of `image`, where
