@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod cost;
+pub mod data;
 pub mod layer;
 pub mod models;
 
