@@ -14,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod cost;
+pub mod data;
 pub mod layer;
 pub mod models;
 
