@@ -7,10 +7,12 @@
 //! [`VConv2d`](layer::VConv2d) is a drop-in for burn's `Conv2d`: the same output shape
 //! from a fraction of the parameters. Its exact definition is the dense form in
 //! [`layer::dense`]; [`cost`] counts parameters and multiply-adds the three ways of
-//! the specification.
+//! the specification. [`checkpoint`] saves and loads models, imports PyTorch weights and
+//! exports the dense form (safetensors, ONNX).
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod cost;
 pub mod data;
 pub mod layer;

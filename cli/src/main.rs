@@ -22,6 +22,14 @@ enum Command {
     Summary(commands::summary::SummaryArgs),
     /// The models of the zoo and their variants.
     Models(commands::models::ModelsArgs),
+    /// What a checkpoint file holds and its size against its dense twin's.
+    Inspect(commands::inspect::InspectArgs),
+    /// A checkpoint's model as a plain dense model: safetensors (torchvision layout) or ONNX.
+    Export(commands::export::ExportArgs),
+    /// PyTorch weights (authors' VConv2d layout or torchvision) into a checkpoint.
+    Import(commands::import::ImportArgs),
+    /// The most probable classes of images under a checkpoint's model.
+    Predict(commands::predict::PredictArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -33,6 +41,10 @@ fn main() -> ExitCode {
         Command::Layer(args) => commands::layer::run(&args),
         Command::Summary(args) => commands::summary::run(&args),
         Command::Models(args) => commands::models::run(&args),
+        Command::Inspect(args) => commands::inspect::run(&args),
+        Command::Export(args) => commands::export::run(&args),
+        Command::Import(args) => commands::import::run(&args),
+        Command::Predict(args) => commands::predict::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

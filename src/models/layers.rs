@@ -182,10 +182,15 @@ impl ConvSpec {
             ConvKind::Dense => 0,
         };
         let lowered_from = match variant {
-            Variant::SpatialChannel(settings) => match settings.amount {
-                ChannelAmount::Delta(requested) if requested > got => Some(requested),
-                _ => None,
-            },
+            // A kernel above `max_kernel` is spatial only by choice, not for lack of room.
+            Variant::SpatialChannel(settings)
+                if settings.max_kernel.is_none_or(|max| kernel <= max) =>
+            {
+                match settings.amount {
+                    ChannelAmount::Delta(requested) if requested > got => Some(requested),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         Self {

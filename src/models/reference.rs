@@ -137,6 +137,7 @@ fn resnet50_notes(config: &ModelConfig, report: &CostReport) -> Vec<String> {
                 amount: ChannelAmount::Ratio(1.0 / 16.0),
                 step: ChannelStep::Windows(2),
                 mode: ChannelMode::Shared,
+                max_kernel: None,
             }),
             ..config.clone()
         };

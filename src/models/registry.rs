@@ -6,6 +6,7 @@
 //! | `vgg11_small` ... `vgg19_bn_small` | the same tables, small-input form (28×28, 32×32) |
 //! | `vgg_small` | the small VGG 32-32-M-64-64-M-128-128-M with batch norm |
 //! | `vgg:TABLE`, `vgg_bn:TABLE` | any table in the small form, e.g. `vgg_bn:32-32-M-64-64-M` |
+//! | `vgg_fc6:HIDDEN:TABLE`, `vgg_bn_fc6:HIDDEN:TABLE` | any table with the authors' `fc6` head at width HIDDEN, e.g. `vgg_fc6:64:16-M-32-M` |
 //! | `resnet18`, `resnet34`, `resnet50` | ResNet (torchvision v1.5) |
 //! | `alexnet` | AlexNet (torchvision) |
 //! | `lenet5` | LeNet-5 |
@@ -72,7 +73,7 @@ impl Arch {
     /// inputs: 10).
     pub fn default_classes(&self) -> usize {
         match self {
-            Arch::Vgg(vgg) if vgg.head == VggHead::Small => 10,
+            Arch::Vgg(vgg) if vgg.head != VggHead::ImageNet => 10,
             Arch::LeNet5 => 10,
             _ => 1000,
         }
@@ -90,6 +91,7 @@ impl Arch {
     pub fn default_input(&self) -> usize {
         match self {
             Arch::Vgg(vgg) if vgg.head == VggHead::Small => 32,
+            Arch::Vgg(vgg) if matches!(vgg.head, VggHead::Fc6 { .. }) => 28,
             Arch::LeNet5 => 28,
             _ => 224,
         }
@@ -112,6 +114,9 @@ impl Arch {
                     ),
                     VggHead::Small => format!(
                         "{name}, small-input form (ceil-mode pools, global average pooling, linear head)"
+                    ),
+                    VggHead::Fc6 { hidden } => format!(
+                        "{name}, the authors' head at width {hidden} (fc6 as a versatile 7x7 conv)"
                     ),
                 }
             }
@@ -143,16 +148,34 @@ impl FromStr for Arch {
             name: text.to_string(),
             known: Arch::known_names(),
         };
-        if let Some((prefix, table)) = name.split_once(':') {
-            let batch_norm = match prefix {
-                "vgg" => false,
-                "vgg_bn" => true,
+        if let Some((prefix, rest)) = name.split_once(':') {
+            let (batch_norm, fc6) = match prefix {
+                "vgg" => (false, false),
+                "vgg_bn" => (true, false),
+                "vgg_fc6" => (false, true),
+                "vgg_bn_fc6" => (true, true),
                 _ => return Err(unknown()),
+            };
+            let (head, table) = if fc6 {
+                let bad = |reason: &str| ModelError::BadVggTable {
+                    table: rest.to_string(),
+                    reason: format!("{reason} (expected HIDDEN:TABLE, e.g. 64:16-M-32-M)"),
+                };
+                let (hidden, table) = rest.split_once(':').ok_or_else(|| bad("no hidden width"))?;
+                let hidden = match hidden.trim().parse::<usize>() {
+                    Ok(0) | Err(_) => {
+                        return Err(bad(&format!("'{hidden}' is not a positive width")))
+                    }
+                    Ok(hidden) => hidden,
+                };
+                (VggHead::Fc6 { hidden }, table)
+            } else {
+                (VggHead::Small, rest)
             };
             return Ok(Arch::Vgg(VggArch {
                 table: VggTable::parse(table)?,
                 batch_norm,
-                head: VggHead::Small,
+                head,
             }));
         }
         match name.as_str() {
@@ -198,6 +221,7 @@ impl fmt::Display for Arch {
             Arch::Vgg(vgg) => {
                 let bn = if vgg.batch_norm { "_bn" } else { "" };
                 match (&vgg.table, vgg.head) {
+                    (table, VggHead::Fc6 { hidden }) => write!(f, "vgg{bn}_fc6:{hidden}:{table}"),
                     (VggTable::Small, VggHead::Small) if vgg.batch_norm => f.write_str("vgg_small"),
                     (VggTable::Small | VggTable::Custom(_), _) => {
                         write!(f, "vgg{bn}:{}", vgg.table)
@@ -300,6 +324,9 @@ mod tests {
         }
         let custom: Arch = "vgg_bn:16-M-32".parse().unwrap();
         assert_eq!(custom.to_string(), "vgg_bn:16-M-32");
+        let fc6: Arch = "vgg_fc6:64:16-M-32-M".parse().unwrap();
+        assert_eq!(fc6.to_string(), "vgg_fc6:64:16-M-32-M");
+        assert_eq!(fc6.default_input(), 28);
         assert_eq!("VGG16_BN".parse::<Arch>().unwrap().to_string(), "vgg16_bn");
     }
 
@@ -312,6 +339,9 @@ mod tests {
             ("vgg:M-M", "no convolution"),
             ("vgg:0-M", "at least 1 channel"),
             ("mlp:3", "unknown model"),
+            ("vgg_fc6:x:16-M", "not a positive width"),
+            ("vgg_fc6:0:16-M", "not a positive width"),
+            ("vgg_bn_fc6:16", "no hidden width"),
         ] {
             let err = name.parse::<Arch>().unwrap_err().to_string();
             assert!(err.contains(expected), "{name}: {err}");

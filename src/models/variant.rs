@@ -19,6 +19,9 @@
 //!   (`N >= 1`, alias `nc`): the number of windows `n_c`, so `g = delta / (N - 1)`.
 //!   Default `g=1`.
 //! - `mode=shared|sliding`: how windows share weights ([`ChannelMode`]). Default `shared`.
+//! - `max_kernel=K`: channel windows only on convolutions whose kernel is at most
+//!   `K×K`; larger kernels get spatial versatile filters only (e.g. `max_kernel=3`
+//!   keeps a VGG's 7×7 `fc6` or a ResNet's 7×7 stem spatial-only). Default: every kernel.
 //!
 //! # Which layers
 //! - `spatial` makes every convolution with a kernel larger than 1×1 versatile (delta 0);
@@ -81,6 +84,9 @@ pub struct ChannelSettings {
     pub step: ChannelStep,
     /// Weight sharing between windows.
     pub mode: ChannelMode,
+    /// Channel windows only on kernels up to this side (`None`: every kernel).
+    #[serde(default)]
+    pub max_kernel: Option<usize>,
 }
 
 impl Default for ChannelSettings {
@@ -91,6 +97,7 @@ impl Default for ChannelSettings {
             amount: ChannelAmount::Delta(1),
             step: ChannelStep::G(1),
             mode: ChannelMode::Shared,
+            max_kernel: None,
         }
     }
 }
@@ -140,7 +147,10 @@ impl Variant {
             },
             Variant::Spatial => ConvKind::Dense,
             Variant::SpatialChannel(settings) => {
-                let (delta, g) = settings.resolve(in_channels);
+                let (delta, g) = match settings.max_kernel {
+                    Some(max) if kernel > max => (0, 1),
+                    _ => settings.resolve(in_channels),
+                };
                 if delta == 0 && !spatial {
                     ConvKind::Dense
                 } else {
@@ -192,10 +202,10 @@ pub enum VariantParseError {
     #[error("variant '{0}' takes no options (only spatial+channel does)")]
     UnexpectedOptions(String),
     /// An option that is not `key=value`.
-    #[error("'{0}' is not a key=value option (keys: delta, ratio, g, windows, mode)")]
+    #[error("'{0}' is not a key=value option (keys: delta, ratio, g, windows, mode, max_kernel)")]
     NotKeyValue(String),
     /// An unknown option key.
-    #[error("unknown option '{0}' (keys: delta, ratio, g, windows, mode)")]
+    #[error("unknown option '{0}' (keys: delta, ratio, g, windows, mode, max_kernel)")]
     UnknownKey(String),
     /// A value that does not parse or is out of range.
     #[error("invalid value '{value}' for {key}: {reason}")]
@@ -240,6 +250,7 @@ fn parse_channel_options(options: &str) -> Result<ChannelSettings, VariantParseE
     let mut amount_key: Option<&'static str> = None;
     let mut step_key: Option<&'static str> = None;
     let mut mode_key: Option<&'static str> = None;
+    let mut kernel_key: Option<&'static str> = None;
     let claim = |slot: &mut Option<&'static str>, name: &'static str| match slot.replace(name) {
         Some(previous) => Err(VariantParseError::Conflict(
             previous.to_string(),
@@ -291,6 +302,10 @@ fn parse_channel_options(options: &str) -> Result<ChannelSettings, VariantParseE
                 claim(&mut mode_key, "mode")?;
                 settings.mode = value.parse().map_err(|err: String| bad(&err))?;
             }
+            "max_kernel" => {
+                claim(&mut kernel_key, "max_kernel")?;
+                settings.max_kernel = Some(positive()?);
+            }
             other => return Err(VariantParseError::UnknownKey(other.to_string())),
         }
     }
@@ -315,7 +330,11 @@ impl fmt::Display for Variant {
                     ChannelStep::G(g) => write!(f, ",g={g}")?,
                     ChannelStep::Windows(windows) => write!(f, ",windows={windows}")?,
                 }
-                write!(f, ",mode={}", settings.mode)
+                write!(f, ",mode={}", settings.mode)?;
+                match settings.max_kernel {
+                    Some(max) => write!(f, ",max_kernel={max}"),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -348,6 +367,7 @@ mod tests {
             "spatial+channel:delta=2,g=1,mode=shared",
             "spatial+channel:delta=4,windows=2,mode=sliding",
             "spatial+channel:ratio=0.25,g=2,mode=shared",
+            "spatial+channel:delta=1,g=1,mode=shared,max_kernel=3",
         ] {
             let variant: Variant = text.parse().unwrap();
             assert_eq!(variant.to_string(), text);
@@ -375,6 +395,7 @@ mod tests {
             ("spatial+channel:delta=2,ratio=0.5", "cannot be combined"),
             ("spatial+channel:g=2,windows=2", "cannot be combined"),
             ("spatial+channel:mode=diagonal", "unknown channel mode"),
+            ("spatial+channel:max_kernel=0", "at least 1"),
         ] {
             let err = text.parse::<Variant>().unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
@@ -407,5 +428,11 @@ mod tests {
 
         let big: Variant = "spatial+channel:delta=8,g=2".parse().unwrap();
         assert_eq!(big.conv_kind(4, 3), versatile(2, 2));
+
+        // Channel windows up to 3x3 kernels: a 7x7 layer is spatial only.
+        let small: Variant = "spatial+channel:max_kernel=3".parse().unwrap();
+        assert_eq!(small.conv_kind(32, 3), versatile(1, 1));
+        assert_eq!(small.conv_kind(32, 1), versatile(1, 1));
+        assert_eq!(small.conv_kind(32, 7), versatile(0, 1));
     }
 }

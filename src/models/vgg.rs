@@ -10,6 +10,13 @@
 //! - Small form (`vgg16_small`, `vgg_small`, `vgg_bn:TABLE`, ...): the table, max pools
 //!   in ceil mode (so 28×28 inputs pass five pools: 28, 14, 7, 4, 2, 1; even sizes are
 //!   unaffected), global average pooling and one linear layer to the classes.
+//! - Small authors' form (`vgg_fc6:HIDDEN:TABLE`, `vgg_bn_fc6:HIDDEN:TABLE`): the
+//!   ImageNet form's head at a small width, for small inputs (e.g. two pools on 28×28
+//!   images leave the 7×7 map `fc6` expects): max pools in floor mode, adaptive average
+//!   pooling to 7×7, `fc6` a 7×7 convolution to `HIDDEN` channels (padding 0), then the
+//!   classifier ReLU, Linear HIDDEN→HIDDEN, ReLU, Dropout, Linear HIDDEN→classes
+//!   (`classifier.1` and `classifier.4`). The keys are those of the small network in the
+//!   authors' layout that `tests/data/torch/` holds.
 //!
 //! Initialization as torchvision and the authors: Kaiming-normal (fan-out) convolutions
 //! with zero bias, batch norm weight 1 and bias 0, linear layers Normal(0, 0.01) with
@@ -149,6 +156,12 @@ pub enum VggHead {
     ImageNet,
     /// Global average pooling and one linear layer (pools in ceil mode).
     Small,
+    /// The ImageNet head at width `hidden`: adaptive pool to 7×7, `fc6` a 7×7
+    /// convolution to `hidden` channels, ReLU, Linear, ReLU, Dropout, Linear.
+    Fc6 {
+        /// Output channels of `fc6` and width of the hidden linear layer.
+        hidden: usize,
+    },
 }
 
 /// A VGG architecture.
@@ -216,6 +229,18 @@ impl VggArch {
                 avgpool: [1, 1],
                 fc6: None,
                 classifier: vec![linear(channels, num_classes)],
+            },
+            VggHead::Fc6 { hidden } => ConvNetPlan {
+                features,
+                avgpool: [7, 7],
+                fc6: Some(ConvSpec::new(channels, hidden, 7, variant)),
+                classifier: vec![
+                    HeadSpec::Relu,
+                    linear(hidden, hidden),
+                    HeadSpec::Relu,
+                    HeadSpec::Dropout(DROPOUT),
+                    linear(hidden, num_classes),
+                ],
             },
         }
     }

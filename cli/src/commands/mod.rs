@@ -1,7 +1,12 @@
 //! One module per subcommand.
 
+pub mod export;
+mod files;
+pub mod import;
+pub mod inspect;
 pub mod layer;
 pub mod models;
+pub mod predict;
 pub mod summary;
 
 /// An error in what the user asked for (exit code 2), as opposed to a failure while

@@ -39,6 +39,9 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
     println!(
         "Custom small VGGs: vgg:TABLE or vgg_bn:TABLE, e.g. vgg_bn:32-32-M-64-64-M-128-128-M."
     );
+    println!(
+        "With the authors' fc6 head at width HIDDEN: vgg_fc6:HIDDEN:TABLE or vgg_bn_fc6:HIDDEN:TABLE, e.g. vgg_fc6:64:16-M-32-M."
+    );
     println!("'min' is the smallest square input side the model takes.");
     println!();
     println!("Variants (every model):");
@@ -52,7 +55,7 @@ pub fn run(args: &ModelsArgs) -> Result<()> {
         println!("  {label:<16} {meaning}");
     }
     println!(
-        "  spatial+channel takes options: spatial+channel:delta=N|ratio=R,g=N|windows=N,mode=shared|sliding"
+        "  spatial+channel takes options: spatial+channel:delta=N|ratio=R,g=N|windows=N,mode=shared|sliding,max_kernel=K"
     );
     println!("  (default delta=1,g=1,mode=shared: n_c = 2; a layer with too few input channels gets the largest delta that fits)");
     Ok(())

@@ -1,0 +1,81 @@
+//! `versatile export`: a checkpoint's model as a plain dense model, as safetensors in
+//! torchvision's keys and layouts or as ONNX.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use versatile::checkpoint::export::export_dense_safetensors;
+use versatile::checkpoint::load_checkpoint;
+use versatile::checkpoint::onnx::export_onnx;
+
+use super::files::{checkpoint_error, size};
+use super::layer::parse_hw;
+
+/// What `versatile export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// Dense safetensors with torchvision's key names and layouts.
+    DenseSafetensors,
+    /// ONNX (opset 18) of the dense form, batch axis symbolic.
+    Onnx,
+}
+
+/// Arguments of `versatile export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The checkpoint (.bpk or .safetensors written by versatile).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The output format.
+    #[arg(long = "to", value_enum)]
+    target: Target,
+    /// The file to write (.safetensors or .onnx).
+    #[arg(long, short)]
+    output: PathBuf,
+    /// ONNX input size HxW; default: the checkpoint's input size.
+    #[arg(long, value_name = "HxW", value_parser = parse_hw)]
+    input: Option<[usize; 2]>,
+}
+
+/// Runs `versatile export`.
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let device = burn::tensor::Device::flex();
+    let checkpoint = load_checkpoint(&args.checkpoint, &device).map_err(checkpoint_error)?;
+    let config = &checkpoint.meta.config;
+    match args.target {
+        Target::DenseSafetensors => {
+            export_dense_safetensors(&checkpoint.model, Some(&checkpoint.meta), &args.output)
+                .map_err(checkpoint_error)?;
+            println!(
+                "wrote the dense form of {} ({}) to {} in torchvision's layout",
+                config.name(),
+                config.variant,
+                args.output.display()
+            );
+        }
+        Target::Onnx => {
+            let input = args
+                .input
+                .unwrap_or(checkpoint.meta.preprocess().input_size);
+            let export =
+                export_onnx(&checkpoint.model, input, &args.output).map_err(checkpoint_error)?;
+            let [_, c, h, w] = export.input;
+            println!(
+                "wrote the dense form of {} ({}) to {} as ONNX opset 18: input [batch, {c}, {h}, {w}], output [batch, {}]",
+                config.name(),
+                config.variant,
+                args.output.display(),
+                export.output[1]
+            );
+        }
+    }
+    let written = std::fs::metadata(&args.output)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let compact = std::fs::metadata(&args.checkpoint)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    println!("  {} (the checkpoint: {})", size(written), size(compact));
+    Ok(())
+}
