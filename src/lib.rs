@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod cost;
+pub mod kernels;
 pub mod layer;
 
 pub use layer::{ChannelMode, VConv2d, VConv2dConfig};

@@ -1,0 +1,598 @@
+//! The nested forward and backward passes over tiles of output columns.
+
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::im2col::{col2im, im2col, runs, segment_rows, Run};
+use super::plan::{ConvPlan, Window};
+use super::workspace::{self, grow, Slot};
+use super::Real;
+
+use super::tuning;
+
+/// Which gradients a backward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Input gradient.
+    pub x: bool,
+    /// Weight gradient.
+    pub weight: bool,
+    /// Bias gradient.
+    pub bias: bool,
+}
+
+/// Gradients of a backward pass, each present when it was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    /// Input gradient `[batch, c, h, w]`.
+    pub x: Option<Vec<T>>,
+    /// Weight gradient `[m, depth, kh, kw]`.
+    pub weight: Option<Vec<T>>,
+    /// Bias gradient `[n]`.
+    pub bias: Option<Vec<T>>,
+}
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: every user writes a range of the buffer no other task touches (disjoint output
+// columns), and the buffer outlives the parallel section.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+/// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
+/// offsets and each ring's kernel positions.
+struct Layout {
+    segment: Vec<usize>,
+    weight: Vec<usize>,
+    positions: Vec<usize>,
+}
+
+impl Layout {
+    fn new(plan: &ConvPlan) -> Self {
+        let positions: Vec<usize> = plan.rings.iter().map(Vec::len).collect();
+        let mut offset = 0;
+        let weight = positions
+            .iter()
+            .map(|&npos| {
+                let here = offset;
+                offset += plan.primaries * plan.weight_depth * npos;
+                here
+            })
+            .collect();
+        Self {
+            segment: segment_rows(plan),
+            weight,
+            positions,
+        }
+    }
+
+    /// Leading dimension of ring `r`'s weight matrix `[m, depth * npos_r]`.
+    fn weight_ld(&self, plan: &ConvPlan, r: usize) -> usize {
+        plan.weight_depth * self.positions[r]
+    }
+
+    /// Offset of window `w`'s block (its first primary, first weight channel) in ring
+    /// `r`'s weight matrix.
+    fn weight_block(&self, plan: &ConvPlan, r: usize, w: &Window) -> usize {
+        self.weight[r]
+            + w.first_primary * self.weight_ld(plan, r)
+            + w.weight_offset * self.positions[r]
+    }
+
+    /// First column-matrix row of window `w` in ring `r`'s segment.
+    fn col_block(&self, r: usize, w: &Window) -> usize {
+        self.segment[r] + w.in_offset * self.positions[r]
+    }
+}
+
+/// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
+/// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`.
+fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: &mut [T]) {
+    let [_, kw] = plan.kernel;
+    let area = plan.kernel[0] * kw;
+    for (r, ring) in plan.rings.iter().enumerate() {
+        let ld = layout.weight_ld(plan, r);
+        for p in 0..plan.primaries {
+            for ch in 0..plan.weight_depth {
+                let src = (p * plan.weight_depth + ch) * area;
+                let dst = layout.weight[r] + p * ld + ch * ring.len();
+                for (pos, &(ky, kx)) in ring.iter().enumerate() {
+                    out[dst + pos] = weight[src + ky * kw + kx];
+                }
+            }
+        }
+    }
+}
+
+/// Inverse of [`to_ring_layout`].
+fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T], out: &mut [T]) {
+    let [_, kw] = plan.kernel;
+    let area = plan.kernel[0] * kw;
+    for (r, ring) in plan.rings.iter().enumerate() {
+        let ld = layout.weight_ld(plan, r);
+        for p in 0..plan.primaries {
+            for ch in 0..plan.weight_depth {
+                let dst = (p * plan.weight_depth + ch) * area;
+                let src = layout.weight[r] + p * ld + ch * ring.len();
+                for (pos, &(ky, kx)) in ring.iter().enumerate() {
+                    out[dst + ky * kw + kx] = ringed[src + pos];
+                }
+            }
+        }
+    }
+}
+
+/// Columns per tile for this plan.
+fn tile_columns(plan: &ConvPlan) -> usize {
+    if let Some(columns) = tuning::tile_columns() {
+        return columns.max(1);
+    }
+    let tile = (tuning::TILE_VALUES / plan.col_rows().max(1)).max(32);
+    tile.div_ceil(16) * 16
+}
+
+/// Number of parallel tasks for `columns` output columns.
+fn task_count(columns: usize) -> usize {
+    let threads = super::threads();
+    if threads <= 1 || columns < threads * tuning::min_task_columns() {
+        1
+    } else {
+        threads
+    }
+}
+
+/// gemm parallelism for a call that runs `tasks` tasks.
+fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
+    let threads = super::threads();
+    if tasks == 1 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`.
+///
+/// # Safety
+/// Every pointer with its strides must address `m x n`, `m x k`, `k x n` valid values, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn gemm<T: Real>(
+    [m, n, k]: [usize; 3],
+    dst: *mut T,
+    [dst_cs, dst_rs]: [usize; 2],
+    accumulate: bool,
+    lhs: *const T,
+    [lhs_cs, lhs_rs]: [usize; 2],
+    rhs: *const T,
+    [rhs_cs, rhs_rs]: [usize; 2],
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Splits `[0, total)` into `parts` nearly equal contiguous ranges.
+fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
+    (0..parts)
+        .map(|i| (total * i / parts, total * (i + 1) / parts))
+        .filter(|(a, b)| b > a)
+        .collect()
+}
+
+/// The forward pass: `[batch, n, out_h, out_w]` from the input `[batch, c, h, w]`, the
+/// primary weight `[m, depth, kh, kw]` and the bias `[n]`.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), plan.out_channels, "bias length");
+    }
+    let mut out = vec![T::ZERO; plan.output_len()];
+    if out.is_empty() {
+        return out;
+    }
+    let layout = Layout::new(plan);
+    workspace::with::<T, _>(Slot::Call, |call| {
+        let ringed = grow(&mut call.weight, plan.weight_len());
+        to_ring_layout(plan, &layout, weight, ringed);
+        let ringed: &[T] = ringed;
+        let tasks = split(plan.columns(), task_count(plan.columns()));
+        let parallelism = gemm_parallelism(tasks.len());
+        let dst = SharedMut(out.as_mut_ptr());
+        let run = |&(start, end): &(usize, usize)| {
+            forward_task(plan, &layout, x, ringed, bias, dst, start, end, parallelism)
+        };
+        if tasks.len() == 1 {
+            run(&tasks[0]);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+    });
+    out
+}
+
+/// Forward pass of the output columns `[start, end)`, tile by tile.
+#[allow(clippy::too_many_arguments)]
+fn forward_task<T: Real>(
+    plan: &ConvPlan,
+    layout: &Layout,
+    x: &[T],
+    ringed: &[T],
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+    start: usize,
+    end: usize,
+    parallelism: gemm::Parallelism,
+) {
+    let tile = tile_columns(plan);
+    let rings = plan.rings_count();
+    workspace::with::<T, _>(Slot::Task, |ws| {
+        let mut t0 = start;
+        while t0 < end {
+            let t1 = (t0 + tile).min(end);
+            let width = t1 - t0;
+            runs(plan, t0, t1, &mut ws.runs);
+            let cols = grow(&mut ws.cols, plan.col_rows() * width);
+            im2col(plan, x, &ws.runs, width, cols);
+            for window in &plan.windows {
+                let acc = grow(&mut ws.acc, window.rows * width);
+                for r in (0..rings).rev() {
+                    let k = plan.window_depth * layout.positions[r];
+                    // SAFETY: acc is rows x width; the weight block starts inside ring r's
+                    // [m, ld] matrix with rows <= m - first_primary and
+                    // weight_offset + window_depth <= weight_depth; the column block is
+                    // k rows of width inside the tile's column matrix.
+                    unsafe {
+                        gemm(
+                            [window.rows, width, k],
+                            acc.as_mut_ptr(),
+                            [1, width],
+                            r + 1 < rings,
+                            ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                            [1, layout.weight_ld(plan, r)],
+                            cols.as_ptr().add(layout.col_block(r, window) * width),
+                            [1, width],
+                            parallelism,
+                        );
+                    }
+                    emit(plan, window, r, acc, width, &ws.runs, bias, out);
+                }
+            }
+            t0 = t1;
+        }
+    });
+}
+
+/// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
+/// output columns of the tile.
+#[allow(clippy::too_many_arguments)]
+fn emit<T: Real>(
+    plan: &ConvPlan,
+    window: &Window,
+    crop: usize,
+    acc: &[T],
+    width: usize,
+    runs: &[Run],
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+) {
+    let base = plan.channel_base(crop, window);
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    for p in 0..plan.emitted(crop, window) {
+        let ch = base + p;
+        let b = bias.map_or(T::ZERO, |b| b[ch]);
+        let row = &acc[p * width..(p + 1) * width];
+        for run in runs {
+            let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
+            // SAFETY: the run's pixels lie inside the output and belong to this task's
+            // columns only.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), run.len) };
+            for (d, &v) in dst.iter_mut().zip(&row[run.col..run.col + run.len]) {
+                *d = v + b;
+            }
+        }
+    }
+}
+
+/// The backward pass: the gradients `needs` asks for, from the forward's input and
+/// weight and the output gradient `[batch, n, out_h, out_w]`.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn backward<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &[T],
+    grad_out: &[T],
+    needs: Needs,
+) -> Gradients<T> {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
+    let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
+    let mut dx = needs.x.then(|| vec![T::ZERO; plan.input_len()]);
+    let mut dw = needs.weight.then(|| vec![T::ZERO; plan.weight_len()]);
+    if (needs.x || needs.weight) && plan.columns() > 0 {
+        let layout = Layout::new(plan);
+        workspace::with::<T, _>(Slot::Call, |call| {
+            let weight_len = plan.weight_len();
+            let dw_len = if needs.weight { weight_len } else { 0 };
+            let buffer = grow(&mut call.weight, weight_len + dw_len);
+            let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
+            to_ring_layout(plan, &layout, weight, ringed);
+            dw_ringed.fill(T::ZERO);
+            let dw_sum = Mutex::new(dw_ringed);
+            let dw_sum = needs.weight.then_some(&dw_sum);
+            backward_tasks(
+                plan,
+                &layout,
+                x,
+                ringed,
+                grad_out,
+                dx.as_deref_mut(),
+                dw_sum,
+            );
+            if let (Some(dw), Some(sum)) = (dw.as_deref_mut(), dw_sum) {
+                let dw_ringed = sum.lock().expect("no task panicked");
+                from_ring_layout(plan, &layout, &dw_ringed, dw);
+            }
+        });
+    }
+    Gradients {
+        x: dx,
+        weight: dw,
+        bias,
+    }
+}
+
+/// Splits the backward pass into tasks of whole images (each owns its part of the input
+/// gradient) and runs them.
+fn backward_tasks<T: Real>(
+    plan: &ConvPlan,
+    layout: &Layout,
+    x: &[T],
+    ringed: &[T],
+    grad_out: &[T],
+    dx: Option<&mut [T]>,
+    dw_sum: Option<&Mutex<&mut [T]>>,
+) {
+    let tasks = if plan.batch >= super::threads() {
+        task_count(plan.columns()).min(plan.batch)
+    } else {
+        1
+    };
+    let parallelism = gemm_parallelism(tasks);
+    let image_len = plan.in_channels * plan.input[0] * plan.input[1];
+    let ranges = split(plan.batch, tasks);
+    let mut chunks: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    match dx {
+        Some(mut rest) => {
+            for &(a, b) in &ranges {
+                let (head, tail) = rest.split_at_mut((b - a) * image_len);
+                chunks.push(Some(head));
+                rest = tail;
+            }
+        }
+        None => chunks.extend(ranges.iter().map(|_| None)),
+    }
+    let run = |((a, b), dx): ((usize, usize), Option<&mut [T]>)| {
+        backward_task(
+            plan,
+            layout,
+            x,
+            ringed,
+            grad_out,
+            (a, b),
+            dx,
+            dw_sum,
+            parallelism,
+        )
+    };
+    if ranges.len() == 1 {
+        ranges.into_iter().zip(chunks).for_each(run);
+    } else {
+        ranges.into_par_iter().zip(chunks).for_each(run);
+    }
+}
+
+/// Whether the windows read disjoint input channels that cover all of them (then each
+/// column-matrix row of the input gradient is written exactly once).
+fn windows_partition_channels(plan: &ConvPlan) -> bool {
+    let mut ranges: Vec<(usize, usize)> = plan
+        .windows
+        .iter()
+        .filter(|w| w.rows > 0)
+        .map(|w| (w.in_offset, w.in_offset + plan.window_depth))
+        .collect();
+    ranges.sort_unstable();
+    let mut next = 0;
+    for (a, b) in ranges {
+        if a != next {
+            return false;
+        }
+        next = b;
+    }
+    next == plan.in_channels
+}
+
+/// Backward pass of images `[first, last)`: their input gradient into `dx` (those images
+/// only), their weight-gradient contribution added to `dw_sum`.
+#[allow(clippy::too_many_arguments)]
+fn backward_task<T: Real>(
+    plan: &ConvPlan,
+    layout: &Layout,
+    x: &[T],
+    ringed: &[T],
+    grad_out: &[T],
+    (first, last): (usize, usize),
+    mut dx: Option<&mut [T]>,
+    dw_sum: Option<&Mutex<&mut [T]>>,
+    parallelism: gemm::Parallelism,
+) {
+    let need_w = dw_sum.is_some();
+    let need_x = dx.is_some();
+    let tile = tile_columns(plan);
+    let rings = plan.rings_count();
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    let exclusive_rows = windows_partition_channels(plan);
+    let (start, end) = (first * pixels, last * pixels);
+    workspace::with::<T, _>(Slot::Task, |ws| {
+        let dw = grow(&mut ws.weight, if need_w { plan.weight_len() } else { 0 });
+        dw.fill(T::ZERO);
+        let mut t0 = start;
+        while t0 < end {
+            let t1 = (t0 + tile).min(end);
+            let width = t1 - t0;
+            runs(plan, t0, t1, &mut ws.runs);
+            let cols = grow(
+                &mut ws.cols,
+                if need_w { plan.col_rows() * width } else { 0 },
+            );
+            if need_w {
+                im2col(plan, x, &ws.runs, width, cols);
+            }
+            let dcols = grow(
+                &mut ws.dcols,
+                if need_x { plan.col_rows() * width } else { 0 },
+            );
+            if need_x && !exclusive_rows {
+                dcols.fill(T::ZERO);
+            }
+            for window in &plan.windows {
+                if window.rows == 0 {
+                    continue;
+                }
+                let sums = grow(&mut ws.acc, window.rows * width);
+                for r in 0..rings {
+                    // Running sum S_r = S_{r-1} + G_r over the emitted rows of crop r.
+                    let base = plan.channel_base(r, window);
+                    for p in 0..plan.emitted(r, window) {
+                        let row = &mut sums[p * width..(p + 1) * width];
+                        for run in &ws.runs {
+                            let offset = (run.image * plan.out_channels + base + p) * pixels
+                                + run.oy * ow
+                                + run.ox;
+                            let g = &grad_out[offset..offset + run.len];
+                            let s = &mut row[run.col..run.col + run.len];
+                            if r == 0 {
+                                s.copy_from_slice(g);
+                            } else {
+                                for (s, &g) in s.iter_mut().zip(g) {
+                                    *s += g;
+                                }
+                            }
+                        }
+                    }
+                    let k = plan.window_depth * layout.positions[r];
+                    let ld = layout.weight_ld(plan, r);
+                    let col_block = layout.col_block(r, window) * width;
+                    let weight_block = layout.weight_block(plan, r, window);
+                    if need_w {
+                        // dW_r[rows, k] += S_r[rows, width] * X_r[k, width]^T
+                        // SAFETY: as in the forward; the weight-gradient partial has the
+                        // ring layout of the weight.
+                        unsafe {
+                            gemm(
+                                [window.rows, k, width],
+                                dw.as_mut_ptr().add(weight_block),
+                                [1, ld],
+                                true,
+                                sums.as_ptr(),
+                                [1, width],
+                                cols.as_ptr().add(col_block),
+                                [width, 1],
+                                parallelism,
+                            );
+                        }
+                    }
+                    if need_x {
+                        // dX_r[k, width] (+)= W_r[rows, k]^T * S_r[rows, width]
+                        // SAFETY: as above; dcols has the shape of cols.
+                        unsafe {
+                            gemm(
+                                [k, width, window.rows],
+                                dcols.as_mut_ptr().add(col_block),
+                                [1, width],
+                                !exclusive_rows,
+                                ringed.as_ptr().add(weight_block),
+                                [ld, 1],
+                                sums.as_ptr(),
+                                [1, width],
+                                parallelism,
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                col2im(plan, dcols, &ws.runs, width, first, dx);
+            }
+            t0 = t1;
+        }
+        if let Some(sum) = dw_sum {
+            let mut sum = sum.lock().expect("no task panicked");
+            for (s, &v) in sum.iter_mut().zip(dw.iter()) {
+                *s += v;
+            }
+        }
+    });
+}
+
+/// Bias gradient: the output gradient summed over images and pixels, per channel.
+fn bias_gradient<T: Real>(plan: &ConvPlan, grad_out: &[T]) -> Vec<T> {
+    let pixels = plan.out_pixels();
+    (0..plan.out_channels)
+        .into_par_iter()
+        .map(|ch| {
+            let mut total = T::ZERO;
+            for b in 0..plan.batch {
+                let offset = (b * plan.out_channels + ch) * pixels;
+                for &v in &grad_out[offset..offset + pixels] {
+                    total += v;
+                }
+            }
+            total
+        })
+        .collect()
+}
