@@ -3,9 +3,10 @@
 //!
 //! Configurations cover strides, Valid / Same / explicit (asymmetric, cropping) padding,
 //! dilations, channel windows (delta, g, both modes), groups, even and 1x1 kernels, cut
-//! blocks (n not divisible by s * n_c) and batch sizes; the kernel's tiles are made small
-//! so that tile borders fall inside rows and between images, and its parallel split
-//! kicks in on small inputs.
+//! blocks (n not divisible by s * n_c) and batch sizes; both kernel layouts (im2col tiles
+//! and, at stride 1, shifted views) run; the kernel's tiles are made small so that tile
+//! borders fall inside rows and between images, and its parallel split kicks in on small
+//! inputs.
 
 mod common;
 
@@ -13,7 +14,7 @@ use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use common::{host_any, relative_error};
-use versatile::kernels::tuning;
+use versatile::kernels::tuning::{self, Strategy};
 use versatile::layer::{ChannelMode, ForwardPath, VConv2d, VConv2dConfig, VConvShapeError};
 
 /// xorshift64*: a small deterministic generator for the test's choices and values.
@@ -162,6 +163,8 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
         let (config, shape) = random_case(&mut rng);
         // Small, odd tiles: borders inside output rows and between images.
         tuning::set_tile_columns(Some(rng.pick(&[0, 7, 13, 40])).filter(|&t| t > 0));
+        // Both layouts: im2col tiles, and shifted views (stride 1 only).
+        tuning::set_strategy(rng.pick(&[Strategy::Auto, Strategy::Im2col, Strategy::Shifted]));
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
         layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));
@@ -190,6 +193,7 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
         }
     }
     tuning::set_tile_columns(None);
+    tuning::set_strategy(Strategy::Auto);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Counts heap bytes for `versatile bench --memory` (forwards to the system allocator).
+#[global_allocator]
+static ALLOCATOR: commands::bench::CountingAllocator = commands::bench::CountingAllocator;
+
 /// Convolutional networks from versatile filters: geometry, costs, training and export.
 #[derive(Debug, Parser)]
 #[command(name = "versatile", version, about, propagate_version = true)]
@@ -18,6 +22,8 @@ struct Cli {
 enum Command {
     /// The geometry and costs of one versatile layer.
     Layer(commands::layer::LayerArgs),
+    /// Time the fused versatile layer, its dense form and burn's conv2d on the CPU.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -27,6 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Layer(args) => commands::layer::run(&args),
+        Command::Bench(args) => commands::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

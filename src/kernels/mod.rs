@@ -21,6 +21,7 @@
 mod im2col;
 mod nested;
 mod plan;
+mod shifted;
 pub mod tuning;
 pub mod workspace;
 

@@ -6,7 +6,9 @@ use rayon::prelude::*;
 
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::plan::{ConvPlan, Window};
-use super::workspace::{self, grow, Slot};
+use super::shifted;
+use super::tuning::Strategy;
+use super::workspace::{self, grow, Slot, Workspace};
 use super::Real;
 
 use super::tuning;
@@ -35,7 +37,7 @@ pub struct Gradients<T> {
 
 /// A raw pointer shared by tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
+pub(super) struct SharedMut<T>(pub(super) *mut T);
 // SAFETY: every user writes a range of the buffer no other task touches (disjoint output
 // columns), and the buffer outlives the parallel section.
 unsafe impl<T: Send> Send for SharedMut<T> {}
@@ -43,10 +45,10 @@ unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 /// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
 /// offsets and each ring's kernel positions.
-struct Layout {
+pub(super) struct Layout {
     segment: Vec<usize>,
     weight: Vec<usize>,
-    positions: Vec<usize>,
+    pub(super) positions: Vec<usize>,
 }
 
 impl Layout {
@@ -69,13 +71,13 @@ impl Layout {
     }
 
     /// Leading dimension of ring `r`'s weight matrix `[m, depth * npos_r]`.
-    fn weight_ld(&self, plan: &ConvPlan, r: usize) -> usize {
+    pub(super) fn weight_ld(&self, plan: &ConvPlan, r: usize) -> usize {
         plan.weight_depth * self.positions[r]
     }
 
     /// Offset of window `w`'s block (its first primary, first weight channel) in ring
     /// `r`'s weight matrix.
-    fn weight_block(&self, plan: &ConvPlan, r: usize, w: &Window) -> usize {
+    pub(super) fn weight_block(&self, plan: &ConvPlan, r: usize, w: &Window) -> usize {
         self.weight[r]
             + w.first_primary * self.weight_ld(plan, r)
             + w.weight_offset * self.positions[r]
@@ -124,12 +126,27 @@ fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T], out
     }
 }
 
-/// Columns per tile for this plan.
-fn tile_columns(plan: &ConvPlan) -> usize {
+/// Whether this plan runs through the shifted views (else im2col).
+fn use_shifted(plan: &ConvPlan) -> bool {
+    match tuning::strategy() {
+        Strategy::Auto => shifted::suits(plan),
+        Strategy::Shifted => plan.stride == [1, 1],
+        Strategy::Im2col => false,
+    }
+}
+
+/// Columns per tile for this plan: the tile's column matrix (im2col) or one position's
+/// view of a window (shifted) holds about `TILE_VALUES` values.
+fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
     if let Some(columns) = tuning::tile_columns() {
         return columns.max(1);
     }
-    let tile = (tuning::TILE_VALUES / plan.col_rows().max(1)).max(32);
+    let rows = if shifted {
+        plan.window_depth
+    } else {
+        plan.col_rows()
+    };
+    let tile = (tuning::TILE_VALUES / rows.max(1)).max(32);
     tile.div_ceil(16) * 16
 }
 
@@ -160,7 +177,7 @@ fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
 /// `dst` must not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn gemm<T: Real>(
+pub(super) unsafe fn gemm<T: Real>(
     [m, n, k]: [usize; 3],
     dst: *mut T,
     [dst_cs, dst_rs]: [usize; 2],
@@ -231,15 +248,29 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
         return out;
     }
     let layout = Layout::new(plan);
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
     workspace::with::<T, _>(Slot::Call, |call| {
         let ringed = grow(&mut call.weight, plan.weight_len());
         to_ring_layout(plan, &layout, weight, ringed);
         let ringed: &[T] = ringed;
-        let tasks = split(plan.columns(), task_count(plan.columns()));
+        let columns = if shifted {
+            plan.batch * shifted::Padded::new(plan).wide_columns(plan)
+        } else {
+            plan.columns()
+        };
+        let tasks = split(columns, task_count(columns));
         let parallelism = gemm_parallelism(tasks.len());
         let dst = SharedMut(out.as_mut_ptr());
-        let run = |&(start, end): &(usize, usize)| {
-            forward_task(plan, &layout, x, ringed, bias, dst, start, end, parallelism)
+        let run = |&range: &(usize, usize)| {
+            workspace::with::<T, _>(Slot::Task, |ws| {
+                let task = (plan, &layout, x, ringed);
+                if shifted {
+                    shifted::forward_task(task, ws, bias, dst, range, tile, parallelism)
+                } else {
+                    forward_task(task, ws, bias, dst, range, tile, parallelism)
+                }
+            })
         };
         if tasks.len() == 1 {
             run(&tasks[0]);
@@ -250,56 +281,56 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     out
 }
 
+/// What every task reads: the plan, the ring offsets, the input and the ring-layout weight.
+pub(super) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
+
 /// Forward pass of the output columns `[start, end)`, tile by tile.
-#[allow(clippy::too_many_arguments)]
 fn forward_task<T: Real>(
-    plan: &ConvPlan,
-    layout: &Layout,
-    x: &[T],
-    ringed: &[T],
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
     bias: Option<&[T]>,
     out: SharedMut<T>,
-    start: usize,
-    end: usize,
+    (start, end): (usize, usize),
+    tile: usize,
     parallelism: gemm::Parallelism,
 ) {
-    let tile = tile_columns(plan);
     let rings = plan.rings_count();
-    workspace::with::<T, _>(Slot::Task, |ws| {
-        let mut t0 = start;
-        while t0 < end {
-            let t1 = (t0 + tile).min(end);
-            let width = t1 - t0;
-            runs(plan, t0, t1, &mut ws.runs);
-            let cols = grow(&mut ws.cols, plan.col_rows() * width);
-            im2col(plan, x, &ws.runs, width, cols);
-            for window in &plan.windows {
-                let acc = grow(&mut ws.acc, window.rows * width);
-                for r in (0..rings).rev() {
-                    let k = plan.window_depth * layout.positions[r];
-                    // SAFETY: acc is rows x width; the weight block starts inside ring r's
-                    // [m, ld] matrix with rows <= m - first_primary and
-                    // weight_offset + window_depth <= weight_depth; the column block is
-                    // k rows of width inside the tile's column matrix.
-                    unsafe {
-                        gemm(
-                            [window.rows, width, k],
-                            acc.as_mut_ptr(),
-                            [1, width],
-                            r + 1 < rings,
-                            ringed.as_ptr().add(layout.weight_block(plan, r, window)),
-                            [1, layout.weight_ld(plan, r)],
-                            cols.as_ptr().add(layout.col_block(r, window) * width),
-                            [1, width],
-                            parallelism,
-                        );
-                    }
-                    emit(plan, window, r, acc, width, &ws.runs, bias, out);
-                }
+    let mut t0 = start;
+    while t0 < end {
+        let t1 = (t0 + tile).min(end);
+        let width = t1 - t0;
+        runs(plan, t0, t1, &mut ws.runs);
+        let cols = grow(&mut ws.cols, plan.col_rows() * width);
+        im2col(plan, x, &ws.runs, width, cols);
+        for window in &plan.windows {
+            if window.rows == 0 {
+                continue;
             }
-            t0 = t1;
+            let acc = grow(&mut ws.acc, window.rows * width);
+            for r in (0..rings).rev() {
+                let k = plan.window_depth * layout.positions[r];
+                // SAFETY: acc is rows x width; the weight block starts inside ring r's
+                // [m, ld] matrix with rows <= m - first_primary and
+                // weight_offset + window_depth <= weight_depth; the column block is
+                // k rows of width inside the tile's column matrix.
+                unsafe {
+                    gemm(
+                        [window.rows, width, k],
+                        acc.as_mut_ptr(),
+                        [1, width],
+                        r + 1 < rings,
+                        ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                        [1, layout.weight_ld(plan, r)],
+                        cols.as_ptr().add(layout.col_block(r, window) * width),
+                        [1, width],
+                        parallelism,
+                    );
+                }
+                emit(plan, window, r, acc, width, &ws.runs, bias, out);
+            }
         }
-    });
+        t0 = t1;
+    }
 }
 
 /// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
@@ -364,10 +395,7 @@ pub fn backward<T: Real>(
             let dw_sum = Mutex::new(dw_ringed);
             let dw_sum = needs.weight.then_some(&dw_sum);
             backward_tasks(
-                plan,
-                &layout,
-                x,
-                ringed,
+                (plan, &layout, x, ringed),
                 grad_out,
                 dx.as_deref_mut(),
                 dw_sum,
@@ -386,21 +414,21 @@ pub fn backward<T: Real>(
 }
 
 /// Splits the backward pass into tasks of whole images (each owns its part of the input
-/// gradient) and runs them.
+/// gradient and a weight-gradient partial) and runs them.
 fn backward_tasks<T: Real>(
-    plan: &ConvPlan,
-    layout: &Layout,
-    x: &[T],
-    ringed: &[T],
+    task: TaskInput<'_, T>,
     grad_out: &[T],
     dx: Option<&mut [T]>,
     dw_sum: Option<&Mutex<&mut [T]>>,
 ) {
+    let plan = task.0;
     let tasks = if plan.batch >= super::threads() {
         task_count(plan.columns()).min(plan.batch)
     } else {
         1
     };
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
     let parallelism = gemm_parallelism(tasks);
     let image_len = plan.in_channels * plan.input[0] * plan.input[1];
     let ranges = split(plan.batch, tasks);
@@ -415,18 +443,27 @@ fn backward_tasks<T: Real>(
         }
         None => chunks.extend(ranges.iter().map(|_| None)),
     }
-    let run = |((a, b), dx): ((usize, usize), Option<&mut [T]>)| {
-        backward_task(
-            plan,
-            layout,
-            x,
-            ringed,
-            grad_out,
-            (a, b),
-            dx,
-            dw_sum,
-            parallelism,
-        )
+    let run = |(images, dx): ((usize, usize), Option<&mut [T]>)| {
+        workspace::with::<T, _>(Slot::Task, |ws| {
+            let mut partial = std::mem::take(&mut ws.weight);
+            let dw = dw_sum.map(|_| {
+                let dw = grow(&mut partial, plan.weight_len());
+                dw.fill(T::ZERO);
+                dw
+            });
+            if shifted {
+                shifted::backward_task(task, ws, grad_out, images, dx, dw, tile, parallelism);
+            } else {
+                backward_task(task, ws, grad_out, images, dx, dw, tile, parallelism);
+            }
+            if let Some(sum) = dw_sum {
+                let mut sum = sum.lock().expect("no task panicked");
+                for (s, &v) in sum.iter_mut().zip(partial.iter()) {
+                    *s += v;
+                }
+            }
+            ws.weight = partial;
+        })
     };
     if ranges.len() == 1 {
         ranges.into_iter().zip(chunks).for_each(run);
@@ -455,31 +492,28 @@ fn windows_partition_channels(plan: &ConvPlan) -> bool {
     next == plan.in_channels
 }
 
-/// Backward pass of images `[first, last)`: their input gradient into `dx` (those images
-/// only), their weight-gradient contribution added to `dw_sum`.
+/// Backward pass of images `[first, last)` through im2col: their input gradient into
+/// `dx` (those images only), their weight-gradient contribution added into `dw` (ring
+/// layout).
 #[allow(clippy::too_many_arguments)]
 fn backward_task<T: Real>(
-    plan: &ConvPlan,
-    layout: &Layout,
-    x: &[T],
-    ringed: &[T],
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
     grad_out: &[T],
     (first, last): (usize, usize),
     mut dx: Option<&mut [T]>,
-    dw_sum: Option<&Mutex<&mut [T]>>,
+    mut dw: Option<&mut [T]>,
+    tile: usize,
     parallelism: gemm::Parallelism,
 ) {
-    let need_w = dw_sum.is_some();
+    let need_w = dw.is_some();
     let need_x = dx.is_some();
-    let tile = tile_columns(plan);
     let rings = plan.rings_count();
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
     let exclusive_rows = windows_partition_channels(plan);
     let (start, end) = (first * pixels, last * pixels);
-    workspace::with::<T, _>(Slot::Task, |ws| {
-        let dw = grow(&mut ws.weight, if need_w { plan.weight_len() } else { 0 });
-        dw.fill(T::ZERO);
+    {
         let mut t0 = start;
         while t0 < end {
             let t1 = (t0 + tile).min(end);
@@ -528,7 +562,7 @@ fn backward_task<T: Real>(
                     let ld = layout.weight_ld(plan, r);
                     let col_block = layout.col_block(r, window) * width;
                     let weight_block = layout.weight_block(plan, r, window);
-                    if need_w {
+                    if let Some(dw) = dw.as_deref_mut() {
                         // dW_r[rows, k] += S_r[rows, width] * X_r[k, width]^T
                         // SAFETY: as in the forward; the weight-gradient partial has the
                         // ring layout of the weight.
@@ -570,13 +604,7 @@ fn backward_task<T: Real>(
             }
             t0 = t1;
         }
-        if let Some(sum) = dw_sum {
-            let mut sum = sum.lock().expect("no task panicked");
-            for (s, &v) in sum.iter_mut().zip(dw.iter()) {
-                *s += v;
-            }
-        }
-    });
+    }
 }
 
 /// Bias gradient: the output gradient summed over images and pixels, per channel.

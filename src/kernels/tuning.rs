@@ -10,6 +10,40 @@ pub const TILE_VALUES: usize = 128 * 1024;
 /// splits its matrices over the threads instead.
 pub const MIN_TASK_COLUMNS: usize = 256;
 
+/// How the kernels lay out a convolution for gemm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Shifted views where they suit the plan (stride 1, few junk columns, windows of 16
+    /// channels or more), im2col elsewhere.
+    #[default]
+    Auto,
+    /// im2col tiles everywhere.
+    Im2col,
+    /// Shifted views wherever the stride is 1.
+    Shifted,
+}
+
+static STRATEGY: AtomicUsize = AtomicUsize::new(0);
+
+/// Forces a strategy for every later kernel call of the process.
+pub fn set_strategy(strategy: Strategy) {
+    let code = match strategy {
+        Strategy::Auto => 0,
+        Strategy::Im2col => 1,
+        Strategy::Shifted => 2,
+    };
+    STRATEGY.store(code, Ordering::Relaxed);
+}
+
+/// The strategy in force.
+pub fn strategy() -> Strategy {
+    match STRATEGY.load(Ordering::Relaxed) {
+        1 => Strategy::Im2col,
+        2 => Strategy::Shifted,
+        _ => Strategy::Auto,
+    }
+}
+
 static TILE_COLUMNS: AtomicUsize = AtomicUsize::new(0);
 static MIN_TASK: AtomicUsize = AtomicUsize::new(MIN_TASK_COLUMNS);
 

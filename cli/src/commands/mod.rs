@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod layer;
 
 /// An error in what the user asked for (exit code 2), as opposed to a failure while
