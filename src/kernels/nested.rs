@@ -43,6 +43,13 @@ pub(super) struct SharedMut<T>(pub(super) *mut T);
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(super) fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
 /// offsets and each ring's kernel positions.
 pub(super) struct Layout {
@@ -89,41 +96,78 @@ impl Layout {
     }
 }
 
-/// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
-/// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`.
-fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: &mut [T]) {
-    let [_, kw] = plan.kernel;
-    let area = plan.kernel[0] * kw;
+/// Where each kernel position `ky * kw + kx` lands in the ring layout:
+/// `(ring offset, ring leading dimension, ring positions, index in the ring)`.
+fn ring_map(plan: &ConvPlan, layout: &Layout) -> Vec<(usize, usize, usize, usize)> {
+    let kw = plan.kernel[1];
+    let mut map = vec![(0, 0, 0, 0); plan.kernel[0] * kw];
     for (r, ring) in plan.rings.iter().enumerate() {
-        let ld = layout.weight_ld(plan, r);
-        for p in 0..plan.primaries {
-            for ch in 0..plan.weight_depth {
-                let src = (p * plan.weight_depth + ch) * area;
-                let dst = layout.weight[r] + p * ld + ch * ring.len();
-                for (pos, &(ky, kx)) in ring.iter().enumerate() {
-                    out[dst + pos] = weight[src + ky * kw + kx];
-                }
+        for (pos, &(ky, kx)) in ring.iter().enumerate() {
+            map[ky * kw + kx] = (layout.weight[r], layout.weight_ld(plan, r), ring.len(), pos);
+        }
+    }
+    map
+}
+
+/// Weights from this many values on are transformed by all threads.
+const PARALLEL_WEIGHT: usize = 1 << 20;
+
+/// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
+/// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`. One pass, parallel over
+/// primaries for large weights.
+fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: &mut [T]) {
+    let map = ring_map(plan, layout);
+    let area = map.len();
+    let depth = plan.weight_depth;
+    let dst = SharedMut(out.as_mut_ptr());
+    let primary = |p: usize| {
+        for ch in 0..depth {
+            let src = &weight[(p * depth + ch) * area..][..area];
+            for (&v, &(offset, ld, npos, pos)) in src.iter().zip(&map) {
+                // SAFETY: ring offsets, leading dimensions and positions address the ring
+                // layout of a weight of this plan (len weight_len); primary p's rows of
+                // every ring are written by this call only.
+                unsafe { *dst.ptr().add(offset + p * ld + ch * npos + pos) = v };
             }
         }
+    };
+    if plan.weight_len() >= PARALLEL_WEIGHT {
+        (0..plan.primaries).into_par_iter().for_each(primary);
+    } else {
+        (0..plan.primaries).for_each(primary);
     }
 }
 
-/// Inverse of [`to_ring_layout`].
-fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T], out: &mut [T]) {
-    let [_, kw] = plan.kernel;
-    let area = plan.kernel[0] * kw;
-    for (r, ring) in plan.rings.iter().enumerate() {
-        let ld = layout.weight_ld(plan, r);
-        for p in 0..plan.primaries {
-            for ch in 0..plan.weight_depth {
-                let dst = (p * plan.weight_depth + ch) * area;
-                let src = layout.weight[r] + p * ld + ch * ring.len();
-                for (pos, &(ky, kx)) in ring.iter().enumerate() {
-                    out[dst + ky * kw + kx] = ringed[src + pos];
-                }
+/// Inverse of [`to_ring_layout`]: a new `[m, depth, kh, kw]` weight.
+fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Vec<T> {
+    let map = ring_map(plan, layout);
+    let area = map.len();
+    let depth = plan.weight_depth;
+    let mut out = workspace::zeroed(plan.weight_len());
+    let primary = |(p, out): (usize, &mut [T])| {
+        for (ch, patch) in out.chunks_exact_mut(area).enumerate() {
+            for (v, &(offset, ld, npos, pos)) in patch.iter_mut().zip(&map) {
+                *v = ringed[offset + p * ld + ch * npos + pos];
             }
         }
+    };
+    let chunk = (depth * area).max(1);
+    if plan.weight_len() >= PARALLEL_WEIGHT {
+        out.par_chunks_mut(chunk).enumerate().for_each(primary);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(primary);
     }
+    out
+}
+
+/// Whether the plan's single window covers the whole weight, so that the first write of
+/// a weight-gradient buffer can overwrite instead of accumulating.
+fn weight_covered(plan: &ConvPlan) -> bool {
+    plan.windows.len() == 1
+        && plan.windows[0].first_primary == 0
+        && plan.windows[0].weight_offset == 0
+        && plan.windows[0].rows == plan.primaries
+        && plan.window_depth == plan.weight_depth
 }
 
 /// Whether this plan runs through the shifted views (else im2col).
@@ -243,7 +287,7 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     if let Some(b) = bias {
         assert_eq!(b.len(), plan.out_channels, "bias length");
     }
-    let mut out = vec![T::ZERO; plan.output_len()];
+    let mut out = workspace::zeroed(plan.output_len());
     if out.is_empty() {
         return out;
     }
@@ -381,8 +425,8 @@ pub fn backward<T: Real>(
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
     assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
-    let mut dx = needs.x.then(|| vec![T::ZERO; plan.input_len()]);
-    let mut dw = needs.weight.then(|| vec![T::ZERO; plan.weight_len()]);
+    let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
+    let mut dw = None;
     if (needs.x || needs.weight) && plan.columns() > 0 {
         let layout = Layout::new(plan);
         workspace::with::<T, _>(Slot::Call, |call| {
@@ -391,7 +435,6 @@ pub fn backward<T: Real>(
             let buffer = grow(&mut call.weight, weight_len + dw_len);
             let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
             to_ring_layout(plan, &layout, weight, ringed);
-            dw_ringed.fill(T::ZERO);
             let dw_sum = Mutex::new(dw_ringed);
             let dw_sum = needs.weight.then_some(&dw_sum);
             backward_tasks(
@@ -400,11 +443,13 @@ pub fn backward<T: Real>(
                 dx.as_deref_mut(),
                 dw_sum,
             );
-            if let (Some(dw), Some(sum)) = (dw.as_deref_mut(), dw_sum) {
+            if let Some(sum) = dw_sum {
                 let dw_ringed = sum.lock().expect("no task panicked");
-                from_ring_layout(plan, &layout, &dw_ringed, dw);
+                dw = Some(from_ring_layout(plan, &layout, &dw_ringed));
             }
         });
+    } else if needs.weight {
+        dw = Some(vec![T::ZERO; plan.weight_len()]);
     }
     Gradients {
         x: dx,
@@ -443,18 +488,47 @@ fn backward_tasks<T: Real>(
         }
         None => chunks.extend(ranges.iter().map(|_| None)),
     }
+    // The first write of a weight-gradient buffer overwrites it when one window covers
+    // the whole weight; otherwise buffers start from zero.
+    let fresh = weight_covered(plan);
+    if tasks == 1 {
+        // One task accumulates straight into the sum.
+        let mut sum = dw_sum.map(|sum| sum.lock().expect("no task panicked"));
+        let dw = sum.as_deref_mut().map(|dw| {
+            if !fresh {
+                dw.fill(T::ZERO);
+            }
+            &mut **dw
+        });
+        let dx = chunks.pop().flatten();
+        workspace::with::<T, _>(Slot::Task, |ws| {
+            let task_args = (grad_out, (0, plan.batch), dx, dw, fresh, tile, parallelism);
+            if shifted {
+                shifted::backward_task(task, ws, task_args);
+            } else {
+                backward_task(task, ws, task_args);
+            }
+        });
+        return;
+    }
+    if let Some(sum) = dw_sum {
+        sum.lock().expect("no task panicked").fill(T::ZERO);
+    }
     let run = |(images, dx): ((usize, usize), Option<&mut [T]>)| {
         workspace::with::<T, _>(Slot::Task, |ws| {
             let mut partial = std::mem::take(&mut ws.weight);
             let dw = dw_sum.map(|_| {
                 let dw = grow(&mut partial, plan.weight_len());
-                dw.fill(T::ZERO);
+                if !fresh {
+                    dw.fill(T::ZERO);
+                }
                 dw
             });
+            let task_args = (grad_out, images, dx, dw, fresh, tile, parallelism);
             if shifted {
-                shifted::backward_task(task, ws, grad_out, images, dx, dw, tile, parallelism);
+                shifted::backward_task(task, ws, task_args);
             } else {
-                backward_task(task, ws, grad_out, images, dx, dw, tile, parallelism);
+                backward_task(task, ws, task_args);
             }
             if let Some(sum) = dw_sum {
                 let mut sum = sum.lock().expect("no task panicked");
@@ -492,20 +566,29 @@ fn windows_partition_channels(plan: &ConvPlan) -> bool {
     next == plan.in_channels
 }
 
+/// What a backward task works on besides the [`TaskInput`]: the output gradient, its
+/// images `[first, last)`, the input gradient of those images, the weight-gradient buffer
+/// (ring layout; `fresh`: its first write overwrites), the tile width and gemm's
+/// parallelism.
+pub(super) type BackwardArgs<'a, T> = (
+    &'a [T],
+    (usize, usize),
+    Option<&'a mut [T]>,
+    Option<&'a mut [T]>,
+    bool,
+    usize,
+    gemm::Parallelism,
+);
+
 /// Backward pass of images `[first, last)` through im2col: their input gradient into
 /// `dx` (those images only), their weight-gradient contribution added into `dw` (ring
 /// layout).
-#[allow(clippy::too_many_arguments)]
 fn backward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
-    grad_out: &[T],
-    (first, last): (usize, usize),
-    mut dx: Option<&mut [T]>,
-    mut dw: Option<&mut [T]>,
-    tile: usize,
-    parallelism: gemm::Parallelism,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
 ) {
+    let mut overwrite = fresh;
     let need_w = dw.is_some();
     let need_x = dx.is_some();
     let rings = plan.rings_count();
@@ -571,7 +654,7 @@ fn backward_task<T: Real>(
                                 [window.rows, k, width],
                                 dw.as_mut_ptr().add(weight_block),
                                 [1, ld],
-                                true,
+                                !overwrite,
                                 sums.as_ptr(),
                                 [1, width],
                                 cols.as_ptr().add(col_block),
@@ -602,6 +685,7 @@ fn backward_task<T: Real>(
             if let Some(dx) = dx.as_deref_mut() {
                 col2im(plan, dcols, &ws.runs, width, first, dx);
             }
+            overwrite = false;
             t0 = t1;
         }
     }

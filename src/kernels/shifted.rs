@@ -10,7 +10,7 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
-use super::nested::{gemm, SharedMut, TaskInput};
+use super::nested::{gemm, BackwardArgs, SharedMut, TaskInput};
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
 use super::Real;
@@ -241,17 +241,12 @@ fn emit<T: Real>(
 /// Backward pass of images `[first, last)` through the shifted views: their input
 /// gradient into `dx` (those images only), their weight-gradient contribution into `dw`
 /// (ring layout, accumulated).
-#[allow(clippy::too_many_arguments)]
 pub fn backward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
-    grad_out: &[T],
-    (first, last): (usize, usize),
-    mut dx: Option<&mut [T]>,
-    mut dw: Option<&mut [T]>,
-    tile: usize,
-    parallelism: gemm::Parallelism,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
 ) {
+    let mut overwrite = fresh;
     let padded = Padded::new(plan);
     let wide = padded.wide_columns(plan);
     let plane = padded.plane();
@@ -326,7 +321,7 @@ pub fn backward_task<T: Real>(
                                         [plan.window_depth, window.rows, width],
                                         dw.as_mut_ptr().add(block + pos),
                                         [ld, npos],
-                                        true,
+                                        !overwrite,
                                         image_buf.as_ptr().add(pixel_view),
                                         [c, 1],
                                         sums.as_ptr(),
@@ -355,6 +350,7 @@ pub fn backward_task<T: Real>(
                         }
                     }
                 }
+                overwrite = false;
                 q0 = q1;
             }
             if let Some(dx) = dx.as_deref_mut() {

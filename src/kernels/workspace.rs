@@ -56,3 +56,42 @@ pub fn with<T: super::Real, R>(slot: Slot, f: impl FnOnce(&mut Workspace<T>) -> 
         result
     })
 }
+
+/// Buffers from this many bytes on are backed by transparent huge pages where the
+/// kernel offers them on request (Linux `madvise`): far fewer page faults on the first
+/// touch of a large new output.
+const HUGE_PAGE_BYTES: usize = 4 << 20;
+
+/// A new zeroed buffer of `len` values (fresh from the allocator: zero pages the first
+/// touch maps, huge pages for large buffers on Linux).
+pub fn zeroed<T: super::Real>(len: usize) -> Vec<T> {
+    let buffer = vec![T::ZERO; len];
+    advise_huge_pages(&buffer);
+    buffer
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages<T>(buffer: &[T]) {
+    const MADV_HUGEPAGE: i32 = 14;
+    const HUGE: usize = 2 << 20;
+    extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+    let bytes = std::mem::size_of_val(buffer);
+    if bytes < HUGE_PAGE_BYTES {
+        return;
+    }
+    let start = (buffer.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (buffer.as_ptr() as usize + bytes) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside the buffer's allocation; the advice changes how
+        // the kernel backs those pages, never their contents. A failure (no THP support)
+        // is harmless and ignored.
+        unsafe {
+            madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages<T>(_buffer: &[T]) {}

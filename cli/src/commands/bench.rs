@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use versatile::cost;
 use versatile::kernels;
-use versatile::layer::{ForwardPath, VConv2dConfig};
+use versatile::layer::{conv2d_forward, conv_path_for, ConvPath, ForwardPath, VConv2dConfig};
 
 use super::UsageError;
 
@@ -58,6 +58,10 @@ enum Impl {
     /// burn's dense conv2d with the same c -> n (its own weights).
     #[value(name = "conv2d")]
     Conv2d,
+    /// The same dense conv2d through the project's one-ring nested kernel
+    /// (`conv2d_forward` pinned to `ConvPath::Nested`).
+    #[value(name = "conv2d_nested")]
+    Conv2dNested,
 }
 
 impl Impl {
@@ -66,6 +70,7 @@ impl Impl {
             Impl::Fused => "fused",
             Impl::DenseForm => "dense_form",
             Impl::Conv2d => "conv2d",
+            Impl::Conv2dNested => "conv2d_nested",
         }
     }
 }
@@ -234,7 +239,8 @@ fn heap_peak() -> usize {
 /// The layer under test in one implementation, on one device.
 enum Layer {
     Versatile(versatile::VConv2d),
-    Dense(burn::nn::conv::Conv2d),
+    /// A dense conv2d; `true`: through the nested kernel.
+    Dense(burn::nn::conv::Conv2d, bool),
 }
 
 impl Layer {
@@ -256,13 +262,14 @@ impl Layer {
                     .map_err(UsageError::from_display)?;
                 Layer::Versatile(layer)
             }
-            Impl::Conv2d => {
+            Impl::Conv2d | Impl::Conv2dNested => {
                 let p = shape.padding;
                 Layer::Dense(
                     Conv2dConfig::new(shape.channels, [shape.kernel; 2])
                         .with_stride([shape.stride; 2])
                         .with_padding(PaddingConfig2d::Explicit(p, p, p, p))
                         .init(device),
+                    imp == Impl::Conv2dNested,
                 )
             }
         })
@@ -271,8 +278,15 @@ impl Layer {
     fn forward(&self, x: Tensor<4>) -> Result<Tensor<4>> {
         Ok(match self {
             Layer::Versatile(layer) => layer.try_forward(x)?,
+            Layer::Dense(conv, true) => {
+                anyhow::ensure!(
+                    conv_path_for(conv, &x) == ConvPath::Nested,
+                    "the nested kernel does not take this dense layer"
+                );
+                conv2d_forward(conv, x)
+            }
             // burn's own conv2d, not the project's dense entry point.
-            Layer::Dense(conv) => conv.forward(x),
+            Layer::Dense(conv, false) => conv.forward(x),
         })
     }
 }
@@ -335,7 +349,7 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
         // Budget: input, output and their gradients (f32).
         let out_elems: usize = match &layer {
             Layer::Versatile(l) => l.output_shape(shape.dims())?.iter().product(),
-            Layer::Dense(_) => layer.forward(x.clone())?.shape().num_elements(),
+            Layer::Dense(..) => layer.forward(x.clone())?.shape().num_elements(),
         };
         let in_elems: usize = shape.dims().iter().product();
         // x is alive before and during the step: count it in the peak.
