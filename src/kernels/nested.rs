@@ -1,5 +1,6 @@
 //! The nested forward and backward passes over tiles of output columns.
 
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -143,20 +144,24 @@ fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> 
     let map = ring_map(plan, layout);
     let area = map.len();
     let depth = plan.weight_depth;
-    let mut out = workspace::zeroed(plan.weight_len());
-    let primary = |(p, out): (usize, &mut [T])| {
+    let len = plan.weight_len();
+    let mut out = workspace::uninit(len);
+    let primary = |(p, out): (usize, &mut [MaybeUninit<T>])| {
         for (ch, patch) in out.chunks_exact_mut(area).enumerate() {
             for (v, &(offset, ld, npos, pos)) in patch.iter_mut().zip(&map) {
-                *v = ringed[offset + p * ld + ch * npos + pos];
+                v.write(ringed[offset + p * ld + ch * npos + pos]);
             }
         }
     };
     let chunk = (depth * area).max(1);
-    if plan.weight_len() >= PARALLEL_WEIGHT {
-        out.par_chunks_mut(chunk).enumerate().for_each(primary);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PARALLEL_WEIGHT {
+        spare.par_chunks_mut(chunk).enumerate().for_each(primary);
     } else {
-        out.chunks_mut(chunk).enumerate().for_each(primary);
+        spare.chunks_mut(chunk).enumerate().for_each(primary);
     }
+    // SAFETY: the chunks cover [0, len) and every value of every patch was written.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -287,8 +292,12 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     if let Some(b) = bias {
         assert_eq!(b.len(), plan.out_channels, "bias length");
     }
-    let mut out = workspace::zeroed(plan.output_len());
-    if out.is_empty() {
+    let len = plan.output_len();
+    // Every output value is written exactly once below (each channel comes from one
+    // crop, window and primary; each pixel from one tile), so the buffer starts
+    // uninitialized and is only written through raw pointers.
+    let mut out = workspace::uninit(len);
+    if len == 0 {
         return out;
     }
     let layout = Layout::new(plan);
@@ -322,6 +331,8 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
             tasks.par_iter().for_each(run);
         }
     });
+    // SAFETY: see above: all `len` values were written.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -399,11 +410,10 @@ fn emit<T: Real>(
         let row = &acc[p * width..(p + 1) * width];
         for run in runs {
             let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
-            // SAFETY: the run's pixels lie inside the output and belong to this task's
-            // columns only.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), run.len) };
-            for (d, &v) in dst.iter_mut().zip(&row[run.col..run.col + run.len]) {
-                *d = v + b;
+            for (i, &v) in row[run.col..run.col + run.len].iter().enumerate() {
+                // SAFETY: the run's pixels lie inside the output's allocation and belong
+                // to this task's columns only.
+                unsafe { out.ptr().add(offset + i).write(v + b) };
             }
         }
     }
@@ -548,7 +558,7 @@ fn backward_tasks<T: Real>(
 
 /// Whether the windows read disjoint input channels that cover all of them (then each
 /// column-matrix row of the input gradient is written exactly once).
-fn windows_partition_channels(plan: &ConvPlan) -> bool {
+pub(super) fn windows_partition_channels(plan: &ConvPlan) -> bool {
     let mut ranges: Vec<(usize, usize)> = plan
         .windows
         .iter()

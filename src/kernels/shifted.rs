@@ -10,10 +10,13 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
-use super::nested::{gemm, BackwardArgs, SharedMut, TaskInput};
+use super::nested::{gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput};
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
 use super::Real;
+
+/// Windows of at most this many primaries accumulate pixel-major in the forward pass.
+const PIXEL_MAJOR_ROWS: usize = 32;
 
 /// Padded image geometry of a stride-1 plan.
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +171,14 @@ pub fn forward_task<T: Real>(
                         continue;
                     }
                     let acc = grow(&mut ws.acc, window.rows * width);
+                    // acc[p, q] at p * acc_rs + q * acc_cs: pixel-major for narrow windows,
+                    // so gemm's micro-kernel rows run over primaries (no ragged edge of the
+                    // 6-wide column blocks on 16 or 32 primaries).
+                    let (acc_rs, acc_cs) = if window.rows <= PIXEL_MAJOR_ROWS {
+                        (1, window.rows)
+                    } else {
+                        (width, 1)
+                    };
                     let mut first = true;
                     for r in (0..rings).rev() {
                         let npos = layout.positions[r];
@@ -184,7 +195,7 @@ pub fn forward_task<T: Real>(
                                 gemm(
                                     [window.rows, width, plan.window_depth],
                                     acc.as_mut_ptr(),
-                                    [1, width],
+                                    [acc_cs, acc_rs],
                                     !first,
                                     ringed.as_ptr().add(block + pos),
                                     [npos, layout.weight_ld(plan, r)],
@@ -195,6 +206,7 @@ pub fn forward_task<T: Real>(
                             }
                             first = false;
                         }
+                        let acc = (&*acc, acc_rs, acc_cs);
                         emit(plan, padded, window, r, acc, image, (q0, q1), bias, out);
                     }
                 }
@@ -213,26 +225,27 @@ fn emit<T: Real>(
     padded: Padded,
     window: &Window,
     crop: usize,
-    acc: &[T],
+    (acc, acc_rs, acc_cs): (&[T], usize, usize),
     image: usize,
     (q0, q1): (usize, usize),
     bias: Option<&[T]>,
     out: SharedMut<T>,
 ) {
-    let width = q1 - q0;
     let base = plan.channel_base(crop, window);
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
     for p in 0..plan.emitted(crop, window) {
         let ch = base + p;
         let b = bias.map_or(T::ZERO, |b| b[ch]);
-        let row = &acc[p * width..(p + 1) * width];
         valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
-            let offset = (image * plan.out_channels + ch) * pixels + oy * ow + ox;
-            // SAFETY: the pixels lie inside the output and belong to this task only.
-            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(offset), len) };
-            for (d, &v) in dst.iter_mut().zip(&row[col..col + len]) {
-                *d = v + b;
+            let dst = out
+                .ptr()
+                .wrapping_add((image * plan.out_channels + ch) * pixels + oy * ow + ox);
+            let first = p * acc_rs + col * acc_cs;
+            for i in 0..len {
+                // SAFETY: the pixels lie inside the output's allocation and belong to this
+                // task only.
+                unsafe { dst.add(i).write(acc[first + i * acc_cs] + b) };
             }
         });
     }
@@ -240,129 +253,204 @@ fn emit<T: Real>(
 
 /// Backward pass of images `[first, last)` through the shifted views: their input
 /// gradient into `dx` (those images only), their weight-gradient contribution into `dw`
-/// (ring layout, accumulated).
+/// (ring layout).
+///
+/// Per image, the running sums `S_r` of every window come first, on the wide columns
+/// (junk columns zero). The weight gradient of a position is one gemm of `S_r` with the
+/// shifted view of the pixel-major image. The input gradient of a tile of padded pixels
+/// `q'` is one gemm over every position at once: the rows `(position, primary)` of its
+/// right operand are `S_r` shifted back (`S_r[p, q' - shift]`), the left operand the
+/// weight rearranged to `[(position, primary), channel]`.
 pub fn backward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
     (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
 ) {
+    let _ = tile;
     let mut overwrite = fresh;
     let padded = Padded::new(plan);
     let wide = padded.wide_columns(plan);
     let plane = padded.plane();
-    let rings = plan.rings_count();
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
     let [h, w] = plan.input;
     let [pt, pl] = plan.pad;
     let c = plan.in_channels;
-    {
-        for image in first..last {
-            let image_buf = grow(
-                &mut ws.cols,
-                if dw.is_some() {
-                    pixel_major_len(plan, padded)
-                } else {
-                    0
-                },
-            );
-            if dw.is_some() {
-                pad_image_pixel_major(plan, padded, x, image, image_buf);
-            }
-            let grad_buf = grow(
-                &mut ws.dcols,
-                if dx.is_some() {
-                    padded.image_len(plan)
-                } else {
-                    0
-                },
-            );
-            grad_buf.fill(T::ZERO);
-            let mut q0 = 0;
-            while q0 < wide {
-                let q1 = (q0 + tile).min(wide);
-                let width = q1 - q0;
-                for window in &plan.windows {
-                    if window.rows == 0 {
-                        continue;
-                    }
-                    let sums = grow(&mut ws.acc, window.rows * width);
-                    sums.fill(T::ZERO);
-                    for r in 0..rings {
-                        // Running sum S_r = S_{r-1} + G_r over the emitted rows of crop r.
-                        let base = plan.channel_base(r, window);
-                        for p in 0..plan.emitted(r, window) {
-                            let row = &mut sums[p * width..(p + 1) * width];
-                            let channel = (image * plan.out_channels + base + p) * pixels;
-                            valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
-                                let g = &grad_out[channel + oy * ow + ox..][..len];
-                                for (s, &g) in row[col..col + len].iter_mut().zip(g) {
-                                    *s += g;
-                                }
-                            });
-                        }
-                        let npos = layout.positions[r];
-                        let ld = layout.weight_ld(plan, r);
-                        let block = layout.weight_block(plan, r, window);
-                        for (pos, &(ky, kx)) in plan.rings[r].iter().enumerate() {
-                            let shift = ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1];
-                            let view = window.in_offset * plane + q0 + shift;
-                            if let Some(dw) = dw.as_deref_mut() {
-                                // dW_pos^T[depth, rows] += X_shift[depth, width] * S[rows, width]^T,
-                                // X_shift read from the pixel-major image (column-major for
-                                // gemm, no packing).
-                                let pixel_view = (q0 + shift) * c + window.in_offset;
-                                // SAFETY: dw has the ring layout (window block, column stride
-                                // npos); the view covers width pixels of window_depth channels
-                                // inside the pixel-major image and its slack; sums is
-                                // rows x width.
-                                unsafe {
-                                    gemm(
-                                        [plan.window_depth, window.rows, width],
-                                        dw.as_mut_ptr().add(block + pos),
-                                        [ld, npos],
-                                        !overwrite,
-                                        image_buf.as_ptr().add(pixel_view),
-                                        [c, 1],
-                                        sums.as_ptr(),
-                                        [width, 1],
-                                        parallelism,
-                                    );
-                                }
-                            }
-                            if dx.is_some() {
-                                // dX_shift[depth, width] += W_pos[rows, depth]^T * S[rows, width]
-                                // SAFETY: grad_buf has the padded image's layout and slack.
-                                unsafe {
-                                    gemm(
-                                        [plan.window_depth, width, window.rows],
-                                        grad_buf.as_mut_ptr().add(view),
-                                        [1, plane],
-                                        true,
-                                        ringed.as_ptr().add(block + pos),
-                                        [ld, npos],
-                                        sums.as_ptr(),
-                                        [1, width],
-                                        parallelism,
-                                    );
-                                }
-                            }
-                        }
-                    }
-                }
-                overwrite = false;
-                q0 = q1;
-            }
-            if let Some(dx) = dx.as_deref_mut() {
-                // The interior of the padded gradient is the input gradient.
-                for ch in 0..c {
-                    let dst = &mut dx[((image - first) * c + ch) * h * w..][..h * w];
-                    for y in 0..h {
-                        let src = ch * plane + (y + pt) * padded.wp + pl;
-                        dst[y * w..(y + 1) * w].copy_from_slice(&grad_buf[src..src + w]);
+    let depth = plan.window_depth;
+    // Every kernel position, ring by ring: (ring, index in ring, shift).
+    let positions: Vec<(usize, usize, usize)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .flat_map(|(r, ring)| {
+            ring.iter().enumerate().map(move |(pos, &(ky, kx))| {
+                let shift = ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1];
+                (r, pos, shift)
+            })
+        })
+        .collect();
+    let rings = plan.rings_count();
+    // Offsets of each window's running sums in `ws.acc` and of its rearranged weight in
+    // `ws.wt`.
+    let mut sums_at = Vec::with_capacity(plan.windows.len());
+    let mut wt_at = Vec::with_capacity(plan.windows.len());
+    let (mut sums_len, mut wt_len) = (0, 0);
+    for window in &plan.windows {
+        sums_at.push(sums_len);
+        wt_at.push(wt_len);
+        sums_len += rings * window.rows * wide;
+        wt_len += positions.len() * window.rows * depth;
+    }
+    let max_k = plan.windows.iter().map(|w| w.rows).max().unwrap_or(0) * positions.len();
+    let dx_tile = (super::tuning::TILE_VALUES / max_k.max(1)).clamp(32, 4096) / 16 * 16;
+    let exclusive = windows_partition_channels(plan);
+    if dx.is_some() {
+        // W rearranged to [(position, primary), channel] per window.
+        let wt = grow(&mut ws.wt, wt_len);
+        for (wi, window) in plan.windows.iter().enumerate() {
+            for (g, &(r, pos, _)) in positions.iter().enumerate() {
+                let ld = layout.weight_ld(plan, r);
+                let block = layout.weight_block(plan, r, window) + pos;
+                let npos = layout.positions[r];
+                for p in 0..window.rows {
+                    let dst = wt_at[wi] + (g * window.rows + p) * depth;
+                    for (ch, v) in wt[dst..dst + depth].iter_mut().enumerate() {
+                        *v = ringed[block + p * ld + ch * npos];
                     }
                 }
             }
         }
     }
+    for image in first..last {
+        // Running sums S_r = S_{r-1} + G_r of every window over the wide columns.
+        let sums = grow(&mut ws.acc, sums_len);
+        for (wi, window) in plan.windows.iter().enumerate() {
+            for r in 0..rings {
+                let at = sums_at[wi] + r * window.rows * wide;
+                if r == 0 {
+                    sums[at..at + window.rows * wide].fill(T::ZERO);
+                } else {
+                    let prev = at - window.rows * wide;
+                    sums.copy_within(prev..at, at);
+                }
+                let base = plan.channel_base(r, window);
+                for p in 0..plan.emitted(r, window) {
+                    let row = &mut sums[at + p * wide..at + (p + 1) * wide];
+                    let channel = (image * plan.out_channels + base + p) * pixels;
+                    valid_segments(plan, padded, 0, wide, |col, oy, ox, len| {
+                        let g = &grad_out[channel + oy * ow + ox..][..len];
+                        for (s, &g) in row[col..col + len].iter_mut().zip(g) {
+                            *s += g;
+                        }
+                    });
+                }
+            }
+        }
+        let sums: &[T] = sums;
+        if let Some(dw) = dw.as_deref_mut() {
+            let image_buf = grow(&mut ws.cols, pixel_major_len(plan, padded));
+            pad_image_pixel_major(plan, padded, x, image, image_buf);
+            for (wi, window) in plan.windows.iter().enumerate() {
+                if window.rows == 0 {
+                    continue;
+                }
+                for &(r, pos, shift) in &positions {
+                    let s_r = sums_at[wi] + r * window.rows * wide;
+                    // dW_pos^T[depth, rows] (+)= X_shift[depth, wide] * S_r[rows, wide]^T, the
+                    // shifted view read from the pixel-major image (column-major for gemm).
+                    // SAFETY: dw has the ring layout (window block, column stride npos); the
+                    // view covers `wide` pixels of `depth` channels inside the pixel-major
+                    // image and its slack; S_r is rows x wide.
+                    unsafe {
+                        gemm(
+                            [depth, window.rows, wide],
+                            dw.as_mut_ptr()
+                                .add(layout.weight_block(plan, r, window) + pos),
+                            [layout.weight_ld(plan, r), layout.positions[r]],
+                            !overwrite,
+                            image_buf.as_ptr().add(shift * c + window.in_offset),
+                            [c, 1],
+                            sums.as_ptr().add(s_r),
+                            [wide, 1],
+                            parallelism,
+                        );
+                    }
+                }
+            }
+            overwrite = false;
+        }
+        let Some(dx) = dx.as_deref_mut() else {
+            continue;
+        };
+        let wt: &[T] = &ws.wt;
+        // Padded pixels of the interior rows, tile by tile.
+        let (start, end) = (pt * padded.wp, (pt + h) * padded.wp);
+        let mut a = start;
+        while a < end {
+            let b = (a + dx_tile).min(end);
+            let width = b - a;
+            let dtile = grow(&mut ws.dcols, c * width);
+            if !exclusive {
+                dtile.fill(T::ZERO);
+            }
+            for (wi, window) in plan.windows.iter().enumerate() {
+                if window.rows == 0 {
+                    continue;
+                }
+                let k = positions.len() * window.rows;
+                let scol = grow(&mut ws.scol, k * width);
+                for (g, &(r, _, shift)) in positions.iter().enumerate() {
+                    let s_r = sums_at[wi] + r * window.rows * wide;
+                    // Columns q' of the tile read S_r at q' - shift, inside [0, wide).
+                    let lo = (a.max(shift) - a).min(width);
+                    let hi = ((wide + shift).clamp(a, b) - a).max(lo);
+                    for p in 0..window.rows {
+                        let row = &mut scol[(g * window.rows + p) * width..][..width];
+                        row[..lo].fill(T::ZERO);
+                        row[hi..].fill(T::ZERO);
+                        if hi > lo {
+                            let src = s_r + p * wide + (a + lo - shift);
+                            row[lo..hi].copy_from_slice(&sums[src..src + (hi - lo)]);
+                        }
+                    }
+                }
+                // dX_tile[depth, width] (+)= Wt[k, depth]^T * Scol[k, width]
+                // SAFETY: dtile is c x width, the window's rows start at in_offset; Wt is
+                // k x depth; Scol is k x width.
+                unsafe {
+                    gemm(
+                        [depth, width, k],
+                        dtile.as_mut_ptr().add(window.in_offset * width),
+                        [1, width],
+                        !exclusive,
+                        wt.as_ptr().add(wt_at[wi]),
+                        [depth, 1],
+                        scol.as_ptr(),
+                        [1, width],
+                        parallelism,
+                    );
+                }
+            }
+            // Interior pixels of the tile into the input gradient.
+            let dtile: &[T] = dtile;
+            let mut q = a;
+            while q < b {
+                let (yp, xp) = (q / padded.wp, q % padded.wp);
+                let row_end = ((yp + 1) * padded.wp).min(b);
+                let x0 = xp.max(pl);
+                let x1 = (row_end - yp * padded.wp).min(pl + w);
+                if x1 > x0 {
+                    let y = yp - pt;
+                    for ch in 0..c {
+                        let dst = ((image - first) * c + ch) * h * w + y * w + (x0 - pl);
+                        let src = ch * width + (yp * padded.wp + x0 - a);
+                        dx[dst..dst + (x1 - x0)].copy_from_slice(&dtile[src..src + (x1 - x0)]);
+                    }
+                }
+                q = row_end;
+            }
+            a = b;
+        }
+    }
+    let _ = plane;
 }

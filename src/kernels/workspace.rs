@@ -21,6 +21,10 @@ pub struct Workspace<T> {
     pub acc: Vec<T>,
     /// Weight in ring layout (call level) or a task's weight-gradient partial.
     pub weight: Vec<T>,
+    /// Shifted running sums of a tile (shifted path, input gradient).
+    pub scol: Vec<T>,
+    /// Weight rearranged per position (shifted path, input gradient).
+    pub wt: Vec<T>,
     /// Runs of the current tile.
     pub runs: Vec<Run>,
 }
@@ -70,19 +74,33 @@ pub fn zeroed<T: super::Real>(len: usize) -> Vec<T> {
     buffer
 }
 
-#[cfg(target_os = "linux")]
+/// An empty buffer with room for `len` values (huge pages for large ones, as
+/// [`zeroed`]); the caller writes all of them before `set_len`.
+pub fn uninit<T>(len: usize) -> Vec<T> {
+    let buffer = Vec::with_capacity(len);
+    advise_huge_pages_raw(buffer.as_ptr() as usize, len * std::mem::size_of::<T>());
+    buffer
+}
+
 fn advise_huge_pages<T>(buffer: &[T]) {
+    advise_huge_pages_raw(buffer.as_ptr() as usize, std::mem::size_of_val(buffer));
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages_raw(_address: usize, _bytes: usize) {}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages_raw(address: usize, bytes: usize) {
     const MADV_HUGEPAGE: i32 = 14;
     const HUGE: usize = 2 << 20;
     extern "C" {
         fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
     }
-    let bytes = std::mem::size_of_val(buffer);
     if bytes < HUGE_PAGE_BYTES {
         return;
     }
-    let start = (buffer.as_ptr() as usize).next_multiple_of(HUGE);
-    let end = (buffer.as_ptr() as usize + bytes) / HUGE * HUGE;
+    let start = address.next_multiple_of(HUGE);
+    let end = (address + bytes) / HUGE * HUGE;
     if end > start {
         // SAFETY: [start, end) lies inside the buffer's allocation; the advice changes how
         // the kernel backs those pages, never their contents. A failure (no THP support)
@@ -92,6 +110,3 @@ fn advise_huge_pages<T>(buffer: &[T]) {
         }
     }
 }
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages<T>(_buffer: &[T]) {}
