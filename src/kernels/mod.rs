@@ -52,10 +52,23 @@ pub trait Real:
 
     /// Runs `f` with the thread-local workspace slots of this type.
     fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R;
+
+    /// Transposes the first columns of four rows into pixel-major runs:
+    /// `out[i * stride + k] = rows[k][i]` for `i` below the returned count (a multiple of
+    /// 4, at most the rows' length); the caller does the rest.
+    fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        for i in 0..n {
+            for (k, row) in rows.iter().enumerate() {
+                out[i * stride + k] = row[i];
+            }
+        }
+        n
+    }
 }
 
 macro_rules! real {
-    ($t:ty, $local:ident) => {
+    ($t:ty, $local:ident $(, $transpose:path)?) => {
         thread_local! {
             static $local: workspace::Slots<$t> = const { [Cell::new(None), Cell::new(None)] };
         }
@@ -67,11 +80,69 @@ macro_rules! real {
             fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R {
                 $local.with(f)
             }
+
+            $(
+                fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
+                    $transpose(rows, out, stride)
+                }
+            )?
         }
     };
 }
 
-real!(f32, SLOTS_F32);
+mod transpose {
+    /// `f32` 4 x 4 transposes with SSE (every x86-64 CPU has it).
+    #[cfg(target_arch = "x86_64")]
+    pub fn f32_4xn(rows: [&[f32]; 4], out: &mut [f32], stride: usize) -> usize {
+        use std::arch::x86_64::*;
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        if n == 0 {
+            return 0;
+        }
+        assert!(
+            stride >= 4 && out.len() >= (n - 1) * stride + 4,
+            "transpose_4xn bounds"
+        );
+        let mut i = 0;
+        while i < n {
+            // SAFETY: SSE is part of x86-64; the four loads read rows[k][i..i + 4] with
+            // i + 4 <= n <= rows[k].len(); the four stores write out[(i + j) * stride..+4]
+            // with (i + 3) * stride + 4 <= out.len() (asserted above). Unaligned loads and
+            // stores throughout.
+            unsafe {
+                let r0 = _mm_loadu_ps(rows[0].as_ptr().add(i));
+                let r1 = _mm_loadu_ps(rows[1].as_ptr().add(i));
+                let r2 = _mm_loadu_ps(rows[2].as_ptr().add(i));
+                let r3 = _mm_loadu_ps(rows[3].as_ptr().add(i));
+                let t0 = _mm_unpacklo_ps(r0, r1);
+                let t1 = _mm_unpacklo_ps(r2, r3);
+                let t2 = _mm_unpackhi_ps(r0, r1);
+                let t3 = _mm_unpackhi_ps(r2, r3);
+                let o = out.as_mut_ptr().add(i * stride);
+                _mm_storeu_ps(o, _mm_movelh_ps(t0, t1));
+                _mm_storeu_ps(o.add(stride), _mm_movehl_ps(t1, t0));
+                _mm_storeu_ps(o.add(2 * stride), _mm_movelh_ps(t2, t3));
+                _mm_storeu_ps(o.add(3 * stride), _mm_movehl_ps(t3, t2));
+            }
+            i += 4;
+        }
+        n
+    }
+
+    /// Portable fallback: the scalar loop.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn f32_4xn(rows: [&[f32]; 4], out: &mut [f32], stride: usize) -> usize {
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        for i in 0..n {
+            for (k, row) in rows.iter().enumerate() {
+                out[i * stride + k] = row[i];
+            }
+        }
+        n
+    }
+}
+
+real!(f32, SLOTS_F32, transpose::f32_4xn);
 real!(f64, SLOTS_F64);
 
 /// Threads the kernels use: rayon's pool size.

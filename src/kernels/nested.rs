@@ -97,19 +97,6 @@ impl Layout {
     }
 }
 
-/// Where each kernel position `ky * kw + kx` lands in the ring layout:
-/// `(ring offset, ring leading dimension, ring positions, index in the ring)`.
-fn ring_map(plan: &ConvPlan, layout: &Layout) -> Vec<(usize, usize, usize, usize)> {
-    let kw = plan.kernel[1];
-    let mut map = vec![(0, 0, 0, 0); plan.kernel[0] * kw];
-    for (r, ring) in plan.rings.iter().enumerate() {
-        for (pos, &(ky, kx)) in ring.iter().enumerate() {
-            map[ky * kw + kx] = (layout.weight[r], layout.weight_ld(plan, r), ring.len(), pos);
-        }
-    }
-    map
-}
-
 /// Weights from this many values on are transformed by all threads.
 const PARALLEL_WEIGHT: usize = 1 << 20;
 
@@ -117,18 +104,32 @@ const PARALLEL_WEIGHT: usize = 1 << 20;
 /// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`. One pass, parallel over
 /// primaries for large weights.
 fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: &mut [T]) {
-    let map = ring_map(plan, layout);
-    let area = map.len();
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
     let depth = plan.weight_depth;
+    // Per ring: its offset, leading dimension and the patch index of each position.
+    let rings: Vec<(usize, usize, Vec<usize>)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect();
     let dst = SharedMut(out.as_mut_ptr());
     let primary = |p: usize| {
-        for ch in 0..depth {
-            let src = &weight[(p * depth + ch) * area..][..area];
-            for (&v, &(offset, ld, npos, pos)) in src.iter().zip(&map) {
-                // SAFETY: ring offsets, leading dimensions and positions address the ring
-                // layout of a weight of this plan (len weight_len); primary p's rows of
-                // every ring are written by this call only.
-                unsafe { *dst.ptr().add(offset + p * ld + ch * npos + pos) = v };
+        let patches = &weight[p * depth * area..(p + 1) * depth * area];
+        for (offset, ld, index) in &rings {
+            let npos = index.len();
+            // SAFETY: primary p's row of ring r, [offset + p * ld, + depth * npos), lies
+            // inside the ring layout (len weight_len) and only this call writes it.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(offset + p * ld), *ld) };
+            for (patch, dst) in patches.chunks_exact(area).zip(row.chunks_exact_mut(npos)) {
+                for (d, &i) in dst.iter_mut().zip(index) {
+                    *d = patch[i];
+                }
             }
         }
     };
@@ -141,15 +142,30 @@ fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: 
 
 /// Inverse of [`to_ring_layout`]: a new `[m, depth, kh, kw]` weight.
 fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Vec<T> {
-    let map = ring_map(plan, layout);
-    let area = map.len();
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
     let depth = plan.weight_depth;
+    let rings: Vec<(usize, usize, Vec<usize>)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect();
     let len = plan.weight_len();
     let mut out = workspace::uninit(len);
-    let primary = |(p, out): (usize, &mut [MaybeUninit<T>])| {
-        for (ch, patch) in out.chunks_exact_mut(area).enumerate() {
-            for (v, &(offset, ld, npos, pos)) in patch.iter_mut().zip(&map) {
-                v.write(ringed[offset + p * ld + ch * npos + pos]);
+    let primary = |(p, patches): (usize, &mut [MaybeUninit<T>])| {
+        for (offset, ld, index) in &rings {
+            let row = &ringed[offset + p * ld..offset + (p + 1) * ld];
+            for (patch, src) in patches
+                .chunks_exact_mut(area)
+                .zip(row.chunks_exact(index.len()))
+            {
+                for (&v, &i) in src.iter().zip(index) {
+                    patch[i].write(v);
+                }
             }
         }
     };
@@ -160,7 +176,8 @@ fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> 
     } else {
         spare.chunks_mut(chunk).enumerate().for_each(primary);
     }
-    // SAFETY: the chunks cover [0, len) and every value of every patch was written.
+    // SAFETY: the rings partition the kernel positions, so every value of every patch
+    // of every primary was written.
     unsafe { out.set_len(len) };
     out
 }

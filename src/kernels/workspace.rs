@@ -6,6 +6,7 @@
 //! gemm) finds the slot empty and works on a fresh buffer instead of aliasing.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::im2col::Run;
 
@@ -45,9 +46,21 @@ pub type Slots<T> = [Cell<Option<Box<Workspace<T>>>>; 2];
 /// unspecified: stale values of an earlier use, or zeros).
 pub fn grow<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> &mut [T] {
     if buf.len() < len {
+        let before = buf.capacity();
         buf.resize(len, T::default());
+        let added = (buf.capacity() - before) * std::mem::size_of::<T>();
+        RETAINED.fetch_add(added, Ordering::Relaxed);
     }
     &mut buf[..len]
+}
+
+/// Bytes of scratch buffers the kernels hold, over all threads.
+static RETAINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of scratch buffers the kernels keep between calls, over all threads (they only
+/// grow, to the largest tile or weight seen).
+pub fn retained_bytes() -> usize {
+    RETAINED.load(Ordering::Relaxed)
 }
 
 /// Runs `f` with this thread's workspace of `slot` (a fresh one when it is in use).

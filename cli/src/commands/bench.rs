@@ -343,9 +343,11 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
     let fwd_bwd_ms = median_ms(args.warmup, args.reps, step)?;
     let memory = if args.memory {
         let before = heap_in_use();
+        let scratch = kernels::workspace::retained_bytes();
         reset_heap_peak();
         step()?;
-        let peak = heap_peak() - before;
+        // Scratch buffers the kernels kept from earlier runs are part of the footprint.
+        let peak = heap_peak() - before + scratch;
         // Budget: input, output and their gradients (f32).
         let out_elems: usize = match &layer {
             Layer::Versatile(l) => l.output_shape(shape.dims())?.iter().product(),
