@@ -379,6 +379,7 @@ fn forward_task<T: Real>(
                 continue;
             }
             let acc = grow(&mut ws.acc, window.rows * width);
+            let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
             for r in (0..rings).rev() {
                 let k = plan.window_depth * layout.positions[r];
                 // SAFETY: acc is rows x width; the weight block starts inside ring r's
@@ -389,7 +390,7 @@ fn forward_task<T: Real>(
                     gemm(
                         [window.rows, width, k],
                         acc.as_mut_ptr(),
-                        [1, width],
+                        [acc_cs, acc_rs],
                         r + 1 < rings,
                         ringed.as_ptr().add(layout.weight_block(plan, r, window)),
                         [1, layout.weight_ld(plan, r)],
@@ -398,7 +399,8 @@ fn forward_task<T: Real>(
                         parallelism,
                     );
                 }
-                emit(plan, window, r, acc, width, &ws.runs, bias, out);
+                let acc = (&*acc, acc_rs, acc_cs);
+                emit(plan, window, r, acc, &ws.runs, bias, out);
             }
         }
         t0 = t1;
@@ -412,8 +414,7 @@ fn emit<T: Real>(
     plan: &ConvPlan,
     window: &Window,
     crop: usize,
-    acc: &[T],
-    width: usize,
+    (acc, acc_rs, acc_cs): (&[T], usize, usize),
     runs: &[Run],
     bias: Option<&[T]>,
     out: SharedMut<T>,
@@ -424,15 +425,30 @@ fn emit<T: Real>(
     for p in 0..plan.emitted(crop, window) {
         let ch = base + p;
         let b = bias.map_or(T::ZERO, |b| b[ch]);
-        let row = &acc[p * width..(p + 1) * width];
         for run in runs {
             let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
-            for (i, &v) in row[run.col..run.col + run.len].iter().enumerate() {
+            let first = p * acc_rs + run.col * acc_cs;
+            for i in 0..run.len {
                 // SAFETY: the run's pixels lie inside the output's allocation and belong
                 // to this task's columns only.
-                unsafe { out.ptr().add(offset + i).write(v + b) };
+                unsafe { out.ptr().add(offset + i).write(acc[first + i * acc_cs] + b) };
             }
         }
+    }
+}
+
+/// Windows of at most this many primaries accumulate pixel-major in the forward pass:
+/// gemm's micro-kernel rows then run over the primaries (16 or 32 of them fill its
+/// 16-row blocks exactly), with no ragged edge of its 6-wide column blocks.
+pub(super) const PIXEL_MAJOR_ROWS: usize = 32;
+
+/// Strides `(row, column)` of a forward accumulator of `rows` primaries by `width`
+/// pixels.
+pub(super) fn accumulator_strides(rows: usize, width: usize) -> (usize, usize) {
+    if rows <= PIXEL_MAJOR_ROWS {
+        (1, rows)
+    } else {
+        (width, 1)
     }
 }
 

@@ -10,13 +10,12 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
-use super::nested::{gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput};
+use super::nested::{
+    accumulator_strides, gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput,
+};
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
 use super::Real;
-
-/// Windows of at most this many primaries accumulate pixel-major in the forward pass.
-const PIXEL_MAJOR_ROWS: usize = 32;
 
 /// Padded image geometry of a stride-1 plan.
 #[derive(Debug, Clone, Copy)]
@@ -52,12 +51,14 @@ impl Padded {
 }
 
 /// Whether the shifted path applies to the plan and is expected to beat im2col: stride 1,
-/// few junk columns, and windows deep enough for a per-position gemm.
+/// few junk columns, images large enough for gemms of a few hundred columns (tiles do
+/// not span images here) and windows deep enough for a per-position gemm.
 pub fn suits(plan: &ConvPlan) -> bool {
     let padded = Padded::new(plan);
     plan.stride == [1, 1]
         && plan.output[1] > 0
         && padded.wp * 3 <= plan.output[1] * 4
+        && padded.wide_columns(plan) >= 128
         && plan.window_depth >= 16
 }
 
@@ -184,14 +185,8 @@ pub fn forward_task<T: Real>(
                         continue;
                     }
                     let acc = grow(&mut ws.acc, window.rows * width);
-                    // acc[p, q] at p * acc_rs + q * acc_cs: pixel-major for narrow windows,
-                    // so gemm's micro-kernel rows run over primaries (no ragged edge of the
-                    // 6-wide column blocks on 16 or 32 primaries).
-                    let (acc_rs, acc_cs) = if window.rows <= PIXEL_MAJOR_ROWS {
-                        (1, window.rows)
-                    } else {
-                        (width, 1)
-                    };
+                    // acc[p, q] at p * acc_rs + q * acc_cs (pixel-major for narrow windows).
+                    let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
                     let mut first = true;
                     for r in (0..rings).rev() {
                         let npos = layout.positions[r];
