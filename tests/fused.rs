@@ -3,8 +3,8 @@
 //!
 //! Configurations cover strides, Valid / Same / explicit (asymmetric, cropping) padding,
 //! dilations, channel windows (delta, g, both modes), groups, even and 1x1 kernels, cut
-//! blocks (n not divisible by s * n_c) and batch sizes; both kernel layouts (im2col tiles
-//! and, at stride 1, shifted views) run; the kernel's tiles are made small so that tile
+//! blocks (n not divisible by s * n_c) and batch sizes; every kernel layout (im2col
+//! tiles, shifted views at stride 1, weight streaming) runs; the kernel's tiles are made small so that tile
 //! borders fall inside rows and between images, and its parallel split kicks in on small
 //! inputs.
 
@@ -163,8 +163,14 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
         let (config, shape) = random_case(&mut rng);
         // Small, odd tiles: borders inside output rows and between images.
         tuning::set_tile_columns(Some(rng.pick(&[0, 7, 13, 40])).filter(|&t| t > 0));
-        // Both layouts: im2col tiles, and shifted views (stride 1 only).
-        tuning::set_strategy(rng.pick(&[Strategy::Auto, Strategy::Im2col, Strategy::Shifted]));
+        // Every layout: im2col tiles, shifted views (stride 1 only), weight streaming
+        // (one covering window only).
+        tuning::set_strategy(rng.pick(&[
+            Strategy::Auto,
+            Strategy::Im2col,
+            Strategy::Shifted,
+            Strategy::Stream,
+        ]));
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
         layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));

@@ -14,6 +14,11 @@
 //! thread-local [workspace] of one tile; calls with few columns run one task and let
 //! gemm split its matrices instead.
 //!
+//! Two more layouts serve particular shapes: at stride 1, gemm runs straight on shifted
+//! views of a padded image (no column matrix); a layer with a large weight and few
+//! output columns (a fully connected layer as a convolution) streams its weight in chunks
+//! of primary filters, so the weight is read once per pass.
+//!
 //! A dense convolution is the same kernel with one ring ([`ConvPlan::dense`]).
 //!
 //! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
@@ -22,6 +27,7 @@ mod im2col;
 mod nested;
 mod plan;
 mod shifted;
+mod streaming;
 pub mod tuning;
 pub mod workspace;
 

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::plan::{ConvPlan, Window};
 use super::shifted;
+use super::streaming;
 use super::tuning::Strategy;
 use super::workspace::{self, grow, Slot, Workspace};
 use super::Real;
@@ -197,7 +198,16 @@ fn use_shifted(plan: &ConvPlan) -> bool {
     match tuning::strategy() {
         Strategy::Auto => shifted::suits(plan),
         Strategy::Shifted => plan.stride == [1, 1],
-        Strategy::Im2col => false,
+        Strategy::Im2col | Strategy::Stream => false,
+    }
+}
+
+/// Whether this plan streams its weight (see [`streaming`]).
+fn use_streaming(plan: &ConvPlan, tile: usize) -> bool {
+    match tuning::strategy() {
+        Strategy::Stream => streaming::suits(plan, usize::MAX, 0),
+        Strategy::Auto => streaming::suits(plan, tile, streaming::MIN_WEIGHT),
+        Strategy::Im2col | Strategy::Shifted => false,
     }
 }
 
@@ -320,6 +330,12 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     let layout = Layout::new(plan);
     let shifted = use_shifted(plan);
     let tile = tile_columns(plan, shifted);
+    if !shifted && use_streaming(plan, tile) {
+        streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
+        // SAFETY: as below, every value was written.
+        unsafe { out.set_len(len) };
+        return out;
+    }
     workspace::with::<T, _>(Slot::Call, |call| {
         let ringed = grow(&mut call.weight, plan.weight_len());
         to_ring_layout(plan, &layout, weight, ringed);
@@ -470,6 +486,19 @@ pub fn backward<T: Real>(
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
     let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
     let mut dw = None;
+    let shifted = use_shifted(plan);
+    if (needs.x || needs.weight)
+        && plan.columns() > 0
+        && !shifted
+        && use_streaming(plan, tile_columns(plan, shifted))
+    {
+        let dw = streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
+        return Gradients {
+            x: dx,
+            weight: dw,
+            bias,
+        };
+    }
     if (needs.x || needs.weight) && plan.columns() > 0 {
         let layout = Layout::new(plan);
         workspace::with::<T, _>(Slot::Call, |call| {

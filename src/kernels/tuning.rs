@@ -21,6 +21,9 @@ pub enum Strategy {
     Im2col,
     /// Shifted views wherever the stride is 1.
     Shifted,
+    /// Weight streaming wherever one window covers the weight (all columns in one tile,
+    /// whatever their number), im2col elsewhere.
+    Stream,
 }
 
 static STRATEGY: AtomicUsize = AtomicUsize::new(0);
@@ -31,6 +34,7 @@ pub fn set_strategy(strategy: Strategy) {
         Strategy::Auto => 0,
         Strategy::Im2col => 1,
         Strategy::Shifted => 2,
+        Strategy::Stream => 3,
     };
     STRATEGY.store(code, Ordering::Relaxed);
 }
@@ -40,6 +44,7 @@ pub fn strategy() -> Strategy {
     match STRATEGY.load(Ordering::Relaxed) {
         1 => Strategy::Im2col,
         2 => Strategy::Shifted,
+        3 => Strategy::Stream,
         _ => Strategy::Auto,
     }
 }
