@@ -229,7 +229,7 @@ fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
 /// Number of parallel tasks for `columns` output columns.
 fn task_count(columns: usize) -> usize {
     let threads = super::threads();
-    if threads <= 1 || columns < threads * tuning::min_task_columns() {
+    if threads <= 1 || columns < threads.saturating_mul(tuning::min_task_columns()) {
         1
     } else {
         threads

@@ -40,9 +40,22 @@ pub struct BenchArgs {
     /// Also measure the peak heap in use during one forward+backward.
     #[arg(long)]
     memory: bool,
+    /// How the kernels use the threads: `tasks` (each thread takes its own columns or
+    /// images, the default) or `gemm` (one task, gemm splits each product).
+    #[arg(long, default_value = "tasks")]
+    split: Split,
     /// One JSON object per row (JSON lines) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// How the kernels use the threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Split {
+    /// Parallel tasks over columns or images.
+    Tasks,
+    /// One task; gemm's own parallelism.
+    Gemm,
 }
 
 /// One implementation of the layer's computation.
@@ -379,6 +392,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .validate()
             .map_err(|e| UsageError::from_display(format!("shape {}: {e}", shape.name)))?;
     }
+    if args.split == Split::Gemm {
+        kernels::tuning::set_min_task_columns(usize::MAX);
+    }
     let threads = kernels::threads();
     let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));
     if !args.json {
@@ -440,6 +456,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "macs_dense": macs_dense,
                     "gflops_nested": gflops,
                     "threads": threads,
+                    "split": format!("{:?}", args.split).to_lowercase(),
                     "peak_gflops": peak,
                     "efficiency": efficiency,
                     "torch_fwd_bwd_ms": shape.torch_ms,
