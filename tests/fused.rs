@@ -275,3 +275,40 @@ fn forcing_fused_on_an_unsupported_dtype_is_an_error() {
     let auto = layer.with_path(ForwardPath::Auto);
     assert_eq!(auto.path_for(&x).unwrap(), ForwardPath::DenseForm);
 }
+
+#[test]
+fn weight_gradients_without_an_input_gradient() {
+    // A first layer: the input does not require a gradient, so the backward pass computes
+    // only the weight and bias gradients (in every layout).
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(23);
+    for strategy in [Strategy::Im2col, Strategy::Shifted, Strategy::Stream] {
+        let config = VConv2dConfig::new([20, 30], [3, 3]).with_padding(PaddingConfig2d::Same);
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
+        let x = tensor(&mut rng, [2, 20, 12, 13], &device, DType::F32);
+        let r = tensor(&mut rng, [2, 30, 12, 13], &device, DType::F32);
+        let grads_of = |path: ForwardPath| {
+            tuning::set_strategy(strategy);
+            let layer = layer.clone().with_path(path);
+            let grads = (layer.forward(x.clone()) * r.clone()).sum().backward();
+            assert!(x.grad(&grads).is_none());
+            (
+                host_any(layer.weight.grad(&grads).unwrap()),
+                host_any(layer.bias.as_ref().unwrap().grad(&grads).unwrap()),
+            )
+        };
+        let fused = grads_of(ForwardPath::Fused);
+        let dense = grads_of(ForwardPath::DenseForm);
+        tuning::set_strategy(Strategy::Auto);
+        assert!(
+            relative_error(&fused.0, &dense.0) < 2e-5,
+            "{strategy:?} weight"
+        );
+        assert!(
+            relative_error(&fused.1, &dense.1) < 2e-5,
+            "{strategy:?} bias"
+        );
+    }
+}

@@ -175,3 +175,62 @@ pub fn col2im<T: Real>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(output: [usize; 2], batch: usize) -> ConvPlan {
+        ConvPlan::dense(
+            [batch, 1, output[0], output[1]],
+            1,
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
+            [(0, 0), (0, 0)],
+            output,
+        )
+    }
+
+    #[test]
+    fn runs_split_at_row_and_image_borders() {
+        let plan = plan([2, 3], 2);
+        let mut out = Vec::new();
+        runs(&plan, 2, 9, &mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.image, r.oy, r.ox, r.len, r.col))
+            .collect();
+        assert_eq!(got, vec![(0, 0, 2, 1, 0), (0, 1, 0, 3, 1), (1, 0, 0, 3, 4)]);
+    }
+
+    #[test]
+    fn valid_span_matches_brute_force() {
+        for stride in 1..4 {
+            for offset in -5isize..5 {
+                for width in 1..7 {
+                    for ox in 0..4 {
+                        for len in 1..6 {
+                            let run = Run {
+                                image: 0,
+                                oy: 0,
+                                ox,
+                                len,
+                                col: 0,
+                            };
+                            let valid: Vec<usize> = (0..len)
+                                .filter(|i| {
+                                    let ix = ((ox + i) * stride) as isize + offset;
+                                    ix >= 0 && ix < width as isize
+                                })
+                                .collect();
+                            let (lo, hi) = valid_span(&run, stride, offset, width);
+                            assert_eq!((lo..hi).collect::<Vec<_>>(), valid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
