@@ -203,10 +203,10 @@ fn use_shifted(plan: &ConvPlan) -> bool {
 }
 
 /// Whether this plan streams its weight (see [`streaming`]).
-fn use_streaming(plan: &ConvPlan, tile: usize) -> bool {
+fn use_streaming(plan: &ConvPlan) -> bool {
     match tuning::strategy() {
-        Strategy::Stream => streaming::suits(plan, usize::MAX, 0),
-        Strategy::Auto => streaming::suits(plan, tile, streaming::MIN_WEIGHT),
+        Strategy::Stream => streaming::suits(plan, true),
+        Strategy::Auto => streaming::suits(plan, false),
         Strategy::Im2col | Strategy::Shifted => false,
     }
 }
@@ -330,7 +330,7 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     let layout = Layout::new(plan);
     let shifted = use_shifted(plan);
     let tile = tile_columns(plan, shifted);
-    if !shifted && use_streaming(plan, tile) {
+    if !shifted && use_streaming(plan) {
         streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
         // SAFETY: as below, every value was written.
         unsafe { out.set_len(len) };
@@ -487,11 +487,7 @@ pub fn backward<T: Real>(
     let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
     let mut dw = None;
     let shifted = use_shifted(plan);
-    if (needs.x || needs.weight)
-        && plan.columns() > 0
-        && !shifted
-        && use_streaming(plan, tile_columns(plan, shifted))
-    {
+    if (needs.x || needs.weight) && plan.columns() > 0 && !shifted && use_streaming(plan) {
         let dw = streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
         return Gradients {
             x: dx,

@@ -25,17 +25,26 @@ const CHUNK_FORWARD: usize = 16;
 /// gradient; the chunk and its gradient stay in L3).
 const CHUNK_BACKWARD: usize = 32;
 /// Weights from this many values on stream (below, the general path is as good).
-pub const MIN_WEIGHT: usize = 1 << 20;
+const MIN_WEIGHT: usize = 1 << 20;
 
-/// Whether the plan can stream its weight: one window covering the whole weight, every
-/// output column in one tile of `tile` columns, a weight of `min_weight` values or more.
-pub fn suits(plan: &ConvPlan, tile: usize, min_weight: usize) -> bool {
+/// Whether the plan streams its weight: one window covering the whole weight, and
+/// (unless `forced`) a large weight that dwarfs the column matrix of all output columns
+/// (at least four times its size), which is then built at once.
+pub fn suits(plan: &ConvPlan, forced: bool) -> bool {
     let covered = plan.windows.len() == 1
         && plan.windows[0].first_primary == 0
         && plan.windows[0].weight_offset == 0
         && plan.windows[0].rows == plan.primaries
         && plan.window_depth == plan.weight_depth;
-    covered && plan.columns() <= tile && plan.weight_len() >= min_weight
+    let weight = plan.weight_len();
+    covered
+        && (forced
+            || (weight >= MIN_WEIGHT
+                && plan
+                    .columns()
+                    .saturating_mul(plan.col_rows())
+                    .saturating_mul(4)
+                    <= weight))
 }
 
 /// Ring geometry of a chunk buffer: per ring, its offset in the buffer for `rows`
