@@ -304,8 +304,29 @@ impl Layer {
     }
 }
 
-/// Median of the timed runs of `f` (in milliseconds) after `warmup` untimed ones.
-fn median_ms(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// CPU seconds this process has used so far (user + system, all threads), from
+/// `/proc/self/stat` (Linux; `None` elsewhere). Unlike wall time it barely moves when
+/// other processes share the cores, so it gives a load-robust efficiency.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5) (utime, stime) in USER_HZ = 100 ticks per second.
+    let user: f64 = fields.get(11)?.parse().ok()?;
+    let system: f64 = fields.get(12)?.parse().ok()?;
+    Some((user + system) / 100.0)
+}
+
+/// A timed operation: the median wall time and the mean CPU time of the timed runs (ms).
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    median_ms: f64,
+    cpu_ms: Option<f64>,
+}
+
+/// Median of the timed runs of `f` (in milliseconds) after `warmup` untimed ones, and
+/// their mean CPU time.
+fn median_ms(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     let mut first = None;
     for _ in 0..warmup {
         let start = Instant::now();
@@ -318,19 +339,26 @@ fn median_ms(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> R
         reps
     };
     let mut times = Vec::with_capacity(reps.max(1));
+    let cpu_start = cpu_seconds();
     for _ in 0..reps.max(1) {
         let start = Instant::now();
         f()?;
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
+    let cpu_ms = cpu_start
+        .zip(cpu_seconds())
+        .map(|(a, b)| (b - a) * 1e3 / times.len() as f64);
     times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(Timing {
+        median_ms: times[times.len() / 2],
+        cpu_ms,
+    })
 }
 
 /// Timings of one shape in one implementation.
 struct Row {
-    fwd_ms: f64,
-    fwd_bwd_ms: f64,
+    fwd: Timing,
+    fwd_bwd: Timing,
     memory: Option<(usize, usize)>,
 }
 
@@ -338,7 +366,7 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
     let plain = Device::flex();
     let layer = Layer::new(shape, imp, &plain)?;
     let x = Tensor::<4>::random(shape.dims(), Distribution::Default, &plain);
-    let fwd_ms = median_ms(args.warmup, args.reps, || {
+    let fwd = median_ms(args.warmup, args.reps, || {
         layer.forward(x.clone())?;
         Ok(())
     })?;
@@ -353,7 +381,7 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
         anyhow::ensure!(x.grad(&grads).is_some(), "no input gradient");
         Ok(())
     };
-    let fwd_bwd_ms = median_ms(args.warmup, args.reps, step)?;
+    let fwd_bwd = median_ms(args.warmup, args.reps, step)?;
     let memory = if args.memory {
         let before = heap_in_use();
         let scratch = kernels::workspace::retained_bytes();
@@ -373,10 +401,18 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
         None
     };
     Ok(Row {
-        fwd_ms,
-        fwd_bwd_ms,
+        fwd,
+        fwd_bwd,
         memory,
     })
+}
+
+/// The 1-minute load average (`/proc/loadavg`), or "-".
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "-".to_string())
 }
 
 /// Runs `versatile bench`.
@@ -396,29 +432,40 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         kernels::tuning::set_min_task_columns(usize::MAX);
     }
     let threads = kernels::threads();
+    // The peak on all threads (wall time), and per core from the CPU time of the same
+    // runs (5 timed + 1 warm-up SGEMMs).
+    let cpu_before = cpu_seconds();
     let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));
+    let core_peak = peak
+        .and(cpu_before)
+        .zip(cpu_seconds())
+        .map(|(a, b)| 6.0 * 2.0 * (args.peak_size as f64).powi(3) / (b - a) / 1e9);
     if !args.json {
         match peak {
             Some(p) => println!(
-                "f32 FMA peak (SGEMM {0}x{0}x{0}, {threads} threads, median of 5): {p:.1} GFLOP/s",
-                args.peak_size
+                "f32 FMA peak (SGEMM {0}x{0}x{0}, {threads} threads, median of 5): {p:.1} GFLOP/s; per core from CPU time: {1}",
+                args.peak_size,
+                core_peak.map_or("-".to_string(), |c| format!("{c:.1} GFLOP/s"))
             ),
             None => println!("f32 FMA peak not measured (--peak-size 0)"),
         }
         println!(
-            "medians of {} runs after {} warm-up; efficiency = 6 * nested MACs / fwd+bwd time / peak",
+            "medians of {} runs after {} warm-up; eff = 6 * nested MACs / fwd+bwd time / peak; cpu ms = mean CPU time of a run (all threads), eff(cpu) = 6 * nested MACs / cpu time / per-core peak",
             args.reps, args.warmup
         );
+        println!("load average at start: {}", load_average());
         println!();
         println!(
-            "{:<6} {:<34} {:<10} {:>9} {:>10} {:>8} {:>7} {:>9} {:>8}{}",
+            "{:<6} {:<28} {:<13} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8} {:>8} {:>8}{}",
             "shape",
-            "N,C,OUT,H,W,D,PAD,STRIDE,DELTA,G",
+            "N,C,OUT,H,W,D,PAD,S,DELTA,G",
             "impl",
             "fwd ms",
             "fwd+bwd",
             "GFLOP/s",
             "eff",
+            "cpu ms",
+            "eff(cpu)",
             "torch ms",
             "speedup",
             if args.memory {
@@ -442,23 +489,33 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let macs_dense = layer_cost.macs_dense * shape.batch as u64;
         for &imp in &args.impls {
             let row = bench_one(shape, imp, args)?;
-            let gflops = 6.0 * macs_nested as f64 / (row.fwd_bwd_ms * 1e-3) / 1e9;
+            let gflops = 6.0 * macs_nested as f64 / (row.fwd_bwd.median_ms * 1e-3) / 1e9;
             let efficiency = peak.map(|p| gflops / p);
-            let speedup = shape.torch_ms.map(|t| t / row.fwd_bwd_ms);
+            let efficiency_cpu = row
+                .fwd_bwd
+                .cpu_ms
+                .zip(core_peak)
+                .map(|(cpu, core)| 6.0 * macs_nested as f64 / (cpu * 1e-3) / 1e9 / core);
+            let speedup = shape.torch_ms.map(|t| t / row.fwd_bwd.median_ms);
             if args.json {
                 let mut object = json!({
                     "shape": shape.name,
                     "spec": shape.spec(),
                     "impl": imp.name(),
-                    "fwd_ms": row.fwd_ms,
-                    "fwd_bwd_ms": row.fwd_bwd_ms,
+                    "fwd_ms": row.fwd.median_ms,
+                    "fwd_bwd_ms": row.fwd_bwd.median_ms,
+                    "fwd_cpu_ms": row.fwd.cpu_ms,
+                    "fwd_bwd_cpu_ms": row.fwd_bwd.cpu_ms,
                     "macs_nested": macs_nested,
                     "macs_dense": macs_dense,
                     "gflops_nested": gflops,
                     "threads": threads,
                     "split": format!("{:?}", args.split).to_lowercase(),
                     "peak_gflops": peak,
+                    "core_peak_gflops": core_peak,
                     "efficiency": efficiency,
+                    "efficiency_cpu": efficiency_cpu,
+                    "load_average": load_average(),
                     "torch_fwd_bwd_ms": shape.torch_ms,
                     "speedup_vs_torch": speedup,
                 });
@@ -480,8 +537,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         used as f64 / budget as f64
                     )
                 });
+                let percent =
+                    |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{:.0}%", e * 100.0));
                 println!(
-                    "{:<6} {:<34} {:<10} {:>9.2} {:>10.2} {:>8.1} {:>7} {:>9} {:>8}{memory}",
+                    "{:<6} {:<28} {:<13} {:>8.2} {:>8.2} {:>8.1} {:>8} {:>5} {:>8} {:>8} {:>8}{memory}",
                     if shape.torch_ms.is_some() {
                         shape.name.as_str()
                     } else {
@@ -489,10 +548,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     },
                     shape.spec(),
                     imp.name(),
-                    row.fwd_ms,
-                    row.fwd_bwd_ms,
+                    row.fwd.median_ms,
+                    row.fwd_bwd.median_ms,
                     gflops,
-                    efficiency.map_or("-".to_string(), |e| format!("{:.0}%", e * 100.0)),
+                    percent(efficiency),
+                    opt(row.fwd_bwd.cpu_ms, 0),
+                    percent(efficiency_cpu),
                     opt(shape.torch_ms, 1),
                     opt(speedup, 2),
                 );
