@@ -213,34 +213,40 @@ fn fused_matches_dense_form_on_random_configurations() {
 }
 
 #[test]
-fn fused_handles_a_wide_layer_with_parallel_tasks() {
-    // Default tiling: several tiles per task, two tasks, cut blocks, channel windows.
+fn fused_handles_wide_layers_with_parallel_tasks() {
+    // Default tiling: several tiles per task, two tasks, cut blocks, channel windows; few
+    // and many input channels (the input-gradient tile changes layout at 32).
     let device = Device::flex().autodiff();
     let mut rng = Rng(7);
-    let config = VConv2dConfig::new([24, 50], [5, 5])
-        .with_padding(PaddingConfig2d::Explicit(1, 2, 3, 0))
-        .with_delta(4)
-        .with_g(2)
-        .with_channel_mode(ChannelMode::Sliding);
-    let mut layer = config.init(&device);
-    let weight_shape = layer.weight.dims();
-    layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
-    let x = tensor(&mut rng, [4, 24, 30, 33], &device, DType::F32);
-    let r = tensor(
-        &mut rng,
-        layer.output_shape(x.dims()).unwrap(),
-        &device,
-        DType::F32,
-    );
-    let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
-    let fused = run(&layer, ForwardPath::Fused, &x, &r);
-    for (what, got, want) in [
-        ("out", &fused.0, &dense.0),
-        ("grad_x", &fused.1, &dense.1),
-        ("grad_weight", &fused.2, &dense.2),
+    for (c, n, mode) in [
+        (24, 50, ChannelMode::Sliding),
+        (44, 38, ChannelMode::Shared),
     ] {
-        let err = relative_error(got, want);
-        assert!(err < 2e-5, "{what}: relative error {err:.2e}");
+        let config = VConv2dConfig::new([c, n], [5, 5])
+            .with_padding(PaddingConfig2d::Explicit(1, 2, 3, 0))
+            .with_delta(4)
+            .with_g(2)
+            .with_channel_mode(mode);
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
+        let x = tensor(&mut rng, [4, c, 30, 33], &device, DType::F32);
+        let r = tensor(
+            &mut rng,
+            layer.output_shape(x.dims()).unwrap(),
+            &device,
+            DType::F32,
+        );
+        let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
+        let fused = run(&layer, ForwardPath::Fused, &x, &r);
+        for (what, got, want) in [
+            ("out", &fused.0, &dense.0),
+            ("grad_x", &fused.1, &dense.1),
+            ("grad_weight", &fused.2, &dense.2),
+        ] {
+            let err = relative_error(got, want);
+            assert!(err < 2e-5, "c = {c}, {what}: relative error {err:.2e}");
+        }
     }
 }
 

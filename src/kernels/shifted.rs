@@ -17,6 +17,9 @@ use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
 use super::Real;
 
+/// Inputs of at most this many channels keep the input-gradient tile pixel-major.
+const PIXEL_MAJOR_CHANNELS: usize = 32;
+
 /// Padded image geometry of a stride-1 plan.
 #[derive(Debug, Clone, Copy)]
 pub struct Padded {
@@ -398,6 +401,13 @@ pub fn backward_task<T: Real>(
             let b = (a + dx_tile).min(end);
             let width = b - a;
             let dtile = grow(&mut ws.dcols, c * width);
+            // dtile[ch, q] at ch * d_rs + q * d_cs: pixel-major when the input has few
+            // channels, so gemm's micro-kernel rows run over them (no ragged 6-wide edge).
+            let (d_rs, d_cs) = if c <= PIXEL_MAJOR_CHANNELS {
+                (1, c)
+            } else {
+                (width, 1)
+            };
             if !exclusive {
                 dtile.fill(T::ZERO);
             }
@@ -428,8 +438,8 @@ pub fn backward_task<T: Real>(
                 unsafe {
                     gemm(
                         [depth, width, k],
-                        dtile.as_mut_ptr().add(window.in_offset * width),
-                        [1, width],
+                        dtile.as_mut_ptr().add(window.in_offset * d_rs),
+                        [d_cs, d_rs],
                         !exclusive,
                         wt.as_ptr().add(wt_at[wi]),
                         [depth, 1],
@@ -451,8 +461,15 @@ pub fn backward_task<T: Real>(
                     let y = yp - pt;
                     for ch in 0..c {
                         let dst = ((image - first) * c + ch) * h * w + y * w + (x0 - pl);
-                        let src = ch * width + (yp * padded.wp + x0 - a);
-                        dx[dst..dst + (x1 - x0)].copy_from_slice(&dtile[src..src + (x1 - x0)]);
+                        let src = ch * d_rs + (yp * padded.wp + x0 - a) * d_cs;
+                        let dst = &mut dx[dst..dst + (x1 - x0)];
+                        if d_cs == 1 {
+                            dst.copy_from_slice(&dtile[src..src + (x1 - x0)]);
+                        } else {
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = dtile[src + i * d_cs];
+                            }
+                        }
                     }
                 }
                 q = row_end;
