@@ -3,6 +3,9 @@
 //! weight with its channel order, the plain `Conv2d` export, and the import of the
 //! authors' weight layout.
 //!
+//! Each case runs through both forward paths: the dense form and the fused nested
+//! kernel (forward and its own backward).
+//!
 //! `VERSATILE_GOLDEN_DIR` points the test at another directory of the same format.
 
 mod common;
@@ -10,9 +13,10 @@ mod common;
 use burn::module::Param;
 use burn::tensor::Device;
 use common::{case_files, golden_dir, host_any, relative_error, GoldenCase};
+use versatile::layer::ForwardPath;
 
 /// Runs one case; returns the list of checks that failed.
-fn check_case(case: &GoldenCase, device: &Device) -> Vec<String> {
+fn check_case(case: &GoldenCase, device: &Device, path: ForwardPath) -> Vec<String> {
     let mut failures = Vec::new();
     let mut check = |what: &str, got: Vec<f64>, expected: &[f64]| {
         let err = relative_error(&got, expected);
@@ -24,7 +28,7 @@ fn check_case(case: &GoldenCase, device: &Device) -> Vec<String> {
         }
     };
     let meta = &case.meta;
-    let mut layer = meta.config().init(device);
+    let mut layer = meta.config().init(device).with_path(path);
 
     // Geometry agrees with the case's derived sizes.
     let g = layer.geometry;
@@ -110,8 +114,8 @@ fn check_case(case: &GoldenCase, device: &Device) -> Vec<String> {
     failures
 }
 
-#[test]
-fn golden_cases_dense_form() {
+/// Checks every golden case (f32 and f64) through `path`.
+fn check_all(path: ForwardPath) {
     let dir = golden_dir();
     let files = case_files(&dir);
     assert!(
@@ -123,10 +127,24 @@ fn golden_cases_dense_form() {
     let mut report = Vec::new();
     for file in &files {
         let case = GoldenCase::load(file);
-        for failure in check_case(&case, &device) {
+        for failure in check_case(&case, &device, path) {
             report.push(format!("{}: {failure}", file.display()));
         }
     }
     assert!(report.is_empty(), "golden failures:\n{}", report.join("\n"));
-    eprintln!("{} golden files checked in {}", files.len(), dir.display());
+    eprintln!(
+        "{} golden files checked in {} ({path})",
+        files.len(),
+        dir.display()
+    );
+}
+
+#[test]
+fn golden_cases_dense_form() {
+    check_all(ForwardPath::DenseForm);
+}
+
+#[test]
+fn golden_cases_fused() {
+    check_all(ForwardPath::Fused);
 }

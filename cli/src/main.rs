@@ -6,6 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// Counts heap bytes for `versatile bench --memory` (forwards to the system allocator).
+#[global_allocator]
+static ALLOCATOR: commands::bench::CountingAllocator = commands::bench::CountingAllocator;
+
 /// Convolutional networks from versatile filters: geometry, costs, training and export.
 #[derive(Debug, Parser)]
 #[command(name = "versatile", version, about, propagate_version = true)]
@@ -30,6 +34,8 @@ enum Command {
     Import(commands::import::ImportArgs),
     /// The most probable classes of images under a checkpoint's model.
     Predict(commands::predict::PredictArgs),
+    /// Time the fused versatile layer, its dense form and burn's conv2d on the CPU.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -45,6 +51,7 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(&args),
         Command::Import(args) => commands::import::run(&args),
         Command::Predict(args) => commands::predict::run(&args),
+        Command::Bench(args) => commands::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,17 +1,128 @@
 //! The forward pass of plain dense `Conv2d` layers in this project's models.
 //!
 //! Every dense convolution of the model zoo goes through [`conv2d_forward`], so a faster
-//! kernel for dense layers plugs in at one place.
+//! kernel for dense layers plugs in at one place: on the `Flex` device (f32 or f64) it
+//! runs the nested-ring kernel with a single ring (forward and backward), elsewhere
+//! burn's `conv2d`. [`override_conv_path`] pins the choice for tests and benchmarks.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
 use burn::tensor::Tensor;
 
+use super::fused;
+use super::geometry::same_padding;
+use crate::kernels::ConvPlan;
+
+/// Which implementation runs a dense `Conv2d` in [`conv2d_forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ConvPath {
+    /// The nested kernel where it runs (a `Flex` device with f32 or f64 tensors), burn's
+    /// `conv2d` elsewhere.
+    #[default]
+    Auto,
+    /// The nested kernel with one ring wherever it runs, burn's `conv2d` elsewhere.
+    Nested,
+    /// burn's `conv2d` always.
+    Burn,
+}
+
+/// Process-wide pin: 0 none (Auto), 1 nested, 2 burn.
+static CONV_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// Pins the implementation of [`conv2d_forward`] for the whole process (`None` or
+/// `Some(ConvPath::Auto)`: the default choice).
+pub fn override_conv_path(path: Option<ConvPath>) {
+    let code = match path {
+        None | Some(ConvPath::Auto) => 0,
+        Some(ConvPath::Nested) => 1,
+        Some(ConvPath::Burn) => 2,
+    };
+    CONV_OVERRIDE.store(code, Ordering::Relaxed);
+}
+
+/// The implementation [`conv2d_forward`] uses on `input`: [`ConvPath::Nested`] or
+/// [`ConvPath::Burn`].
+pub fn conv_path_for(conv: &Conv2d, input: &Tensor<4>) -> ConvPath {
+    let pinned = match CONV_OVERRIDE.load(Ordering::Relaxed) {
+        2 => ConvPath::Burn,
+        _ => ConvPath::Nested,
+    };
+    let weight = conv.weight.val();
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    if pinned == ConvPath::Nested
+        && fused::fused_supported(input, &weight, bias.as_ref())
+        && dense_plan(conv, input.dims()).is_some()
+    {
+        ConvPath::Nested
+    } else {
+        ConvPath::Burn
+    }
+}
+
 /// Forward pass of a dense `Conv2d`, through the fastest path available for the input's
-/// device.
+/// device (see the module documentation); the same result as `conv.forward(input)`.
 ///
 /// # Shapes
 /// - `input`: `[batch, channels_in, height, width]`
 /// - output: `[batch, channels_out, out_h, out_w]`
 pub fn conv2d_forward(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
-    conv.forward(input)
+    if conv_path_for(conv, &input) == ConvPath::Burn {
+        return conv.forward(input);
+    }
+    let plan = dense_plan(conv, input.dims()).expect("checked by conv_path_for");
+    fused::nested_conv2d(
+        input,
+        conv.weight.val(),
+        conv.bias.as_ref().map(|b| b.val()),
+        plan,
+    )
+}
+
+/// The one-ring plan of `conv` on an input of shape `dims`, or `None` when the input
+/// does not fit it (burn's `conv2d` then reports the problem).
+fn dense_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
+    let [_, channels, height, width] = dims;
+    let [out_channels, depth, kh, kw] = conv.weight.dims();
+    let groups = conv.groups;
+    if groups == 0 || channels != depth * groups || out_channels % groups != 0 {
+        return None;
+    }
+    if conv.stride.contains(&0) || conv.dilation.contains(&0) || kh == 0 || kw == 0 {
+        return None;
+    }
+    let pads = match conv.padding {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => [
+            same_padding(kh, conv.stride[0], height),
+            same_padding(kw, conv.stride[1], width),
+        ],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+    };
+    let extent = [
+        conv.dilation[0] * (kh - 1) + 1,
+        conv.dilation[1] * (kw - 1) + 1,
+    ];
+    let padded = [
+        height + pads[0].0 + pads[0].1,
+        width + pads[1].0 + pads[1].1,
+    ];
+    if padded[0] < extent[0] || padded[1] < extent[1] {
+        return None;
+    }
+    let output = [
+        (padded[0] - extent[0]) / conv.stride[0] + 1,
+        (padded[1] - extent[1]) / conv.stride[1] + 1,
+    ];
+    Some(ConvPlan::dense(
+        dims,
+        out_channels,
+        [kh, kw],
+        conv.stride,
+        conv.dilation,
+        groups,
+        pads,
+        output,
+    ))
 }

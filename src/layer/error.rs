@@ -147,4 +147,16 @@ pub enum VConvShapeError {
         /// Actual shape.
         got: Vec<usize>,
     },
+    /// The fused kernel was forced on tensors it cannot take.
+    #[error(
+        "the fused VConv2d kernel runs on the Flex device with f32 or f64 tensors; got {device} with input {input_dtype}, weight {weight_dtype} (use ForwardPath::Auto or DenseForm)"
+    )]
+    FusedUnavailable {
+        /// The input's device.
+        device: String,
+        /// The input's dtype.
+        input_dtype: String,
+        /// The weight's dtype.
+        weight_dtype: String,
+    },
 }

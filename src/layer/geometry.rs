@@ -363,7 +363,7 @@ impl Geometry {
 }
 
 /// `Same` padding for one axis: `(start, end)` with the odd pixel at the end.
-fn same_padding(kernel: usize, stride: usize, size: usize) -> (usize, usize) {
+pub(crate) fn same_padding(kernel: usize, stride: usize, size: usize) -> (usize, usize) {
     let out = size.div_ceil(stride);
     if out == 0 {
         return (0, 0);

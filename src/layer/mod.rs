@@ -3,10 +3,12 @@
 mod conv;
 pub mod dense;
 mod error;
+pub mod fused;
 mod geometry;
 mod vconv2d;
 
-pub use conv::conv2d_forward;
+pub use conv::{conv2d_forward, conv_path_for, override_conv_path, ConvPath};
 pub use error::{VConvConfigError, VConvShapeError};
+pub use fused::{override_auto_path, ForwardPath};
 pub use geometry::{ChannelMode, ChannelSource, Geometry, GeometrySpec, PaddingPairs};
 pub use vconv2d::{authors_initializer, VConv2d, VConv2dConfig};

@@ -9,7 +9,9 @@ use burn::tensor::{Device, Tensor};
 
 use super::dense;
 use super::error::{VConvConfigError, VConvShapeError};
+use super::fused::{self, ForwardPath};
 use super::geometry::{ChannelMode, Geometry, GeometrySpec, PaddingPairs};
+use crate::kernels::ConvPlan;
 
 /// Configuration of a [versatile 2D convolution](VConv2d), created with
 /// [`init`](VConv2dConfig::init) or [`try_init`](VConv2dConfig::try_init).
@@ -85,6 +87,11 @@ pub struct VConv2d {
     /// The padding configuration.
     #[module(skip)]
     pub padding: PaddingConfig2d,
+    /// Which implementation runs the forward and backward passes (default
+    /// [`ForwardPath::Auto`]: the fused nested kernel on the CPU, the dense form
+    /// elsewhere). Set with [`with_path`](VConv2d::with_path).
+    #[module(skip)]
+    pub path: ForwardPath,
 }
 
 impl VConv2dConfig {
@@ -128,6 +135,7 @@ impl VConv2dConfig {
             bias,
             geometry,
             padding: self.padding.clone(),
+            path: ForwardPath::Auto,
         })
     }
 
@@ -159,14 +167,60 @@ impl VConv2d {
     /// The forward pass, or an error when the input has the wrong channel count or is
     /// smaller than the (dilated) kernel after padding.
     pub fn try_forward(&self, input: Tensor<4>) -> Result<Tensor<4>, VConvShapeError> {
-        let pads = self.check_input(&input.dims())?;
-        Ok(dense::forward(
-            input,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            &self.geometry,
-            pads,
-        ))
+        let dims = input.dims();
+        let pads = self.check_input(&dims)?;
+        let weight = self.weight.val();
+        let bias = self.bias.as_ref().map(|b| b.val());
+        let fused = self.fused_for(&input, &weight, bias.as_ref())?;
+        Ok(if fused {
+            let plan = ConvPlan::versatile(&self.geometry, dims, pads);
+            fused::nested_conv2d(input, weight, bias, plan)
+        } else {
+            dense::forward(input, weight, bias, &self.geometry, pads)
+        })
+    }
+
+    /// The path a forward pass on `input` takes: [`ForwardPath::Fused`] or
+    /// [`ForwardPath::DenseForm`] (an error when the fused kernel is forced on tensors it
+    /// cannot take).
+    pub fn path_for(&self, input: &Tensor<4>) -> Result<ForwardPath, VConvShapeError> {
+        let weight = self.weight.val();
+        let bias = self.bias.as_ref().map(|b| b.val());
+        Ok(match self.fused_for(input, &weight, bias.as_ref())? {
+            true => ForwardPath::Fused,
+            false => ForwardPath::DenseForm,
+        })
+    }
+
+    /// Whether the fused kernel runs on these tensors, following [`VConv2d::path`] and the
+    /// process-wide pin of [`ForwardPath::Auto`].
+    fn fused_for(
+        &self,
+        input: &Tensor<4>,
+        weight: &Tensor<4>,
+        bias: Option<&Tensor<1>>,
+    ) -> Result<bool, VConvShapeError> {
+        let supported = fused::fused_supported(input, weight, bias);
+        let path = match self.path {
+            ForwardPath::Auto => fused::auto_path(),
+            path => path,
+        };
+        match path {
+            ForwardPath::Auto => Ok(supported),
+            ForwardPath::Fused if supported => Ok(true),
+            ForwardPath::Fused => Err(VConvShapeError::FusedUnavailable {
+                device: format!("{:?}", input.device()),
+                input_dtype: format!("{:?}", input.dtype()),
+                weight_dtype: format!("{:?}", weight.dtype()),
+            }),
+            ForwardPath::DenseForm => Ok(false),
+        }
+    }
+
+    /// This layer with its forward path set (see [`ForwardPath`]).
+    pub fn with_path(mut self, path: ForwardPath) -> Self {
+        self.path = path;
+        self
     }
 
     /// Checks an input shape `[batch, c, h, w]` and resolves the padding for it.

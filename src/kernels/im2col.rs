@@ -1,0 +1,236 @@
+//! Tiles of output columns, and the im2col / col2im transforms between an NCHW input and
+//! the ring-ordered column matrix of one tile.
+//!
+//! Column matrix layout (one tile of `cols` output pixels): the rows of ring `r` form a
+//! segment starting at row `c * (positions of rings 0..r)`; inside a segment, row
+//! `ch * npos_r + pos` holds input channel `ch` at the ring's `pos`-th kernel position.
+//! A channel window is therefore a contiguous row range of every segment.
+
+use super::plan::ConvPlan;
+use super::Real;
+
+/// A run of consecutive output pixels on one output row of one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// Image.
+    pub image: usize,
+    /// Output row.
+    pub oy: usize,
+    /// First output column.
+    pub ox: usize,
+    /// Pixels in the run.
+    pub len: usize,
+    /// Column of the run's first pixel inside the tile.
+    pub col: usize,
+}
+
+/// Splits the output columns `[start, end)` (flattened `(image, oy, ox)`) into runs.
+pub fn runs(plan: &ConvPlan, start: usize, end: usize, out: &mut Vec<Run>) {
+    out.clear();
+    let [_, ow] = plan.output;
+    let pixels = plan.out_pixels();
+    let mut t = start;
+    while t < end {
+        let image = t / pixels;
+        let q = t % pixels;
+        let (oy, ox) = (q / ow, q % ow);
+        let len = (ow - ox).min(end - t);
+        out.push(Run {
+            image,
+            oy,
+            ox,
+            len,
+            col: t - start,
+        });
+        t += len;
+    }
+}
+
+/// Row offset of each ring's segment in the column matrix (one entry per ring).
+pub fn segment_rows(plan: &ConvPlan) -> Vec<usize> {
+    let mut offset = 0;
+    plan.rings
+        .iter()
+        .map(|ring| {
+            let here = offset;
+            offset += plan.in_channels * ring.len();
+            here
+        })
+        .collect()
+}
+
+/// The output columns `[lo, hi)` of a run whose input column `ox * stride + shift - pad`
+/// falls inside `[0, width)`, relative to the run's start.
+#[inline]
+fn valid_span(run: &Run, stride: usize, offset: isize, width: usize) -> (usize, usize) {
+    // Input column of output column ox: ox * stride + offset.
+    let first = run.ox as isize;
+    let lo_ox = if offset >= 0 {
+        first
+    } else {
+        first.max((-offset + stride as isize - 1) / stride as isize)
+    };
+    let last_valid = width as isize - 1 - offset; // ox * stride <= last_valid
+    let hi_ox = if last_valid < 0 {
+        first
+    } else {
+        (first + run.len as isize).min(last_valid / stride as isize + 1)
+    };
+    let lo = (lo_ox - first).clamp(0, run.len as isize) as usize;
+    let hi = (hi_ox - first).clamp(lo as isize, run.len as isize) as usize;
+    (lo, hi)
+}
+
+/// Fills the column matrix `cols` (`plan.col_rows()` rows of `width` values) of one tile
+/// from the input `x` `[batch, c, h, w]`.
+pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, cols: &mut [T]) {
+    let [h, w] = plan.input;
+    let c = plan.in_channels;
+    let [sh, sw] = plan.stride;
+    let [dh, dw] = plan.dilation;
+    let [pt, pl] = plan.pad;
+    let mut row = 0;
+    for ring in &plan.rings {
+        for ch in 0..c {
+            for &(ky, kx) in ring {
+                let dst = &mut cols[row * width..(row + 1) * width];
+                row += 1;
+                let x_offset = (kx * dw) as isize - pl as isize;
+                for run in runs {
+                    let out = &mut dst[run.col..run.col + run.len];
+                    let iy = (run.oy * sh + ky * dh) as isize - pt as isize;
+                    if iy < 0 || iy >= h as isize {
+                        out.fill(T::ZERO);
+                        continue;
+                    }
+                    let src_row = ((run.image * c + ch) * h + iy as usize) * w;
+                    let src = &x[src_row..src_row + w];
+                    let (lo, hi) = valid_span(run, sw, x_offset, w);
+                    out[..lo].fill(T::ZERO);
+                    out[hi..].fill(T::ZERO);
+                    if hi > lo {
+                        let ix0 = ((run.ox + lo) * sw) as isize + x_offset;
+                        let ix0 = ix0 as usize;
+                        if sw == 1 {
+                            out[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                        } else {
+                            for (k, v) in out[lo..hi].iter_mut().enumerate() {
+                                *v = src[ix0 + k * sw];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the column matrix `cols` of one tile back into the input gradient `dx`
+/// `[images, c, h, w]` (images counted from `first_image`).
+pub fn col2im<T: Real>(
+    plan: &ConvPlan,
+    cols: &[T],
+    runs: &[Run],
+    width: usize,
+    first_image: usize,
+    dx: &mut [T],
+) {
+    let [h, w] = plan.input;
+    let c = plan.in_channels;
+    let [sh, sw] = plan.stride;
+    let [dh, dw] = plan.dilation;
+    let [pt, pl] = plan.pad;
+    let mut row = 0;
+    for ring in &plan.rings {
+        for ch in 0..c {
+            for &(ky, kx) in ring {
+                let src = &cols[row * width..(row + 1) * width];
+                row += 1;
+                let x_offset = (kx * dw) as isize - pl as isize;
+                for run in runs {
+                    let iy = (run.oy * sh + ky * dh) as isize - pt as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let (lo, hi) = valid_span(run, sw, x_offset, w);
+                    if hi <= lo {
+                        continue;
+                    }
+                    let dst_row = (((run.image - first_image) * c + ch) * h + iy as usize) * w;
+                    let ix0 = (((run.ox + lo) * sw) as isize + x_offset) as usize;
+                    let values = &src[run.col + lo..run.col + hi];
+                    if sw == 1 {
+                        let dst = &mut dx[dst_row + ix0..dst_row + ix0 + (hi - lo)];
+                        for (d, &v) in dst.iter_mut().zip(values) {
+                            *d += v;
+                        }
+                    } else {
+                        let dst = &mut dx[dst_row..dst_row + w];
+                        for (k, &v) in values.iter().enumerate() {
+                            dst[ix0 + k * sw] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(output: [usize; 2], batch: usize) -> ConvPlan {
+        ConvPlan::dense(
+            [batch, 1, output[0], output[1]],
+            1,
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            1,
+            [(0, 0), (0, 0)],
+            output,
+        )
+    }
+
+    #[test]
+    fn runs_split_at_row_and_image_borders() {
+        let plan = plan([2, 3], 2);
+        let mut out = Vec::new();
+        runs(&plan, 2, 9, &mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.image, r.oy, r.ox, r.len, r.col))
+            .collect();
+        assert_eq!(got, vec![(0, 0, 2, 1, 0), (0, 1, 0, 3, 1), (1, 0, 0, 3, 4)]);
+    }
+
+    #[test]
+    fn valid_span_matches_brute_force() {
+        for stride in 1..4 {
+            for offset in -5isize..5 {
+                for width in 1..7 {
+                    for ox in 0..4 {
+                        for len in 1..6 {
+                            let run = Run {
+                                image: 0,
+                                oy: 0,
+                                ox,
+                                len,
+                                col: 0,
+                            };
+                            let valid: Vec<usize> = (0..len)
+                                .filter(|i| {
+                                    let ix = ((ox + i) * stride) as isize + offset;
+                                    ix >= 0 && ix < width as isize
+                                })
+                                .collect();
+                            let (lo, hi) = valid_span(&run, stride, offset, width);
+                            assert_eq!((lo..hi).collect::<Vec<_>>(), valid);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

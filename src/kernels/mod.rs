@@ -1,0 +1,200 @@
+//! CPU kernels of the nested evaluation (SPEC section 2), on plain host slices.
+//!
+//! One primary filter yields all its secondary outputs for the multiply-adds of the
+//! largest one: the kernel positions are summed ring by ring from the centre outwards
+//! and the partial sum is emitted after each ring (crop `i` is rings `i..s`). Backwards,
+//! the running sums `S_r = sum_{i <= r} G_i` of the output gradients drive the weight
+//! gradient (`dW_r = S_r X_r^T`) and the input gradient (`dX_r = W_r^T S_r`, then col2im)
+//! of each ring.
+//!
+//! The work is im2col on tiles of output columns (`batch * out_h * out_w` flattened), the
+//! column matrix ordered ring by ring, then gemm (the `gemm` crate burn-flex uses, with
+//! its AVX-512 kernels where burn's `x86-v4` feature is on and the CPU has them) on ring
+//! segments. Threads (rayon) take contiguous ranges of columns, each with its own
+//! thread-local [workspace] of one tile; calls with few columns run one task and let
+//! gemm split its matrices instead.
+//!
+//! Two more layouts serve particular shapes: at stride 1, gemm runs straight on shifted
+//! views of a padded image (no column matrix); a layer with a large weight and few
+//! output columns (a fully connected layer as a convolution) streams its weight in chunks
+//! of primary filters, so the weight is read once per pass.
+//!
+//! A dense convolution is the same kernel with one ring ([`ConvPlan::dense`]).
+//!
+//! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
+
+mod im2col;
+mod nested;
+mod plan;
+mod shifted;
+mod streaming;
+pub mod tuning;
+pub mod workspace;
+
+use std::cell::Cell;
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Mul};
+
+pub use nested::{backward, forward, Gradients, Needs};
+pub use plan::{ConvPlan, Window};
+
+/// A float type the kernels run on.
+pub trait Real:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + Debug
+    + PartialEq
+    + Add<Output = Self>
+    + AddAssign
+    + Mul<Output = Self>
+    + 'static
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+
+    /// Runs `f` with the thread-local workspace slots of this type.
+    fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R;
+
+    /// Transposes the first columns of four rows into pixel-major runs:
+    /// `out[i * stride + k] = rows[k][i]` for `i` below the returned count (a multiple of
+    /// 4, at most the rows' length); the caller does the rest.
+    fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        for i in 0..n {
+            for (k, row) in rows.iter().enumerate() {
+                out[i * stride + k] = row[i];
+            }
+        }
+        n
+    }
+}
+
+macro_rules! real {
+    ($t:ty, $local:ident $(, $transpose:path)?) => {
+        thread_local! {
+            static $local: workspace::Slots<$t> = const { [Cell::new(None), Cell::new(None)] };
+        }
+
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+
+            fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R {
+                $local.with(f)
+            }
+
+            $(
+                fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
+                    $transpose(rows, out, stride)
+                }
+            )?
+        }
+    };
+}
+
+mod transpose {
+    /// `f32` 4 x 4 transposes with SSE (every x86-64 CPU has it).
+    #[cfg(target_arch = "x86_64")]
+    pub fn f32_4xn(rows: [&[f32]; 4], out: &mut [f32], stride: usize) -> usize {
+        use std::arch::x86_64::*;
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        if n == 0 {
+            return 0;
+        }
+        assert!(
+            stride >= 4 && out.len() >= (n - 1) * stride + 4,
+            "transpose_4xn bounds"
+        );
+        let mut i = 0;
+        while i < n {
+            // SAFETY: SSE is part of x86-64; the four loads read rows[k][i..i + 4] with
+            // i + 4 <= n <= rows[k].len(); the four stores write out[(i + j) * stride..+4]
+            // with (i + 3) * stride + 4 <= out.len() (asserted above). Unaligned loads and
+            // stores throughout.
+            unsafe {
+                let r0 = _mm_loadu_ps(rows[0].as_ptr().add(i));
+                let r1 = _mm_loadu_ps(rows[1].as_ptr().add(i));
+                let r2 = _mm_loadu_ps(rows[2].as_ptr().add(i));
+                let r3 = _mm_loadu_ps(rows[3].as_ptr().add(i));
+                let t0 = _mm_unpacklo_ps(r0, r1);
+                let t1 = _mm_unpacklo_ps(r2, r3);
+                let t2 = _mm_unpackhi_ps(r0, r1);
+                let t3 = _mm_unpackhi_ps(r2, r3);
+                let o = out.as_mut_ptr().add(i * stride);
+                _mm_storeu_ps(o, _mm_movelh_ps(t0, t1));
+                _mm_storeu_ps(o.add(stride), _mm_movehl_ps(t1, t0));
+                _mm_storeu_ps(o.add(2 * stride), _mm_movelh_ps(t2, t3));
+                _mm_storeu_ps(o.add(3 * stride), _mm_movehl_ps(t3, t2));
+            }
+            i += 4;
+        }
+        n
+    }
+
+    /// Portable fallback: the scalar loop.
+    #[cfg(not(target_arch = "x86_64"))]
+    pub fn f32_4xn(rows: [&[f32]; 4], out: &mut [f32], stride: usize) -> usize {
+        let n = rows.iter().map(|r| r.len()).min().unwrap_or(0) / 4 * 4;
+        for i in 0..n {
+            for (k, row) in rows.iter().enumerate() {
+                out[i * stride + k] = row[i];
+            }
+        }
+        n
+    }
+}
+
+real!(f32, SLOTS_F32, transpose::f32_4xn);
+real!(f64, SLOTS_F64);
+
+/// Threads the kernels use: rayon's pool size.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Measures the single-precision multiply-add throughput of this machine: the median
+/// GFLOP/s (2 per multiply-add) of `reps` square SGEMMs of side `size` on all threads,
+/// through the same gemm crate the kernels use.
+pub fn sgemm_gflops(size: usize, reps: usize) -> f64 {
+    let a = vec![1.0f32; size * size];
+    let b = vec![0.5f32; size * size];
+    let mut c = vec![0.0f32; size * size];
+    let mut times: Vec<f64> = (0..reps.max(1) + 1)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            // SAFETY: all three matrices are size x size, row-major, in bounds.
+            unsafe {
+                gemm::gemm(
+                    size,
+                    size,
+                    size,
+                    c.as_mut_ptr(),
+                    1,
+                    size as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    size as isize,
+                    b.as_ptr(),
+                    1,
+                    size as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(threads()),
+                );
+            }
+            start.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    2.0 * (size as f64).powi(3) / median / 1e9
+}

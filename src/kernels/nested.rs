@@ -1,0 +1,778 @@
+//! The nested forward and backward passes over tiles of output columns.
+
+use std::mem::MaybeUninit;
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+
+use super::im2col::{col2im, im2col, runs, segment_rows, Run};
+use super::plan::{ConvPlan, Window};
+use super::shifted;
+use super::streaming;
+use super::tuning::Strategy;
+use super::workspace::{self, grow, Slot, Workspace};
+use super::Real;
+
+use super::tuning;
+
+/// Which gradients a backward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Input gradient.
+    pub x: bool,
+    /// Weight gradient.
+    pub weight: bool,
+    /// Bias gradient.
+    pub bias: bool,
+}
+
+/// Gradients of a backward pass, each present when it was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    /// Input gradient `[batch, c, h, w]`.
+    pub x: Option<Vec<T>>,
+    /// Weight gradient `[m, depth, kh, kw]`.
+    pub weight: Option<Vec<T>>,
+    /// Bias gradient `[n]`.
+    pub bias: Option<Vec<T>>,
+}
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(super) struct SharedMut<T>(pub(super) *mut T);
+// SAFETY: every user writes a range of the buffer no other task touches (disjoint output
+// columns), and the buffer outlives the parallel section.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(super) fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
+/// offsets and each ring's kernel positions.
+pub(super) struct Layout {
+    segment: Vec<usize>,
+    weight: Vec<usize>,
+    pub(super) positions: Vec<usize>,
+}
+
+impl Layout {
+    fn new(plan: &ConvPlan) -> Self {
+        let positions: Vec<usize> = plan.rings.iter().map(Vec::len).collect();
+        let mut offset = 0;
+        let weight = positions
+            .iter()
+            .map(|&npos| {
+                let here = offset;
+                offset += plan.primaries * plan.weight_depth * npos;
+                here
+            })
+            .collect();
+        Self {
+            segment: segment_rows(plan),
+            weight,
+            positions,
+        }
+    }
+
+    /// Leading dimension of ring `r`'s weight matrix `[m, depth * npos_r]`.
+    pub(super) fn weight_ld(&self, plan: &ConvPlan, r: usize) -> usize {
+        plan.weight_depth * self.positions[r]
+    }
+
+    /// Offset of window `w`'s block (its first primary, first weight channel) in ring
+    /// `r`'s weight matrix.
+    pub(super) fn weight_block(&self, plan: &ConvPlan, r: usize, w: &Window) -> usize {
+        self.weight[r]
+            + w.first_primary * self.weight_ld(plan, r)
+            + w.weight_offset * self.positions[r]
+    }
+
+    /// First column-matrix row of window `w` in ring `r`'s segment.
+    fn col_block(&self, r: usize, w: &Window) -> usize {
+        self.segment[r] + w.in_offset * self.positions[r]
+    }
+}
+
+/// Weights from this many values on are transformed by all threads.
+const PARALLEL_WEIGHT: usize = 1 << 20;
+
+/// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
+/// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`. One pass, parallel over
+/// primaries for large weights.
+fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: &mut [T]) {
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
+    let depth = plan.weight_depth;
+    // Per ring: its offset, leading dimension and the patch index of each position.
+    let rings: Vec<(usize, usize, Vec<usize>)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect();
+    let dst = SharedMut(out.as_mut_ptr());
+    let primary = |p: usize| {
+        let patches = &weight[p * depth * area..(p + 1) * depth * area];
+        for (offset, ld, index) in &rings {
+            let npos = index.len();
+            // SAFETY: primary p's row of ring r, [offset + p * ld, + depth * npos), lies
+            // inside the ring layout (len weight_len) and only this call writes it.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(offset + p * ld), *ld) };
+            for (patch, dst) in patches.chunks_exact(area).zip(row.chunks_exact_mut(npos)) {
+                for (d, &i) in dst.iter_mut().zip(index) {
+                    *d = patch[i];
+                }
+            }
+        }
+    };
+    if plan.weight_len() >= PARALLEL_WEIGHT {
+        (0..plan.primaries).into_par_iter().for_each(primary);
+    } else {
+        (0..plan.primaries).for_each(primary);
+    }
+}
+
+/// Inverse of [`to_ring_layout`]: a new `[m, depth, kh, kw]` weight.
+fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Vec<T> {
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
+    let depth = plan.weight_depth;
+    let rings: Vec<(usize, usize, Vec<usize>)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect();
+    let len = plan.weight_len();
+    let mut out = workspace::uninit(len);
+    let primary = |(p, patches): (usize, &mut [MaybeUninit<T>])| {
+        for (offset, ld, index) in &rings {
+            let row = &ringed[offset + p * ld..offset + (p + 1) * ld];
+            for (patch, src) in patches
+                .chunks_exact_mut(area)
+                .zip(row.chunks_exact(index.len()))
+            {
+                for (&v, &i) in src.iter().zip(index) {
+                    patch[i].write(v);
+                }
+            }
+        }
+    };
+    let chunk = (depth * area).max(1);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PARALLEL_WEIGHT {
+        spare.par_chunks_mut(chunk).enumerate().for_each(primary);
+    } else {
+        spare.chunks_mut(chunk).enumerate().for_each(primary);
+    }
+    // SAFETY: the rings partition the kernel positions, so every value of every patch
+    // of every primary was written.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Whether the plan's single window covers the whole weight, so that the first write of
+/// a weight-gradient buffer can overwrite instead of accumulating.
+fn weight_covered(plan: &ConvPlan) -> bool {
+    plan.windows.len() == 1
+        && plan.windows[0].first_primary == 0
+        && plan.windows[0].weight_offset == 0
+        && plan.windows[0].rows == plan.primaries
+        && plan.window_depth == plan.weight_depth
+}
+
+/// Whether this plan runs through the shifted views (else im2col).
+fn use_shifted(plan: &ConvPlan) -> bool {
+    match tuning::strategy() {
+        Strategy::Auto => shifted::suits(plan),
+        Strategy::Shifted => plan.stride == [1, 1],
+        Strategy::Im2col | Strategy::Stream => false,
+    }
+}
+
+/// Whether this plan streams its weight (see [`streaming`]).
+fn use_streaming(plan: &ConvPlan) -> bool {
+    match tuning::strategy() {
+        Strategy::Stream => streaming::suits(plan, true),
+        Strategy::Auto => streaming::suits(plan, false),
+        Strategy::Im2col | Strategy::Shifted => false,
+    }
+}
+
+/// Columns per tile for this plan: the tile's column matrix (im2col) or one position's
+/// view of a window (shifted) holds about `TILE_VALUES` values.
+fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
+    if let Some(columns) = tuning::tile_columns() {
+        return columns.max(1);
+    }
+    let rows = if shifted {
+        plan.window_depth
+    } else {
+        plan.col_rows()
+    };
+    let tile = (tuning::TILE_VALUES / rows.max(1)).max(32);
+    tile.div_ceil(16) * 16
+}
+
+/// Number of parallel tasks for `columns` output columns.
+fn task_count(columns: usize) -> usize {
+    let threads = super::threads();
+    if threads <= 1 || columns < threads.saturating_mul(tuning::min_task_columns()) {
+        1
+    } else {
+        threads
+    }
+}
+
+/// gemm parallelism for a call that runs `tasks` tasks.
+fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
+    let threads = super::threads();
+    if tasks == 1 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`.
+///
+/// # Safety
+/// Every pointer with its strides must address `m x n`, `m x k`, `k x n` valid values, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(super) unsafe fn gemm<T: Real>(
+    [m, n, k]: [usize; 3],
+    dst: *mut T,
+    [dst_cs, dst_rs]: [usize; 2],
+    accumulate: bool,
+    lhs: *const T,
+    [lhs_cs, lhs_rs]: [usize; 2],
+    rhs: *const T,
+    [rhs_cs, rhs_rs]: [usize; 2],
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Splits `[0, total)` into `parts` nearly equal contiguous ranges.
+fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
+    (0..parts)
+        .map(|i| (total * i / parts, total * (i + 1) / parts))
+        .filter(|(a, b)| b > a)
+        .collect()
+}
+
+/// The forward pass: `[batch, n, out_h, out_w]` from the input `[batch, c, h, w]`, the
+/// primary weight `[m, depth, kh, kw]` and the bias `[n]`.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), plan.out_channels, "bias length");
+    }
+    let len = plan.output_len();
+    // Every output value is written exactly once below (each channel comes from one
+    // crop, window and primary; each pixel from one tile), so the buffer starts
+    // uninitialized and is only written through raw pointers.
+    let mut out = workspace::uninit(len);
+    if len == 0 {
+        return out;
+    }
+    let layout = Layout::new(plan);
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
+    if !shifted && use_streaming(plan) {
+        streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
+        // SAFETY: as below, every value was written.
+        unsafe { out.set_len(len) };
+        return out;
+    }
+    workspace::with::<T, _>(Slot::Call, |call| {
+        let ringed = grow(&mut call.weight, plan.weight_len());
+        to_ring_layout(plan, &layout, weight, ringed);
+        let ringed: &[T] = ringed;
+        let columns = if shifted {
+            plan.batch * shifted::Padded::new(plan).wide_columns(plan)
+        } else {
+            plan.columns()
+        };
+        let tasks = split(columns, task_count(columns));
+        let parallelism = gemm_parallelism(tasks.len());
+        let dst = SharedMut(out.as_mut_ptr());
+        let run = |&range: &(usize, usize)| {
+            workspace::with::<T, _>(Slot::Task, |ws| {
+                let task = (plan, &layout, x, ringed);
+                if shifted {
+                    shifted::forward_task(task, ws, bias, dst, range, tile, parallelism)
+                } else {
+                    forward_task(task, ws, bias, dst, range, tile, parallelism)
+                }
+            })
+        };
+        if tasks.len() == 1 {
+            run(&tasks[0]);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+    });
+    // SAFETY: see above: all `len` values were written.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// What every task reads: the plan, the ring offsets, the input and the ring-layout weight.
+pub(super) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
+
+/// Forward pass of the output columns `[start, end)`, tile by tile.
+fn forward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+    (start, end): (usize, usize),
+    tile: usize,
+    parallelism: gemm::Parallelism,
+) {
+    let rings = plan.rings_count();
+    let mut t0 = start;
+    while t0 < end {
+        let t1 = (t0 + tile).min(end);
+        let width = t1 - t0;
+        runs(plan, t0, t1, &mut ws.runs);
+        let cols = grow(&mut ws.cols, plan.col_rows() * width);
+        im2col(plan, x, &ws.runs, width, cols);
+        for window in &plan.windows {
+            if window.rows == 0 {
+                continue;
+            }
+            let acc = grow(&mut ws.acc, window.rows * width);
+            let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
+            for r in (0..rings).rev() {
+                let k = plan.window_depth * layout.positions[r];
+                // SAFETY: acc is rows x width; the weight block starts inside ring r's
+                // [m, ld] matrix with rows <= m - first_primary and
+                // weight_offset + window_depth <= weight_depth; the column block is
+                // k rows of width inside the tile's column matrix.
+                unsafe {
+                    gemm(
+                        [window.rows, width, k],
+                        acc.as_mut_ptr(),
+                        [acc_cs, acc_rs],
+                        r + 1 < rings,
+                        ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                        [1, layout.weight_ld(plan, r)],
+                        cols.as_ptr().add(layout.col_block(r, window) * width),
+                        [1, width],
+                        parallelism,
+                    );
+                }
+                let acc = (&*acc, acc_rs, acc_cs);
+                emit(plan, window, r, acc, &ws.runs, bias, out);
+            }
+        }
+        t0 = t1;
+    }
+}
+
+/// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
+/// output columns of the tile.
+#[allow(clippy::too_many_arguments)]
+fn emit<T: Real>(
+    plan: &ConvPlan,
+    window: &Window,
+    crop: usize,
+    (acc, acc_rs, acc_cs): (&[T], usize, usize),
+    runs: &[Run],
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+) {
+    let base = plan.channel_base(crop, window);
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    for p in 0..plan.emitted(crop, window) {
+        let ch = base + p;
+        let b = bias.map_or(T::ZERO, |b| b[ch]);
+        for run in runs {
+            let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
+            let first = p * acc_rs + run.col * acc_cs;
+            for i in 0..run.len {
+                // SAFETY: the run's pixels lie inside the output's allocation and belong
+                // to this task's columns only.
+                unsafe { out.ptr().add(offset + i).write(acc[first + i * acc_cs] + b) };
+            }
+        }
+    }
+}
+
+/// Windows of at most this many primaries accumulate pixel-major in the forward pass:
+/// gemm's micro-kernel rows then run over the primaries (16 or 32 of them fill its
+/// 16-row blocks exactly), with no ragged edge of its 6-wide column blocks.
+pub(super) const PIXEL_MAJOR_ROWS: usize = 32;
+
+/// Strides `(row, column)` of a forward accumulator of `rows` primaries by `width`
+/// pixels.
+pub(super) fn accumulator_strides(rows: usize, width: usize) -> (usize, usize) {
+    if rows <= PIXEL_MAJOR_ROWS {
+        (1, rows)
+    } else {
+        (width, 1)
+    }
+}
+
+/// The backward pass: the gradients `needs` asks for, from the forward's input and
+/// weight and the output gradient `[batch, n, out_h, out_w]`.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn backward<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &[T],
+    grad_out: &[T],
+    needs: Needs,
+) -> Gradients<T> {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
+    let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
+    let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
+    let mut dw = None;
+    let shifted = use_shifted(plan);
+    if (needs.x || needs.weight) && plan.columns() > 0 && !shifted && use_streaming(plan) {
+        let dw = streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
+        return Gradients {
+            x: dx,
+            weight: dw,
+            bias,
+        };
+    }
+    if (needs.x || needs.weight) && plan.columns() > 0 {
+        let layout = Layout::new(plan);
+        workspace::with::<T, _>(Slot::Call, |call| {
+            let weight_len = plan.weight_len();
+            let dw_len = if needs.weight { weight_len } else { 0 };
+            let buffer = grow(&mut call.weight, weight_len + dw_len);
+            let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
+            to_ring_layout(plan, &layout, weight, ringed);
+            let dw_sum = Mutex::new(dw_ringed);
+            let dw_sum = needs.weight.then_some(&dw_sum);
+            backward_tasks(
+                (plan, &layout, x, ringed),
+                grad_out,
+                dx.as_deref_mut(),
+                dw_sum,
+            );
+            if let Some(sum) = dw_sum {
+                let dw_ringed = sum.lock().expect("no task panicked");
+                dw = Some(from_ring_layout(plan, &layout, &dw_ringed));
+            }
+        });
+    } else if needs.weight {
+        dw = Some(vec![T::ZERO; plan.weight_len()]);
+    }
+    Gradients {
+        x: dx,
+        weight: dw,
+        bias,
+    }
+}
+
+/// Splits the backward pass into tasks of whole images (each owns its part of the input
+/// gradient and a weight-gradient partial) and runs them.
+fn backward_tasks<T: Real>(
+    task: TaskInput<'_, T>,
+    grad_out: &[T],
+    dx: Option<&mut [T]>,
+    dw_sum: Option<&Mutex<&mut [T]>>,
+) {
+    let plan = task.0;
+    let tasks = if plan.batch >= super::threads() {
+        task_count(plan.columns()).min(plan.batch)
+    } else {
+        1
+    };
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
+    let parallelism = gemm_parallelism(tasks);
+    let image_len = plan.in_channels * plan.input[0] * plan.input[1];
+    let ranges = split(plan.batch, tasks);
+    let mut chunks: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    match dx {
+        Some(mut rest) => {
+            for &(a, b) in &ranges {
+                let (head, tail) = rest.split_at_mut((b - a) * image_len);
+                chunks.push(Some(head));
+                rest = tail;
+            }
+        }
+        None => chunks.extend(ranges.iter().map(|_| None)),
+    }
+    // The first write of a weight-gradient buffer overwrites it when one window covers
+    // the whole weight; otherwise buffers start from zero.
+    let fresh = weight_covered(plan);
+    if tasks == 1 {
+        // One task accumulates straight into the sum.
+        let mut sum = dw_sum.map(|sum| sum.lock().expect("no task panicked"));
+        let dw = sum.as_deref_mut().map(|dw| {
+            if !fresh {
+                dw.fill(T::ZERO);
+            }
+            &mut **dw
+        });
+        let dx = chunks.pop().flatten();
+        workspace::with::<T, _>(Slot::Task, |ws| {
+            let task_args = (grad_out, (0, plan.batch), dx, dw, fresh, tile, parallelism);
+            if shifted {
+                shifted::backward_task(task, ws, task_args);
+            } else {
+                backward_task(task, ws, task_args);
+            }
+        });
+        return;
+    }
+    if let Some(sum) = dw_sum {
+        sum.lock().expect("no task panicked").fill(T::ZERO);
+    }
+    let run = |(images, dx): ((usize, usize), Option<&mut [T]>)| {
+        workspace::with::<T, _>(Slot::Task, |ws| {
+            let mut partial = std::mem::take(&mut ws.weight);
+            let dw = dw_sum.map(|_| {
+                let dw = grow(&mut partial, plan.weight_len());
+                if !fresh {
+                    dw.fill(T::ZERO);
+                }
+                dw
+            });
+            let task_args = (grad_out, images, dx, dw, fresh, tile, parallelism);
+            if shifted {
+                shifted::backward_task(task, ws, task_args);
+            } else {
+                backward_task(task, ws, task_args);
+            }
+            if let Some(sum) = dw_sum {
+                let mut sum = sum.lock().expect("no task panicked");
+                for (s, &v) in sum.iter_mut().zip(partial.iter()) {
+                    *s += v;
+                }
+            }
+            ws.weight = partial;
+        })
+    };
+    if ranges.len() == 1 {
+        ranges.into_iter().zip(chunks).for_each(run);
+    } else {
+        ranges.into_par_iter().zip(chunks).for_each(run);
+    }
+}
+
+/// Whether the windows read disjoint input channels that cover all of them (then each
+/// column-matrix row of the input gradient is written exactly once).
+pub(super) fn windows_partition_channels(plan: &ConvPlan) -> bool {
+    let mut ranges: Vec<(usize, usize)> = plan
+        .windows
+        .iter()
+        .filter(|w| w.rows > 0)
+        .map(|w| (w.in_offset, w.in_offset + plan.window_depth))
+        .collect();
+    ranges.sort_unstable();
+    let mut next = 0;
+    for (a, b) in ranges {
+        if a != next {
+            return false;
+        }
+        next = b;
+    }
+    next == plan.in_channels
+}
+
+/// What a backward task works on besides the [`TaskInput`]: the output gradient, its
+/// images `[first, last)`, the input gradient of those images, the weight-gradient buffer
+/// (ring layout; `fresh`: its first write overwrites), the tile width and gemm's
+/// parallelism.
+pub(super) type BackwardArgs<'a, T> = (
+    &'a [T],
+    (usize, usize),
+    Option<&'a mut [T]>,
+    Option<&'a mut [T]>,
+    bool,
+    usize,
+    gemm::Parallelism,
+);
+
+/// Backward pass of images `[first, last)` through im2col: their input gradient into
+/// `dx` (those images only), their weight-gradient contribution added into `dw` (ring
+/// layout).
+fn backward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
+) {
+    let mut overwrite = fresh;
+    let need_w = dw.is_some();
+    let need_x = dx.is_some();
+    let rings = plan.rings_count();
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    let exclusive_rows = windows_partition_channels(plan);
+    let (start, end) = (first * pixels, last * pixels);
+    {
+        let mut t0 = start;
+        while t0 < end {
+            let t1 = (t0 + tile).min(end);
+            let width = t1 - t0;
+            runs(plan, t0, t1, &mut ws.runs);
+            let cols = grow(
+                &mut ws.cols,
+                if need_w { plan.col_rows() * width } else { 0 },
+            );
+            if need_w {
+                im2col(plan, x, &ws.runs, width, cols);
+            }
+            let dcols = grow(
+                &mut ws.dcols,
+                if need_x { plan.col_rows() * width } else { 0 },
+            );
+            if need_x && !exclusive_rows {
+                dcols.fill(T::ZERO);
+            }
+            for window in &plan.windows {
+                if window.rows == 0 {
+                    continue;
+                }
+                let sums = grow(&mut ws.acc, window.rows * width);
+                for r in 0..rings {
+                    // Running sum S_r = S_{r-1} + G_r over the emitted rows of crop r.
+                    let base = plan.channel_base(r, window);
+                    for p in 0..plan.emitted(r, window) {
+                        let row = &mut sums[p * width..(p + 1) * width];
+                        for run in &ws.runs {
+                            let offset = (run.image * plan.out_channels + base + p) * pixels
+                                + run.oy * ow
+                                + run.ox;
+                            let g = &grad_out[offset..offset + run.len];
+                            let s = &mut row[run.col..run.col + run.len];
+                            if r == 0 {
+                                s.copy_from_slice(g);
+                            } else {
+                                for (s, &g) in s.iter_mut().zip(g) {
+                                    *s += g;
+                                }
+                            }
+                        }
+                    }
+                    let k = plan.window_depth * layout.positions[r];
+                    let ld = layout.weight_ld(plan, r);
+                    let col_block = layout.col_block(r, window) * width;
+                    let weight_block = layout.weight_block(plan, r, window);
+                    if let Some(dw) = dw.as_deref_mut() {
+                        // dW_r[rows, k] += S_r[rows, width] * X_r[k, width]^T
+                        // SAFETY: as in the forward; the weight-gradient partial has the
+                        // ring layout of the weight.
+                        unsafe {
+                            gemm(
+                                [window.rows, k, width],
+                                dw.as_mut_ptr().add(weight_block),
+                                [1, ld],
+                                !overwrite,
+                                sums.as_ptr(),
+                                [1, width],
+                                cols.as_ptr().add(col_block),
+                                [width, 1],
+                                parallelism,
+                            );
+                        }
+                    }
+                    if need_x {
+                        // dX_r[k, width] (+)= W_r[rows, k]^T * S_r[rows, width]
+                        // SAFETY: as above; dcols has the shape of cols.
+                        unsafe {
+                            gemm(
+                                [k, width, window.rows],
+                                dcols.as_mut_ptr().add(col_block),
+                                [1, width],
+                                !exclusive_rows,
+                                ringed.as_ptr().add(weight_block),
+                                [ld, 1],
+                                sums.as_ptr(),
+                                [1, width],
+                                parallelism,
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                col2im(plan, dcols, &ws.runs, width, first, dx);
+            }
+            overwrite = false;
+            t0 = t1;
+        }
+    }
+}
+
+/// Bias gradient: the output gradient summed over images and pixels, per channel.
+fn bias_gradient<T: Real>(plan: &ConvPlan, grad_out: &[T]) -> Vec<T> {
+    let pixels = plan.out_pixels();
+    (0..plan.out_channels)
+        .into_par_iter()
+        .map(|ch| {
+            let mut total = T::ZERO;
+            for b in 0..plan.batch {
+                let offset = (b * plan.out_channels + ch) * pixels;
+                for &v in &grad_out[offset..offset + pixels] {
+                    total += v;
+                }
+            }
+            total
+        })
+        .collect()
+}

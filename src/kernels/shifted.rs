@@ -1,0 +1,481 @@
+//! The stride-1 path without a column matrix: gemm straight on shifted views of a padded
+//! image.
+//!
+//! With stride 1, the column-matrix row of kernel position `(ky, kx)` is the padded image
+//! shifted by `ky * dh * wp + kx * dw` when the output is computed on the padded width
+//! `wp` ("wide" columns `oy * wp + ox`; the columns `ox >= out_w` are junk, never emitted,
+//! and carry zero gradient). So each kernel position is one gemm over a window's channels
+//! (row stride `hp * wp`) with no copy; positions are visited ring by ring from the centre
+//! outwards, and the partial sum is emitted after each ring exactly as in the im2col path.
+//! Backwards, the weight gradient of a position reads the same shifted view and the input
+//! gradient of a position is added into a padded gradient image at the same shift.
+
+use super::nested::{
+    accumulator_strides, gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput,
+};
+use super::plan::{ConvPlan, Window};
+use super::workspace::{grow, Workspace};
+use super::Real;
+
+/// Inputs of at most this many channels keep the input-gradient tile pixel-major.
+const PIXEL_MAJOR_CHANNELS: usize = 32;
+
+/// Padded image geometry of a stride-1 plan.
+#[derive(Debug, Clone, Copy)]
+pub struct Padded {
+    /// Padded height (`out_h + (kh - 1) * dh`).
+    pub hp: usize,
+    /// Padded width (`out_w + (kw - 1) * dw`).
+    pub wp: usize,
+}
+
+impl Padded {
+    pub fn new(plan: &ConvPlan) -> Self {
+        Self {
+            hp: plan.output[0] + (plan.kernel[0] - 1) * plan.dilation[0],
+            wp: plan.output[1] + (plan.kernel[1] - 1) * plan.dilation[1],
+        }
+    }
+
+    /// Values of one padded channel.
+    pub fn plane(&self) -> usize {
+        self.hp * self.wp
+    }
+
+    /// Values of one padded image, with slack for the junk columns' reads past the end.
+    pub fn image_len(&self, plan: &ConvPlan) -> usize {
+        plan.in_channels * self.plane() + self.wp + plan.kernel[1] * plan.dilation[1]
+    }
+
+    /// Wide output columns of one image.
+    pub fn wide_columns(&self, plan: &ConvPlan) -> usize {
+        plan.output[0] * self.wp
+    }
+}
+
+/// Whether the shifted path applies to the plan and is expected to beat im2col: stride 1,
+/// few junk columns, images large enough for gemms of a few hundred columns (tiles do
+/// not span images here) and windows deep enough for a per-position gemm.
+pub fn suits(plan: &ConvPlan) -> bool {
+    let padded = Padded::new(plan);
+    plan.stride == [1, 1]
+        && plan.output[1] > 0
+        && padded.wp * 3 <= plan.output[1] * 4
+        && padded.wide_columns(plan) >= 128
+        && plan.window_depth >= 16
+}
+
+/// Copies image `image` of `x` into `dst` (`c` planes of `hp x wp`), zero borders and slack.
+fn pad_image<T: Real>(plan: &ConvPlan, padded: Padded, x: &[T], image: usize, dst: &mut [T]) {
+    let [h, w] = plan.input;
+    let [pt, pl] = plan.pad;
+    let c = plan.in_channels;
+    let plane = padded.plane();
+    dst.fill(T::ZERO);
+    for ch in 0..c {
+        let src = &x[(image * c + ch) * h * w..][..h * w];
+        let rows = h.min(padded.hp.saturating_sub(pt));
+        let cols = w.min(padded.wp.saturating_sub(pl));
+        for y in 0..rows {
+            let d = ch * plane + (y + pt) * padded.wp + pl;
+            dst[d..d + cols].copy_from_slice(&src[y * w..y * w + cols]);
+        }
+    }
+}
+
+/// Values of one padded image in pixel-major order (`hp * wp` pixels of `c` channels),
+/// with slack for the junk columns' reads past the end.
+fn pixel_major_len(plan: &ConvPlan, padded: Padded) -> usize {
+    (padded.plane() + plan.kernel[1] * plan.dilation[1] + 1) * plan.in_channels
+}
+
+/// Copies image `image` of `x` into `dst` in pixel-major order (`[hp * wp, c]`, channels
+/// contiguous), zero borders and slack: the layout in which a shifted view, read as
+/// `[channels, pixels]`, is column-major for gemm.
+fn pad_image_pixel_major<T: Real>(
+    plan: &ConvPlan,
+    padded: Padded,
+    x: &[T],
+    image: usize,
+    dst: &mut [T],
+) {
+    let [h, w] = plan.input;
+    let [pt, pl] = plan.pad;
+    let c = plan.in_channels;
+    dst.fill(T::ZERO);
+    let rows = h.min(padded.hp.saturating_sub(pt));
+    let cols = w.min(padded.wp.saturating_sub(pl));
+    // 4 x 4 blocks (channels x pixels) transposed in registers; the edges one by one.
+    let plane_at = |ch: usize, y: usize| ((image * c + ch) * h + y) * w;
+    for y in 0..rows {
+        let pixel0 = (y + pt) * padded.wp + pl;
+        let mut ch = 0;
+        while ch + 4 <= c {
+            let src = [
+                &x[plane_at(ch, y)..][..cols],
+                &x[plane_at(ch + 1, y)..][..cols],
+                &x[plane_at(ch + 2, y)..][..cols],
+                &x[plane_at(ch + 3, y)..][..cols],
+            ];
+            let out = &mut dst[pixel0 * c + ch..];
+            let done = T::transpose_4xn(src, out, c);
+            for xx in done..cols {
+                for (k, row) in src.iter().enumerate() {
+                    out[xx * c + k] = row[xx];
+                }
+            }
+            ch += 4;
+        }
+        for ch in ch..c {
+            let row = &x[plane_at(ch, y)..][..cols];
+            for (xx, &v) in row.iter().enumerate() {
+                dst[(pixel0 + xx) * c + ch] = v;
+            }
+        }
+    }
+}
+
+/// Visits the valid pixels of wide columns `[q0, q1)`: `f(tile column, oy, ox, len)`.
+fn valid_segments(
+    plan: &ConvPlan,
+    padded: Padded,
+    q0: usize,
+    q1: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let ow = plan.output[1];
+    let mut q = q0;
+    while q < q1 {
+        let (oy, ox) = (q / padded.wp, q % padded.wp);
+        let row_end = (oy + 1) * padded.wp;
+        if ox < ow {
+            let len = (ow - ox).min(q1 - q);
+            f(q - q0, oy, ox, len);
+        }
+        q = row_end.min(q1).max(q + 1);
+    }
+}
+
+/// Forward pass of wide columns `[start, end)` of the flattened `(image, wide column)`
+/// range.
+pub fn forward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+    (start, end): (usize, usize),
+    tile: usize,
+    parallelism: gemm::Parallelism,
+) {
+    let padded = Padded::new(plan);
+    let wide = padded.wide_columns(plan);
+    let plane = padded.plane();
+    let rings = plan.rings_count();
+    {
+        let mut t = start;
+        while t < end {
+            let image = t / wide;
+            let stop = end.min((image + 1) * wide);
+            let image_buf = grow(&mut ws.cols, padded.image_len(plan));
+            pad_image(plan, padded, x, image, image_buf);
+            let mut q0 = t - image * wide;
+            let q_end = stop - image * wide;
+            while q0 < q_end {
+                let q1 = (q0 + tile).min(q_end);
+                let width = q1 - q0;
+                for window in &plan.windows {
+                    if window.rows == 0 {
+                        continue;
+                    }
+                    let acc = grow(&mut ws.acc, window.rows * width);
+                    // acc[p, q] at p * acc_rs + q * acc_cs (pixel-major for narrow windows).
+                    let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
+                    let mut first = true;
+                    for r in (0..rings).rev() {
+                        let npos = layout.positions[r];
+                        let block = layout.weight_block(plan, r, window);
+                        for (pos, &(ky, kx)) in plan.rings[r].iter().enumerate() {
+                            let shift = ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1];
+                            let view = window.in_offset * plane + q0 + shift;
+                            // SAFETY: acc is rows x width; the weight block addresses
+                            // rows x window_depth values of ring r's matrix (column stride
+                            // npos); the view reads window_depth planes of the padded image
+                            // from column q0 + shift, at most plane + wp + kw * dw values
+                            // past each plane start, inside image_len.
+                            unsafe {
+                                gemm(
+                                    [window.rows, width, plan.window_depth],
+                                    acc.as_mut_ptr(),
+                                    [acc_cs, acc_rs],
+                                    !first,
+                                    ringed.as_ptr().add(block + pos),
+                                    [npos, layout.weight_ld(plan, r)],
+                                    image_buf.as_ptr().add(view),
+                                    [1, plane],
+                                    parallelism,
+                                );
+                            }
+                            first = false;
+                        }
+                        let acc = (&*acc, acc_rs, acc_cs);
+                        emit(plan, padded, window, r, acc, image, (q0, q1), bias, out);
+                    }
+                }
+                q0 = q1;
+            }
+            t = stop;
+        }
+    }
+}
+
+/// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
+/// valid output pixels of wide columns `[q0, q1)` of `image`.
+#[allow(clippy::too_many_arguments)]
+fn emit<T: Real>(
+    plan: &ConvPlan,
+    padded: Padded,
+    window: &Window,
+    crop: usize,
+    (acc, acc_rs, acc_cs): (&[T], usize, usize),
+    image: usize,
+    (q0, q1): (usize, usize),
+    bias: Option<&[T]>,
+    out: SharedMut<T>,
+) {
+    let base = plan.channel_base(crop, window);
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    for p in 0..plan.emitted(crop, window) {
+        let ch = base + p;
+        let b = bias.map_or(T::ZERO, |b| b[ch]);
+        valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
+            let dst = out
+                .ptr()
+                .wrapping_add((image * plan.out_channels + ch) * pixels + oy * ow + ox);
+            let first = p * acc_rs + col * acc_cs;
+            for i in 0..len {
+                // SAFETY: the pixels lie inside the output's allocation and belong to this
+                // task only.
+                unsafe { dst.add(i).write(acc[first + i * acc_cs] + b) };
+            }
+        });
+    }
+}
+
+/// Backward pass of images `[first, last)` through the shifted views: their input
+/// gradient into `dx` (those images only), their weight-gradient contribution into `dw`
+/// (ring layout).
+///
+/// Per image, the running sums `S_r` of every window come first, on the wide columns
+/// (junk columns zero). The weight gradient of a position is one gemm of `S_r` with the
+/// shifted view of the pixel-major image. The input gradient of a tile of padded pixels
+/// `q'` is one gemm over every position at once: the rows `(position, primary)` of its
+/// right operand are `S_r` shifted back (`S_r[p, q' - shift]`), the left operand the
+/// weight rearranged to `[(position, primary), channel]`.
+pub fn backward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
+) {
+    let _ = tile;
+    let mut overwrite = fresh;
+    let padded = Padded::new(plan);
+    let wide = padded.wide_columns(plan);
+    let plane = padded.plane();
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    let [h, w] = plan.input;
+    let [pt, pl] = plan.pad;
+    let c = plan.in_channels;
+    let depth = plan.window_depth;
+    // Every kernel position, ring by ring: (ring, index in ring, shift).
+    let positions: Vec<(usize, usize, usize)> = plan
+        .rings
+        .iter()
+        .enumerate()
+        .flat_map(|(r, ring)| {
+            ring.iter().enumerate().map(move |(pos, &(ky, kx))| {
+                let shift = ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1];
+                (r, pos, shift)
+            })
+        })
+        .collect();
+    let rings = plan.rings_count();
+    // Offsets of each window's running sums in `ws.acc` and of its rearranged weight in
+    // `ws.wt`.
+    let mut sums_at = Vec::with_capacity(plan.windows.len());
+    let mut wt_at = Vec::with_capacity(plan.windows.len());
+    let (mut sums_len, mut wt_len) = (0, 0);
+    for window in &plan.windows {
+        sums_at.push(sums_len);
+        wt_at.push(wt_len);
+        sums_len += rings * window.rows * wide;
+        wt_len += positions.len() * window.rows * depth;
+    }
+    let max_k = plan.windows.iter().map(|w| w.rows).max().unwrap_or(0) * positions.len();
+    let dx_tile = (super::tuning::TILE_VALUES / max_k.max(1)).clamp(32, 4096) / 16 * 16;
+    let exclusive = windows_partition_channels(plan);
+    if dx.is_some() {
+        // W rearranged to [(position, primary), channel] per window.
+        let wt = grow(&mut ws.wt, wt_len);
+        for (wi, window) in plan.windows.iter().enumerate() {
+            for (g, &(r, pos, _)) in positions.iter().enumerate() {
+                let ld = layout.weight_ld(plan, r);
+                let block = layout.weight_block(plan, r, window) + pos;
+                let npos = layout.positions[r];
+                for p in 0..window.rows {
+                    let dst = wt_at[wi] + (g * window.rows + p) * depth;
+                    for (ch, v) in wt[dst..dst + depth].iter_mut().enumerate() {
+                        *v = ringed[block + p * ld + ch * npos];
+                    }
+                }
+            }
+        }
+    }
+    for image in first..last {
+        // Running sums S_r = S_{r-1} + G_r of every window over the wide columns.
+        let sums = grow(&mut ws.acc, sums_len);
+        for (wi, window) in plan.windows.iter().enumerate() {
+            for r in 0..rings {
+                let at = sums_at[wi] + r * window.rows * wide;
+                if r == 0 {
+                    sums[at..at + window.rows * wide].fill(T::ZERO);
+                } else {
+                    let prev = at - window.rows * wide;
+                    sums.copy_within(prev..at, at);
+                }
+                let base = plan.channel_base(r, window);
+                for p in 0..plan.emitted(r, window) {
+                    let row = &mut sums[at + p * wide..at + (p + 1) * wide];
+                    let channel = (image * plan.out_channels + base + p) * pixels;
+                    valid_segments(plan, padded, 0, wide, |col, oy, ox, len| {
+                        let g = &grad_out[channel + oy * ow + ox..][..len];
+                        for (s, &g) in row[col..col + len].iter_mut().zip(g) {
+                            *s += g;
+                        }
+                    });
+                }
+            }
+        }
+        let sums: &[T] = sums;
+        if let Some(dw) = dw.as_deref_mut() {
+            let image_buf = grow(&mut ws.cols, pixel_major_len(plan, padded));
+            pad_image_pixel_major(plan, padded, x, image, image_buf);
+            for (wi, window) in plan.windows.iter().enumerate() {
+                if window.rows == 0 {
+                    continue;
+                }
+                for &(r, pos, shift) in &positions {
+                    let s_r = sums_at[wi] + r * window.rows * wide;
+                    // dW_pos^T[depth, rows] (+)= X_shift[depth, wide] * S_r[rows, wide]^T, the
+                    // shifted view read from the pixel-major image (column-major for gemm).
+                    // SAFETY: dw has the ring layout (window block, column stride npos); the
+                    // view covers `wide` pixels of `depth` channels inside the pixel-major
+                    // image and its slack; S_r is rows x wide.
+                    unsafe {
+                        gemm(
+                            [depth, window.rows, wide],
+                            dw.as_mut_ptr()
+                                .add(layout.weight_block(plan, r, window) + pos),
+                            [layout.weight_ld(plan, r), layout.positions[r]],
+                            !overwrite,
+                            image_buf.as_ptr().add(shift * c + window.in_offset),
+                            [c, 1],
+                            sums.as_ptr().add(s_r),
+                            [wide, 1],
+                            parallelism,
+                        );
+                    }
+                }
+            }
+            overwrite = false;
+        }
+        let Some(dx) = dx.as_deref_mut() else {
+            continue;
+        };
+        let wt: &[T] = &ws.wt;
+        // Padded pixels of the interior rows, tile by tile.
+        let (start, end) = (pt * padded.wp, (pt + h) * padded.wp);
+        let mut a = start;
+        while a < end {
+            let b = (a + dx_tile).min(end);
+            let width = b - a;
+            let dtile = grow(&mut ws.dcols, c * width);
+            // dtile[ch, q] at ch * d_rs + q * d_cs: pixel-major when the input has few
+            // channels, so gemm's micro-kernel rows run over them (no ragged 6-wide edge).
+            let (d_rs, d_cs) = if c <= PIXEL_MAJOR_CHANNELS {
+                (1, c)
+            } else {
+                (width, 1)
+            };
+            if !exclusive {
+                dtile.fill(T::ZERO);
+            }
+            for (wi, window) in plan.windows.iter().enumerate() {
+                if window.rows == 0 {
+                    continue;
+                }
+                let k = positions.len() * window.rows;
+                let scol = grow(&mut ws.scol, k * width);
+                for (g, &(r, _, shift)) in positions.iter().enumerate() {
+                    let s_r = sums_at[wi] + r * window.rows * wide;
+                    // Columns q' of the tile read S_r at q' - shift, inside [0, wide).
+                    let lo = (a.max(shift) - a).min(width);
+                    let hi = ((wide + shift).clamp(a, b) - a).max(lo);
+                    for p in 0..window.rows {
+                        let row = &mut scol[(g * window.rows + p) * width..][..width];
+                        row[..lo].fill(T::ZERO);
+                        row[hi..].fill(T::ZERO);
+                        if hi > lo {
+                            let src = s_r + p * wide + (a + lo - shift);
+                            row[lo..hi].copy_from_slice(&sums[src..src + (hi - lo)]);
+                        }
+                    }
+                }
+                // dX_tile[depth, width] (+)= Wt[k, depth]^T * Scol[k, width]
+                // SAFETY: dtile is c x width, the window's rows start at in_offset; Wt is
+                // k x depth; Scol is k x width.
+                unsafe {
+                    gemm(
+                        [depth, width, k],
+                        dtile.as_mut_ptr().add(window.in_offset * d_rs),
+                        [d_cs, d_rs],
+                        !exclusive,
+                        wt.as_ptr().add(wt_at[wi]),
+                        [depth, 1],
+                        scol.as_ptr(),
+                        [1, width],
+                        parallelism,
+                    );
+                }
+            }
+            // Interior pixels of the tile into the input gradient.
+            let dtile: &[T] = dtile;
+            let mut q = a;
+            while q < b {
+                let (yp, xp) = (q / padded.wp, q % padded.wp);
+                let row_end = ((yp + 1) * padded.wp).min(b);
+                let x0 = xp.max(pl);
+                let x1 = (row_end - yp * padded.wp).min(pl + w);
+                if x1 > x0 {
+                    let y = yp - pt;
+                    for ch in 0..c {
+                        let dst = ((image - first) * c + ch) * h * w + y * w + (x0 - pl);
+                        let src = ch * d_rs + (yp * padded.wp + x0 - a) * d_cs;
+                        let dst = &mut dx[dst..dst + (x1 - x0)];
+                        if d_cs == 1 {
+                            dst.copy_from_slice(&dtile[src..src + (x1 - x0)]);
+                        } else {
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = dtile[src + i * d_cs];
+                            }
+                        }
+                    }
+                }
+                q = row_end;
+            }
+            a = b;
+        }
+    }
+    let _ = plane;
+}

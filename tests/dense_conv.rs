@@ -1,0 +1,154 @@
+//! `conv2d_forward` through the one-ring nested kernel against burn's own `conv2d` on
+//! random dense configurations (non-square kernels, strides, dilations, Valid / Same /
+//! asymmetric explicit padding, groups, with and without bias): output and the gradients
+//! of `sum(out * r)` with respect to the input, the weight and the bias.
+
+mod common;
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::{host_any, relative_error};
+use versatile::kernels::tuning::{self, Strategy};
+use versatile::layer::{conv2d_forward, conv_path_for, override_conv_path, ConvPath};
+
+/// xorshift64*: the test's deterministic choices and values.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+
+    fn values(&mut self, len: usize) -> Vec<f64> {
+        (0..len)
+            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+            .collect()
+    }
+}
+
+fn tensor<const D: usize>(
+    rng: &mut Rng,
+    shape: [usize; D],
+    device: &Device,
+    dtype: DType,
+) -> Tensor<D> {
+    let len = shape.iter().product();
+    Tensor::from_data(TensorData::new(rng.values(len), shape), (device, dtype))
+}
+
+/// Output and gradients through `conv2d_forward` with the path pinned to `path`.
+fn run(conv: &Conv2d, path: ConvPath, x: &Tensor<4>, r: &Tensor<4>) -> Vec<Vec<f64>> {
+    override_conv_path(Some(path));
+    let x = x.clone().require_grad();
+    assert_eq!(conv_path_for(conv, &x), path);
+    let out = conv2d_forward(conv, x.clone());
+    let grads = (out.clone() * r.clone()).sum().backward();
+    let mut result = vec![
+        host_any(out),
+        host_any(x.grad(&grads).unwrap()),
+        host_any(conv.weight.grad(&grads).unwrap()),
+    ];
+    if let Some(b) = &conv.bias {
+        result.push(host_any(b.grad(&grads).unwrap()));
+    }
+    result
+}
+
+#[test]
+fn nested_dense_conv_matches_burn_conv2d() {
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(0xc0_2d);
+    tuning::set_min_task_columns(16);
+    let mut failures = Vec::new();
+    for case in 0..250 {
+        let dtype = if case % 5 == 4 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let tolerance = if dtype == DType::F64 { 1e-12 } else { 2e-5 };
+        let groups = if rng.range(0, 3) == 0 {
+            rng.range(2, 3)
+        } else {
+            1
+        };
+        let c = groups * rng.range(1, 6);
+        let n = groups * rng.range(1, 6);
+        let kernel = [rng.range(1, 5), rng.range(1, 5)];
+        let stride = [rng.range(1, 3), rng.range(1, 3)];
+        let dilation = [rng.range(1, 2), rng.range(1, 2)];
+        let padding = match rng.range(0, 2) {
+            0 => PaddingConfig2d::Valid,
+            1 => PaddingConfig2d::Same,
+            _ => PaddingConfig2d::Explicit(
+                rng.range(0, 3),
+                rng.range(0, 3),
+                rng.range(0, 3),
+                rng.range(0, 3),
+            ),
+        };
+        let config = Conv2dConfig::new([c, n], kernel)
+            .with_stride(stride)
+            .with_dilation(dilation)
+            .with_groups(groups)
+            .with_padding(padding)
+            .with_bias(rng.range(0, 3) > 0);
+        let mut conv = config.init(&device);
+        let weight_shape = conv.weight.dims();
+        conv.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));
+        if conv.bias.is_some() {
+            conv.bias = Some(Param::from_tensor(tensor(&mut rng, [n], &device, dtype)));
+        }
+        let shape = [
+            rng.range(1, 4),
+            c,
+            rng.range(kernel[0] * dilation[0], 14),
+            rng.range(kernel[1] * dilation[1], 14),
+        ];
+        let x = tensor(&mut rng, shape, &device, dtype);
+        let out_shape = conv.forward(x.clone()).dims();
+        let r = tensor(&mut rng, out_shape, &device, dtype);
+        tuning::set_tile_columns([None, Some(5), Some(23)][rng.range(0, 2)]);
+        tuning::set_strategy(
+            [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)],
+        );
+        let burn = run(&conv, ConvPath::Burn, &x, &r);
+        let nested = run(&conv, ConvPath::Nested, &x, &r);
+        for (what, (got, want)) in ["out", "grad_x", "grad_weight", "grad_bias"]
+            .iter()
+            .zip(nested.iter().zip(&burn))
+        {
+            let err = relative_error(got, want);
+            if err > tolerance {
+                failures.push(format!(
+                    "case {case} {what}: {err:.2e} ({config:?}, input {shape:?})"
+                ));
+            }
+        }
+    }
+    override_conv_path(None);
+    tuning::set_tile_columns(None);
+    tuning::set_strategy(Strategy::Auto);
+    tuning::set_min_task_columns(tuning::MIN_TASK_COLUMNS);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn burn_path_elsewhere_and_for_inputs_that_do_not_fit() {
+    let device = Device::flex();
+    let conv = Conv2dConfig::new([2, 3], [3, 3]).init(&device);
+    // Too small for the kernel: burn's conv2d is the one to report it.
+    let tiny = Tensor::<4>::zeros([1, 2, 2, 2], &device);
+    assert_eq!(conv_path_for(&conv, &tiny), ConvPath::Burn);
+    let half = Tensor::<4>::zeros([1, 2, 5, 5], (&device, DType::F16));
+    assert_eq!(conv_path_for(&conv, &half), ConvPath::Burn);
+}

@@ -1,0 +1,320 @@
+//! The fused nested kernel against the dense form on random configurations: output and
+//! the gradients of `sum(out * r)` with respect to the input, the weight and the bias.
+//!
+//! Configurations cover strides, Valid / Same / explicit (asymmetric, cropping) padding,
+//! dilations, channel windows (delta, g, both modes), groups, even and 1x1 kernels, cut
+//! blocks (n not divisible by s * n_c) and batch sizes; every kernel layout (im2col
+//! tiles, shifted views at stride 1, weight streaming) runs; the kernel's tiles are made small so that tile
+//! borders fall inside rows and between images, and its parallel split kicks in on small
+//! inputs.
+
+mod common;
+
+use burn::module::Param;
+use burn::nn::PaddingConfig2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::{host_any, relative_error};
+use versatile::kernels::tuning::{self, Strategy};
+use versatile::layer::{ChannelMode, ForwardPath, VConv2d, VConv2dConfig, VConvShapeError};
+
+/// xorshift64*: a small deterministic generator for the test's choices and values.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn values(&mut self, len: usize) -> Vec<f64> {
+        (0..len)
+            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.range(0, items.len() - 1)]
+    }
+}
+
+/// A random valid layer configuration and an input shape it accepts.
+fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
+    loop {
+        let d: usize = rng.pick(&[1, 2, 3, 3, 3, 4, 5, 5, 7]);
+        let s = d.div_ceil(2);
+        let (c, n, groups, delta, g, mode);
+        if d > 1 && rng.chance(20) {
+            // Grouped, spatial only: m divisible by groups and n = s * m.
+            let gr = rng.range(2, 3);
+            c = gr * rng.range(1, 3);
+            let m = gr * rng.range(1, 3);
+            n = s * m;
+            groups = gr;
+            delta = 0;
+            g = 1;
+            mode = ChannelMode::Shared;
+        } else {
+            c = rng.range(1, 10);
+            groups = 1;
+            if c > 1 && (d == 1 || rng.chance(45)) {
+                let dl = rng.range(1, c - 1);
+                let divisors: Vec<usize> = (1..=dl).filter(|v| dl % v == 0).collect();
+                delta = dl;
+                g = rng.pick(&divisors);
+            } else {
+                delta = 0;
+                g = 1;
+            }
+            mode = if rng.chance(50) {
+                ChannelMode::Shared
+            } else {
+                ChannelMode::Sliding
+            };
+            n = rng.range(1, 20);
+        }
+        let stride = [rng.range(1, 3), rng.range(1, 3)];
+        let dilation = if rng.chance(30) {
+            [rng.range(1, 3), rng.range(1, 3)]
+        } else {
+            [1, 1]
+        };
+        let padding = match rng.range(0, 3) {
+            0 => PaddingConfig2d::Valid,
+            1 => PaddingConfig2d::Same,
+            _ => PaddingConfig2d::Explicit(
+                rng.range(0, d),
+                rng.range(0, d),
+                rng.range(0, d),
+                rng.range(0, d),
+            ),
+        };
+        let config = VConv2dConfig::new([c, n], [d, d])
+            .with_stride(stride)
+            .with_dilation(dilation)
+            .with_padding(padding)
+            .with_groups(groups)
+            .with_delta(delta)
+            .with_g(g)
+            .with_channel_mode(mode)
+            .with_bias(rng.chance(75));
+        if config.validate().is_err() {
+            continue;
+        }
+        let batch = rng.pick(&[1, 1, 2, 3, 4]);
+        let h = rng.range(1, 16);
+        let w = rng.range(1, 16);
+        let layer = config.init(&Device::flex());
+        if layer.output_shape([batch, c, h, w]).is_ok() {
+            return (config, [batch, c, h, w]);
+        }
+    }
+}
+
+/// Output and gradients (input, weight, bias) of `sum(out * r)` through `path`.
+fn run(
+    layer: &VConv2d,
+    path: ForwardPath,
+    x: &Tensor<4>,
+    r: &Tensor<4>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+    let layer = layer.clone().with_path(path);
+    let x = x.clone().require_grad();
+    assert_eq!(layer.path_for(&x).unwrap(), path);
+    let out = layer.forward(x.clone());
+    let grads = (out.clone() * r.clone()).sum().backward();
+    (
+        host_any(out),
+        host_any(x.grad(&grads).unwrap()),
+        host_any(layer.weight.grad(&grads).unwrap()),
+        layer
+            .bias
+            .as_ref()
+            .map(|b| host_any(b.grad(&grads).unwrap())),
+    )
+}
+
+fn tensor<const D: usize>(
+    rng: &mut Rng,
+    shape: [usize; D],
+    device: &Device,
+    dtype: DType,
+) -> Tensor<D> {
+    let len = shape.iter().product();
+    Tensor::from_data(TensorData::new(rng.values(len), shape), (device, dtype))
+}
+
+/// Compares the two paths on `cases` random configurations in `dtype`.
+fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(seed);
+    let mut failures = Vec::new();
+    for case in 0..cases {
+        let (config, shape) = random_case(&mut rng);
+        // Small, odd tiles: borders inside output rows and between images.
+        tuning::set_tile_columns(Some(rng.pick(&[0, 7, 13, 40])).filter(|&t| t > 0));
+        // Every layout: im2col tiles, shifted views (stride 1 only), weight streaming
+        // (one covering window only).
+        tuning::set_strategy(rng.pick(&[
+            Strategy::Auto,
+            Strategy::Im2col,
+            Strategy::Shifted,
+            Strategy::Stream,
+        ]));
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));
+        if layer.bias.is_some() {
+            let n = config.channels[1];
+            layer.bias = Some(Param::from_tensor(tensor(&mut rng, [n], &device, dtype)));
+        }
+        let x = tensor(&mut rng, shape, &device, dtype);
+        let out_shape = layer.output_shape(shape).unwrap();
+        let r = tensor(&mut rng, out_shape, &device, dtype);
+        let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
+        let fused = run(&layer, ForwardPath::Fused, &x, &r);
+        let mut check = |what: &str, got: &[f64], want: &[f64]| {
+            let err = relative_error(got, want);
+            if err > tolerance {
+                failures.push(format!(
+                    "case {case} {what}: relative error {err:.2e} ({config:?}, input {shape:?})"
+                ));
+            }
+        };
+        check("out", &fused.0, &dense.0);
+        check("grad_x", &fused.1, &dense.1);
+        check("grad_weight", &fused.2, &dense.2);
+        if let (Some(f), Some(d)) = (&fused.3, &dense.3) {
+            check("grad_bias", f, d);
+        }
+    }
+    tuning::set_tile_columns(None);
+    tuning::set_strategy(Strategy::Auto);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn fused_matches_dense_form_on_random_configurations() {
+    // Parallel tasks from a few hundred columns on, so small inputs split too.
+    tuning::set_min_task_columns(16);
+    compare_random(0x5eed_0001, 600, DType::F32, 2e-5);
+    compare_random(0x5eed_0002, 120, DType::F64, 1e-12);
+    tuning::set_min_task_columns(tuning::MIN_TASK_COLUMNS);
+}
+
+#[test]
+fn fused_handles_wide_layers_with_parallel_tasks() {
+    // Default tiling: several tiles per task, two tasks, cut blocks, channel windows; few
+    // and many input channels (the input-gradient tile changes layout at 32).
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(7);
+    for (c, n, mode) in [
+        (24, 50, ChannelMode::Sliding),
+        (44, 38, ChannelMode::Shared),
+    ] {
+        let config = VConv2dConfig::new([c, n], [5, 5])
+            .with_padding(PaddingConfig2d::Explicit(1, 2, 3, 0))
+            .with_delta(4)
+            .with_g(2)
+            .with_channel_mode(mode);
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
+        let x = tensor(&mut rng, [4, c, 30, 33], &device, DType::F32);
+        let r = tensor(
+            &mut rng,
+            layer.output_shape(x.dims()).unwrap(),
+            &device,
+            DType::F32,
+        );
+        let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
+        let fused = run(&layer, ForwardPath::Fused, &x, &r);
+        for (what, got, want) in [
+            ("out", &fused.0, &dense.0),
+            ("grad_x", &fused.1, &dense.1),
+            ("grad_weight", &fused.2, &dense.2),
+        ] {
+            let err = relative_error(got, want);
+            assert!(err < 2e-5, "c = {c}, {what}: relative error {err:.2e}");
+        }
+    }
+}
+
+#[test]
+fn plain_device_forward_matches_and_auto_picks_fused_on_flex() {
+    let device = Device::flex();
+    let layer = VConv2dConfig::new([5, 9], [3, 3])
+        .with_padding(PaddingConfig2d::Same)
+        .init(&device);
+    let mut rng = Rng(11);
+    let x = tensor(&mut rng, [2, 5, 8, 6], &device, DType::F32);
+    assert_eq!(layer.path_for(&x).unwrap(), ForwardPath::Fused);
+    let fused = host_any(layer.forward(x.clone()));
+    let dense = host_any(layer.clone().with_path(ForwardPath::DenseForm).forward(x));
+    assert!(relative_error(&fused, &dense) < 2e-5);
+}
+
+#[test]
+fn forcing_fused_on_an_unsupported_dtype_is_an_error() {
+    let device = Device::flex();
+    let layer = VConv2dConfig::new([2, 4], [3, 3])
+        .init(&device)
+        .with_path(ForwardPath::Fused);
+    let x = Tensor::<4>::zeros([1, 2, 5, 5], (&device, DType::F16));
+    match layer.try_forward(x.clone()) {
+        Err(VConvShapeError::FusedUnavailable { input_dtype, .. }) => {
+            assert!(input_dtype.contains("F16"), "{input_dtype}")
+        }
+        other => panic!("expected FusedUnavailable, got {other:?}"),
+    }
+    // Auto falls back to the dense form for it.
+    let auto = layer.with_path(ForwardPath::Auto);
+    assert_eq!(auto.path_for(&x).unwrap(), ForwardPath::DenseForm);
+}
+
+#[test]
+fn weight_gradients_without_an_input_gradient() {
+    // A first layer: the input does not require a gradient, so the backward pass computes
+    // only the weight and bias gradients (in every layout).
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(23);
+    for strategy in [Strategy::Im2col, Strategy::Shifted, Strategy::Stream] {
+        let config = VConv2dConfig::new([20, 30], [3, 3]).with_padding(PaddingConfig2d::Same);
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
+        let x = tensor(&mut rng, [2, 20, 12, 13], &device, DType::F32);
+        let r = tensor(&mut rng, [2, 30, 12, 13], &device, DType::F32);
+        let grads_of = |path: ForwardPath| {
+            tuning::set_strategy(strategy);
+            let layer = layer.clone().with_path(path);
+            let grads = (layer.forward(x.clone()) * r.clone()).sum().backward();
+            assert!(x.grad(&grads).is_none());
+            (
+                host_any(layer.weight.grad(&grads).unwrap()),
+                host_any(layer.bias.as_ref().unwrap().grad(&grads).unwrap()),
+            )
+        };
+        let fused = grads_of(ForwardPath::Fused);
+        let dense = grads_of(ForwardPath::DenseForm);
+        tuning::set_strategy(Strategy::Auto);
+        assert!(
+            relative_error(&fused.0, &dense.0) < 2e-5,
+            "{strategy:?} weight"
+        );
+        assert!(
+            relative_error(&fused.1, &dense.1) < 2e-5,
+            "{strategy:?} bias"
+        );
+    }
+}
