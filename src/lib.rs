@@ -15,5 +15,6 @@ pub mod cost;
 pub mod data;
 pub mod layer;
 pub mod models;
+pub mod train;
 
 pub use layer::{ChannelMode, VConv2d, VConv2dConfig};

@@ -22,6 +22,14 @@ enum Command {
     Summary(commands::summary::SummaryArgs),
     /// The models of the zoo and their variants.
     Models(commands::models::ModelsArgs),
+    /// Train a model on a dataset (or resume a run, or time training steps).
+    Train(Box<commands::train::TrainArgs>),
+    /// Loss, top-1 and top-5 of a trained model on a dataset.
+    Eval(commands::eval::EvalArgs),
+    /// Learning curves (SVG and PNG) of one or more runs.
+    Plot(commands::plot::PlotArgs),
+    /// Train the small VGG dense and spatial-versatile on real Fashion-MNIST and compare them.
+    Demo(commands::demo::DemoArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -33,6 +41,10 @@ fn main() -> ExitCode {
         Command::Layer(args) => commands::layer::run(&args),
         Command::Summary(args) => commands::summary::run(&args),
         Command::Models(args) => commands::models::run(&args),
+        Command::Train(args) => commands::train::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
+        Command::Plot(args) => commands::plot::run(&args),
+        Command::Demo(args) => commands::demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

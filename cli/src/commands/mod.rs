@@ -1,8 +1,12 @@
 //! One module per subcommand.
 
+pub mod demo;
+pub mod eval;
 pub mod layer;
 pub mod models;
+pub mod plot;
 pub mod summary;
+pub mod train;
 
 /// An error in what the user asked for (exit code 2), as opposed to a failure while
 /// doing it (exit code 1).
