@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
-use burn::tensor::Device;
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
@@ -101,12 +102,22 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError>
     serde_json::from_str(&text).map_err(|err| checkpoint_error(path, err.to_string()))
 }
 
+/// The whole file in memory. burn's file loaders keep tensor data file-backed and read it
+/// lazily, which breaks once a newer checkpoint replaces the file.
+fn read_bytes(path: &Path) -> Result<Bytes, TrainError> {
+    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+    Ok(Bytes::from_bytes_vec(bytes))
+}
+
 /// Saves `model` as `dir/model.bpk` with its configuration in `dir/model.json`.
 pub fn save_model_files(dir: &Path, model: &Model, config: &ModelConfig) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
     let path = dir.join(MODEL_FILE);
     let tmp = dir.join(format!(".{MODEL_FILE}.tmp-{}", std::process::id()));
-    model.clone().save_file(&tmp).map_err(record_error(&path))?;
+    // The validation snapshot: burn keeps a batch-norm running statistic's latest update
+    // per thread until it is synchronized, which `valid()` does; the training module's
+    // own record would miss the last step's update.
+    model.valid().save_file(&tmp).map_err(record_error(&path))?;
     std::fs::rename(&tmp, &path).map_err(TrainError::io(&path))?;
     write_json(&dir.join(MODEL_CONFIG_FILE), config)
 }
@@ -139,9 +150,10 @@ pub fn load_model_files(path: &Path, device: &Device) -> Result<(Model, ModelCon
     };
     let dir = weights.parent().unwrap_or(Path::new("."));
     let config: ModelConfig = read_json(&dir.join(MODEL_CONFIG_FILE))?;
+    let record = ModuleRecord::from_bytes(read_bytes(&weights)?).map_err(record_error(&weights))?;
     let model = config
         .init(device)?
-        .try_load_file(&weights)
+        .try_load_record(record)
         .map_err(record_error(&weights))?;
     Ok((model, config))
 }
@@ -258,7 +270,8 @@ pub fn load_checkpoint(run_dir: &Path, device: &Device) -> Result<Checkpoint, Tr
         ));
     }
     let optim_path = dir.join(OPTIMIZER_FILE);
-    let optimizer = OptimizerRecord::load(&optim_path).map_err(record_error(&optim_path))?;
+    let optimizer =
+        OptimizerRecord::from_bytes(read_bytes(&optim_path)?).map_err(record_error(&optim_path))?;
     Ok(Checkpoint {
         dir,
         state,

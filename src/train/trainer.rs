@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, RunState, FORMAT, RNG_SCHEME};
@@ -21,6 +22,27 @@ use crate::data::{
     derive_seed, Batch, Dataset, DatasetKind, Loader, LoaderConfig, Position, Split, Transform,
 };
 use crate::models::{ImageClassifier, Model, ModelConfig};
+
+/// burn's CPU generator is one per process: whoever seeds it and then draws from it
+/// holds this lock, so trainers in the same process (tests, the demo) stay reproducible.
+static RNG: Mutex<()> = Mutex::new(());
+
+/// Builds `config` on `device` with the generator seeded from `seed`, every parameter
+/// initialized now (burn initializes parameters lazily, at first use, which would draw
+/// from whatever the generator holds then).
+fn init_model(config: &ModelConfig, device: &Device, seed: u64) -> Result<Model, TrainError> {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(derive_seed(&[seed, INIT]));
+    let model = config.init(device)?;
+    model.visit(&mut Touch);
+    Ok(model)
+}
 
 /// Domain tag of the model initialization seed.
 const INIT: u64 = 0x494e_4954;
@@ -278,8 +300,7 @@ impl Trainer {
         model_config.cost_report([h, w])?;
         let base = device(config.device)?;
         let device = base.autodiff();
-        device.seed(derive_seed(&[config.seed, INIT]));
-        let model = model_config.init(&device)?;
+        let model = init_model(&model_config, &device, config.seed)?;
         let optimizer = build_optimizer(&config.optimizer);
         let state = RunState {
             format: FORMAT,
