@@ -267,10 +267,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     plot::write_run_plots(&run_dir).context("writing the learning curves")?;
     match outcome {
         Outcome::Finished(summary) => print_summary(&run_dir, &summary),
-        Outcome::Stopped { next, checkpoint } => {
+        Outcome::Stopped { .. } => {
             println!(
-                "stopped at {next}; checkpoint {}; continue with: versatile train --resume {}",
-                checkpoint.display(),
+                "continue with: versatile train --resume {}",
                 run_dir.display()
             );
         }
