@@ -24,7 +24,7 @@ pub struct DemoArgs {
     /// [default: the shipped sample, data/fashion-mnist-sample].
     #[arg(long, value_name = "PATH")]
     data: Option<PathBuf>,
-    /// Epochs per model [default: 4; 1 with --quick].
+    /// Epochs per model [default: 3; 1 with --quick].
     #[arg(long)]
     epochs: Option<usize>,
     /// A reduced run for smoke tests: 1 epoch on 30 training and 10 test images per class.
@@ -64,7 +64,7 @@ fn recipe(args: &DemoArgs, variant: &str) -> TrainConfig {
     let mut config = TrainConfig {
         model: "vgg_small".into(),
         variant: variant.into(),
-        epochs: args.epochs.unwrap_or(if args.quick { 1 } else { 4 }),
+        epochs: args.epochs.unwrap_or(if args.quick { 1 } else { 3 }),
         seed: args.seed,
         threads: args.threads,
         device: args.device,
