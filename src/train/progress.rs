@@ -79,6 +79,15 @@ impl ProgressBars {
     }
 }
 
+/// A learning rate in 4 significant digits, scientific outside [1e-3, 1e3).
+fn rate(lr: f64) -> String {
+    if lr != 0.0 && !(1e-3..1e3).contains(&lr.abs()) {
+        format!("{lr:.3e}")
+    } else {
+        format!("{lr:.4}")
+    }
+}
+
 fn percent(x: f64) -> String {
     format!("{:.2}%", 100.0 * x)
 }
@@ -118,11 +127,11 @@ impl Observer for ProgressBars {
 
     fn batch_done(&mut self, p: &StepProgress) {
         let msg = format!(
-            "loss {:.4} acc {} {:.0} img/s lr {:.4}",
+            "loss {:.4} acc {} {:.0} img/s lr {}",
             p.loss,
             percent(p.top1),
             p.images_per_second,
-            p.lr
+            rate(p.lr)
         );
         if let Some(bar) = &self.bar {
             bar.set_position((p.batch + 1) as u64);
@@ -154,7 +163,7 @@ impl Observer for ProgressBars {
 
     fn epoch_done(&mut self, m: &EpochMetrics) {
         let line = format!(
-            "{} epoch {:>3}/{}: train loss {:.4} top-1 {} | val loss {:.4} top-1 {} top-5 {} | lr {:.4} | {:.1} s ({:.0} img/s) + eval {:.1} s",
+            "{} epoch {:>3}/{}: train loss {:.4} top-1 {} | val loss {:.4} top-1 {} top-5 {} | lr {} | {:.1} s ({:.0} img/s) + eval {:.1} s",
             self.label,
             m.epoch,
             self.epochs,
@@ -163,7 +172,7 @@ impl Observer for ProgressBars {
             m.val_loss,
             percent(m.val_top1),
             percent(m.val_top5),
-            m.lr,
+            rate(m.lr),
             m.train_seconds,
             m.images_per_second,
             m.eval_seconds

@@ -221,6 +221,9 @@ where
             .configure_mesh()
             .x_desc("epoch")
             .y_desc(y_desc)
+            .x_labels((epochs as usize).min(12))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(WHITE.mix(0.0))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(fail)?;
