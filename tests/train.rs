@@ -223,6 +223,20 @@ fn toml_config_parses_and_bad_settings_are_named() {
         config
     );
 
+    // The shipped recipe file (RESULTS.md) is valid.
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/fashion-mnist-vgg_small.toml");
+    let recipe = TrainConfig::from_toml_file(&shipped).unwrap();
+    recipe.validate().unwrap();
+    assert_eq!(
+        (
+            recipe.epochs,
+            recipe.optimizer.lr,
+            recipe.schedule.warmup_epochs
+        ),
+        (12, 0.1, 1)
+    );
+
     // Syntax, unknown keys and wrong types: the file and the key are named.
     for (bad, needle) in [
         ("epochs = ", "run.toml"),
