@@ -18,5 +18,6 @@ pub mod data;
 pub mod kernels;
 pub mod layer;
 pub mod models;
+pub mod train;
 
 pub use layer::{ChannelMode, VConv2d, VConv2dConfig};

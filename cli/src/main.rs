@@ -36,6 +36,14 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Time the fused versatile layer, its dense form and burn's conv2d on the CPU.
     Bench(commands::bench::BenchArgs),
+    /// Train a model on a dataset (or resume a run, or time training steps).
+    Train(Box<commands::train::TrainArgs>),
+    /// Loss, top-1 and top-5 of a trained model on a dataset.
+    Eval(commands::eval::EvalArgs),
+    /// Learning curves (SVG and PNG) of one or more runs.
+    Plot(commands::plot::PlotArgs),
+    /// Train the small VGG dense and spatial-versatile on real Fashion-MNIST and compare them.
+    Demo(commands::demo::DemoArgs),
 }
 
 /// Exit code for invalid arguments or configurations (as clap uses for usage errors).
@@ -52,6 +60,10 @@ fn main() -> ExitCode {
         Command::Import(args) => commands::import::run(&args),
         Command::Predict(args) => commands::predict::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
+        Command::Train(args) => commands::train::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
+        Command::Plot(args) => commands::plot::run(&args),
+        Command::Demo(args) => commands::demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

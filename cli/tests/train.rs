@@ -1,0 +1,164 @@
+//! `versatile demo`, `train`, `eval` and `plot` end to end on the shipped Fashion-MNIST
+//! sample.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn versatile(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_versatile"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run versatile")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist-sample")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("versatile-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn quick_demo_then_eval_and_plot_its_runs() {
+    let dir = scratch("demo");
+    let out = versatile(&["demo", "--quick", "--output", "demo"], &dir);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    // The side-by-side table: the spatial twin has about half the parameters.
+    for row in [
+        "parameters",
+        "conv parameters",
+        "MACs / image (paper)",
+        "test top-1",
+        "time / epoch",
+    ] {
+        assert!(stdout.contains(row), "no '{row}' row in:\n{stdout}");
+    }
+    let params = stdout
+        .lines()
+        .find(|l| l.starts_with("parameters"))
+        .unwrap()
+        .split_whitespace()
+        .map(|w| w.replace(',', ""))
+        .filter_map(|w| w.parse::<f64>().ok())
+        .collect::<Vec<_>>();
+    assert_eq!(params.len(), 3, "{stdout}");
+    assert!(params[1] < 0.55 * params[0], "{params:?}");
+    for run in ["dense", "spatial"] {
+        for file in ["metrics.csv", "metrics.json", "model.bpk", "summary.json"] {
+            assert!(
+                dir.join("demo").join(run).join(file).is_file(),
+                "{run}/{file}"
+            );
+        }
+    }
+    assert!(dir.join("demo/compare.svg").is_file());
+
+    // eval reads the run directory back and scores the shipped test images.
+    let sample = sample();
+    let out = versatile(
+        &[
+            "eval",
+            "--checkpoint",
+            "demo/spatial",
+            "--data",
+            sample.to_str().unwrap(),
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["images"], 1000);
+    assert_eq!(v["variant"], "spatial");
+    let top1 = v["top1"].as_f64().unwrap();
+    let top5 = v["top5"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&top1) && top5 >= top1, "{v}");
+
+    // The run's final model is a deployable checkpoint: the dense export takes it.
+    let out = versatile(
+        &[
+            "export",
+            "--checkpoint",
+            "demo/spatial/model.bpk",
+            "--to",
+            "dense-safetensors",
+            "--output",
+            "spatial-dense.safetensors",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.join("spatial-dense.safetensors").is_file());
+
+    // plot compares the two runs.
+    let out = versatile(
+        &["plot", "demo/dense", "demo/spatial", "--output", "both"],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.join("both.svg").is_file());
+    let svg = std::fs::read_to_string(dir.join("both.svg")).unwrap();
+    assert!(svg.contains("spatial test") && svg.contains("dense train"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_configurations_exit_with_usage_errors() {
+    let dir = scratch("config");
+    std::fs::write(
+        dir.join("bad.toml"),
+        "epochs = 3\n[optimizer]\nlearning_rate = 0.1\n",
+    )
+    .unwrap();
+    let out = versatile(&["train", "--config", "bad.toml"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("learning_rate"),
+        "{stderr}"
+    );
+
+    let out = versatile(&["train", "--epochs", "0"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("epochs"));
+
+    let out = versatile(&["train", "--momentum", "0", "--nesterov", "true"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nesterov"));
+
+    let out = versatile(&["train", "--variant", "sparse"], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("sparse"));
+
+    let out = versatile(&["train", "--resume", "nowhere"], &dir);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no checkpoint"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = versatile(
+        &[
+            "eval",
+            "--checkpoint",
+            "nowhere",
+            "--data",
+            sample().to_str().unwrap(),
+        ],
+        &dir,
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("nowhere"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

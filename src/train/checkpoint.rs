@@ -1,0 +1,321 @@
+//! Run directories and their checkpoints.
+//!
+//! ```text
+//! RUN/
+//!   config.toml            the run's settings
+//!   checkpoint.json        which checkpoint is the latest (replaced atomically)
+//!   checkpoints/step-N/    model.bpk, model.json, optimizer.bpk, state.json
+//!   metrics.csv, metrics.json
+//!   model.bpk              the final model, a checkpoint of `crate::checkpoint` (its
+//!                          description, class names and preprocessing in its metadata)
+//! ```
+//!
+//! A checkpoint is written into a temporary directory, flushed, renamed into place, and
+//! only then named by `checkpoint.json` (itself written to a temporary file and renamed),
+//! so an interrupted write never leaves a run without a complete checkpoint. It holds
+//! everything to continue exactly: the model (burn's burnpack, parameter ids included,
+//! which the optimizer state is keyed by), the optimizer state, the data
+//! [`Position`], the step counter the learning rate derives from, the metrics so far and
+//! the partial tally of an interrupted epoch. Random numbers need no saved state: the
+//! data order and augmentations derive from (seed, epoch, sample) and the device
+//! generator is re-seeded from (seed, epoch, batch) before every step.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::{ModuleOptimizer, OptimizerRecord};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Device};
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::error::TrainError;
+use super::metrics::{write_atomic, EpochMetrics, Tally};
+use crate::checkpoint::{CheckpointError, CheckpointMeta};
+use crate::data::Position;
+use crate::models::{ImageClassifier, Model, ModelConfig};
+
+/// Version of the checkpoint layout.
+pub const FORMAT: u32 = 1;
+/// The file naming the latest checkpoint of a run.
+pub const POINTER: &str = "checkpoint.json";
+/// Weights file name (burnpack).
+pub const MODEL_FILE: &str = "model.bpk";
+/// The [`ModelConfig`] next to a weights file.
+pub const MODEL_CONFIG_FILE: &str = "model.json";
+const OPTIMIZER_FILE: &str = "optimizer.bpk";
+const STATE_FILE: &str = "state.json";
+const CHECKPOINTS: &str = "checkpoints";
+
+/// How random numbers are reproduced on resume (recorded in every checkpoint).
+pub const RNG_SCHEME: &str = "data order and augmentation: derive_seed(seed, epoch, sample); \
+     device generator re-seeded with derive_seed(seed, 'STEP', epoch, batch) before each step";
+
+/// Where a run stands: everything but the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// The model's settings.
+    pub model: ModelConfig,
+    /// The next batch to train on.
+    pub next: Position,
+    /// Optimizer steps done (the learning rate is a function of it).
+    pub global_step: u64,
+    /// Metrics of the finished epochs.
+    pub history: Vec<EpochMetrics>,
+    /// Tally of the current epoch's batches so far (an interrupted epoch).
+    pub partial: Tally,
+    /// Training seconds of the current epoch so far.
+    pub partial_seconds: f64,
+    /// [`RNG_SCHEME`].
+    pub rng: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Pointer {
+    checkpoint: String,
+    next: Position,
+}
+
+fn record_error(path: &Path) -> impl FnOnce(burn::store::RecordError) -> TrainError + '_ {
+    move |err| TrainError::Record {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    }
+}
+
+fn checkpoint_error(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).expect("checkpoint state serializes");
+    write_atomic(path, text.as_bytes())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    serde_json::from_str(&text).map_err(|err| checkpoint_error(path, err.to_string()))
+}
+
+/// The whole file in memory. burn's file loaders keep tensor data file-backed and read it
+/// lazily, which breaks once a newer checkpoint replaces the file.
+fn read_bytes(path: &Path) -> Result<Bytes, TrainError> {
+    let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
+    Ok(Bytes::from_bytes_vec(bytes))
+}
+
+/// Saves `model` as `dir/model.bpk` (burn's record, parameter ids included, which the
+/// optimizer state is keyed by) with its configuration in `dir/model.json`: the model
+/// half of a resumable checkpoint.
+fn save_model_files(dir: &Path, model: &Model, config: &ModelConfig) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let path = dir.join(MODEL_FILE);
+    let tmp = dir.join(format!(".{MODEL_FILE}.tmp-{}", std::process::id()));
+    // The validation snapshot: burn keeps a batch-norm running statistic's latest update
+    // per thread until it is synchronized, which `valid()` does; the training module's
+    // own record would miss the last step's update.
+    model.valid().save_file(&tmp).map_err(record_error(&path))?;
+    std::fs::rename(&tmp, &path).map_err(TrainError::io(&path))?;
+    write_json(&dir.join(MODEL_CONFIG_FILE), config)
+}
+
+/// Saves a run's final model as `run_dir/model.bpk`, a checkpoint of
+/// [`crate::checkpoint`] carrying its description (model, class names, preprocessing),
+/// so `versatile predict`, `export` and `inspect` take it as it is.
+pub fn save_final_model(
+    run_dir: &Path,
+    model: &Model,
+    meta: &CheckpointMeta,
+) -> Result<PathBuf, TrainError> {
+    let path = run_dir.join(MODEL_FILE);
+    crate::checkpoint::save_checkpoint(&path, &model.valid(), meta).map_err(|err| {
+        TrainError::Checkpoint {
+            path: path.clone(),
+            reason: err.to_string(),
+        }
+    })?;
+    Ok(path)
+}
+
+/// Loads a trained model with its configuration.
+///
+/// `path` may be a checkpoint file of [`crate::checkpoint`] (a run's final `model.bpk`,
+/// or any `.bpk`/`.safetensors` written by [`crate::checkpoint::save_model`]), a
+/// directory holding `model.bpk`, or a run directory (its final model, else its latest
+/// checkpoint's). A `model.bpk` without a model description in its metadata is read
+/// with the `model.json` beside it (the model half of a resumable checkpoint).
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] when no model is found there or the file is damaged or of
+/// another model, [`TrainError::Record`] for a corrupt record.
+pub fn load_trained_model(
+    path: &Path,
+    device: &Device,
+) -> Result<(Model, ModelConfig), TrainError> {
+    let weights = if path.is_dir() {
+        if path.join(MODEL_FILE).is_file() {
+            path.join(MODEL_FILE)
+        } else if path.join(POINTER).is_file() {
+            latest_checkpoint(path)?.join(MODEL_FILE)
+        } else {
+            return Err(checkpoint_error(
+                path,
+                format!("no {MODEL_FILE} and no {POINTER} (not a model or run directory)"),
+            ));
+        }
+    } else if path.is_file() {
+        path.to_path_buf()
+    } else {
+        return Err(checkpoint_error(path, "no such file or directory"));
+    };
+    match crate::checkpoint::load_model(&weights, device) {
+        Ok(model) => {
+            let config = model.config().clone();
+            Ok((model, config))
+        }
+        Err(CheckpointError::NoModelDescription { .. }) => load_model_files(&weights, device),
+        Err(err) => Err(checkpoint_error(&weights, err.to_string())),
+    }
+}
+
+/// Loads the model half of a resumable checkpoint: burn's record at `weights` and the
+/// `model.json` beside it.
+fn load_model_files(weights: &Path, device: &Device) -> Result<(Model, ModelConfig), TrainError> {
+    let dir = weights.parent().unwrap_or(Path::new("."));
+    let config: ModelConfig = read_json(&dir.join(MODEL_CONFIG_FILE))?;
+    let record = ModuleRecord::from_bytes(read_bytes(weights)?).map_err(record_error(weights))?;
+    let model = config
+        .init(device)?
+        .try_load_record(record)
+        .map_err(record_error(weights))?;
+    Ok((model, config))
+}
+
+/// The directory of the latest checkpoint of a run.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] when the run has no checkpoint.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf, TrainError> {
+    let pointer_path = run_dir.join(POINTER);
+    if !pointer_path.is_file() {
+        return Err(checkpoint_error(
+            run_dir,
+            format!("no {POINTER}: not a run directory, or no epoch finished yet"),
+        ));
+    }
+    let pointer: Pointer = read_json(&pointer_path)?;
+    let dir = run_dir.join(&pointer.checkpoint);
+    if !dir.is_dir() {
+        return Err(checkpoint_error(
+            &pointer_path,
+            format!("names {}, which is missing", dir.display()),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Writes a checkpoint of the run in `run_dir` and makes it the latest; older ones are
+/// removed once the new one is in place.
+pub fn save_checkpoint(
+    run_dir: &Path,
+    model: &Model,
+    optimizer: &ModuleOptimizer,
+    state: &RunState,
+) -> Result<PathBuf, TrainError> {
+    let root = run_dir.join(CHECKPOINTS);
+    std::fs::create_dir_all(&root).map_err(TrainError::io(&root))?;
+    let name = format!("step-{:09}", state.global_step);
+    let final_dir = root.join(&name);
+    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
+    save_model_files(&tmp, model, &state.model)?;
+    let optim_path = tmp.join(OPTIMIZER_FILE);
+    optimizer
+        .to_record()
+        .save(&optim_path)
+        .map_err(record_error(&optim_path))?;
+    write_json(&tmp.join(STATE_FILE), state)?;
+    // Make the files durable before the directory becomes visible under its name.
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let path = tmp.join(file);
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(TrainError::io(&path))?;
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(TrainError::io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
+    write_json(
+        &run_dir.join(POINTER),
+        &Pointer {
+            checkpoint: format!("{CHECKPOINTS}/{name}"),
+            next: state.next,
+        },
+    )?;
+    // Older checkpoints (and temporaries of crashed writes) are no longer needed.
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy() != name {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    Ok(final_dir)
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Where it was read from.
+    pub dir: PathBuf,
+    /// The run state.
+    pub state: RunState,
+    /// The model, on the requested device.
+    pub model: Model,
+    /// The optimizer state.
+    pub optimizer: OptimizerRecord,
+}
+
+/// Reads the latest checkpoint of `run_dir` onto `device`.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] for a missing or inconsistent checkpoint,
+/// [`TrainError::Record`] for corrupt tensor files.
+pub fn load_checkpoint(run_dir: &Path, device: &Device) -> Result<Checkpoint, TrainError> {
+    let dir = latest_checkpoint(run_dir)?;
+    let state_path = dir.join(STATE_FILE);
+    let state: RunState = read_json(&state_path)?;
+    if state.format != FORMAT {
+        return Err(checkpoint_error(
+            &state_path,
+            format!("format {} (this build reads {FORMAT})", state.format),
+        ));
+    }
+    let (model, config) = load_model_files(&dir.join(MODEL_FILE), device)?;
+    if config != state.model {
+        return Err(checkpoint_error(
+            &dir,
+            "model.json and state.json describe different models",
+        ));
+    }
+    let optim_path = dir.join(OPTIMIZER_FILE);
+    let optimizer =
+        OptimizerRecord::from_bytes(read_bytes(&optim_path)?).map_err(record_error(&optim_path))?;
+    Ok(Checkpoint {
+        dir,
+        state,
+        model,
+        optimizer,
+    })
+}

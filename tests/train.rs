@@ -1,0 +1,318 @@
+//! The training loop on real Fashion-MNIST images (the shipped sample): learning, exact
+//! resume, NaN handling, configuration files.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor};
+use tempfile::TempDir;
+use versatile::data::Position;
+use versatile::models::{ImageClassifier, Model};
+use versatile::train::{
+    EpochMetrics, Observer, Outcome, ScheduleKind, Silent, StepProgress, TrainConfig, TrainError,
+    Trainer,
+};
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-sample")
+}
+
+/// A small run on the shipped sample: `per_class` training images of each class.
+fn small_config(dir: &Path, variant: &str, per_class: usize, batch: usize) -> TrainConfig {
+    let mut config = TrainConfig {
+        variant: variant.into(),
+        epochs: 2,
+        batch_size: batch,
+        eval_batch_size: 100,
+        output: dir.to_path_buf(),
+        seed: 7,
+        ..TrainConfig::default()
+    };
+    config.data.path = sample();
+    config.data.train_per_class = Some(per_class);
+    config.data.test_per_class = Some(5);
+    config.optimizer.lr = 0.05;
+    config
+}
+
+/// Every float parameter of a model, in module order.
+fn weights(model: &Model) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let data = param.val().into_data();
+            self.0
+                .extend(data.try_to_vec::<f32>().expect("f32 parameters"));
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    collect.0
+}
+
+fn finished(outcome: Outcome) -> versatile::train::Summary {
+    match outcome {
+        Outcome::Finished(summary) => summary,
+        other => panic!("expected a finished run, got {other:?}"),
+    }
+}
+
+#[test]
+fn loss_decreases_on_real_fashion_mnist() {
+    let dir = TempDir::new().unwrap();
+    // 100 images (10 per class), 4 steps per epoch, no augmentation: the mean training
+    // loss of the 4th epoch is well below the first's (ln 10 = 2.30 at the start).
+    let mut config = small_config(dir.path(), "spatial", 10, 25);
+    config.epochs = 4;
+    config.data.augment = false;
+    let mut trainer = Trainer::new(config).unwrap();
+    let summary = finished(trainer.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+    let history = &trainer.state().history;
+    assert_eq!(history.len(), 4);
+    let (first, last) = (history[0].train_loss, history[3].train_loss);
+    assert!(first > 1.9, "first epoch loss {first}");
+    assert!(last < 0.8 * first, "loss went {first} -> {last}");
+    assert!(history[3].train_top1 > history[0].train_top1);
+    assert_eq!(summary.epochs, 4);
+    // The run directory has the metrics, the final model and its configuration.
+    for file in [
+        "metrics.csv",
+        "metrics.json",
+        "summary.json",
+        "model.bpk",
+        "config.toml",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} missing");
+    }
+    // The final model is a checkpoint that describes itself: the model, and the
+    // evaluation transform of 28x28 grey images as its preprocessing.
+    let saved =
+        versatile::checkpoint::load_checkpoint(dir.path().join("model.bpk"), &Device::flex())
+            .unwrap();
+    assert_eq!(&saved.meta.config, trainer.model().config());
+    let preprocess = saved.meta.preprocess();
+    assert_eq!(preprocess.input_size, [28, 28]);
+    assert_eq!((preprocess.mean.len(), preprocess.std.len()), (1, 1));
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv.starts_with("epoch,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,lr"));
+}
+
+/// Raises the stop flag after `batch` of epoch `epoch` has trained.
+struct StopAt {
+    at: (usize, usize),
+    flag: &'static AtomicBool,
+}
+
+impl Observer for StopAt {
+    fn batch_done(&mut self, p: &StepProgress) {
+        if (p.epoch, p.batch) == self.at {
+            self.flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn resume_continues_exactly_where_the_run_stopped() {
+    let straight_dir = TempDir::new().unwrap();
+    let resumed_dir = TempDir::new().unwrap();
+    // 2 epochs of 3 steps with augmentation (seeded per sample), straight...
+    let mut straight = Trainer::new(small_config(straight_dir.path(), "spatial", 9, 30)).unwrap();
+    finished(straight.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+
+    // ...and stopped in the middle of epoch 2 (after its first step), then resumed from
+    // the checkpoint in a fresh trainer.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let mut first = Trainer::new(small_config(resumed_dir.path(), "spatial", 9, 30)).unwrap();
+    let outcome = first
+        .run(
+            &mut StopAt {
+                at: (1, 0),
+                flag: &STOP,
+            },
+            &STOP,
+        )
+        .unwrap();
+    match outcome {
+        Outcome::Stopped { next, .. } => assert_eq!(next, Position::new(1, 1)),
+        other => panic!("expected a stop, got {other:?}"),
+    }
+    drop(first);
+    let mut resumed = Trainer::resume(resumed_dir.path(), None).unwrap();
+    assert_eq!(resumed.state().next, Position::new(1, 1));
+    finished(resumed.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+
+    let (a, b) = (weights(straight.model()), weights(resumed.model()));
+    assert_eq!(a.len(), b.len());
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(max_diff, 0.0, "weights differ by up to {max_diff}");
+    let strip = |h: &[EpochMetrics]| -> Vec<(f64, f64, f64, f64)> {
+        h.iter()
+            .map(|m| (m.train_loss, m.train_top1, m.val_loss, m.val_top1))
+            .collect()
+    };
+    assert_eq!(
+        strip(&straight.state().history),
+        strip(&resumed.state().history)
+    );
+    assert_eq!(straight.state().global_step, resumed.state().global_step);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = TempDir::new().unwrap();
+    // A sane first epoch, then a learning rate of 0.05 * 1e30: the weights blow up.
+    let mut config = small_config(dir.path(), "dense", 6, 30);
+    config.epochs = 3;
+    config.schedule.kind = ScheduleKind::Step;
+    config.schedule.step_epochs = 1;
+    config.schedule.gamma = 1e30;
+    let mut trainer = Trainer::new(config).unwrap();
+    let err = trainer
+        .run(&mut Silent, &AtomicBool::new(false))
+        .unwrap_err();
+    let TrainError::NonFinite { epoch, lr, .. } = &err else {
+        panic!("expected a non-finite loss error, got {err}");
+    };
+    assert!(*epoch >= 1, "stopped in epoch {epoch}");
+    assert!(*lr > 1e20);
+    let message = err.to_string();
+    assert!(message.contains("last good checkpoint"), "{message}");
+    // The checkpoint of the end of epoch 1 is still the latest, and it resumes.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 1 + epoch, "{metrics}");
+    let resumed = Trainer::resume(dir.path(), None).unwrap();
+    assert_eq!(resumed.state().next, Position::epoch_start(*epoch));
+    assert!(weights(resumed.model()).iter().all(|w| w.is_finite()));
+}
+
+#[test]
+fn toml_config_parses_and_bad_settings_are_named() {
+    let text = r#"
+        model = "vgg_small"
+        variant = "spatial+channel:delta=2"
+        epochs = 12
+        seed = 3
+
+        [data]
+        path = "/data/fmnist"
+        train_per_class = 100
+
+        [optimizer]
+        kind = "adamw"
+        lr = 1e-3
+        weight_decay = 0.05
+
+        [schedule]
+        kind = "step"
+        step_epochs = 4
+        gamma = 0.5
+        warmup_epochs = 1
+    "#;
+    let config = TrainConfig::from_toml_str(text, "run.toml").unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.variant, "spatial+channel:delta=2");
+    assert_eq!(config.epochs, 12);
+    assert_eq!(config.data.train_per_class, Some(100));
+    assert_eq!(config.optimizer.lr, 1e-3);
+    // Unset keys keep PyTorch's defaults.
+    assert_eq!(config.optimizer.eps, 1e-8);
+    assert_eq!(config.optimizer.betas, [0.9, 0.999]);
+    assert_eq!(config.schedule.step_epochs, 4);
+    assert_eq!(config.batch_size, 128);
+    // It round-trips through the run directory's config.toml.
+    assert_eq!(
+        TrainConfig::from_toml_str(&config.to_toml(), "x").unwrap(),
+        config
+    );
+
+    // The shipped recipe file (RESULTS.md) is valid.
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/fashion-mnist-vgg_small.toml");
+    let recipe = TrainConfig::from_toml_file(&shipped).unwrap();
+    recipe.validate().unwrap();
+    assert_eq!(
+        (
+            recipe.epochs,
+            recipe.optimizer.lr,
+            recipe.schedule.warmup_epochs
+        ),
+        (12, 0.1, 1)
+    );
+
+    // Syntax, unknown keys and wrong types: the file and the key are named.
+    for (bad, needle) in [
+        ("epochs = ", "run.toml"),
+        ("epoch = 3", "epoch"),
+        ("[optimizer]\nlearning_rate = 0.1", "learning_rate"),
+        ("batch_size = \"big\"", "batch_size"),
+        ("[optimizer]\nkind = \"rmsprop\"", "rmsprop"),
+    ] {
+        let err = TrainConfig::from_toml_str(bad, "run.toml").unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, TrainError::ConfigFile { .. }), "{message}");
+        assert!(message.contains(needle), "{bad:?}: {message}");
+    }
+
+    // Settings that parse but cannot work.
+    let check = |edit: &dyn Fn(&mut TrainConfig), field: &str| {
+        let mut config = TrainConfig::default();
+        edit(&mut config);
+        match config.validate() {
+            Err(TrainError::InvalidConfig { field: got, .. }) => assert_eq!(got, field),
+            other => panic!("{field}: expected an invalid-config error, got {other:?}"),
+        }
+    };
+    check(&|c| c.epochs = 0, "epochs");
+    check(&|c| c.batch_size = 0, "batch_size");
+    check(&|c| c.model = "vgg_tiny".into(), "model");
+    check(&|c| c.variant = "sparse".into(), "variant");
+    check(&|c| c.optimizer.lr = f64::NAN, "optimizer.lr");
+    check(&|c| c.optimizer.lr = -0.1, "optimizer.lr");
+    check(&|c| c.optimizer.momentum = 1.5, "optimizer.momentum");
+    check(
+        &|c| {
+            c.optimizer.momentum = 0.0;
+            c.optimizer.nesterov = true;
+        },
+        "optimizer.nesterov",
+    );
+    check(&|c| c.schedule.warmup_epochs = 30, "schedule.warmup_epochs");
+    check(&|c| c.data.kind = Some("jpeg".into()), "data.kind");
+    // A learning rate above 1 is fine (burn's own cosine scheduler refuses it).
+    let mut config = TrainConfig::default();
+    config.optimizer.lr = 2.0;
+    config.validate().unwrap();
+}
+
+#[test]
+fn fresh_run_refuses_a_directory_holding_a_run_and_resume_needs_one() {
+    let dir = TempDir::new().unwrap();
+    let mut config = small_config(dir.path(), "dense", 3, 30);
+    config.epochs = 1;
+    finished(
+        Trainer::new(config.clone())
+            .unwrap()
+            .run(&mut Silent, &AtomicBool::new(false))
+            .unwrap(),
+    );
+    let err = Trainer::new(config).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TrainError::InvalidConfig {
+                field: "output",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let empty = TempDir::new().unwrap();
+    let err = Trainer::resume(empty.path(), None).unwrap_err();
+    assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
+}
