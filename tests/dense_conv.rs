@@ -8,42 +8,10 @@ mod common;
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use common::{host_any, relative_error};
+use burn::tensor::{DType, Device, Tensor};
+use common::{host_any, relative_error, Rng};
 use versatile::kernels::tuning::{self, Strategy};
 use versatile::layer::{conv2d_forward, conv_path_for, override_conv_path, ConvPath};
-
-/// xorshift64*: the test's deterministic choices and values.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn values(&mut self, len: usize) -> Vec<f64> {
-        (0..len)
-            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-            .collect()
-    }
-}
-
-fn tensor<const D: usize>(
-    rng: &mut Rng,
-    shape: [usize; D],
-    device: &Device,
-    dtype: DType,
-) -> Tensor<D> {
-    let len = shape.iter().product();
-    Tensor::from_data(TensorData::new(rng.values(len), shape), (device, dtype))
-}
 
 /// Output and gradients through `conv2d_forward` with the path pinned to `path`.
 fn run(conv: &Conv2d, path: ConvPath, x: &Tensor<4>, r: &Tensor<4>) -> Vec<Vec<f64>> {
@@ -104,9 +72,9 @@ fn nested_dense_conv_matches_burn_conv2d() {
             .with_bias(rng.range(0, 3) > 0);
         let mut conv = config.init(&device);
         let weight_shape = conv.weight.dims();
-        conv.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));
+        conv.weight = Param::from_tensor(rng.tensor(weight_shape, &device, dtype));
         if conv.bias.is_some() {
-            conv.bias = Some(Param::from_tensor(tensor(&mut rng, [n], &device, dtype)));
+            conv.bias = Some(Param::from_tensor(rng.tensor([n], &device, dtype)));
         }
         let shape = [
             rng.range(1, 4),
@@ -114,9 +82,9 @@ fn nested_dense_conv_matches_burn_conv2d() {
             rng.range(kernel[0] * dilation[0], 14),
             rng.range(kernel[1] * dilation[1], 14),
         ];
-        let x = tensor(&mut rng, shape, &device, dtype);
+        let x = rng.tensor(shape, &device, dtype);
         let out_shape = conv.forward(x.clone()).dims();
-        let r = tensor(&mut rng, out_shape, &device, dtype);
+        let r = rng.tensor(out_shape, &device, dtype);
         tuning::set_tile_columns([None, Some(5), Some(23)][rng.range(0, 2)]);
         tuning::set_strategy(
             [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)],

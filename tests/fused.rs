@@ -12,41 +12,10 @@ mod common;
 
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;
-use burn::tensor::{DType, Device, Tensor, TensorData};
-use common::{host_any, relative_error};
+use burn::tensor::{DType, Device, Tensor};
+use common::{host_any, relative_error, Rng};
 use versatile::kernels::tuning::{self, Strategy};
 use versatile::layer::{ChannelMode, ForwardPath, VConv2d, VConv2dConfig, VConvShapeError};
-
-/// xorshift64*: a small deterministic generator for the test's choices and values.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn values(&mut self, len: usize) -> Vec<f64> {
-        (0..len)
-            .map(|_| (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
-            .collect()
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.range(0, items.len() - 1)]
-    }
-}
 
 /// A random valid layer configuration and an input shape it accepts.
 fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
@@ -144,16 +113,6 @@ fn run(
     )
 }
 
-fn tensor<const D: usize>(
-    rng: &mut Rng,
-    shape: [usize; D],
-    device: &Device,
-    dtype: DType,
-) -> Tensor<D> {
-    let len = shape.iter().product();
-    Tensor::from_data(TensorData::new(rng.values(len), shape), (device, dtype))
-}
-
 /// Compares the two paths on `cases` random configurations in `dtype`.
 fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
     let device = Device::flex().autodiff();
@@ -173,14 +132,14 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
         ]));
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
-        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, dtype));
+        layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, dtype));
         if layer.bias.is_some() {
             let n = config.channels[1];
-            layer.bias = Some(Param::from_tensor(tensor(&mut rng, [n], &device, dtype)));
+            layer.bias = Some(Param::from_tensor(rng.tensor([n], &device, dtype)));
         }
-        let x = tensor(&mut rng, shape, &device, dtype);
+        let x = rng.tensor(shape, &device, dtype);
         let out_shape = layer.output_shape(shape).unwrap();
-        let r = tensor(&mut rng, out_shape, &device, dtype);
+        let r = rng.tensor(out_shape, &device, dtype);
         let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
         let fused = run(&layer, ForwardPath::Fused, &x, &r);
         let mut check = |what: &str, got: &[f64], want: &[f64]| {
@@ -229,14 +188,9 @@ fn fused_handles_wide_layers_with_parallel_tasks() {
             .with_channel_mode(mode);
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
-        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
-        let x = tensor(&mut rng, [4, c, 30, 33], &device, DType::F32);
-        let r = tensor(
-            &mut rng,
-            layer.output_shape(x.dims()).unwrap(),
-            &device,
-            DType::F32,
-        );
+        layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, DType::F32));
+        let x = rng.tensor([4, c, 30, 33], &device, DType::F32);
+        let r = rng.tensor(layer.output_shape(x.dims()).unwrap(), &device, DType::F32);
         let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
         let fused = run(&layer, ForwardPath::Fused, &x, &r);
         for (what, got, want) in [
@@ -257,7 +211,7 @@ fn plain_device_forward_matches_and_auto_picks_fused_on_flex() {
         .with_padding(PaddingConfig2d::Same)
         .init(&device);
     let mut rng = Rng(11);
-    let x = tensor(&mut rng, [2, 5, 8, 6], &device, DType::F32);
+    let x = rng.tensor([2, 5, 8, 6], &device, DType::F32);
     assert_eq!(layer.path_for(&x).unwrap(), ForwardPath::Fused);
     let fused = host_any(layer.forward(x.clone()));
     let dense = host_any(layer.clone().with_path(ForwardPath::DenseForm).forward(x));
@@ -292,9 +246,9 @@ fn weight_gradients_without_an_input_gradient() {
         let config = VConv2dConfig::new([20, 30], [3, 3]).with_padding(PaddingConfig2d::Same);
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
-        layer.weight = Param::from_tensor(tensor(&mut rng, weight_shape, &device, DType::F32));
-        let x = tensor(&mut rng, [2, 20, 12, 13], &device, DType::F32);
-        let r = tensor(&mut rng, [2, 30, 12, 13], &device, DType::F32);
+        layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, DType::F32));
+        let x = rng.tensor([2, 20, 12, 13], &device, DType::F32);
+        let r = rng.tensor([2, 30, 12, 13], &device, DType::F32);
         let grads_of = |path: ForwardPath| {
             tuning::set_strategy(strategy);
             let layer = layer.clone().with_path(path);

@@ -2,60 +2,14 @@
 //! it against its dense twin, export it (dense safetensors, ONNX), predict, and the
 //! exit codes of bad files.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn versatile(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_versatile"))
-        .args(args)
-        .output()
-        .expect("run versatile")
-}
+use std::path::Path;
 
-fn ok(args: &[&str]) -> String {
-    let out = versatile(args);
-    assert!(
-        out.status.success(),
-        "versatile {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail with `code`; returns its stderr.
-fn fails(args: &[&str], code: i32) -> String {
-    let out = versatile(args);
-    assert_eq!(out.status.code(), Some(code), "versatile {args:?}: {out:?}");
-    String::from_utf8(out.stderr).unwrap()
-}
-
-/// A directory for one test's files, removed when dropped.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scratch(test: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("versatile-cli-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
-}
+use common::{fails, ok, repo_file, scratch};
 
 fn pth() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/torch/small_vgg_authors_layout.pth")
+    repo_file("tests/data/torch/small_vgg_authors_layout.pth")
         .display()
         .to_string()
 }

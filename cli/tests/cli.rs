@@ -1,23 +1,8 @@
 //! The `versatile` binary end to end: output formats and exit codes.
 
-use std::process::{Command, Output};
+mod common;
 
-fn versatile(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_versatile"))
-        .args(args)
-        .output()
-        .expect("run versatile")
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = versatile(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
+use common::{json, versatile};
 
 #[test]
 fn layer_json_reports_geometry_and_costs() {

@@ -1,23 +1,8 @@
 //! `versatile summary` and `versatile models` as a user runs them.
 
-use std::process::{Command, Output};
+mod common;
 
-fn versatile(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_versatile"))
-        .args(args)
-        .output()
-        .expect("the versatile binary runs")
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    let out = versatile(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object")
-}
+use common::{json, versatile};
 
 #[test]
 fn summary_json_has_layers_totals_and_ratios() {

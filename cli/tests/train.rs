@@ -1,30 +1,14 @@
 //! `versatile demo`, `train`, `eval` and `plot` end to end on the shipped Fashion-MNIST
 //! sample.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn versatile(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_versatile"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run versatile")
-}
+use std::path::PathBuf;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{repo_file, scratch, text, versatile_in as versatile};
 
 fn sample() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist-sample")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("versatile-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    repo_file("data/fashion-mnist-sample")
 }
 
 #[test]
@@ -109,7 +93,6 @@ fn quick_demo_then_eval_and_plot_its_runs() {
     assert!(dir.join("both.svg").is_file());
     let svg = std::fs::read_to_string(dir.join("both.svg")).unwrap();
     assert!(svg.contains("spatial test") && svg.contains("dense train"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -160,5 +143,4 @@ fn bad_configurations_exit_with_usage_errors() {
     );
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("nowhere"));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -101,6 +101,20 @@ impl Layout {
 /// Weights from this many values on are transformed by all threads.
 const PARALLEL_WEIGHT: usize = 1 << 20;
 
+/// Per ring of the ring layout: its offset, leading dimension and the patch index
+/// (`ky * kw + kx`) of each of its positions.
+fn ring_columns(plan: &ConvPlan, layout: &Layout) -> Vec<(usize, usize, Vec<usize>)> {
+    let kw = plan.kernel[1];
+    plan.rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect()
+}
+
 /// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
 /// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`. One pass, parallel over
 /// primaries for large weights.
@@ -108,16 +122,7 @@ fn to_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, weight: &[T], out: 
     let kw = plan.kernel[1];
     let area = plan.kernel[0] * kw;
     let depth = plan.weight_depth;
-    // Per ring: its offset, leading dimension and the patch index of each position.
-    let rings: Vec<(usize, usize, Vec<usize>)> = plan
-        .rings
-        .iter()
-        .enumerate()
-        .map(|(r, ring)| {
-            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
-            (layout.weight[r], layout.weight_ld(plan, r), index)
-        })
-        .collect();
+    let rings = ring_columns(plan, layout);
     let dst = SharedMut(out.as_mut_ptr());
     let primary = |p: usize| {
         let patches = &weight[p * depth * area..(p + 1) * depth * area];
@@ -146,15 +151,7 @@ fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> 
     let kw = plan.kernel[1];
     let area = plan.kernel[0] * kw;
     let depth = plan.weight_depth;
-    let rings: Vec<(usize, usize, Vec<usize>)> = plan
-        .rings
-        .iter()
-        .enumerate()
-        .map(|(r, ring)| {
-            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
-            (layout.weight[r], layout.weight_ld(plan, r), index)
-        })
-        .collect();
+    let rings = ring_columns(plan, layout);
     let len = plan.weight_len();
     let mut out = workspace::uninit(len);
     let primary = |(p, patches): (usize, &mut [MaybeUninit<T>])| {

@@ -195,8 +195,9 @@ pub fn assert_close(what: &str, got: &[f64], expected: &[f64], tol: f64) {
     );
 }
 
-/// A small deterministic generator for test inputs (xorshift64*).
-pub struct Rng(u64);
+/// A small deterministic generator for test inputs and choices (xorshift64*); the
+/// state must not be zero ([`Rng::new`] makes any seed valid).
+pub struct Rng(pub u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
@@ -218,5 +219,36 @@ impl Rng {
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+
+    /// One of `items`.
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+
+    /// `len` values uniform in `[-1, 1)`.
+    pub fn values(&mut self, len: usize) -> Vec<f64> {
+        (0..len).map(|_| self.uniform(-1.0, 1.0)).collect()
+    }
+
+    /// A tensor of `shape` with values uniform in `[-1, 1)`.
+    pub fn tensor<const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        device: &Device,
+        dtype: DType,
+    ) -> Tensor<D> {
+        let len = shape.iter().product();
+        Tensor::from_data(TensorData::new(self.values(len), shape), (device, dtype))
     }
 }

@@ -8,28 +8,18 @@ use anyhow::Result;
 use clap::Args;
 use versatile::checkpoint::import::import_state_dict;
 use versatile::checkpoint::{save_checkpoint, CheckpointMeta};
-use versatile::models::{ImageClassifier, ModelConfig};
+use versatile::models::ImageClassifier;
 
 use super::files::{checkpoint_error, size};
-use super::UsageError;
+use super::ModelArgs;
 
 /// Arguments of `versatile import`.
 #[derive(Debug, Args)]
 pub struct ImportArgs {
     /// The state dict: .pth/.pt (PyTorch) or .safetensors with PyTorch's key names.
     file: PathBuf,
-    /// Model name (see `versatile models`), e.g. vgg16_bn, resnet18, vgg_fc6:64:16-M-32-M.
-    #[arg(long)]
-    model: String,
-    /// Variant: dense, spatial or spatial+channel[:...] (the authors' VGG example is spatial).
-    #[arg(long, default_value = "dense")]
-    variant: String,
-    /// Number of classes; default: the model's.
-    #[arg(long, value_name = "K")]
-    classes: Option<usize>,
-    /// Input channels; default: the model's.
-    #[arg(long, value_name = "C")]
-    in_channels: Option<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Class names in output order, comma separated (stored for `predict`).
     #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
     class_names: Option<Vec<String>>,
@@ -40,14 +30,7 @@ pub struct ImportArgs {
 
 /// Runs `versatile import`.
 pub fn run(args: &ImportArgs) -> Result<()> {
-    let mut config =
-        ModelConfig::parse(&args.model, &args.variant).map_err(UsageError::from_display)?;
-    if let Some(classes) = args.classes {
-        config = config.with_num_classes(classes);
-    }
-    if let Some(channels) = args.in_channels {
-        config = config.with_in_channels(channels);
-    }
+    let config = args.model.config()?;
     let device = burn::tensor::Device::flex();
     let imported = import_state_dict(&args.file, &config, &device).map_err(checkpoint_error)?;
     let mut meta = CheckpointMeta::new(imported.model.config().clone());

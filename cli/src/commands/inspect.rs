@@ -10,6 +10,7 @@ use versatile::checkpoint::{inspect, CheckpointInfo, StoredSize};
 use versatile::models::reference::grouped;
 
 use super::files::{checkpoint_error, size};
+use super::ratio;
 
 /// Arguments of `versatile inspect`.
 #[derive(Debug, Args)]
@@ -19,14 +20,6 @@ pub struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 / whole as f64
-    }
 }
 
 /// Runs `versatile inspect`.

@@ -7,41 +7,22 @@ use serde_json::json;
 use versatile::cost::LayerCost;
 use versatile::models::reference::{grouped, scaled};
 use versatile::models::report::bytes;
-use versatile::models::{reference, CostReport, ModelConfig, CONVENTION};
+use versatile::models::{reference, CostReport, CONVENTION};
 
 use super::layer::parse_hw;
-use super::UsageError;
+use super::{ratio, ModelArgs, UsageError};
 
 /// Arguments of `versatile summary`.
 #[derive(Debug, Args)]
 pub struct SummaryArgs {
-    /// Model name (see `versatile models`), e.g. vgg16, resnet50, vgg_bn:32-32-M-64-64-M.
-    #[arg(long)]
-    model: String,
-    /// Variant: dense, spatial or spatial+channel[:delta=N|ratio=R,g=N|windows=N,mode=shared|sliding].
-    #[arg(long, default_value = "dense")]
-    variant: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Input size HxW (or one number); default: the model's usual size.
     #[arg(long, value_name = "HxW", value_parser = parse_hw)]
     input: Option<[usize; 2]>,
-    /// Number of classes; default: the model's (1000 for ImageNet models, 10 otherwise).
-    #[arg(long, value_name = "K")]
-    classes: Option<usize>,
-    /// Input channels; default: the model's (3, or 1 for lenet5).
-    #[arg(long, value_name = "C")]
-    in_channels: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-/// `part / whole`, 0 for an empty whole.
-fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 {
-        0.0
-    } else {
-        part as f64 / whole as f64
-    }
 }
 
 fn shape(dims: &[usize]) -> String {
@@ -53,14 +34,7 @@ fn shape(dims: &[usize]) -> String {
 
 /// Runs `versatile summary`.
 pub fn run(args: &SummaryArgs) -> Result<()> {
-    let mut config =
-        ModelConfig::parse(&args.model, &args.variant).map_err(UsageError::from_display)?;
-    if let Some(classes) = args.classes {
-        config = config.with_num_classes(classes);
-    }
-    if let Some(channels) = args.in_channels {
-        config = config.with_in_channels(channels);
-    }
+    let config = args.model.config()?;
     let side = config.arch.default_input();
     let input = args.input.unwrap_or([side, side]);
     let report = config

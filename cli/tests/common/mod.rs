@@ -1,0 +1,80 @@
+//! What the end-to-end tests of the `versatile` binary share: running it, reading its
+//! output, scratch directories.
+
+// Each test target uses its own subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs `versatile ARGS` in the current directory.
+pub fn versatile(args: &[&str]) -> Output {
+    versatile_in(args, Path::new("."))
+}
+
+/// Runs `versatile ARGS` in `cwd`.
+pub fn versatile_in(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_versatile"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run versatile")
+}
+
+/// Output bytes as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = versatile(args);
+    assert!(
+        out.status.success(),
+        "versatile {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Runs a command that must succeed and print one JSON object.
+pub fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).expect("one JSON object")
+}
+
+/// Runs a command that must fail with `code`; returns its stderr.
+pub fn fails(args: &[&str], code: i32) -> String {
+    let out = versatile(args);
+    assert_eq!(out.status.code(), Some(code), "versatile {args:?}: {out:?}");
+    text(&out.stderr)
+}
+
+/// A directory for one test's files, removed when dropped.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh, empty scratch directory named after the test.
+pub fn scratch(test: &str) -> Scratch {
+    let dir = std::env::temp_dir().join(format!("versatile-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    Scratch(dir)
+}
+
+/// A file of the repository, by its path from the repository root.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
