@@ -41,13 +41,7 @@ pub fn plan(variant: &Variant, in_channels: usize, num_classes: usize) -> ConvNe
         }
         channels = out;
     }
-    let linear = |d_input, d_output| {
-        HeadSpec::Linear(LinearSpec {
-            d_input,
-            d_output,
-            init: Init::TorchDefault,
-        })
-    };
+    let linear = |d_input, d_output| HeadSpec::Linear(LinearSpec::torch_default(d_input, d_output));
     ConvNetPlan {
         features,
         avgpool: [POOLED, POOLED],

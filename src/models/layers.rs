@@ -604,6 +604,15 @@ pub struct LinearSpec {
 }
 
 impl LinearSpec {
+    /// A `d_input -> d_output` layer with PyTorch's default `nn.Linear` initialisation.
+    pub fn torch_default(d_input: usize, d_output: usize) -> Self {
+        LinearSpec {
+            d_input,
+            d_output,
+            init: Init::TorchDefault,
+        }
+    }
+
     /// Builds the layer.
     pub fn init(&self, device: &Device) -> Linear {
         let mut linear = LinearConfig::new(self.d_input, self.d_output)

@@ -22,13 +22,7 @@ pub fn plan(variant: &Variant, in_channels: usize, num_classes: usize) -> ConvNe
         )
     };
     let pool = || FeatureSpec::MaxPool(PoolSpec::new(2, 2));
-    let linear = |d_input, d_output| {
-        HeadSpec::Linear(LinearSpec {
-            d_input,
-            d_output,
-            init: Init::TorchDefault,
-        })
-    };
+    let linear = |d_input, d_output| HeadSpec::Linear(LinearSpec::torch_default(d_input, d_output));
     ConvNetPlan {
         features: vec![
             conv(in_channels, 6, 2),

@@ -21,7 +21,7 @@ use burn::tensor::{Device, Tensor};
 use super::error::ModelError;
 use super::layers::{
     adaptive_pool, init_features, trace_adaptive_pool, trace_features, Chw, ConvLayer, ConvSpec,
-    FeatureLayer, FeatureSpec, HeadSpec, Init, LinearSpec, PoolSpec, Trace, TraceError,
+    FeatureLayer, FeatureSpec, HeadSpec, LinearSpec, PoolSpec, Trace, TraceError,
 };
 use super::variant::Variant;
 use super::ModelConfig;
@@ -223,11 +223,7 @@ impl ResNetPlan {
             conv1: conv(in_channels, STEM, 7).with_stride(2).with_padding(3),
             maxpool: PoolSpec::new(3, 2).with_padding(1),
             stages,
-            fc: LinearSpec {
-                d_input: PLANES[3] * expansion,
-                d_output: num_classes,
-                init: Init::TorchDefault,
-            },
+            fc: LinearSpec::torch_default(PLANES[3] * expansion, num_classes),
         }
     }
 
