@@ -1,8 +1,10 @@
 //! Helpers shared by the checkpoint and export tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
-use std::path::{Path, PathBuf};
+mod scratch;
+
+pub use scratch::{scratch, Scratch};
 
 use burn::store::{bridge, ModuleSnapshot};
 use burn::tensor::{Device, Distribution, Tensor, TensorData};
@@ -42,31 +44,6 @@ pub fn authors_io(device: &Device) -> (Tensor<4>, Vec<f32>) {
     assert_eq!(shape, [2, 10]);
     let x = Tensor::from_data(TensorData::new(x, [2, 1, 28, 28]), device);
     (x, logits)
-}
-
-/// A directory for one test's files, removed with everything in it when dropped.
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A fresh directory for one test's files.
-pub fn scratch(test: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("versatile-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
 }
 
 /// The model `name` under `variant`.

@@ -2,7 +2,12 @@
 //! output, scratch directories.
 
 // Each test target uses its own subset.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+#[path = "../../../tests/support/scratch.rs"]
+mod scratch;
+
+pub use scratch::scratch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -47,31 +52,6 @@ pub fn fails(args: &[&str], code: i32) -> String {
     let out = versatile(args);
     assert_eq!(out.status.code(), Some(code), "versatile {args:?}: {out:?}");
     text(&out.stderr)
-}
-
-/// A directory for one test's files, removed when dropped.
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A fresh, empty scratch directory named after the test.
-pub fn scratch(test: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("versatile-cli-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
 }
 
 /// A file of the repository, by its path from the repository root.
