@@ -11,7 +11,7 @@ use flate2::Compression;
 use tempfile::TempDir;
 use versatile::data::{
     DataError, Dataset, DatasetKind, HostBatch, Image, ImageShape, Loader, LoaderConfig, Normalize,
-    Position, Split, Step, Transform,
+    Position, Split, Step, Transform, IDX_CLASS_NAMES,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -99,6 +99,37 @@ fn idx_raw_and_gzip_read_the_same_samples() {
         ));
         assert_eq!(DatasetKind::detect(dir.path()).unwrap(), DatasetKind::Idx);
     }
+}
+
+#[test]
+fn idx_class_names_file_declares_the_classes() {
+    let dir = TempDir::new().unwrap();
+    write_idx(dir.path(), "train", 23, 5, 4, true);
+    write_idx(dir.path(), "t10k", 7, 5, 4, true);
+    let names: Vec<String> = (0..10).map(|i| format!("class name {i}")).collect();
+    std::fs::write(dir.path().join(IDX_CLASS_NAMES), names.join("\n") + "\n\n").unwrap();
+    // Both splits take the names, the test split although its labels stop at 6.
+    for (split, len) in [(Split::Train, 23), (Split::Test, 7)] {
+        let data = Dataset::open(DatasetKind::Idx, dir.path(), split).unwrap();
+        assert_eq!(data.len(), len);
+        assert_eq!(data.num_classes(), 10);
+        assert_eq!(data.class_names(), Some(names.as_slice()));
+    }
+    // Fewer names than the labels need: the first label beyond them is named.
+    std::fs::write(dir.path().join(IDX_CLASS_NAMES), "a\nb\nc\n").unwrap();
+    match open_err(DatasetKind::Idx, dir.path(), Split::Train) {
+        DataError::LabelOutOfRange {
+            index,
+            label,
+            num_classes,
+            ..
+        } => assert_eq!((index, label, num_classes), (3, 3, 3)),
+        other => panic!("expected LabelOutOfRange, got {other}"),
+    }
+    // Without the file there are no names and the labels decide the class count.
+    std::fs::remove_file(dir.path().join(IDX_CLASS_NAMES)).unwrap();
+    let data = Dataset::open(DatasetKind::Idx, dir.path(), Split::Test).unwrap();
+    assert_eq!((data.num_classes(), data.class_names()), (7, None));
 }
 
 #[test]

@@ -94,6 +94,12 @@ fn loss_decreases_on_real_fashion_mnist() {
     let preprocess = saved.meta.preprocess();
     assert_eq!(preprocess.input_size, [28, 28]);
     assert_eq!((preprocess.mean.len(), preprocess.std.len()), (1, 1));
+    // ... and the sample's class names (data/fashion-mnist-sample/classes.txt), for predict.
+    let names = saved
+        .meta
+        .class_names
+        .expect("class names from classes.txt");
+    assert_eq!((names.len(), names[9].as_str()), (10, "Ankle boot"));
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.starts_with("epoch,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,lr"));

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::dataset::InMemory;
+use super::dataset::{read_name_list, InMemory};
 use super::{DataError, ImageShape, Split};
 
 /// Side of a CIFAR image.
@@ -115,7 +115,8 @@ pub(crate) fn read(dir: &Path, variant: Variant, split: Split) -> Result<InMemor
         }
         read_file(&path, variant, &mut pixels, &mut labels)?;
     }
-    let class_names = read_names(&dir.join(variant.names_file()), variant.num_classes());
+    let class_names = read_name_list(&dir.join(variant.names_file()))
+        .filter(|names| names.len() == variant.num_classes());
     Ok(InMemory {
         shape: ImageShape::new(3, SIDE, SIDE),
         pixels,
@@ -176,16 +177,4 @@ fn read_file(
         }
     }
     Ok(())
-}
-
-/// Class names, one per line, when the file exists and has one per class.
-fn read_names(path: &Path, num_classes: usize) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let names: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|line| !line.is_empty())
-        .map(str::to_string)
-        .collect();
-    (names.len() == num_classes).then_some(names)
 }

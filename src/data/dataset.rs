@@ -460,7 +460,26 @@ impl Dataset {
     }
 }
 
-/// Reads and cross-checks the IDX pair of `split` in `dir`.
+/// The optional file of class names in an IDX directory: one name per line, in label
+/// order (IDX files carry no names; the shipped Fashion-MNIST sample has one).
+pub const IDX_CLASS_NAMES: &str = "classes.txt";
+
+/// The lines of a text file of names, one per line (blank lines ignored); `None` when the
+/// file cannot be read.
+pub(crate) fn read_name_list(path: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// Reads and cross-checks the IDX pair of `split` in `dir`, and the optional
+/// [`IDX_CLASS_NAMES`] beside them: when present it declares the classes (a split may
+/// lack the last ones), and a label beyond them is an error.
 fn open_idx(dir: &Path, split: Split) -> Result<InMemory, DataError> {
     let (images_path, labels_path) = idx::find_pair(dir, split)?;
     let images = idx::read_images(&images_path)?;
@@ -473,12 +492,25 @@ fn open_idx(dir: &Path, split: Split) -> Result<InMemory, DataError> {
             num_labels: labels.len(),
         });
     }
-    let num_classes = labels.iter().max().map_or(0, |&max| max as usize + 1);
+    let (num_classes, class_names) = match read_name_list(&dir.join(IDX_CLASS_NAMES)) {
+        Some(names) if !names.is_empty() => {
+            if let Some(index) = labels.iter().position(|&l| usize::from(l) >= names.len()) {
+                return Err(DataError::LabelOutOfRange {
+                    path: labels_path,
+                    index,
+                    label: u32::from(labels[index]),
+                    num_classes: names.len(),
+                });
+            }
+            (names.len(), Some(names))
+        }
+        _ => (labels.iter().max().map_or(0, |&max| max as usize + 1), None),
+    };
     Ok(InMemory {
         shape: images.shape,
         pixels: images.pixels,
         labels: labels.into_iter().map(u32::from).collect(),
         num_classes,
-        class_names: None,
+        class_names,
     })
 }

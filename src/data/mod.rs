@@ -58,7 +58,7 @@ mod loader;
 mod raster;
 mod transform;
 
-pub use dataset::{Dataset, DatasetKind, Split};
+pub use dataset::{Dataset, DatasetKind, Split, IDX_CLASS_NAMES};
 pub use error::DataError;
 pub use loader::{
     derive_seed, sample_seed, Batch, Batches, HostBatch, HostBatches, Loader, LoaderConfig,
