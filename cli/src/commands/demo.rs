@@ -12,7 +12,7 @@ use versatile::train::{DeviceChoice, Outcome, ProgressBars, Summary, TrainConfig
 
 use super::plot;
 use super::train::{stop_flag, train_error};
-use super::UsageError;
+use super::{ratio, UsageError};
 
 /// The shipped sample (6,000 training and 1,000 test images).
 const SAMPLE: &str = "data/fashion-mnist-sample";
@@ -156,40 +156,30 @@ fn print_table(results: &[(String, Summary, PathBuf)]) {
     let [(_, dense, _), (_, spatial, _)] = results else {
         return;
     };
-    let ratio = |a: f64, b: f64| if b == 0.0 { 0.0 } else { a / b };
     let rows: [(&str, String, String, String); 7] = [
         (
             "parameters",
             thousands(dense.params),
             thousands(spatial.params),
-            format!("{:.3}", ratio(spatial.params as f64, dense.params as f64)),
+            format!("{:.3}", ratio(spatial.params, dense.params)),
         ),
         (
             "conv parameters",
             thousands(dense.conv_params),
             thousands(spatial.conv_params),
-            format!(
-                "{:.3}",
-                ratio(spatial.conv_params as f64, dense.conv_params as f64)
-            ),
+            format!("{:.3}", ratio(spatial.conv_params, dense.conv_params)),
         ),
         (
             "MACs / image (paper)",
             format!("{:.2} M", dense.macs_paper as f64 / 1e6),
             format!("{:.2} M", spatial.macs_paper as f64 / 1e6),
-            format!(
-                "{:.3}",
-                ratio(spatial.macs_paper as f64, dense.macs_paper as f64)
-            ),
+            format!("{:.3}", ratio(spatial.macs_paper, dense.macs_paper)),
         ),
         (
             "MACs / image (nested)",
             format!("{:.2} M", dense.macs_nested as f64 / 1e6),
             format!("{:.2} M", spatial.macs_nested as f64 / 1e6),
-            format!(
-                "{:.3}",
-                ratio(spatial.macs_nested as f64, dense.macs_nested as f64)
-            ),
+            format!("{:.3}", ratio(spatial.macs_nested, dense.macs_nested)),
         ),
         (
             "test top-1",
@@ -209,7 +199,11 @@ fn print_table(results: &[(String, Summary, PathBuf)]) {
             format!("{:.1} s", spatial.seconds_per_epoch),
             format!(
                 "{:.2}",
-                ratio(spatial.seconds_per_epoch, dense.seconds_per_epoch)
+                if dense.seconds_per_epoch > 0.0 {
+                    spatial.seconds_per_epoch / dense.seconds_per_epoch
+                } else {
+                    0.0
+                }
             ),
         ),
     ];
