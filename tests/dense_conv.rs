@@ -10,16 +10,40 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor};
 use common::{host_any, relative_error, Rng};
-use versatile::kernels::tuning::{self, Strategy};
-use versatile::layer::{conv2d_forward, conv_path_for, override_conv_path, ConvPath};
+use versatile::kernels::trace::{self, Layout, Pass};
+use versatile::kernels::tuning::{self, Strategy, Tuning};
+use versatile::layer::{conv2d_forward, conv_path_for, pin_conv_path, ConvPath};
 
-/// Output and gradients through `conv2d_forward` with the path pinned to `path`.
-fn run(conv: &Conv2d, path: ConvPath, x: &Tensor<4>, r: &Tensor<4>) -> Vec<Vec<f64>> {
-    override_conv_path(Some(path));
+/// Output and gradients through `conv2d_forward` with the path pinned to `path`; checks
+/// that the nested kernel ran (forward and backward, in `layout` when given) exactly
+/// when `path` is `Nested`.
+fn run(
+    conv: &Conv2d,
+    path: ConvPath,
+    x: &Tensor<4>,
+    r: &Tensor<4>,
+    layout: Option<Layout>,
+) -> Vec<Vec<f64>> {
+    let _pin = pin_conv_path(path);
     let x = x.clone().require_grad();
     assert_eq!(conv_path_for(conv, &x), path);
-    let out = conv2d_forward(conv, x.clone());
-    let grads = (out.clone() * r.clone()).sum().backward();
+    let ((out, grads), calls) = trace::record(|| {
+        let out = conv2d_forward(conv, x.clone());
+        let grads = (out.clone() * r.clone()).sum().backward();
+        (out, grads)
+    });
+    if path == ConvPath::Nested {
+        let passes: Vec<Pass> = calls.iter().map(|c| c.pass).collect();
+        assert_eq!(passes, [Pass::Forward, Pass::Backward]);
+        if let Some(layout) = layout {
+            assert!(calls.iter().all(|c| c.layout == layout), "{calls:?}");
+        }
+    } else {
+        assert!(
+            calls.is_empty(),
+            "burn's conv2d path ran the kernel: {calls:?}"
+        );
+    }
     let mut result = vec![
         host_any(out),
         host_any(x.grad(&grads).unwrap()),
@@ -35,7 +59,6 @@ fn run(conv: &Conv2d, path: ConvPath, x: &Tensor<4>, r: &Tensor<4>) -> Vec<Vec<f
 fn nested_dense_conv_matches_burn_conv2d() {
     let device = Device::flex().autodiff();
     let mut rng = Rng(0xc0_2d);
-    tuning::set_min_task_columns(16);
     let mut failures = Vec::new();
     for case in 0..250 {
         let dtype = if case % 5 == 4 {
@@ -85,12 +108,21 @@ fn nested_dense_conv_matches_burn_conv2d() {
         let x = rng.tensor(shape, &device, dtype);
         let out_shape = conv.forward(x.clone()).dims();
         let r = rng.tensor(out_shape, &device, dtype);
-        tuning::set_tile_columns([None, Some(5), Some(23)][rng.range(0, 2)]);
-        tuning::set_strategy(
-            [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)],
-        );
-        let burn = run(&conv, ConvPath::Burn, &x, &r);
-        let nested = run(&conv, ConvPath::Nested, &x, &r);
+        let strategy = [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)];
+        let _tuning = tuning::scoped(Tuning {
+            strategy,
+            tile_columns: [None, Some(5), Some(23)][rng.range(0, 2)],
+            // Parallel tasks from a few columns on, so small inputs split too.
+            min_task_columns: 16,
+        });
+        let layout = match strategy {
+            Strategy::Im2col => Some(Layout::Im2col),
+            Strategy::Shifted if stride == [1, 1] => Some(Layout::Shifted),
+            Strategy::Shifted => Some(Layout::Im2col),
+            _ => None,
+        };
+        let burn = run(&conv, ConvPath::Burn, &x, &r, None);
+        let nested = run(&conv, ConvPath::Nested, &x, &r, layout);
         for (what, (got, want)) in ["out", "grad_x", "grad_weight", "grad_bias"]
             .iter()
             .zip(nested.iter().zip(&burn))
@@ -103,10 +135,6 @@ fn nested_dense_conv_matches_burn_conv2d() {
             }
         }
     }
-    override_conv_path(None);
-    tuning::set_tile_columns(None);
-    tuning::set_strategy(Strategy::Auto);
-    tuning::set_min_task_columns(tuning::MIN_TASK_COLUMNS);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

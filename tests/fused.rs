@@ -10,12 +10,18 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor};
 use common::{host_any, relative_error, Rng};
-use versatile::kernels::tuning::{self, Strategy};
+use versatile::kernels::trace::{self, Executed, Layout, Pass};
+use versatile::kernels::tuning::{self, Strategy, Tuning};
 use versatile::layer::{ChannelMode, ForwardPath, VConv2d, VConv2dConfig, VConvShapeError};
+
+/// Gradients (input, weight, bias) and output of one run.
+type Outputs = (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>);
 
 /// A random valid layer configuration and an input shape it accepts.
 fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
@@ -90,46 +96,75 @@ fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
     }
 }
 
-/// Output and gradients (input, weight, bias) of `sum(out * r)` through `path`.
+/// Output and gradients (input, weight, bias) of `sum(out * r)` through `path`, and the
+/// kernel calls that ran.
 fn run(
     layer: &VConv2d,
     path: ForwardPath,
     x: &Tensor<4>,
     r: &Tensor<4>,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+) -> (Outputs, Vec<Executed>) {
     let layer = layer.clone().with_path(path);
     let x = x.clone().require_grad();
     assert_eq!(layer.path_for(&x).unwrap(), path);
-    let out = layer.forward(x.clone());
-    let grads = (out.clone() * r.clone()).sum().backward();
-    (
-        host_any(out),
-        host_any(x.grad(&grads).unwrap()),
-        host_any(layer.weight.grad(&grads).unwrap()),
-        layer
-            .bias
-            .as_ref()
-            .map(|b| host_any(b.grad(&grads).unwrap())),
-    )
+    trace::record(|| {
+        let out = layer.forward(x.clone());
+        let grads = (out.clone() * r.clone()).sum().backward();
+        (
+            host_any(out),
+            host_any(x.grad(&grads).unwrap()),
+            host_any(layer.weight.grad(&grads).unwrap()),
+            layer
+                .bias
+                .as_ref()
+                .map(|b| host_any(b.grad(&grads).unwrap())),
+        )
+    })
 }
 
-/// Compares the two paths on `cases` random configurations in `dtype`.
-fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
+/// The layout a forced `strategy` must run for `config` (`None`: `Auto` chooses).
+fn forced_layout(strategy: Strategy, config: &VConv2dConfig) -> Option<Layout> {
+    let covering_window = config.groups == 1 && config.delta == 0;
+    match strategy {
+        Strategy::Auto => None,
+        Strategy::Im2col => Some(Layout::Im2col),
+        Strategy::Shifted if config.stride == [1, 1] => Some(Layout::Shifted),
+        Strategy::Stream if covering_window => Some(Layout::Streaming),
+        Strategy::Shifted | Strategy::Stream => Some(Layout::Im2col),
+    }
+}
+
+/// Compares the two paths on `cases` random configurations in `dtype`, with parallel
+/// tasks from `min_task_columns` columns on; checks that every forced layout ran where
+/// it applies and returns how often each layout ran.
+fn compare_random(
+    seed: u64,
+    cases: usize,
+    dtype: DType,
+    tolerance: f64,
+    min_task_columns: usize,
+) -> HashMap<Layout, usize> {
     let device = Device::flex().autodiff();
     let mut rng = Rng(seed);
     let mut failures = Vec::new();
+    let mut layouts = HashMap::new();
     for case in 0..cases {
         let (config, shape) = random_case(&mut rng);
         // Small, odd tiles: borders inside output rows and between images.
-        tuning::set_tile_columns(Some(rng.pick(&[0, 7, 13, 40])).filter(|&t| t > 0));
+        let tile_columns = Some(rng.pick(&[0, 7, 13, 40])).filter(|&t| t > 0);
         // Every layout: im2col tiles, shifted views (stride 1 only), weight streaming
         // (one covering window only).
-        tuning::set_strategy(rng.pick(&[
+        let strategy = rng.pick(&[
             Strategy::Auto,
             Strategy::Im2col,
             Strategy::Shifted,
             Strategy::Stream,
-        ]));
+        ]);
+        let _tuning = tuning::scoped(Tuning {
+            strategy,
+            tile_columns,
+            min_task_columns,
+        });
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();
         layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, dtype));
@@ -140,8 +175,18 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
         let x = rng.tensor(shape, &device, dtype);
         let out_shape = layer.output_shape(shape).unwrap();
         let r = rng.tensor(out_shape, &device, dtype);
-        let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
-        let fused = run(&layer, ForwardPath::Fused, &x, &r);
+        let (dense, dense_calls) = run(&layer, ForwardPath::DenseForm, &x, &r);
+        let (fused, calls) = run(&layer, ForwardPath::Fused, &x, &r);
+        assert!(dense_calls.is_empty(), "the dense form ran the kernel");
+        let passes: Vec<Pass> = calls.iter().map(|c| c.pass).collect();
+        assert_eq!(passes, [Pass::Forward, Pass::Backward], "case {case}");
+        if let Some(layout) = forced_layout(strategy, &config) {
+            assert!(
+                calls.iter().all(|c| c.layout == layout),
+                "case {case}: {strategy:?} ran {calls:?} ({config:?})"
+            );
+        }
+        *layouts.entry(calls[0].layout).or_insert(0) += 1;
         let mut check = |what: &str, got: &[f64], want: &[f64]| {
             let err = relative_error(got, want);
             if err > tolerance {
@@ -157,18 +202,19 @@ fn compare_random(seed: u64, cases: usize, dtype: DType, tolerance: f64) {
             check("grad_bias", f, d);
         }
     }
-    tuning::set_tile_columns(None);
-    tuning::set_strategy(Strategy::Auto);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    layouts
 }
 
 #[test]
 fn fused_matches_dense_form_on_random_configurations() {
-    // Parallel tasks from a few hundred columns on, so small inputs split too.
-    tuning::set_min_task_columns(16);
-    compare_random(0x5eed_0001, 600, DType::F32, 2e-5);
-    compare_random(0x5eed_0002, 120, DType::F64, 1e-12);
-    tuning::set_min_task_columns(tuning::MIN_TASK_COLUMNS);
+    // Parallel tasks from a few columns on, so small inputs split too.
+    let layouts = compare_random(0x5eed_0001, 600, DType::F32, 2e-5, 16);
+    for layout in [Layout::Im2col, Layout::Shifted, Layout::Streaming] {
+        let runs = layouts.get(&layout).copied().unwrap_or(0);
+        assert!(runs >= 10, "{layout:?} ran {runs} times: {layouts:?}");
+    }
+    compare_random(0x5eed_0002, 120, DType::F64, 1e-12, 16);
 }
 
 #[test]
@@ -191,8 +237,14 @@ fn fused_handles_wide_layers_with_parallel_tasks() {
         layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, DType::F32));
         let x = rng.tensor([4, c, 30, 33], &device, DType::F32);
         let r = rng.tensor(layer.output_shape(x.dims()).unwrap(), &device, DType::F32);
-        let dense = run(&layer, ForwardPath::DenseForm, &x, &r);
-        let fused = run(&layer, ForwardPath::Fused, &x, &r);
+        // Two threads whatever the machine: two parallel tasks, forward and backward.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (dense, _) = pool.install(|| run(&layer, ForwardPath::DenseForm, &x, &r));
+        let (fused, calls) = pool.install(|| run(&layer, ForwardPath::Fused, &x, &r));
+        assert!(calls.iter().all(|c| c.tasks == 2), "{calls:?}");
         for (what, got, want) in [
             ("out", &fused.0, &dense.0),
             ("grad_x", &fused.1, &dense.1),
@@ -250,10 +302,18 @@ fn weight_gradients_without_an_input_gradient() {
         let x = rng.tensor([2, 20, 12, 13], &device, DType::F32);
         let r = rng.tensor([2, 30, 12, 13], &device, DType::F32);
         let grads_of = |path: ForwardPath| {
-            tuning::set_strategy(strategy);
+            let _tuning = tuning::scoped(Tuning {
+                strategy,
+                ..Tuning::default()
+            });
             let layer = layer.clone().with_path(path);
-            let grads = (layer.forward(x.clone()) * r.clone()).sum().backward();
+            let (grads, calls) =
+                trace::record(|| (layer.forward(x.clone()) * r.clone()).sum().backward());
             assert!(x.grad(&grads).is_none());
+            let expected = forced_layout(strategy, &config).unwrap();
+            if path == ForwardPath::Fused {
+                assert!(calls.len() == 2 && calls.iter().all(|c| c.layout == expected));
+            }
             (
                 host_any(layer.weight.grad(&grads).unwrap()),
                 host_any(layer.bias.as_ref().unwrap().grad(&grads).unwrap()),
@@ -261,7 +321,6 @@ fn weight_gradients_without_an_input_gradient() {
         };
         let fused = grads_of(ForwardPath::Fused);
         let dense = grads_of(ForwardPath::DenseForm);
-        tuning::set_strategy(Strategy::Auto);
         assert!(
             relative_error(&fused.0, &dense.0) < 2e-5,
             "{strategy:?} weight"

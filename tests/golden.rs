@@ -31,7 +31,7 @@ fn check_case(case: &GoldenCase, device: &Device, path: ForwardPath) -> Vec<Stri
     let mut layer = meta.config().init(device).with_path(path);
 
     // Geometry agrees with the case's derived sizes.
-    let g = layer.geometry;
+    let g = *layer.geometry();
     assert_eq!(
         (g.s, g.n_c, g.primary, g.c_hat),
         (meta.s, meta.n_c, meta.primary, meta.c_hat),

@@ -234,8 +234,8 @@ fn finite_difference_check(cfg: &VConv2dConfig, input: [usize; 4], rng: &mut Rng
         (values.clone(), shape)
     };
     let mut layer = cfg.init(&device);
-    let (w, w_shape) = f64_tensor(layer.geometry.weight_shape().to_vec(), rng);
-    let (b, b_shape) = f64_tensor(vec![layer.geometry.out_channels], rng);
+    let (w, w_shape) = f64_tensor(layer.geometry().weight_shape().to_vec(), rng);
+    let (b, b_shape) = f64_tensor(vec![layer.geometry().out_channels], rng);
     let (x, x_shape) = f64_tensor(input.to_vec(), rng);
     let out_shape = layer.output_shape(input).unwrap();
     let (r, r_shape) = f64_tensor(out_shape.to_vec(), rng);

@@ -170,6 +170,35 @@ fn resume_continues_exactly_where_the_run_stopped() {
 }
 
 #[test]
+fn a_run_is_bit_identical_for_a_given_thread_count() {
+    // Each thread count in a pool of its own (not the process-wide one): the same run
+    // twice gives the same weights, bit for bit, at 1, 2, 3, 8 and 16 threads.
+    for threads in [1, 2, 3, 8, 16] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let run = || {
+            let dir = TempDir::new().unwrap();
+            let mut config = small_config(dir.path(), "spatial+channel", 4, 20);
+            config.epochs = 1;
+            pool.install(|| {
+                let mut trainer = Trainer::new(config).unwrap();
+                finished(trainer.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+                weights(trainer.model())
+            })
+        };
+        let bits = |w: Vec<f32>| w.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let (a, b) = (bits(run()), bits(run()));
+        let differing = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert_eq!(
+            differing, 0,
+            "{threads} threads: {differing} weights differ"
+        );
+    }
+}
+
+#[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let dir = TempDir::new().unwrap();
     // A sane first epoch, then a learning rate of 0.05 * 1e30: the weights blow up.

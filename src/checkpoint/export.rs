@@ -64,7 +64,7 @@ pub fn to_dense(model: &Model) -> Result<Model, CheckpointError> {
             return Err(CheckpointError::Unsupported(format!(
                 "layer {name} is grouped ({} groups): its dense form permutes the output \
                  channels, which the layers after it do not expect",
-                vconv.geometry.groups
+                vconv.geometry().groups
             )));
         }
         let weight = format!("{name}.weight");

@@ -3,9 +3,9 @@
 //! Every dense convolution of the model zoo goes through [`conv2d_forward`], so a faster
 //! kernel for dense layers plugs in at one place: on the `Flex` device (f32 or f64) it
 //! runs the nested-ring kernel with a single ring (forward and backward), elsewhere
-//! burn's `conv2d`. [`override_conv_path`] pins the choice for tests and benchmarks.
+//! burn's `conv2d`. [`pin_conv_path`] pins the choice for tests and benchmarks.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::cell::Cell;
 
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
@@ -13,6 +13,7 @@ use burn::tensor::Tensor;
 
 use super::fused;
 use super::geometry::same_padding;
+use super::pin::PinGuard;
 use crate::kernels::ConvPlan;
 
 /// Which implementation runs a dense `Conv2d` in [`conv2d_forward`].
@@ -28,26 +29,23 @@ pub enum ConvPath {
     Burn,
 }
 
-/// Process-wide pin: 0 none (Auto), 1 nested, 2 burn.
-static CONV_OVERRIDE: AtomicU8 = AtomicU8::new(0);
+thread_local! {
+    static CONV_PIN: Cell<ConvPath> = const { Cell::new(ConvPath::Auto) };
+}
 
-/// Pins the implementation of [`conv2d_forward`] for the whole process (`None` or
-/// `Some(ConvPath::Auto)`: the default choice).
-pub fn override_conv_path(path: Option<ConvPath>) {
-    let code = match path {
-        None | Some(ConvPath::Auto) => 0,
-        Some(ConvPath::Nested) => 1,
-        Some(ConvPath::Burn) => 2,
-    };
-    CONV_OVERRIDE.store(code, Ordering::Relaxed);
+/// Pins the implementation of [`conv2d_forward`] on the calling thread until the
+/// returned guard is dropped (`ConvPath::Auto`: the default choice). For tests and
+/// benchmarks; being per thread, tests running in parallel do not see each other's pins.
+pub fn pin_conv_path(path: ConvPath) -> PinGuard<ConvPath> {
+    PinGuard::set(&CONV_PIN, path)
 }
 
 /// The implementation [`conv2d_forward`] uses on `input`: [`ConvPath::Nested`] or
 /// [`ConvPath::Burn`].
 pub fn conv_path_for(conv: &Conv2d, input: &Tensor<4>) -> ConvPath {
-    let pinned = match CONV_OVERRIDE.load(Ordering::Relaxed) {
-        2 => ConvPath::Burn,
-        _ => ConvPath::Nested,
+    let pinned = match CONV_PIN.with(Cell::get) {
+        ConvPath::Burn => ConvPath::Burn,
+        ConvPath::Auto | ConvPath::Nested => ConvPath::Nested,
     };
     let weight = conv.weight.val();
     let bias = conv.bias.as_ref().map(|b| b.val());
@@ -89,9 +87,6 @@ fn dense_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
     if groups == 0 || channels != depth * groups || out_channels % groups != 0 {
         return None;
     }
-    if conv.stride.contains(&0) || conv.dilation.contains(&0) || kh == 0 || kw == 0 {
-        return None;
-    }
     let pads = match conv.padding {
         PaddingConfig2d::Valid => [(0, 0), (0, 0)],
         PaddingConfig2d::Same => [
@@ -100,22 +95,7 @@ fn dense_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
         ],
         PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
     };
-    let extent = [
-        conv.dilation[0] * (kh - 1) + 1,
-        conv.dilation[1] * (kw - 1) + 1,
-    ];
-    let padded = [
-        height + pads[0].0 + pads[0].1,
-        width + pads[1].0 + pads[1].1,
-    ];
-    if padded[0] < extent[0] || padded[1] < extent[1] {
-        return None;
-    }
-    let output = [
-        (padded[0] - extent[0]) / conv.stride[0] + 1,
-        (padded[1] - extent[1]) / conv.stride[1] + 1,
-    ];
-    Some(ConvPlan::dense(
+    ConvPlan::dense(
         dims,
         out_channels,
         [kh, kw],
@@ -123,6 +103,6 @@ fn dense_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
         conv.dilation,
         groups,
         pads,
-        output,
-    ))
+    )
+    .ok()
 }

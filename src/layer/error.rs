@@ -147,6 +147,9 @@ pub enum VConvShapeError {
         /// Actual shape.
         got: Vec<usize>,
     },
+    /// The fused kernel's plan refused the call (sizes beyond what it can address).
+    #[error("the fused kernel cannot run this call: {0}")]
+    Plan(#[from] crate::kernels::PlanError),
     /// The fused kernel was forced on tensors it cannot take.
     #[error(
         "the fused VConv2d kernel runs on the Flex device with f32 or f64 tensors; got {device} with input {input_dtype}, weight {weight_dtype} (use ForwardPath::Auto or DenseForm)"

@@ -5,7 +5,7 @@
 //! One operation, [`NestedConvBackend::nested_conv2d`], covers the versatile layer and
 //! dense convolutions alike: what it computes is described by its [`ConvPlan`].
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::cell::Cell;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -16,13 +16,14 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Dispatch, DispatchDevice, Flex};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
+use super::pin::PinGuard;
 use crate::kernels::{self, ConvPlan, Needs, Real};
 
 /// Which implementation a layer's forward pass (and its backward) runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ForwardPath {
     /// The fused kernel where it runs (a `Flex` device, plain or autodiff, with f32 or
-    /// f64 tensors), the dense form elsewhere; [`override_auto_path`] can pin it.
+    /// f64 tensors), the dense form elsewhere; [`pin_auto_path`] can pin it.
     #[default]
     Auto,
     /// The fused nested-ring kernel; an input it cannot take is an error.
@@ -41,29 +42,22 @@ impl std::fmt::Display for ForwardPath {
     }
 }
 
-/// Process-wide pin of [`ForwardPath::Auto`]: 0 none, 1 fused, 2 dense form.
-static AUTO_OVERRIDE: AtomicU8 = AtomicU8::new(0);
-
-/// Pins what [`ForwardPath::Auto`] means for every layer of the process (`None` restores
-/// the default choice). For tests and benchmarks that compare the two paths on whole
-/// models; `Some(ForwardPath::Auto)` is the same as `None`.
-pub fn override_auto_path(path: Option<ForwardPath>) {
-    let code = match path {
-        None | Some(ForwardPath::Auto) => 0,
-        Some(ForwardPath::Fused) => 1,
-        Some(ForwardPath::DenseForm) => 2,
-    };
-    AUTO_OVERRIDE.store(code, Ordering::Relaxed);
+thread_local! {
+    static AUTO_PIN: Cell<ForwardPath> = const { Cell::new(ForwardPath::Auto) };
 }
 
-/// What [`ForwardPath::Auto`] currently stands for: `Fused`, `DenseForm`, or `Auto`
-/// (no pin: the fused kernel where it runs).
+/// Pins what [`ForwardPath::Auto`] means for every layer run on the calling thread until
+/// the returned guard is dropped (`ForwardPath::Auto`: the default choice). For tests and
+/// benchmarks that compare the two paths on whole models; being per thread, tests
+/// running in parallel do not see each other's pins.
+pub fn pin_auto_path(path: ForwardPath) -> PinGuard<ForwardPath> {
+    PinGuard::set(&AUTO_PIN, path)
+}
+
+/// What [`ForwardPath::Auto`] stands for on the calling thread: `Fused`, `DenseForm`,
+/// or `Auto` (no pin: the fused kernel where it runs).
 pub fn auto_path() -> ForwardPath {
-    match AUTO_OVERRIDE.load(Ordering::Relaxed) {
-        1 => ForwardPath::Fused,
-        2 => ForwardPath::DenseForm,
-        _ => ForwardPath::Auto,
-    }
+    AUTO_PIN.with(Cell::get)
 }
 
 /// Whether the fused kernel can run on these tensors: all on a `Flex` device (plain or
@@ -89,12 +83,37 @@ pub fn is_flex(device: &Device) -> bool {
 /// # Shapes
 /// - `input`: `[batch, c, h, w]`, `weight`: `[m, depth, kh, kw]`, `bias`: `[n]`
 /// - output: `[batch, n, out_h, out_w]`, channels in the plan's block layout
+///
+/// # Panics
+/// If a tensor's shape differs from the plan's, or the tensors are not all f32 or all
+/// f64 on a `Flex` device (checked before any kernel runs).
 pub fn nested_conv2d(
     input: Tensor<4>,
     weight: Tensor<4>,
     bias: Option<Tensor<1>>,
     plan: ConvPlan,
 ) -> Tensor<4> {
+    assert_eq!(
+        input.dims(),
+        plan.input_shape(),
+        "nested_conv2d: input shape"
+    );
+    assert_eq!(
+        weight.dims(),
+        plan.weight_shape(),
+        "nested_conv2d: weight shape"
+    );
+    if let Some(b) = &bias {
+        assert_eq!(b.dims(), [plan.out_channels()], "nested_conv2d: bias shape");
+    }
+    assert!(
+        fused_supported(&input, &weight, bias.as_ref()),
+        "nested_conv2d runs on a Flex device with all-f32 or all-f64 tensors; got {:?} with \
+         input {:?}, weight {:?}",
+        input.device(),
+        input.dtype(),
+        weight.dtype()
+    );
     let (x, w) = (input.into_dispatch(), weight.into_dispatch());
     Tensor::from_dispatch(match bias {
         Some(b) => {
@@ -170,13 +189,7 @@ fn forward_typed<T: FlexReal>(
             None => kernels::forward(plan, x, w, None),
         })
     });
-    let shape = vec![
-        plan.batch,
-        plan.out_channels,
-        plan.output[0],
-        plan.output[1],
-    ];
-    flex_tensor(out, shape)
+    flex_tensor(out, plan.output_shape().to_vec())
 }
 
 fn flex_forward(
@@ -207,17 +220,14 @@ fn backward_typed<T: FlexReal>(
             with_values::<T, _>(grad, |g| kernels::backward(plan, x, w, g, needs))
         })
     });
-    let x_shape = vec![plan.batch, plan.in_channels, plan.input[0], plan.input[1]];
-    let w_shape = vec![
-        plan.primaries,
-        plan.weight_depth,
-        plan.kernel[0],
-        plan.kernel[1],
-    ];
     (
-        grads.x.map(|v| flex_tensor(v, x_shape)),
-        grads.weight.map(|v| flex_tensor(v, w_shape)),
-        grads.bias.map(|v| flex_tensor(v, vec![plan.out_channels])),
+        grads.x.map(|v| flex_tensor(v, plan.input_shape().to_vec())),
+        grads
+            .weight
+            .map(|v| flex_tensor(v, plan.weight_shape().to_vec())),
+        grads
+            .bias
+            .map(|v| flex_tensor(v, vec![plan.out_channels()])),
     )
 }
 

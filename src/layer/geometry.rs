@@ -9,6 +9,7 @@ use burn::nn::PaddingConfig2d;
 use serde::{Deserialize, Serialize};
 
 use super::error::{VConvConfigError, VConvShapeError};
+use crate::kernels::{ConvPlan, PlanError, PlanSpec, Window};
 
 /// How the channel windows of a primary filter share weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -305,6 +306,55 @@ impl Geometry {
             }
         }
         order
+    }
+
+    /// The kernels' plan of this layer on an input `[batch, c, h, w]` with resolved
+    /// `pads`: ring `r` holds the kernel positions at distance `r` from the border, and
+    /// one window per channel window (or group). An error when the input does not fit.
+    pub fn plan(&self, input: [usize; 4], pads: PaddingPairs) -> Result<ConvPlan, PlanError> {
+        let d = self.kernel;
+        let mut rings = vec![Vec::new(); d.div_ceil(2)];
+        for ky in 0..d {
+            for kx in 0..d {
+                rings[self.ring(ky, kx)].push((ky, kx));
+            }
+        }
+        let windows = if self.groups > 1 {
+            let per_group = self.primary / self.groups;
+            (0..self.groups)
+                .map(|q| Window {
+                    j: 0,
+                    in_offset: q * self.c_hat,
+                    weight_offset: 0,
+                    first_primary: q * per_group,
+                    rows: per_group,
+                })
+                .collect()
+        } else {
+            (0..self.n_c)
+                .map(|j| Window {
+                    j,
+                    in_offset: self.window_input_offset(j),
+                    weight_offset: self.window_weight_offset(j),
+                    first_primary: 0,
+                    rows: self.primary,
+                })
+                .collect()
+        };
+        ConvPlan::new(PlanSpec {
+            input,
+            kernel: [d, d],
+            stride: self.stride,
+            dilation: self.dilation,
+            padding: pads,
+            out_channels: self.out_channels,
+            primaries: self.primary,
+            n_c: self.n_c,
+            window_depth: self.c_hat,
+            weight_depth: self.weight_depth(),
+            rings,
+            windows,
+        })
     }
 
     /// Resolves `padding` for an `height x width` input exactly as burn's `Conv2d` does,

@@ -5,10 +5,12 @@ pub mod dense;
 mod error;
 pub mod fused;
 mod geometry;
+mod pin;
 mod vconv2d;
 
-pub use conv::{conv2d_forward, conv_path_for, override_conv_path, ConvPath};
+pub use conv::{conv2d_forward, conv_path_for, pin_conv_path, ConvPath};
 pub use error::{VConvConfigError, VConvShapeError};
-pub use fused::{override_auto_path, ForwardPath};
+pub use fused::{pin_auto_path, ForwardPath};
 pub use geometry::{ChannelMode, ChannelSource, Geometry, GeometrySpec, PaddingPairs};
+pub use pin::PinGuard;
 pub use vconv2d::{authors_initializer, VConv2d, VConv2dConfig};

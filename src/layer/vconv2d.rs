@@ -11,7 +11,6 @@ use super::dense;
 use super::error::{VConvConfigError, VConvShapeError};
 use super::fused::{self, ForwardPath};
 use super::geometry::{ChannelMode, Geometry, GeometrySpec, PaddingPairs};
-use crate::kernels::ConvPlan;
 
 /// Configuration of a [versatile 2D convolution](VConv2d), created with
 /// [`init`](VConv2dConfig::init) or [`try_init`](VConv2dConfig::try_init).
@@ -81,9 +80,10 @@ pub struct VConv2d {
     pub weight: Param<Tensor<4>>,
     /// Bias, `[n]`, one value per output channel in the block layout.
     pub bias: Option<Param<Tensor<1>>>,
-    /// The validated layout of the layer.
+    /// The validated layout of the layer (read with [`VConv2d::geometry`]; private, so
+    /// it always matches the weight it was built with).
     #[module(skip)]
-    pub geometry: Geometry,
+    geometry: Geometry,
     /// The padding configuration.
     #[module(skip)]
     pub padding: PaddingConfig2d,
@@ -171,9 +171,10 @@ impl VConv2d {
         let pads = self.check_input(&dims)?;
         let weight = self.weight.val();
         let bias = self.bias.as_ref().map(|b| b.val());
+        self.check_parameters(&weight, bias.as_ref())?;
         let fused = self.fused_for(&input, &weight, bias.as_ref())?;
         Ok(if fused {
-            let plan = ConvPlan::versatile(&self.geometry, dims, pads);
+            let plan = self.geometry.plan(dims, pads)?;
             fused::nested_conv2d(input, weight, bias, plan)
         } else {
             dense::forward(input, weight, bias, &self.geometry, pads)
@@ -215,6 +216,38 @@ impl VConv2d {
             }),
             ForwardPath::DenseForm => Ok(false),
         }
+    }
+
+    /// The layer's geometry: channels, kernel, windows and the output channel layout.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// Checks that the weight and bias (public, so replaceable) still have the shapes
+    /// of the layer's geometry.
+    fn check_parameters(
+        &self,
+        weight: &Tensor<4>,
+        bias: Option<&Tensor<1>>,
+    ) -> Result<(), VConvShapeError> {
+        let expected = self.geometry.weight_shape();
+        if weight.dims() != expected {
+            return Err(VConvShapeError::Weight {
+                what: "weight",
+                expected: expected.to_vec(),
+                got: weight.dims().to_vec(),
+            });
+        }
+        if let Some(bias) = bias {
+            if bias.dims() != [self.geometry.out_channels] {
+                return Err(VConvShapeError::Weight {
+                    what: "bias",
+                    expected: vec![self.geometry.out_channels],
+                    got: bias.dims().to_vec(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// This layer with its forward path set (see [`ForwardPath`]).

@@ -464,18 +464,23 @@ impl Trainer {
             epoch,
             batch: index,
         } = batch.position;
-        self.device.seed(derive_seed(&[
-            self.state.config.seed,
-            STEP,
-            epoch as u64,
-            index as u64,
-        ]));
         let t0 = Instant::now();
         let model = self
             .model
             .take()
             .expect("the model is in place between steps");
-        let logits = model.forward_unchecked(batch.images);
+        // The forward pass draws from the process-wide generator (dropout): seed it and
+        // draw under the lock, so trainers in the same process cannot interleave.
+        let logits = {
+            let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.device.seed(derive_seed(&[
+                self.state.config.seed,
+                STEP,
+                epoch as u64,
+                index as u64,
+            ]));
+            model.forward_unchecked(batch.images)
+        };
         let loss = self.loss.forward(logits.clone(), batch.labels);
         let value: f32 = loss.clone().into_scalar();
         let t1 = Instant::now();

@@ -428,9 +428,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .validate()
             .map_err(|e| UsageError::from_display(format!("shape {}: {e}", shape.name)))?;
     }
-    if args.split == Split::Gemm {
-        kernels::tuning::set_min_task_columns(usize::MAX);
-    }
+    // One task per call (gemm splits its matrices) when asked; the plans made on this
+    // thread take it.
+    let _tuning = (args.split == Split::Gemm).then(|| {
+        kernels::tuning::scoped(kernels::tuning::Tuning {
+            min_task_columns: usize::MAX,
+            ..Default::default()
+        })
+    });
     let threads = kernels::threads();
     // The peak on all threads (wall time), and per core from the CPU time of the same
     // runs (5 timed + 1 warm-up SGEMMs).

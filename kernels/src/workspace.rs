@@ -28,6 +28,8 @@ pub struct Workspace<T> {
     pub wt: Vec<T>,
     /// Runs of the current tile.
     pub runs: Vec<Run>,
+    /// Partial sums of parallel tasks (call level), added in task order.
+    pub partials: Vec<Vec<T>>,
 }
 
 /// Which of a thread's workspaces: the calling thread's call-level buffers, or a task's.

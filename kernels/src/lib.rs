@@ -23,11 +23,14 @@
 //!
 //! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
 
+#![warn(missing_docs)]
+
 mod im2col;
 mod nested;
 mod plan;
 mod shifted;
 mod streaming;
+pub mod trace;
 pub mod tuning;
 pub mod workspace;
 
@@ -36,11 +39,20 @@ use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Mul};
 
 pub use nested::{backward, forward, Gradients, Needs};
-pub use plan::{ConvPlan, Window};
+pub use plan::{ConvPlan, PlanError, PlanSpec, Window};
 
-/// A float type the kernels run on.
+mod sealed {
+    /// Only the float types the kernels were written for implement [`super::Real`]
+    /// (gemm dispatches on them, and the SIMD transposes assume their layout).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+}
+
+/// A float type the kernels run on: `f32` or `f64` (sealed).
 pub trait Real:
-    Copy
+    sealed::Sealed
+    + Copy
     + Send
     + Sync
     + Default
@@ -105,8 +117,9 @@ mod transpose {
         if n == 0 {
             return 0;
         }
+        let last = (n - 1).checked_mul(stride).and_then(|v| v.checked_add(4));
         assert!(
-            stride >= 4 && out.len() >= (n - 1) * stride + 4,
+            stride >= 4 && last.is_some_and(|last| out.len() >= last),
             "transpose_4xn bounds"
         );
         let mut i = 0;
@@ -159,10 +172,16 @@ pub fn threads() -> usize {
 /// Measures the single-precision multiply-add throughput of this machine: the median
 /// GFLOP/s (2 per multiply-add) of `reps` square SGEMMs of side `size` on all threads,
 /// through the same gemm crate the kernels use.
+///
+/// # Panics
+/// If `size * size` overflows.
 pub fn sgemm_gflops(size: usize, reps: usize) -> f64 {
-    let a = vec![1.0f32; size * size];
-    let b = vec![0.5f32; size * size];
-    let mut c = vec![0.0f32; size * size];
+    let len = size
+        .checked_mul(size)
+        .expect("sgemm_gflops: size * size overflows");
+    let a = vec![1.0f32; len];
+    let b = vec![0.5f32; len];
+    let mut c = vec![0.0f32; len];
     let mut times: Vec<f64> = (0..reps.max(1) + 1)
         .map(|_| {
             let start = std::time::Instant::now();

@@ -9,12 +9,11 @@
 //! `[m, depth, kh, kw]` layout.
 
 use std::mem::MaybeUninit;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
-use super::nested::{gemm, SharedMut};
+use super::nested::{add_in_order, gemm, SharedMut};
 use super::plan::ConvPlan;
 use super::workspace::{self, grow, Slot};
 use super::Real;
@@ -118,23 +117,32 @@ fn chunk_groups(plan: &ConvPlan, chunk: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Runs `f(first chunk, last chunk)` for each group, in parallel when there are several.
-fn for_each_group(groups: &[(usize, usize)], f: impl Fn(usize, usize) + Sync) {
+/// Runs `f(item, first chunk, last chunk)` for each group with its own item, in
+/// parallel when there are several.
+fn for_each_group<I: Send>(
+    groups: &[(usize, usize)],
+    items: Vec<I>,
+    f: impl Fn(I, usize, usize) + Sync,
+) {
+    let jobs = items.into_iter().zip(groups.iter().copied());
     if groups.len() == 1 {
-        f(groups[0].0, groups[0].1);
+        jobs.for_each(|(item, (a, b))| f(item, a, b));
     } else {
-        groups.par_iter().for_each(|&(a, b)| f(a, b));
+        jobs.collect::<Vec<_>>()
+            .into_par_iter()
+            .for_each(|(item, (a, b))| f(item, a, b));
     }
 }
 
-/// The forward pass of a streaming plan (see [`suits`]).
+/// The forward pass of a streaming plan (see [`suits`]); returns the number of
+/// parallel tasks.
 pub fn forward<T: Real>(
     plan: &ConvPlan,
     x: &[T],
     weight: &[T],
     bias: Option<&[T]>,
     out: SharedMut<T>,
-) {
+) -> usize {
     let width = plan.columns();
     let layout = ChunkLayout::new(plan);
     let segment = segment_rows(plan);
@@ -142,12 +150,14 @@ pub fn forward<T: Real>(
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
     let rings = plan.rings_count();
+    let groups = chunk_groups(plan, CHUNK_FORWARD);
     workspace::with::<T, _>(Slot::Call, |call| {
         runs(plan, 0, width, &mut call.runs);
         let cols = grow(&mut call.cols, plan.col_rows() * width);
         im2col(plan, x, &call.runs, width, cols);
         let (cols, run_list): (&[T], &[Run]) = (cols, &call.runs);
-        for_each_group(&chunk_groups(plan, CHUNK_FORWARD), |first, last| {
+        let items = vec![(); groups.len()];
+        for_each_group(&groups, items, |(), first, last| {
             workspace::with::<T, _>(Slot::Task, |ws| {
                 for chunk in first..last {
                     let p0 = chunk * CHUNK_FORWARD;
@@ -199,10 +209,14 @@ pub fn forward<T: Real>(
             })
         });
     });
+    groups.len()
 }
 
 /// The backward pass of a streaming plan: the input gradient into `dx` (zeroed, all
-/// images) when given, and a new weight gradient when `need_w`.
+/// images) when given, and a new weight gradient when `need_w`; with the number of
+/// parallel tasks. The input gradient is summed over the tasks' chunks of primaries:
+/// the first task accumulates into the sum, the others into partials added in task
+/// order, so the result does not depend on timing.
 pub fn backward<T: Real>(
     plan: &ConvPlan,
     x: &[T],
@@ -210,7 +224,7 @@ pub fn backward<T: Real>(
     grad_out: &[T],
     dx: Option<&mut [T]>,
     need_w: bool,
-) -> Option<Vec<T>> {
+) -> (Option<Vec<T>>, usize) {
     let width = plan.columns();
     let layout = ChunkLayout::new(plan);
     let segment = segment_rows(plan);
@@ -222,6 +236,7 @@ pub fn backward<T: Real>(
     let need_x = dx.is_some();
     let area = plan.kernel[0] * plan.kernel[1];
     let patch_len = plan.weight_depth * area;
+    let groups = chunk_groups(plan, CHUNK_BACKWARD);
     let mut dw = need_w.then(|| workspace::uninit::<T>(plan.weight_len()));
     let dw_ptr = dw.as_mut().map(|v| SharedMut(v.as_mut_ptr()));
     workspace::with::<T, _>(Slot::Call, |call| {
@@ -264,20 +279,23 @@ pub fn backward<T: Real>(
                 }
             }
         }
-        let dcols_sum = grow(
-            &mut call.dcols,
-            if need_x { plan.col_rows() * width } else { 0 },
-        );
-        dcols_sum.fill(T::ZERO);
-        let dcols_sum = Mutex::new(dcols_sum);
+        let dcols_len = if need_x { plan.col_rows() * width } else { 0 };
+        let dcols_sum = grow(&mut call.dcols, dcols_len);
+        let mut partials = std::mem::take(&mut call.partials);
+        if partials.len() < groups.len() - 1 {
+            partials.resize_with(groups.len() - 1, Vec::new);
+        }
+        let mut targets: Vec<&mut [T]> = Vec::with_capacity(groups.len());
+        targets.push(dcols_sum);
+        for partial in partials.iter_mut().take(groups.len() - 1) {
+            targets.push(grow(partial, dcols_len));
+        }
+        for target in targets.iter_mut() {
+            target.fill(T::ZERO);
+        }
         let (cols_t, sums): (&[T], &[T]) = (cols_t, sums);
-        for_each_group(&chunk_groups(plan, CHUNK_BACKWARD), |first, last| {
+        for_each_group(&groups, targets, |partial, first, last| {
             workspace::with::<T, _>(Slot::Task, |ws| {
-                let partial = grow(
-                    &mut ws.dcols,
-                    if need_x { plan.col_rows() * width } else { 0 },
-                );
-                partial.fill(T::ZERO);
                 for chunk in first..last {
                     let p0 = chunk * CHUNK_BACKWARD;
                     let rows = CHUNK_BACKWARD.min(m - p0);
@@ -354,23 +372,19 @@ pub fn backward<T: Real>(
                         }
                     }
                 }
-                if need_x {
-                    let mut sum = dcols_sum.lock().expect("no task panicked");
-                    for (s, &v) in sum.iter_mut().zip(partial.iter()) {
-                        *s += v;
-                    }
-                }
             })
         });
         if let Some(dx) = dx {
-            let dcols = dcols_sum.into_inner().expect("no task panicked");
+            let dcols = grow(&mut call.dcols, dcols_len);
+            add_in_order(dcols, &partials[..groups.len() - 1]);
             col2im(plan, dcols, &call.runs, width, 0, dx);
         }
+        call.partials = partials;
     });
     if let Some(dw) = dw.as_mut() {
         // SAFETY: the chunks cover every primary and the rings every position, so every
         // value was written.
         unsafe { dw.set_len(plan.weight_len()) };
     }
-    dw
+    (dw, groups.len())
 }

@@ -181,6 +181,7 @@ mod tests {
     use super::*;
 
     fn plan(output: [usize; 2], batch: usize) -> ConvPlan {
+        // A 1x1 kernel without padding: the output is the input's size.
         ConvPlan::dense(
             [batch, 1, output[0], output[1]],
             1,
@@ -189,8 +190,8 @@ mod tests {
             [1, 1],
             1,
             [(0, 0), (0, 0)],
-            output,
         )
+        .unwrap()
     }
 
     #[test]

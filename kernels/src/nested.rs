@@ -1,7 +1,6 @@
 //! The nested forward and backward passes over tiles of output columns.
 
 use std::mem::MaybeUninit;
-use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -9,11 +8,10 @@ use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::plan::{ConvPlan, Window};
 use super::shifted;
 use super::streaming;
-use super::tuning::Strategy;
+use super::trace::{self, Layout as Traced, Pass};
+use super::tuning::{self, Strategy};
 use super::workspace::{self, grow, Slot, Workspace};
 use super::Real;
-
-use super::tuning;
 
 /// Which gradients a backward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,7 +190,7 @@ fn weight_covered(plan: &ConvPlan) -> bool {
 
 /// Whether this plan runs through the shifted views (else im2col).
 fn use_shifted(plan: &ConvPlan) -> bool {
-    match tuning::strategy() {
+    match plan.tuning.strategy {
         Strategy::Auto => shifted::suits(plan),
         Strategy::Shifted => plan.stride == [1, 1],
         Strategy::Im2col | Strategy::Stream => false,
@@ -201,7 +199,7 @@ fn use_shifted(plan: &ConvPlan) -> bool {
 
 /// Whether this plan streams its weight (see [`streaming`]).
 fn use_streaming(plan: &ConvPlan) -> bool {
-    match tuning::strategy() {
+    match plan.tuning.strategy {
         Strategy::Stream => streaming::suits(plan, true),
         Strategy::Auto => streaming::suits(plan, false),
         Strategy::Im2col | Strategy::Shifted => false,
@@ -211,7 +209,7 @@ fn use_streaming(plan: &ConvPlan) -> bool {
 /// Columns per tile for this plan: the tile's column matrix (im2col) or one position's
 /// view of a window (shifted) holds about `TILE_VALUES` values.
 fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
-    if let Some(columns) = tuning::tile_columns() {
+    if let Some(columns) = plan.tuning.tile_columns {
         return columns.max(1);
     }
     let rows = if shifted {
@@ -223,10 +221,10 @@ fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
     tile.div_ceil(16) * 16
 }
 
-/// Number of parallel tasks for `columns` output columns.
-fn task_count(columns: usize) -> usize {
+/// Number of parallel tasks for `columns` output columns of `plan`.
+fn task_count(plan: &ConvPlan, columns: usize) -> usize {
     let threads = super::threads();
-    if threads <= 1 || columns < threads.saturating_mul(tuning::min_task_columns()) {
+    if threads <= 1 || columns < threads.saturating_mul(plan.tuning.min_task_columns) {
         1
     } else {
         threads
@@ -328,7 +326,8 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     let shifted = use_shifted(plan);
     let tile = tile_columns(plan, shifted);
     if !shifted && use_streaming(plan) {
-        streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
+        let tasks = streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
+        trace::note(Pass::Forward, Traced::Streaming, tasks);
         // SAFETY: as below, every value was written.
         unsafe { out.set_len(len) };
         return out;
@@ -342,7 +341,13 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
         } else {
             plan.columns()
         };
-        let tasks = split(columns, task_count(columns));
+        let tasks = split(columns, task_count(plan, columns));
+        let traced = if shifted {
+            Traced::Shifted
+        } else {
+            Traced::Im2col
+        };
+        trace::note(Pass::Forward, traced, tasks.len());
         let parallelism = gemm_parallelism(tasks.len());
         let dst = SharedMut(out.as_mut_ptr());
         let run = |&range: &(usize, usize)| {
@@ -468,6 +473,9 @@ pub(super) fn accumulator_strides(rows: usize, width: usize) -> (usize, usize) {
 /// The backward pass: the gradients `needs` asks for, from the forward's input and
 /// weight and the output gradient `[batch, n, out_h, out_w]`.
 ///
+/// The result depends on the plan and the thread count only, never on timing: parallel
+/// partial sums are added in task order.
+///
 /// # Panics
 /// If a slice length does not match the plan.
 pub fn backward<T: Real>(
@@ -485,7 +493,9 @@ pub fn backward<T: Real>(
     let mut dw = None;
     let shifted = use_shifted(plan);
     if (needs.x || needs.weight) && plan.columns() > 0 && !shifted && use_streaming(plan) {
-        let dw = streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
+        let (dw, tasks) =
+            streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
+        trace::note(Pass::Backward, Traced::Streaming, tasks);
         return Gradients {
             x: dx,
             weight: dw,
@@ -500,17 +510,21 @@ pub fn backward<T: Real>(
             let buffer = grow(&mut call.weight, weight_len + dw_len);
             let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
             to_ring_layout(plan, &layout, weight, ringed);
-            let dw_sum = Mutex::new(dw_ringed);
-            let dw_sum = needs.weight.then_some(&dw_sum);
-            backward_tasks(
+            let tasks = backward_tasks(
                 (plan, &layout, x, ringed),
                 grad_out,
                 dx.as_deref_mut(),
-                dw_sum,
+                needs.weight.then_some(&mut *dw_ringed),
+                &mut call.partials,
             );
-            if let Some(sum) = dw_sum {
-                let dw_ringed = sum.lock().expect("no task panicked");
-                dw = Some(from_ring_layout(plan, &layout, &dw_ringed));
+            let traced = if shifted {
+                Traced::Shifted
+            } else {
+                Traced::Im2col
+            };
+            trace::note(Pass::Backward, traced, tasks);
+            if needs.weight {
+                dw = Some(from_ring_layout(plan, &layout, dw_ringed));
             }
         });
     } else if needs.weight {
@@ -524,16 +538,20 @@ pub fn backward<T: Real>(
 }
 
 /// Splits the backward pass into tasks of whole images (each owns its part of the input
-/// gradient and a weight-gradient partial) and runs them.
+/// gradient) and runs them; returns the number of tasks. The first task accumulates the
+/// weight gradient into `dw` (ring layout), each other task into a buffer of `partials`;
+/// the partials are then added into `dw` in task order, so the sum is the same whatever
+/// order the tasks finish in.
 fn backward_tasks<T: Real>(
     task: TaskInput<'_, T>,
     grad_out: &[T],
     dx: Option<&mut [T]>,
-    dw_sum: Option<&Mutex<&mut [T]>>,
-) {
+    mut dw: Option<&mut [T]>,
+    partials: &mut Vec<Vec<T>>,
+) -> usize {
     let plan = task.0;
     let tasks = if plan.batch >= super::threads() {
-        task_count(plan.columns()).min(plan.batch)
+        task_count(plan, plan.columns()).min(plan.batch)
     } else {
         1
     };
@@ -542,72 +560,77 @@ fn backward_tasks<T: Real>(
     let parallelism = gemm_parallelism(tasks);
     let image_len = plan.in_channels * plan.input[0] * plan.input[1];
     let ranges = split(plan.batch, tasks);
-    let mut chunks: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    let mut dx_chunks: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
     match dx {
         Some(mut rest) => {
             for &(a, b) in &ranges {
                 let (head, tail) = rest.split_at_mut((b - a) * image_len);
-                chunks.push(Some(head));
+                dx_chunks.push(Some(head));
                 rest = tail;
             }
         }
-        None => chunks.extend(ranges.iter().map(|_| None)),
+        None => dx_chunks.extend(ranges.iter().map(|_| None)),
     }
     // The first write of a weight-gradient buffer overwrites it when one window covers
     // the whole weight; otherwise buffers start from zero.
     let fresh = weight_covered(plan);
-    if tasks == 1 {
-        // One task accumulates straight into the sum.
-        let mut sum = dw_sum.map(|sum| sum.lock().expect("no task panicked"));
-        let dw = sum.as_deref_mut().map(|dw| {
-            if !fresh {
-                dw.fill(T::ZERO);
-            }
-            &mut **dw
-        });
-        let dx = chunks.pop().flatten();
-        workspace::with::<T, _>(Slot::Task, |ws| {
-            let task_args = (grad_out, (0, plan.batch), dx, dw, fresh, tile, parallelism);
-            if shifted {
-                shifted::backward_task(task, ws, task_args);
-            } else {
-                backward_task(task, ws, task_args);
-            }
-        });
-        return;
+    let need_w = dw.is_some();
+    let partial_len = if need_w { plan.weight_len() } else { 0 };
+    if partials.len() < ranges.len() - 1 {
+        partials.resize_with(ranges.len() - 1, Vec::new);
     }
-    if let Some(sum) = dw_sum {
-        sum.lock().expect("no task panicked").fill(T::ZERO);
+    let mut dw_targets: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    dw_targets.push(dw.as_deref_mut());
+    for partial in partials.iter_mut().take(ranges.len() - 1) {
+        dw_targets.push(need_w.then(|| grow(partial, partial_len)));
     }
-    let run = |(images, dx): ((usize, usize), Option<&mut [T]>)| {
+    if !fresh {
+        for target in dw_targets.iter_mut().flatten() {
+            target.fill(T::ZERO);
+        }
+    }
+    let run = |((images, dx), dw): (((usize, usize), Option<&mut [T]>), Option<&mut [T]>)| {
         workspace::with::<T, _>(Slot::Task, |ws| {
-            let mut partial = std::mem::take(&mut ws.weight);
-            let dw = dw_sum.map(|_| {
-                let dw = grow(&mut partial, plan.weight_len());
-                if !fresh {
-                    dw.fill(T::ZERO);
-                }
-                dw
-            });
             let task_args = (grad_out, images, dx, dw, fresh, tile, parallelism);
             if shifted {
                 shifted::backward_task(task, ws, task_args);
             } else {
                 backward_task(task, ws, task_args);
             }
-            if let Some(sum) = dw_sum {
-                let mut sum = sum.lock().expect("no task panicked");
-                for (s, &v) in sum.iter_mut().zip(partial.iter()) {
-                    *s += v;
-                }
-            }
-            ws.weight = partial;
         })
     };
-    if ranges.len() == 1 {
-        ranges.into_iter().zip(chunks).for_each(run);
+    let jobs = ranges.into_iter().zip(dx_chunks).zip(dw_targets);
+    if tasks == 1 {
+        jobs.for_each(run);
     } else {
-        ranges.into_par_iter().zip(chunks).for_each(run);
+        jobs.collect::<Vec<_>>().into_par_iter().for_each(run);
+    }
+    if let Some(sum) = dw {
+        add_in_order(sum, &partials[..tasks - 1]);
+    }
+    tasks
+}
+
+/// Adds each of `partials` (in their order) into `sum`: `sum[i] + p0[i] + p1[i] + ...`,
+/// element by element, the same association whatever the thread count; in parallel over
+/// blocks of elements for large sums.
+pub(super) fn add_in_order<T: Real, P: AsRef<[T]> + Sync>(sum: &mut [T], partials: &[P]) {
+    if partials.is_empty() {
+        return;
+    }
+    const BLOCK: usize = 1 << 14;
+    let add_block = |(b, block): (usize, &mut [T])| {
+        for partial in partials {
+            let part = &partial.as_ref()[b * BLOCK..b * BLOCK + block.len()];
+            for (s, &v) in block.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+    };
+    if sum.len() >= PARALLEL_WEIGHT {
+        sum.par_chunks_mut(BLOCK).enumerate().for_each(add_block);
+    } else {
+        sum.chunks_mut(BLOCK).enumerate().for_each(add_block);
     }
 }
 

@@ -1,0 +1,552 @@
+//! [`ConvPlan`]: everything the nested kernels need to know about one call, as plain
+//! sizes. A versatile layer and a dense convolution are both plans: the dense one has a
+//! single ring holding every kernel position.
+//!
+//! A plan is only made by [`ConvPlan::new`], which checks every invariant the kernels'
+//! unchecked memory accesses rely on (rings that partition the kernel, windows inside the
+//! input and the weight, output channels each produced exactly once, sizes that fit in
+//! memory arithmetic); its fields are private to the kernels. So a plan that exists is
+//! one the kernels can run without reading or leaving uninitialised memory.
+
+use thiserror::Error;
+
+use super::tuning::{self, Tuning};
+
+/// A set of primary filters that read one contiguous range of input channels with one
+/// contiguous range of weight channels (a channel window `j`, or a group of a grouped
+/// layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Channel window index `j` in the output block layout (0 for groups).
+    pub j: usize,
+    /// First input channel the window reads.
+    pub in_offset: usize,
+    /// First weight channel the window uses.
+    pub weight_offset: usize,
+    /// First primary filter of the window.
+    pub first_primary: usize,
+    /// Primary filters of the window.
+    pub rows: usize,
+}
+
+/// What a caller describes to make a [`ConvPlan`] (see [`ConvPlan::new`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanSpec {
+    /// Input shape `[batch, c, h, w]`.
+    pub input: [usize; 4],
+    /// Kernel `[height, width]`.
+    pub kernel: [usize; 2],
+    /// Stride `[height, width]`.
+    pub stride: [usize; 2],
+    /// Dilation `[height, width]`.
+    pub dilation: [usize; 2],
+    /// Padding `[(top, bottom), (left, right)]`.
+    pub padding: [(usize, usize); 2],
+    /// Output channels `n`.
+    pub out_channels: usize,
+    /// Primary filters `m` (rows of the weight).
+    pub primaries: usize,
+    /// Channel windows per primary `n_c` (1 for dense and grouped layers).
+    pub n_c: usize,
+    /// Input channels one window reads.
+    pub window_depth: usize,
+    /// Channels of the weight, `[m, weight_depth, kh, kw]`.
+    pub weight_depth: usize,
+    /// Kernel positions `(ky, kx)` of each ring, ring 0 the outermost; crop `i` is the
+    /// union of rings `i..`. The rings must partition the kernel's positions.
+    pub rings: Vec<Vec<(usize, usize)>>,
+    /// The windows, each producing its own blocks of output channels
+    /// (`channel = (crop * n_c + j) * m + primary`; channels from `out_channels` on are
+    /// not emitted).
+    pub windows: Vec<Window>,
+}
+
+/// Why a [`PlanSpec`] does not describe a convolution the kernels can run.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PlanError {
+    /// A size that must be at least 1 is 0.
+    #[error("{what} must be at least 1")]
+    Zero {
+        /// Which size.
+        what: &'static str,
+    },
+    /// The padded input is smaller than the dilated kernel.
+    #[error(
+        "the padded input ({padded}) is smaller than the dilated kernel ({extent}) along {axis}"
+    )]
+    InputTooSmall {
+        /// `height` or `width`.
+        axis: &'static str,
+        /// Input size plus padding.
+        padded: usize,
+        /// Dilated kernel extent.
+        extent: usize,
+    },
+    /// The rings do not visit every kernel position exactly once.
+    #[error("the rings must hold each of the {kh}x{kw} kernel positions exactly once: {problem}")]
+    Rings {
+        /// Kernel height.
+        kh: usize,
+        /// Kernel width.
+        kw: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A window reaches outside the input, the weight or the primaries.
+    #[error("window {index} {problem}")]
+    Window {
+        /// The window's index in the spec.
+        index: usize,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The windows do not produce every output channel exactly once.
+    #[error("output channel {channel} is {state} (each must be produced exactly once)")]
+    Channels {
+        /// The first channel at fault.
+        channel: usize,
+        /// `never produced` or `produced more than once`.
+        state: &'static str,
+    },
+    /// The groups of a dense convolution do not divide its channels.
+    #[error(
+        "{groups} groups do not divide {in_channels} input and {out_channels} output channels"
+    )]
+    Groups {
+        /// Groups.
+        groups: usize,
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+    },
+    /// A buffer size overflows the address space.
+    #[error("the {what} is too large to address")]
+    TooLarge {
+        /// Which buffer.
+        what: &'static str,
+    },
+}
+
+/// The shape of one nested convolution call: input, output, kernel rings, windows and
+/// the output channel layout (`channel = (crop * n_c + j) * m + primary`, channels from
+/// `out_channels` on not emitted), and the work split ([`Tuning`]) the call uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvPlan {
+    pub(super) batch: usize,
+    pub(super) in_channels: usize,
+    /// Input `[height, width]`.
+    pub(super) input: [usize; 2],
+    /// Output `[height, width]`.
+    pub(super) output: [usize; 2],
+    pub(super) kernel: [usize; 2],
+    pub(super) stride: [usize; 2],
+    pub(super) dilation: [usize; 2],
+    /// Padding before the first row and column `[top, left]` (the bottom and right
+    /// padding only show in the output size).
+    pub(super) pad: [usize; 2],
+    pub(super) out_channels: usize,
+    pub(super) primaries: usize,
+    pub(super) n_c: usize,
+    pub(super) window_depth: usize,
+    pub(super) weight_depth: usize,
+    pub(super) rings: Vec<Vec<(usize, usize)>>,
+    /// The windows, trimmed to the primaries that reach an emitted channel.
+    pub(super) windows: Vec<Window>,
+    pub(super) tuning: Tuning,
+}
+
+/// Elements of any one buffer stay below this (bytes of an `f64` buffer fit in `isize`).
+const MAX_ELEMENTS: usize = isize::MAX as usize / 8;
+
+fn product(what: &'static str, factors: &[usize]) -> Result<usize, PlanError> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or(PlanError::TooLarge { what })
+}
+
+fn at_least_one(what: &'static str, value: usize) -> Result<(), PlanError> {
+    if value == 0 {
+        Err(PlanError::Zero { what })
+    } else {
+        Ok(())
+    }
+}
+
+impl ConvPlan {
+    /// Checks `spec` and makes its plan, with the calling thread's [`Tuning`]
+    /// ([`tuning::current`]). The output size follows from the input, kernel, stride,
+    /// dilation and padding.
+    pub fn new(spec: PlanSpec) -> Result<Self, PlanError> {
+        let PlanSpec {
+            input: [batch, in_channels, height, width],
+            kernel,
+            stride,
+            dilation,
+            padding,
+            out_channels,
+            primaries,
+            n_c,
+            window_depth,
+            weight_depth,
+            rings,
+            windows,
+        } = spec;
+        for (what, value) in [
+            ("the input channel count", in_channels),
+            ("the kernel height", kernel[0]),
+            ("the kernel width", kernel[1]),
+            ("the vertical stride", stride[0]),
+            ("the horizontal stride", stride[1]),
+            ("the vertical dilation", dilation[0]),
+            ("the horizontal dilation", dilation[1]),
+            ("the output channel count", out_channels),
+            ("the primary filter count", primaries),
+            ("the channel window count", n_c),
+            ("the window depth", window_depth),
+            ("the weight depth", weight_depth),
+        ] {
+            at_least_one(what, value)?;
+        }
+        let mut output = [0; 2];
+        for (axis, i, size) in [("height", 0, height), ("width", 1, width)] {
+            let too_large = PlanError::TooLarge { what: "input" };
+            let padded = size
+                .checked_add(padding[i].0)
+                .and_then(|p| p.checked_add(padding[i].1))
+                .ok_or(too_large.clone())?;
+            let extent = (kernel[i] - 1)
+                .checked_mul(dilation[i])
+                .and_then(|e| e.checked_add(1))
+                .ok_or(too_large)?;
+            if padded < extent {
+                return Err(PlanError::InputTooSmall {
+                    axis,
+                    padded,
+                    extent,
+                });
+            }
+            output[i] = (padded - extent) / stride[i] + 1;
+        }
+        // Buffers the kernels index with unchecked arithmetic: the tensors, the column
+        // matrix of all columns (twice: the streaming path's transposed copy), and the
+        // padded images of the shifted path.
+        product("input", &[batch, in_channels, height, width])?;
+        product("output", &[batch, out_channels, output[0], output[1]])?;
+        product("weight", &[primaries, weight_depth, kernel[0], kernel[1]])?;
+        product("kernel", &[kernel[0], kernel[1], dilation[0], dilation[1]])?;
+        let col_rows = product("column matrix", &[in_channels, kernel[0], kernel[1]])?;
+        product("column matrix", &[col_rows, batch, output[0], output[1], 2])?;
+        // Shifted path: `c` planes of the padded output extent, plus slack rows.
+        let padded_plane = [0, 1].map(|i| {
+            output[i]
+                .saturating_add((kernel[i] - 1).saturating_mul(dilation[i]))
+                .saturating_add(2)
+        });
+        product(
+            "padded image",
+            &[
+                in_channels.saturating_add(1),
+                padded_plane[0],
+                padded_plane[1],
+            ],
+        )?;
+        product("channel blocks", &[rings.len().max(1), n_c, primaries, 2])?;
+        check_rings(&rings, kernel)?;
+        for (index, w) in windows.iter().enumerate() {
+            let problem = if w.j >= n_c {
+                Some(format!("has index j = {} but n_c = {n_c}", w.j))
+            } else if w
+                .in_offset
+                .checked_add(window_depth)
+                .is_none_or(|e| e > in_channels)
+            {
+                Some(format!(
+                    "reads input channels {}..{}, past the input's {in_channels}",
+                    w.in_offset,
+                    w.in_offset.saturating_add(window_depth)
+                ))
+            } else if w
+                .weight_offset
+                .checked_add(window_depth)
+                .is_none_or(|e| e > weight_depth)
+            {
+                Some(format!(
+                    "uses weight channels {}..{}, past the weight's {weight_depth}",
+                    w.weight_offset,
+                    w.weight_offset.saturating_add(window_depth)
+                ))
+            } else if w
+                .first_primary
+                .checked_add(w.rows)
+                .is_none_or(|e| e > primaries)
+            {
+                Some(format!(
+                    "uses primaries {}..{}, past the weight's {primaries}",
+                    w.first_primary,
+                    w.first_primary.saturating_add(w.rows)
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(PlanError::Window { index, problem });
+            }
+        }
+        let mut plan = Self {
+            batch,
+            in_channels,
+            input: [height, width],
+            output,
+            kernel,
+            stride,
+            dilation,
+            pad: [padding[0].0, padding[1].0],
+            out_channels,
+            primaries,
+            n_c,
+            window_depth,
+            weight_depth,
+            rings,
+            windows,
+            tuning: tuning::current(),
+        };
+        plan.check_channels()?;
+        plan.trim();
+        Ok(plan)
+    }
+
+    /// The plan of a dense (possibly grouped) convolution with weight
+    /// `[out_channels, in_channels / groups, kh, kw]`: one ring holding every position.
+    pub fn dense(
+        input: [usize; 4],
+        out_channels: usize,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+        padding: [(usize, usize); 2],
+    ) -> Result<Self, PlanError> {
+        at_least_one("the group count", groups)?;
+        let in_channels = input[1];
+        if in_channels % groups != 0 || out_channels % groups != 0 {
+            return Err(PlanError::Groups {
+                groups,
+                in_channels,
+                out_channels,
+            });
+        }
+        let depth = in_channels / groups;
+        let per_group = out_channels / groups;
+        let ring = (0..kernel[0])
+            .flat_map(|ky| (0..kernel[1]).map(move |kx| (ky, kx)))
+            .collect();
+        let windows = (0..groups)
+            .map(|q| Window {
+                j: 0,
+                in_offset: q * depth,
+                weight_offset: 0,
+                first_primary: q * per_group,
+                rows: per_group,
+            })
+            .collect();
+        Self::new(PlanSpec {
+            input,
+            kernel,
+            stride,
+            dilation,
+            padding,
+            out_channels,
+            primaries: out_channels,
+            n_c: 1,
+            window_depth: depth,
+            weight_depth: depth,
+            rings: vec![ring],
+            windows,
+        })
+    }
+
+    /// This plan with another work split (the calling thread's, [`tuning::current`], is
+    /// the default).
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// The work split this plan's calls use.
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
+    }
+
+    /// Checks that the channel ranges of every (crop, window) tile `[0, out_channels)`:
+    /// each output channel produced exactly once.
+    fn check_channels(&self) -> Result<(), PlanError> {
+        const NEVER: &str = "never produced";
+        const TWICE: &str = "produced more than once";
+        let mut ranges: Vec<(usize, usize)> = (0..self.rings_count())
+            .flat_map(|crop| self.windows.iter().map(move |w| (crop, w)))
+            .map(|(crop, w)| {
+                let base = self.channel_base(crop, w);
+                (base, base + w.rows)
+            })
+            .filter(|&(a, b)| a < b && a < self.out_channels)
+            .map(|(a, b)| (a, b.min(self.out_channels)))
+            .collect();
+        ranges.sort_unstable();
+        let mut next = 0;
+        for (a, b) in ranges {
+            if a != next {
+                // A gap before `a`, or an overlap at `a`.
+                return Err(if a > next {
+                    PlanError::Channels {
+                        channel: next,
+                        state: NEVER,
+                    }
+                } else {
+                    PlanError::Channels {
+                        channel: a,
+                        state: TWICE,
+                    }
+                });
+            }
+            next = b;
+        }
+        if next < self.out_channels {
+            return Err(PlanError::Channels {
+                channel: next,
+                state: NEVER,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops from each window the primaries whose every channel was cut (the widest crop,
+    /// `i = 0`, emits the most rows).
+    fn trim(&mut self) {
+        for w in 0..self.windows.len() {
+            let rows = self.emitted(0, &self.windows[w]);
+            self.windows[w].rows = rows;
+        }
+    }
+
+    /// Input shape `[batch, c, h, w]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.batch, self.in_channels, self.input[0], self.input[1]]
+    }
+
+    /// Output shape `[batch, n, out_h, out_w]`.
+    pub fn output_shape(&self) -> [usize; 4] {
+        [
+            self.batch,
+            self.out_channels,
+            self.output[0],
+            self.output[1],
+        ]
+    }
+
+    /// Weight shape `[m, depth, kh, kw]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [
+            self.primaries,
+            self.weight_depth,
+            self.kernel[0],
+            self.kernel[1],
+        ]
+    }
+
+    /// Output channels `n` (the length of a bias).
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// The windows (trimmed to the primaries that reach an emitted channel).
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// Number of rings `s`.
+    pub fn rings_count(&self) -> usize {
+        self.rings.len()
+    }
+
+    /// Output channel of crop `i`, window `w`, the window's first primary.
+    pub(super) fn channel_base(&self, crop: usize, window: &Window) -> usize {
+        (crop * self.n_c + window.j) * self.primaries + window.first_primary
+    }
+
+    /// How many of the window's primaries crop `i` emits (a prefix of them).
+    pub(super) fn emitted(&self, crop: usize, window: &Window) -> usize {
+        self.out_channels
+            .saturating_sub(self.channel_base(crop, window))
+            .min(window.rows)
+    }
+
+    /// Output pixels per image.
+    pub(super) fn out_pixels(&self) -> usize {
+        self.output[0] * self.output[1]
+    }
+
+    /// Output columns of the whole call: `batch * out_h * out_w`.
+    pub(super) fn columns(&self) -> usize {
+        self.batch * self.out_pixels()
+    }
+
+    /// Elements of the input `[batch, c, h, w]`.
+    pub fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.input[0] * self.input[1]
+    }
+
+    /// Elements of the output `[batch, n, out_h, out_w]`.
+    pub fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_pixels()
+    }
+
+    /// Elements of the weight `[m, depth, kh, kw]`.
+    pub fn weight_len(&self) -> usize {
+        self.primaries * self.weight_depth * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Rows of the im2col matrix: every input channel at every kernel position.
+    pub(super) fn col_rows(&self) -> usize {
+        self.in_channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Multiply-adds of the nested evaluation (one pass: forward, or one gradient).
+    pub fn macs(&self) -> u64 {
+        let positions = (self.kernel[0] * self.kernel[1]) as u64;
+        let rows: u64 = self.windows.iter().map(|w| w.rows as u64).sum();
+        self.columns() as u64 * rows * self.window_depth as u64 * positions
+    }
+}
+
+/// Checks that `rings` hold each position of a `kernel` exactly once.
+fn check_rings(rings: &[Vec<(usize, usize)>], kernel: [usize; 2]) -> Result<(), PlanError> {
+    let [kh, kw] = kernel;
+    let fail = |problem: String| PlanError::Rings { kh, kw, problem };
+    let held: usize = rings.iter().map(Vec::len).sum();
+    if Some(held) != kh.checked_mul(kw) {
+        return Err(fail(format!("they hold {held} positions")));
+    }
+    let mut seen = vec![false; kh * kw];
+    for (r, ring) in rings.iter().enumerate() {
+        if ring.is_empty() {
+            return Err(fail(format!("ring {r} is empty")));
+        }
+        for &(ky, kx) in ring {
+            if ky >= kh || kx >= kw {
+                return Err(fail(format!(
+                    "ring {r} holds ({ky}, {kx}), outside the kernel"
+                )));
+            }
+            if std::mem::replace(&mut seen[ky * kw + kx], true) {
+                return Err(fail(format!("({ky}, {kx}) appears twice")));
+            }
+        }
+    }
+    match seen.iter().position(|&s| !s) {
+        Some(i) => Err(fail(format!("({}, {}) is missing", i / kw, i % kw))),
+        None => Ok(()),
+    }
+}
