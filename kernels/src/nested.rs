@@ -589,7 +589,7 @@ fn backward_tasks<T: Real>(
             target.fill(T::ZERO);
         }
     }
-    let run = |((images, dx), dw): (((usize, usize), Option<&mut [T]>), Option<&mut [T]>)| {
+    let run = |((images, dx), dw): BackwardJob<'_, T>| {
         workspace::with::<T, _>(Slot::Task, |ws| {
             let task_args = (grad_out, images, dx, dw, fresh, tile, parallelism);
             if shifted {
@@ -610,6 +610,9 @@ fn backward_tasks<T: Real>(
     }
     tasks
 }
+
+/// One backward task's images, its input-gradient chunk and its weight-gradient target.
+type BackwardJob<'a, T> = (((usize, usize), Option<&'a mut [T]>), Option<&'a mut [T]>);
 
 /// Adds each of `partials` (in their order) into `sum`: `sum[i] + p0[i] + p1[i] + ...`,
 /// element by element, the same association whatever the thread count; in parallel over

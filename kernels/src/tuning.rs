@@ -55,11 +55,13 @@ impl Default for Tuning {
 }
 
 thread_local! {
-    static CURRENT: Cell<Tuning> = Cell::new(Tuning {
-        strategy: Strategy::Auto,
-        tile_columns: None,
-        min_task_columns: MIN_TASK_COLUMNS,
-    });
+    static CURRENT: Cell<Tuning> = const {
+        Cell::new(Tuning {
+            strategy: Strategy::Auto,
+            tile_columns: None,
+            min_task_columns: MIN_TASK_COLUMNS,
+        })
+    };
 }
 
 /// The tuning plans made on this thread take.
