@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod cost;
 pub mod data;
+pub mod fsutil;
 pub use versatile_kernels as kernels;
 pub mod layer;
 pub mod models;

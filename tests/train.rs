@@ -10,8 +10,8 @@ use tempfile::TempDir;
 use versatile::data::Position;
 use versatile::models::{ImageClassifier, Model};
 use versatile::train::{
-    EpochMetrics, Observer, Outcome, ScheduleKind, Silent, StepProgress, TrainConfig, TrainError,
-    Trainer,
+    checkpoint, EpochMetrics, Observer, Outcome, ScheduleKind, Silent, StepProgress, TrainConfig,
+    TrainError, Trainer,
 };
 
 fn sample() -> PathBuf {
@@ -105,50 +105,75 @@ fn loss_decreases_on_real_fashion_mnist() {
     assert!(csv.starts_with("epoch,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,lr"));
 }
 
-/// Raises the stop flag after `batch` of epoch `epoch` has trained.
+/// Raises the stop flag after batch `at.1` of epoch `at.0` has trained, and notes which
+/// checkpoint is the latest after every batch.
 struct StopAt {
     at: (usize, usize),
     flag: &'static AtomicBool,
+    run_dir: PathBuf,
+    latest: Vec<Option<String>>,
+}
+
+impl StopAt {
+    fn new(at: (usize, usize), flag: &'static AtomicBool, run_dir: &Path) -> Self {
+        StopAt {
+            at,
+            flag,
+            run_dir: run_dir.to_path_buf(),
+            latest: Vec::new(),
+        }
+    }
 }
 
 impl Observer for StopAt {
     fn batch_done(&mut self, p: &StepProgress) {
+        let latest = checkpoint::latest_checkpoint(&self.run_dir).ok();
+        self.latest
+            .push(latest.map(|dir| dir.file_name().unwrap().to_string_lossy().into_owned()));
         if (p.epoch, p.batch) == self.at {
             self.flag.store(true, Ordering::SeqCst);
         }
     }
 }
 
-#[test]
-fn resume_continues_exactly_where_the_run_stopped() {
-    let straight_dir = TempDir::new().unwrap();
-    let resumed_dir = TempDir::new().unwrap();
-    // 2 epochs of 3 steps with augmentation (seeded per sample), straight...
-    let mut straight = Trainer::new(small_config(straight_dir.path(), "spatial", 9, 30)).unwrap();
+/// The spatial run of 2 epochs of 3 steps with augmentation (seeded per sample) the
+/// resume tests stop and continue, trained straight through.
+fn straight_run(dir: &Path) -> Trainer {
+    let mut straight = Trainer::new(small_config(dir, "spatial", 9, 30)).unwrap();
     finished(straight.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+    straight
+}
 
-    // ...and stopped in the middle of epoch 2 (after its first step), then resumed from
-    // the checkpoint in a fresh trainer.
-    static STOP: AtomicBool = AtomicBool::new(false);
-    let mut first = Trainer::new(small_config(resumed_dir.path(), "spatial", 9, 30)).unwrap();
-    let outcome = first
-        .run(
-            &mut StopAt {
-                at: (1, 0),
-                flag: &STOP,
-            },
-            &STOP,
-        )
-        .unwrap();
-    match outcome {
-        Outcome::Stopped { next, .. } => assert_eq!(next, Position::new(1, 1)),
+/// Runs `config` with `observer` until it stops, expecting `next` as the position it
+/// stopped at, then continues it in a fresh trainer to the end; returns the checkpoint
+/// written at the stop and the resumed trainer.
+fn stop_and_resume(
+    config: TrainConfig,
+    observer: &mut StopAt,
+    next: Position,
+) -> (PathBuf, Trainer) {
+    let dir = config.output.clone();
+    let mut first = Trainer::new(config).unwrap();
+    let flag = observer.flag;
+    let checkpoint = match first.run(observer, flag).unwrap() {
+        Outcome::Stopped {
+            next: at,
+            checkpoint,
+        } => {
+            assert_eq!(at, next);
+            checkpoint
+        }
         other => panic!("expected a stop, got {other:?}"),
-    }
+    };
     drop(first);
-    let mut resumed = Trainer::resume(resumed_dir.path(), None).unwrap();
-    assert_eq!(resumed.state().next, Position::new(1, 1));
+    let mut resumed = Trainer::resume(&dir, None).unwrap();
+    assert_eq!(resumed.state().next, next);
     finished(resumed.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+    (checkpoint, resumed)
+}
 
+/// Two runs ended with the same weights, metrics and step count.
+fn assert_same_run(straight: &Trainer, resumed: &Trainer) {
     let (a, b) = (weights(straight.model()), weights(resumed.model()));
     assert_eq!(a.len(), b.len());
     let max_diff = a
@@ -157,9 +182,9 @@ fn resume_continues_exactly_where_the_run_stopped() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert_eq!(max_diff, 0.0, "weights differ by up to {max_diff}");
-    let strip = |h: &[EpochMetrics]| -> Vec<(f64, f64, f64, f64)> {
+    let strip = |h: &[EpochMetrics]| -> Vec<(usize, f64, f64, f64, f64)> {
         h.iter()
-            .map(|m| (m.train_loss, m.train_top1, m.val_loss, m.val_top1))
+            .map(|m| (m.epoch, m.train_loss, m.train_top1, m.val_loss, m.val_top1))
             .collect()
     };
     assert_eq!(
@@ -196,6 +221,57 @@ fn a_run_is_bit_identical_for_a_given_thread_count() {
             "{threads} threads: {differing} weights differ"
         );
     }
+}
+
+#[test]
+fn resume_continues_exactly_where_the_run_stopped() {
+    let straight_dir = TempDir::new().unwrap();
+    let resumed_dir = TempDir::new().unwrap();
+    let straight = straight_run(straight_dir.path());
+    // Stopped in the middle of epoch 2 (after its first step), then resumed from the
+    // checkpoint in a fresh trainer.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let config = small_config(resumed_dir.path(), "spatial", 9, 30);
+    let mut observer = StopAt::new((1, 0), &STOP, resumed_dir.path());
+    let (_, resumed) = stop_and_resume(config, &mut observer, Position::new(1, 1));
+    assert_same_run(&straight, &resumed);
+}
+
+#[test]
+fn a_stop_after_an_epochs_last_step_waits_for_its_evaluation() {
+    let straight_dir = TempDir::new().unwrap();
+    let resumed_dir = TempDir::new().unwrap();
+    let straight = straight_run(straight_dir.path());
+    // Stopped after the last step of epoch 1: the epoch is evaluated and its metrics
+    // kept before the run stops at the start of epoch 2.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let config = small_config(resumed_dir.path(), "spatial", 9, 30);
+    let mut observer = StopAt::new((0, 2), &STOP, resumed_dir.path());
+    let (_, resumed) = stop_and_resume(config, &mut observer, Position::epoch_start(1));
+    assert_same_run(&straight, &resumed);
+}
+
+#[test]
+fn checkpoints_every_n_steps_do_not_change_the_run() {
+    let straight_dir = TempDir::new().unwrap();
+    let resumed_dir = TempDir::new().unwrap();
+    let straight = straight_run(straight_dir.path());
+    // A checkpoint every 2 steps (and at each epoch's end, 3 steps), stopped after step 4,
+    // which a periodic checkpoint has just saved: the stop saves that step again under
+    // another name rather than over the latest checkpoint.
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let mut config = small_config(resumed_dir.path(), "spatial", 9, 30);
+    config.checkpoint_every = 2;
+    let mut observer = StopAt::new((1, 0), &STOP, resumed_dir.path());
+    let (stopped_at, resumed) = stop_and_resume(config, &mut observer, Position::new(1, 1));
+    let step = |n: u64| Some(format!("step-{n:09}"));
+    // The latest checkpoint as each of steps 1 to 4 finished (before that step's own).
+    assert_eq!(observer.latest, [None, None, step(2), step(3)]);
+    assert_eq!(
+        stopped_at.file_name().unwrap().to_string_lossy(),
+        "step-000000004-1"
+    );
+    assert_same_run(&straight, &resumed);
 }
 
 #[test]

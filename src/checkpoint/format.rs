@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::store::burn_pack::{self, Tensor as PackTensor};
 use burn::store::{bridge, pytorch_reader};
@@ -23,6 +23,7 @@ use burn::tensor::{BoolStore, Bytes, DType};
 use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorView};
 
 use super::error::CheckpointError;
+use crate::fsutil;
 
 /// A checkpoint file format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -243,15 +244,13 @@ fn write_burnpack(
     for (key, value) in metadata {
         writer = writer.with_metadata(key, value);
     }
-    writer
-        .auto_extension(false)
-        .overwrite(true)
-        .write_to_file(path)
-        .map_err(|err| CheckpointError::Io {
-            path: path.to_path_buf(),
-            action: "write",
-            source: std::io::Error::other(err.to_string()),
-        })
+    let writer = writer.auto_extension(false).overwrite(true);
+    fsutil::write_atomic_with(path, |temp| {
+        writer
+            .write_to_file_in_place(temp)
+            .map_err(|err| std::io::Error::other(err.to_string()))
+    })
+    .map_err(io(path, "write"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -388,13 +387,6 @@ fn safetensors_dtype(dtype: DType) -> Option<Dtype> {
     })
 }
 
-/// A file next to `path` to write before renaming it over `path`.
-fn scratch_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".partial-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
 fn write_safetensors(
     path: &Path,
     tensors: Vec<PackTensor>,
@@ -429,14 +421,11 @@ fn write_safetensors(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let metadata: HashMap<String, String> = metadata.clone().into_iter().collect();
-    let scratch = scratch_path(path);
-    let result = safetensors::serialize_to_file(views, Some(metadata), &scratch)
-        .map_err(|err| write_err(err.to_string()))
-        .and_then(|()| std::fs::rename(&scratch, path).map_err(io(path, "write")));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&scratch);
-    }
-    result
+    fsutil::write_atomic_with(path, |temp| {
+        safetensors::serialize_to_file(views, Some(metadata), temp)
+            .map_err(|err| std::io::Error::other(err.to_string()))
+    })
+    .map_err(io(path, "write"))
 }
 
 // ---------------------------------------------------------------------------------------

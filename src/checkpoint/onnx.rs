@@ -191,8 +191,11 @@ pub fn export_onnx(
         .export_dynamic(&dense, sample, validation, &specs, export_forward)
         .map_err(|err| CheckpointError::Onnx(err.to_string()))?;
     let bytes = onnx.as_bytes().len() as u64;
-    onnx.save(path)
-        .map_err(|err| CheckpointError::Onnx(format!("{}: {err}", path.display())))?;
+    crate::fsutil::write_atomic(path, onnx.as_bytes()).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        action: "write",
+        source,
+    })?;
     Ok(OnnxExport {
         input: [1, config.in_channels, h, w],
         output: [1, config.num_classes],

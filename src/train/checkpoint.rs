@@ -11,8 +11,10 @@
 //! ```
 //!
 //! A checkpoint is written into a temporary directory, flushed, renamed into place, and
-//! only then named by `checkpoint.json` (itself written to a temporary file and renamed),
-//! so an interrupted write never leaves a run without a complete checkpoint. It holds
+//! only then named by `checkpoint.json` (itself replaced atomically), all through
+//! [`crate::fsutil`]: a write that is killed or fails (a full disk) never leaves a run
+//! without a complete checkpoint, and `checkpoint.json` always names the last complete
+//! one. Older checkpoints are removed only after that. A checkpoint holds
 //! everything to continue exactly: the model (burn's burnpack, parameter ids included,
 //! which the optimizer state is keyed by), the optimizer state, the data
 //! [`Position`], the step counter the learning rate derives from, the metrics so far and
@@ -30,9 +32,10 @@ use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
 use super::error::TrainError;
-use super::metrics::{write_atomic, EpochMetrics, Tally};
+use super::metrics::{EpochMetrics, Tally};
 use crate::checkpoint::{CheckpointError, CheckpointMeta};
 use crate::data::Position;
+use crate::fsutil;
 use crate::models::{ImageClassifier, Model, ModelConfig};
 
 /// Version of the checkpoint layout.
@@ -94,9 +97,8 @@ fn checkpoint_error(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TrainError> {
-    let text = serde_json::to_string_pretty(value).expect("checkpoint state serializes");
-    write_atomic(path, text.as_bytes())
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect("checkpoint state serializes")
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError> {
@@ -109,21 +111,6 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, TrainError>
 fn read_bytes(path: &Path) -> Result<Bytes, TrainError> {
     let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
     Ok(Bytes::from_bytes_vec(bytes))
-}
-
-/// Saves `model` as `dir/model.bpk` (burn's record, parameter ids included, which the
-/// optimizer state is keyed by) with its configuration in `dir/model.json`: the model
-/// half of a resumable checkpoint.
-fn save_model_files(dir: &Path, model: &Model, config: &ModelConfig) -> Result<(), TrainError> {
-    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-    let path = dir.join(MODEL_FILE);
-    let tmp = dir.join(format!(".{MODEL_FILE}.tmp-{}", std::process::id()));
-    // The validation snapshot: burn keeps a batch-norm running statistic's latest update
-    // per thread until it is synchronized, which `valid()` does; the training module's
-    // own record would miss the last step's update.
-    model.valid().save_file(&tmp).map_err(record_error(&path))?;
-    std::fs::rename(&tmp, &path).map_err(TrainError::io(&path))?;
-    write_json(&dir.join(MODEL_CONFIG_FILE), config)
 }
 
 /// Saves a run's final model as `run_dir/model.bpk`, a checkpoint of
@@ -221,8 +208,11 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf, TrainError> {
     Ok(dir)
 }
 
-/// Writes a checkpoint of the run in `run_dir` and makes it the latest; older ones are
-/// removed once the new one is in place.
+/// Writes a checkpoint of the run in `run_dir` and makes it the latest; older ones (and
+/// temporaries of killed writes) are removed once the new one is in place.
+///
+/// # Errors
+/// I/O and record errors of the write; the previous checkpoint is then still the latest.
 pub fn save_checkpoint(
     run_dir: &Path,
     model: &Model,
@@ -231,39 +221,21 @@ pub fn save_checkpoint(
 ) -> Result<PathBuf, TrainError> {
     let root = run_dir.join(CHECKPOINTS);
     std::fs::create_dir_all(&root).map_err(TrainError::io(&root))?;
-    let name = format!("step-{:09}", state.global_step);
+    let name = unused_name(&root, state.global_step);
     let final_dir = root.join(&name);
-    let tmp = root.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
+    let temp = fsutil::create_temp_dir(&final_dir).map_err(TrainError::io(&final_dir))?;
+    let written = write_checkpoint_files(&temp, &final_dir, model, optimizer, state)
+        .and_then(|()| fsutil::publish_dir(&temp, &final_dir).map_err(TrainError::io(&final_dir)));
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
     }
-    std::fs::create_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
-    save_model_files(&tmp, model, &state.model)?;
-    let optim_path = tmp.join(OPTIMIZER_FILE);
-    optimizer
-        .to_record()
-        .save(&optim_path)
-        .map_err(record_error(&optim_path))?;
-    write_json(&tmp.join(STATE_FILE), state)?;
-    // Make the files durable before the directory becomes visible under its name.
-    for file in [MODEL_FILE, OPTIMIZER_FILE] {
-        let path = tmp.join(file);
-        std::fs::File::open(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(TrainError::io(&path))?;
-    }
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(TrainError::io(&final_dir))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(TrainError::io(&final_dir))?;
-    write_json(
-        &run_dir.join(POINTER),
-        &Pointer {
-            checkpoint: format!("{CHECKPOINTS}/{name}"),
-            next: state.next,
-        },
-    )?;
-    // Older checkpoints (and temporaries of crashed writes) are no longer needed.
+    written?;
+    let pointer = run_dir.join(POINTER);
+    let text = json(&Pointer {
+        checkpoint: format!("{CHECKPOINTS}/{name}"),
+        next: state.next,
+    });
+    fsutil::write_atomic(&pointer, text.as_bytes()).map_err(TrainError::io(&pointer))?;
     if let Ok(entries) = std::fs::read_dir(&root) {
         for entry in entries.flatten() {
             if entry.file_name().to_string_lossy() != name {
@@ -272,6 +244,56 @@ pub fn save_checkpoint(
         }
     }
     Ok(final_dir)
+}
+
+/// Removes what killed writes left in a run directory: temporary files, and temporary
+/// checkpoint directories.
+pub(crate) fn remove_stale_temporaries(run_dir: &Path) -> Result<(), TrainError> {
+    for dir in [run_dir.to_path_buf(), run_dir.join(CHECKPOINTS)] {
+        fsutil::remove_stale_temporaries(&dir).map_err(TrainError::io(&dir))?;
+    }
+    Ok(())
+}
+
+/// `step-N` for a checkpoint after `step` optimizer steps, or `step-N-K` (the first free
+/// K) when one of that step exists already (a run stopped twice at the same step): the
+/// checkpoint `checkpoint.json` names is never replaced in place.
+fn unused_name(root: &Path, step: u64) -> String {
+    let base = format!("step-{step:09}");
+    std::iter::once(base.clone())
+        .chain((1..).map(|k| format!("{base}-{k}")))
+        .find(|name| !root.join(name).exists())
+        .expect("some name is free")
+}
+
+/// Writes the files of a checkpoint into the (temporary) directory `dir`; errors name
+/// them as they will be named once `dir` becomes `named`.
+fn write_checkpoint_files(
+    dir: &Path,
+    named: &Path,
+    model: &Model,
+    optimizer: &ModuleOptimizer,
+    state: &RunState,
+) -> Result<(), TrainError> {
+    // The validation snapshot: burn keeps a batch-norm running statistic's latest update
+    // per thread until it is synchronized, which `valid()` does; the training module's
+    // own record would miss the last step's update. Its record keeps the parameter ids
+    // the optimizer state is keyed by.
+    model
+        .valid()
+        .save_file(dir.join(MODEL_FILE))
+        .map_err(record_error(&named.join(MODEL_FILE)))?;
+    optimizer
+        .to_record()
+        .save(dir.join(OPTIMIZER_FILE))
+        .map_err(record_error(&named.join(OPTIMIZER_FILE)))?;
+    for (file, text) in [
+        (MODEL_CONFIG_FILE, json(&state.model)),
+        (STATE_FILE, json(state)),
+    ] {
+        std::fs::write(dir.join(file), text).map_err(TrainError::io(named.join(file)))?;
+    }
+    Ok(())
 }
 
 /// A loaded checkpoint.

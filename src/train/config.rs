@@ -61,6 +61,9 @@ pub struct TrainConfig {
     /// Size of the rayon pool the compute backend uses (0: leave it as it is, by default
     /// one thread per core).
     pub threads: usize,
+    /// Also write a checkpoint every N optimizer steps within an epoch (0: only at the
+    /// end of each epoch and on a stop).
+    pub checkpoint_every: usize,
     /// The run directory (metrics, checkpoints, plots).
     pub output: PathBuf,
     /// Where the tensors live.
@@ -177,6 +180,7 @@ impl Default for TrainConfig {
             schedule: ScheduleSettings::default(),
             seed: 0,
             threads: 0,
+            checkpoint_every: 0,
             output: PathBuf::from("runs/run"),
             device: DeviceChoice::Cpu,
         }

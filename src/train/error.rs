@@ -75,6 +75,15 @@ pub enum TrainError {
         /// Which checkpoint is left (or that none was written yet).
         kept: String,
     },
+    /// A checkpoint could not be written (a full disk, ...): training stopped, and the
+    /// previous checkpoint is still the latest.
+    #[error("{error}: training stopped without writing this checkpoint; {kept}")]
+    SaveFailed {
+        /// What failed.
+        error: Box<TrainError>,
+        /// Which checkpoint is left (or that none was written yet).
+        kept: String,
+    },
     /// A requested device that this build does not support or that cannot start.
     #[error("device {device}: {reason}")]
     Device {

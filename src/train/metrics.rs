@@ -1,11 +1,11 @@
 //! Loss and top-k accuracy, per batch and per epoch, and the run's metrics files.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::error::TrainError;
+use crate::fsutil::write_atomic;
 
 /// Counts of correct predictions and summed loss over some images.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -133,27 +133,6 @@ impl EpochMetrics {
     }
 }
 
-/// Writes `contents` to `path` atomically: a temporary file in the same directory,
-/// flushed to disk, then renamed over the target.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<(), TrainError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(TrainError::io(path))
-}
-
 /// Writes `metrics.csv` and `metrics.json` in `dir` (atomically, whole).
 pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), TrainError> {
     let mut csv = String::from(CSV_HEADER);
@@ -162,9 +141,12 @@ pub fn write_metrics(dir: &Path, history: &[EpochMetrics]) -> Result<(), TrainEr
         csv.push_str(&row.csv_row());
         csv.push('\n');
     }
-    write_atomic(&dir.join("metrics.csv"), csv.as_bytes())?;
     let json = serde_json::to_string_pretty(history).expect("metrics serialize to JSON");
-    write_atomic(&dir.join("metrics.json"), json.as_bytes())
+    for (name, contents) in [("metrics.csv", csv), ("metrics.json", json)] {
+        let path = dir.join(name);
+        write_atomic(&path, contents.as_bytes()).map_err(TrainError::io(&path))?;
+    }
+    Ok(())
 }
 
 /// Reads the per-epoch metrics of a run directory (`metrics.json`).

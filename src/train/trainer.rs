@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{self, RunState, FORMAT, RNG_SCHEME};
 use super::config::{DeviceChoice, TrainConfig};
 use super::error::TrainError;
-use super::metrics::{write_atomic, write_metrics, EpochMetrics, Tally};
+use super::metrics::{write_metrics, EpochMetrics, Tally};
 use super::optim::build_optimizer;
 use super::progress::{Observer, StepProgress};
 use super::schedule::LrSchedule;
@@ -23,6 +23,7 @@ use crate::data::{
     derive_seed, Batch, Dataset, DatasetKind, Loader, LoaderConfig, Position, Split, Step,
     Transform,
 };
+use crate::fsutil;
 use crate::models::{ImageClassifier, Model, ModelConfig};
 
 /// burn's CPU generator is one per process: whoever seeds it and then draws from it
@@ -289,6 +290,8 @@ pub struct ResumeOverrides {
     pub threads: Option<usize>,
     /// Data loader threads.
     pub loader_threads: Option<usize>,
+    /// Steps between checkpoints within an epoch (0: at epoch ends only).
+    pub checkpoint_every: Option<usize>,
 }
 
 impl Trainer {
@@ -348,8 +351,9 @@ impl Trainer {
     }
 
     /// [`resume`](Trainer::resume) with the settings a continuation may change: the
-    /// length of the run and the threads it runs on (compute threads change only the
-    /// order of floating-point sums, loader threads nothing at all).
+    /// length of the run, the threads it runs on (compute threads change only the
+    /// order of floating-point sums, loader threads nothing at all) and how often it
+    /// saves.
     ///
     /// # Errors
     /// As [`resume`](Trainer::resume), and a thread count the process cannot take.
@@ -376,6 +380,9 @@ impl Trainer {
         }
         if let Some(threads) = overrides.loader_threads {
             config.data.loader_threads = threads;
+        }
+        if let Some(every) = overrides.checkpoint_every {
+            config.checkpoint_every = every;
         }
         config.output = run_dir.to_path_buf();
         config.validate()?;
@@ -486,16 +493,12 @@ impl Trainer {
         let t1 = Instant::now();
         if !value.is_finite() {
             self.model = Some(model);
-            let kept = match checkpoint::latest_checkpoint(&self.run_dir) {
-                Ok(dir) => format!("the last good checkpoint is {}", dir.display()),
-                Err(_) => "no checkpoint had been written yet".into(),
-            };
             return Err(TrainError::NonFinite {
                 epoch,
                 batch: index,
                 loss: value,
                 lr,
-                kept,
+                kept: self.kept_checkpoint(),
             });
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -514,11 +517,14 @@ impl Trainer {
     }
 
     /// Trains until the configured number of epochs, evaluating and checkpointing after
-    /// each; returns early (after a checkpoint) when `stop` becomes true.
+    /// each (and every `checkpoint_every` steps); returns early (after a checkpoint) when
+    /// `stop` becomes true. Temporaries that a killed run left in the run directory are
+    /// removed first.
     ///
     /// # Errors
-    /// [`TrainError::NonFinite`] when the loss stops being finite (the last checkpoint
-    /// stays the latest); data, record and I/O errors.
+    /// [`TrainError::NonFinite`] when the loss stops being finite and
+    /// [`TrainError::SaveFailed`] when a checkpoint cannot be written (the last
+    /// checkpoint stays the latest); data, record and I/O errors.
     pub fn run(
         &mut self,
         observer: &mut dyn Observer,
@@ -528,10 +534,15 @@ impl Trainer {
         let batches = self.train.batches_per_epoch();
         let dir = &self.run_dir;
         std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-        write_atomic(
-            &dir.join("config.toml"),
-            self.state.config.to_toml().as_bytes(),
-        )?;
+        checkpoint::remove_stale_temporaries(dir)?;
+        let config_path = dir.join("config.toml");
+        fsutil::write_atomic(&config_path, self.state.config.to_toml().as_bytes())
+            .map_err(TrainError::io(&config_path))?;
+        if !self.state.history.is_empty() {
+            // A run killed between a checkpoint and its metrics: the files follow the
+            // checkpoint resumed from.
+            write_metrics(&self.run_dir, &self.state.history)?;
+        }
         observer.run_started(&self.state, batches);
         while self.state.next.epoch < epochs {
             let start = self.state.next;
@@ -543,21 +554,16 @@ impl Trainer {
             let mut loader = self.train.resume(start, &self.device)?;
             let mut clock = Instant::now();
             loop {
-                if stop.load(Ordering::Relaxed) {
+                // Once the epoch's last batch has trained, the stop waits for its
+                // evaluation and checkpoint (below): a checkpoint between the two would
+                // resume into the next epoch with this one's tally and no metrics.
+                if stop.load(Ordering::Relaxed) && self.state.next.epoch == epoch {
                     drop(loader);
                     seconds += clock.elapsed().as_secs_f64();
                     self.state.partial = tally;
                     self.state.partial_seconds = seconds;
                     let checkpoint = self.save()?;
-                    observer.message(&format!(
-                        "stopped at {}; checkpoint {}",
-                        self.state.next,
-                        checkpoint.display()
-                    ));
-                    return Ok(Outcome::Stopped {
-                        next: self.state.next,
-                        checkpoint,
-                    });
+                    return Ok(self.stopped(observer, checkpoint));
                 }
                 let Some(batch) = loader.next() else { break };
                 let batch = batch?;
@@ -578,6 +584,15 @@ impl Trainer {
                     images_per_second: tally.images as f64 / elapsed.max(1e-9),
                     lr,
                 });
+                let every = self.state.config.checkpoint_every as u64;
+                // Not after the epoch's last batch: its checkpoint follows the evaluation.
+                if every > 0 && self.state.global_step % every == 0 && next.epoch == epoch {
+                    seconds += clock.elapsed().as_secs_f64();
+                    self.state.partial = tally;
+                    self.state.partial_seconds = seconds;
+                    self.save()?;
+                    clock = Instant::now();
+                }
             }
             seconds += clock.elapsed().as_secs_f64();
             observer.evaluating(epoch);
@@ -601,14 +616,19 @@ impl Trainer {
             self.state.history.push(metrics.clone());
             self.state.partial = Tally::default();
             self.state.partial_seconds = 0.0;
+            let checkpoint = self.save()?;
             write_metrics(&self.run_dir, &self.state.history)?;
-            self.save()?;
             observer.epoch_done(&metrics);
+            if stop.load(Ordering::Relaxed) && self.state.next.epoch < epochs {
+                return Ok(self.stopped(observer, checkpoint));
+            }
         }
         let summary = self.summary()?;
         checkpoint::save_final_model(&self.run_dir, self.model(), &self.final_model_meta())?;
         let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
-        write_atomic(&self.run_dir.join("summary.json"), json.as_bytes())?;
+        let summary_path = self.run_dir.join("summary.json");
+        fsutil::write_atomic(&summary_path, json.as_bytes())
+            .map_err(TrainError::io(&summary_path))?;
         Ok(Outcome::Finished(summary))
     }
 
@@ -625,8 +645,34 @@ impl Trainer {
         meta
     }
 
+    /// The outcome of a stop on request, after `checkpoint` was written; tells `observer`.
+    fn stopped(&self, observer: &mut dyn Observer, checkpoint: PathBuf) -> Outcome {
+        observer.message(&format!(
+            "stopped at {}; checkpoint {}",
+            self.state.next,
+            checkpoint.display()
+        ));
+        Outcome::Stopped {
+            next: self.state.next,
+            checkpoint,
+        }
+    }
+
+    /// Writes a checkpoint of where the run stands.
     fn save(&self) -> Result<PathBuf, TrainError> {
         checkpoint::save_checkpoint(&self.run_dir, self.model(), &self.optimizer, &self.state)
+            .map_err(|error| TrainError::SaveFailed {
+                error: Box::new(error),
+                kept: self.kept_checkpoint(),
+            })
+    }
+
+    /// Which checkpoint a run that stops now leaves, in words.
+    fn kept_checkpoint(&self) -> String {
+        match checkpoint::latest_checkpoint(&self.run_dir) {
+            Ok(dir) => format!("the last good checkpoint is {}", dir.display()),
+            Err(_) => "no checkpoint had been written yet".into(),
+        }
     }
 
     /// The summary of the run so far.

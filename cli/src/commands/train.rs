@@ -21,7 +21,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its latest checkpoint (its settings are kept;
-    /// --epochs may extend it).
+    /// --epochs may extend it; --threads, --loader-threads and --checkpoint-every may
+    /// change).
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -107,6 +108,10 @@ pub struct TrainFlags {
     /// Compute threads (0: one per core) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Also write a checkpoint every N optimizer steps within an epoch (0: only at the
+    /// end of each epoch) [default: 0].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
     /// Run directory [default: runs/MODEL-VARIANT].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
@@ -136,6 +141,7 @@ impl TrainFlags {
             gamma => schedule.gamma, min_lr => schedule.min_lr,
             warmup_epochs => schedule.warmup_epochs, seed => seed, threads => threads,
             output => output, device => device, loader_threads => data.loader_threads,
+            checkpoint_every => checkpoint_every,
         );
         if let Some(kind) = &self.kind {
             config.data.kind = Some(kind.clone());
@@ -244,13 +250,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         Some(dir) => {
             if has_other_flags(&args.settings) {
                 return Err(UsageError::from_display(
-                    "--resume keeps the run's settings; only --epochs, --threads and --loader-threads may change",
+                    "--resume keeps the run's settings; only --epochs, --threads, --loader-threads and --checkpoint-every may change",
                 ));
             }
             let overrides = ResumeOverrides {
                 epochs: args.settings.epochs,
                 threads: args.settings.threads,
                 loader_threads: args.settings.loader_threads,
+                checkpoint_every: args.settings.checkpoint_every,
             };
             Trainer::resume_with(dir, overrides).map_err(train_error)?
         }
@@ -307,6 +314,7 @@ fn has_other_flags(flags: &TrainFlags) -> bool {
         warmup_epochs,
         seed,
         threads: _,
+        checkpoint_every: _,
         output,
         device,
     } = flags;
