@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use burn::tensor::Device;
 use safetensors::SafeTensors;
+use serde_json::json;
 use versatile::checkpoint::{
     inspect, load_checkpoint, load_model, load_model_as, save_checkpoint, save_model,
     CheckpointError, CheckpointMeta, Format, KeyLayout,
@@ -422,4 +423,152 @@ fn wrong_shapes_are_reported_with_both_shapes() {
         .unwrap();
     assert_eq!(weight.expected.shape[0], 3);
     assert_eq!(weight.found.shape[0], 10);
+}
+
+/// A safetensors copy of `path` whose model description has `field` (a key of the
+/// description, or `config.KEY`) set to the JSON `value`.
+fn with_description(path: &Path, out: &Path, field: &str, value: serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let json = &header.metadata().as_ref().unwrap()["versatile.model"];
+    let mut description: serde_json::Value = serde_json::from_str(json).unwrap();
+    match field.strip_prefix("config.") {
+        Some(key) => description["config"][key] = value,
+        None => description[field] = value,
+    }
+    with_metadata(path, out, "versatile.model", &description.to_string());
+}
+
+#[test]
+fn descriptions_beyond_the_files_tensors_are_refused_before_building() {
+    let dir = scratch("crafted-descriptions");
+    let lenet = save_lenet(&dir, "safetensors");
+    let big = 1_000_000_000_000u64;
+    // Each would have the model (or its preprocessing) allocate far more than the file.
+    let cases = [
+        (
+            "config.num_classes",
+            json!(big),
+            "num_classes is 1000000000000, above the limit",
+        ),
+        (
+            "config.in_channels",
+            json!(big),
+            "in_channels is 1000000000000, above the limit",
+        ),
+        (
+            "config.arch",
+            json!("vgg_bn:100000000-M"),
+            "channels is 100000000, above the limit",
+        ),
+        (
+            "config.arch",
+            json!("vgg_fc6:100000000000:8-M"),
+            "hidden width is 100000000000",
+        ),
+        (
+            "config.arch",
+            json!(format!("vgg:{}", ["8"; 300].join("-"))),
+            "entries is 300",
+        ),
+        (
+            "config.arch",
+            json!("vgg16"),
+            "but the file's tensors hold only",
+        ),
+        (
+            "config.arch",
+            json!("resnet50"),
+            "but the file's tensors hold only",
+        ),
+        (
+            "class_names",
+            json!(["a", "b"]),
+            "2 class names given for a model with 10 classes",
+        ),
+        (
+            "preprocess",
+            json!({"input_size": [1_000_000, 1_000_000], "resize": 1_000_000, "mean": [0.0], "std": [1.0]}),
+            "sides above 4096",
+        ),
+        (
+            "preprocess",
+            json!({"input_size": [u64::MAX, 1], "resize": u64::MAX, "mean": [0.0], "std": [1.0]}),
+            "sides above 4096",
+        ),
+        (
+            "preprocess",
+            json!({"input_size": [28, 28], "resize": 28, "mean": [0.0], "std": [0.0]}),
+            "standard deviation 0",
+        ),
+        (
+            "preprocess",
+            json!({"input_size": [28, 28], "resize": 28, "mean": [0.0, 0.0], "std": [1.0, 1.0]}),
+            "2 means and 2 deviations for 1 input channels",
+        ),
+    ];
+    for (index, (field, value, expected)) in cases.into_iter().enumerate() {
+        let crafted = dir.join(format!("crafted-{index}.safetensors"));
+        with_description(&lenet, &crafted, field, value);
+        for err in [load_err(&crafted), inspect(&crafted).unwrap_err()] {
+            assert!(
+                matches!(
+                    err,
+                    CheckpointError::BadModelDescription { .. }
+                        | CheckpointError::DescriptionBeyondTensors { .. }
+                ),
+                "{field}: {err:?}"
+            );
+            assert!(err.to_string().contains(expected), "{field}: {err}");
+        }
+    }
+}
+
+#[test]
+fn inspect_checks_the_tensors_against_the_description() {
+    let dir = scratch("inspect-keys");
+    let lenet = save_lenet(&dir, "safetensors");
+    // As many values as LeNet-5 stores, under other names: the description fits the
+    // byte count, not the tensors.
+    let bytes = std::fs::read(&lenet).unwrap();
+    let file = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (format!("other.{name}"), view))
+        .collect();
+    let foreign = dir.join("foreign.safetensors");
+    safetensors::serialize_to_file(renamed, header.metadata().clone(), &foreign).unwrap();
+    let err = inspect(&foreign).unwrap_err();
+    let CheckpointError::Mismatch { report, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(report.missing.len(), report.unexpected.len(), "{report}");
+    assert!(
+        !report.missing.is_empty() && report.mismatched.is_empty(),
+        "{report}"
+    );
+    // The file it was made from passes.
+    assert_eq!(inspect(&lenet).unwrap().tensors, report.missing.len());
+}
+
+#[test]
+fn a_pytorch_view_spanning_more_than_its_file_is_refused() {
+    // A 1 KB state dict with a [1000000, 1000] broadcast view (strides 0): refused from
+    // its shape, before any of its 4 GB would be materialized.
+    let path = Path::new("tests/data/hostile/broadcast_view_large.pth");
+    let err = inspect(path).unwrap_err();
+    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("tensor 'huge' of shape [1000000, 1000] spans 4000000000 bytes"),
+        "{text}"
+    );
+    let small = config("vgg:4-M", "dense")
+        .with_in_channels(1)
+        .with_num_classes(10);
+    let err = versatile::checkpoint::import::import_state_dict(path, &small, &Device::flex())
+        .unwrap_err();
+    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
 }

@@ -9,10 +9,13 @@ use burn::tensor::Device;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 use tempfile::TempDir;
+use versatile::data::folder::MAX_IMAGE_SIDE;
 use versatile::data::{
     DataError, Dataset, DatasetKind, HostBatch, Image, ImageShape, Loader, LoaderConfig, Normalize,
     Position, Split, Step, Transform, IDX_CLASS_NAMES,
 };
+
+mod support;
 
 // ---------------------------------------------------------------------------------------
 // File writers (independent of the library's own writer)
@@ -282,6 +285,54 @@ fn idx_truncated_and_corrupt_gzip_are_rejected() {
     std::fs::write(&path, &corrupt).unwrap();
     let err = open_err(DatasetKind::Idx, dir.path(), Split::Train);
     assert!(matches!(&err, DataError::Gzip { .. }), "{err}");
+}
+
+#[test]
+fn idx_gzip_holding_more_or_less_than_its_header_is_rejected() {
+    let dir = TempDir::new().unwrap();
+    write_idx(dir.path(), "train", 3, 4, 4, true);
+    let path = dir.path().join("train-images-idx3-ubyte.gz");
+    let pixels: Vec<u8> = (0..48).map(|p| p as u8).collect();
+
+    // 8 MiB of zeros after the values, compressed to a few KiB: read no further than
+    // counting them.
+    let mut long = idx_bytes(0x803, &[3, 4, 4], &pixels);
+    long.resize(long.len() + (8 << 20), 0);
+    std::fs::write(&path, gzip(&long)).unwrap();
+    let err = open_err(DatasetKind::Idx, dir.path(), Split::Train);
+    assert!(
+        matches!(&err, DataError::TrailingBytes { expected: 64, found, .. } if *found == 64 + (8 << 20)),
+        "{err}"
+    );
+
+    // A header promising 4 x 10^9 images of 1 pixel, a stream of 48: refused once the
+    // stream ends, without reserving what the header promised.
+    let short = idx_bytes(0x803, &[4_000_000_000, 1, 1], &pixels);
+    std::fs::write(&path, gzip(&short)).unwrap();
+    let err = open_err(DatasetKind::Idx, dir.path(), Split::Train);
+    assert!(
+        matches!(
+            &err,
+            DataError::Truncated {
+                expected: 4_000_000_016,
+                found: 64,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("(decompressed)"), "{err}");
+
+    // Beyond the limit on what one file may hold, and images too large to transform:
+    // refused from the header alone.
+    for dims in [[u32::MAX, 2, 1], [1, 1, 100_000]] {
+        std::fs::write(&path, gzip(&idx_bytes(0x803, &dims, &[]))).unwrap();
+        let err = open_err(DatasetKind::Idx, dir.path(), Split::Train);
+        assert!(
+            matches!(&err, DataError::BadHeader { .. }),
+            "{dims:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -635,6 +686,48 @@ fn image_folder_errors_name_the_directory_or_file() {
 }
 
 #[test]
+fn images_beyond_the_size_limit_are_refused_from_their_header() {
+    let root = TempDir::new().unwrap();
+    write_folder(root.path());
+    // img1.png's header patched to announce 100000 x 12 pixels: refused before any
+    // pixel is decoded, with both numbers and the limit.
+    let patched = root.path().join("train/dog/img1.png");
+    let png = std::fs::read(&patched).unwrap();
+    std::fs::write(&patched, support::png::with_size(&png, 100_000, 12)).unwrap();
+    let train = Dataset::open(DatasetKind::ImageFolder, root.path(), Split::Train).unwrap();
+    let err = train.image(7).unwrap_err();
+    assert!(
+        matches!(&err, DataError::BadHeader { path, .. } if path == &patched),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!(
+            "image of 100000x12 pixels, above the limit of {MAX_IMAGE_SIDE}"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn resizing_caps_the_longer_side_at_the_size_limit() {
+    // A 1 x 16000 strip resized to a shorter side of 256 would be 256 x 4,096,000:
+    // torchvision's max_size rule keeps the longer side at the limit instead.
+    let strip = Image::zeros(ImageShape::new(1, 1, 16_000));
+    let resize = Transform::new(vec![Step::Resize { shorter: 256 }], Normalize::unit(1)).unwrap();
+    assert_eq!(
+        resize.apply(strip, 0).shape(),
+        ImageShape::new(1, 1, MAX_IMAGE_SIDE)
+    );
+    let tall = Image::zeros(ImageShape::new(3, 8_000, 100));
+    let resize = Transform::new(vec![Step::Resize { shorter: 300 }], Normalize::unit(3)).unwrap();
+    // 300 x 24000 capped: the longer side 16384, the shorter 300 * 16384 / 24000 = 204.
+    assert_eq!(
+        resize.apply(tall, 0).shape(),
+        ImageShape::new(3, MAX_IMAGE_SIDE, 204)
+    );
+}
+
+#[test]
 fn unknown_kinds_and_formats_are_errors() {
     assert_eq!(
         "Fashion_MNIST".parse::<DatasetKind>().unwrap(),
@@ -860,6 +953,19 @@ fn invalid_transforms_are_rejected() {
             height: 3,
             width: 0,
         },
+        // Sizes a crafted or mistaken setting could ask for, above MAX_IMAGE_SIDE.
+        Step::Resize { shorter: 100_000 },
+        Step::CenterCrop {
+            height: 3,
+            width: usize::MAX,
+        },
+        Step::RandomResizedCrop {
+            height: 1 << 20,
+            width: 4,
+            scale: (0.08, 1.0),
+            ratio: (0.75, 1.33),
+        },
+        Step::PadCrop { padding: 1 << 40 },
     ];
     for step in cases {
         let err = Transform::new(vec![step.clone()], Normalize::unit(1)).unwrap_err();

@@ -8,6 +8,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use versatile::checkpoint::predict::{load_image, predict, Preprocess};
 use versatile::checkpoint::{CheckpointError, CheckpointMeta};
+use versatile::data::{Dataset, DatasetKind, Loader, LoaderConfig, Position, Split, Transform};
 use versatile::models::{ImageClassifier, Model};
 
 mod support;
@@ -40,6 +41,15 @@ fn top(probabilities: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// Asserts `got` and `expected` agree to float rounding (the transform scales by
+/// `1 / 255` where the expectations divide by 255).
+fn assert_close(got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len());
+    for (i, (a, b)) in got.iter().zip(expected).enumerate() {
+        assert!((a - b).abs() < 1e-6, "value {i}: {a} against {b}");
+    }
+}
+
 fn save(dir: &Path, name: &str, image: impl FnOnce(&Path)) -> PathBuf {
     let path = dir.join(name);
     image(&path);
@@ -63,7 +73,7 @@ fn an_image_of_the_input_size_is_the_input_planar_and_scaled() {
         }
     }
     let preprocess = Preprocess::for_config(&config);
-    assert_eq!(load_image(&path, &preprocess, 3).unwrap(), chw);
+    assert_close(&load_image(&path, &preprocess, 3).unwrap(), &chw);
 
     let expected = probabilities(&model, chw, &device);
     let meta = CheckpointMeta::new(config.clone());
@@ -96,9 +106,9 @@ fn grey_and_rgb_images_become_the_models_channels() {
         std: vec![1.0; 3],
     };
     let loaded = load_image(&grey_path, &preprocess, 3).unwrap();
-    assert_eq!(
-        loaded,
-        [as_values.clone(), as_values.clone(), as_values.clone()].concat()
+    assert_close(
+        &loaded,
+        &[as_values.clone(), as_values.clone(), as_values.clone()].concat(),
     );
 
     // An RGB image to a grey model: one plane, the image's luma.
@@ -112,7 +122,7 @@ fn grey_and_rgb_images_become_the_models_channels() {
     };
     let loaded = load_image(&colour_path, &grey_preprocess, 1).unwrap();
     let expected: Vec<f32> = luma.pixels().map(|p| p[0] as f32 / 255.0).collect();
-    assert_eq!(loaded, expected);
+    assert_close(&loaded, &expected);
 
     // Normalisation: (value - mean) / std per channel.
     let normalised = Preprocess {
@@ -211,4 +221,49 @@ fn unreadable_images_and_bad_settings_are_errors() {
         err.to_string().contains("too little for a 28x28 crop"),
         "{err}"
     );
+}
+
+#[test]
+fn predict_and_eval_see_identical_pixels() {
+    let dir = scratch("predict-eval");
+    // Sizes where rounding matters: 257 -> 256 scales 301 to 299.8 (torchvision keeps
+    // 299), and the crop offset (299 - 224) / 2 = 37.5 rounds to 38.
+    let sizes = [(301, 257), (257, 301), (224, 224), (500, 240)];
+    let class_dir = dir.join("val").join("things");
+    std::fs::create_dir_all(&class_dir).unwrap();
+    std::fs::create_dir_all(dir.join("train").join("things")).unwrap();
+    let paths: Vec<PathBuf> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(width, height))| {
+            save(&class_dir, &format!("{i}.png"), |p| {
+                rgb(width, height).save(p).unwrap()
+            })
+        })
+        .collect();
+    // eval's view: the ImageFolder evaluation transform through the loader.
+    let kind = DatasetKind::ImageFolder;
+    let dataset = Dataset::open(kind, &*dir, Split::Test).unwrap();
+    let loader = Loader::new(
+        dataset,
+        Transform::standard(kind, false),
+        LoaderConfig::new(sizes.len()).with_shuffle(false),
+    )
+    .unwrap();
+    let batch = loader.load(Position::new(0, 0)).unwrap();
+    assert_eq!(batch.shape, [sizes.len(), 3, 224, 224]);
+    // predict's view: a 224x224 RGB model's default preprocessing.
+    let preprocess = Preprocess::for_config(&config("resnet18", "spatial"));
+    let plane = 3 * 224 * 224;
+    for (i, path) in paths.iter().enumerate() {
+        let index = batch.indices[i];
+        let predicted = load_image(&paths[index], &preprocess, 3).unwrap();
+        assert_eq!(
+            predicted,
+            &batch.images[i * plane..(i + 1) * plane],
+            "{} ({:?})",
+            path.display(),
+            sizes[index]
+        );
+    }
 }

@@ -356,6 +356,21 @@ fn toml_config_parses_and_bad_settings_are_named() {
         (12, 0.1, 1)
     );
 
+    // A file far longer than any configuration is refused before it is parsed.
+    let dir = TempDir::new().unwrap();
+    let long = dir.path().join("long.toml");
+    std::fs::write(
+        &long,
+        format!("epochs = 3\n{}", "# comment\n".repeat(120_000)),
+    )
+    .unwrap();
+    let err = TrainConfig::from_toml_file(&long).unwrap_err();
+    assert!(matches!(err, TrainError::ConfigFile { .. }), "{err}");
+    assert!(
+        err.to_string().contains("longer than 1048576 bytes"),
+        "{err}"
+    );
+
     // Syntax, unknown keys and wrong types: the file and the key are named.
     for (bad, needle) in [
         ("epochs = ", "run.toml"),
@@ -395,6 +410,9 @@ fn toml_config_parses_and_bad_settings_are_named() {
     );
     check(&|c| c.schedule.warmup_epochs = 30, "schedule.warmup_epochs");
     check(&|c| c.data.kind = Some("jpeg".into()), "data.kind");
+    check(&|c| c.threads = 1 << 30, "threads");
+    check(&|c| c.data.loader_threads = 1 << 30, "data.loader_threads");
+    check(&|c| c.model = "vgg:100000-M".into(), "model");
     // A learning rate above 1 is fine (burn's own cosine scheduler refuses it).
     let mut config = TrainConfig::default();
     config.optimizer.lr = 2.0;

@@ -82,6 +82,22 @@ pub enum CheckpointError {
         /// What is wrong.
         detail: String,
     },
+    /// The file's model description asks for more values than its tensors hold: it does
+    /// not describe this file, and nothing was built from it.
+    #[error(
+        "{}: its metadata describes {model}, which stores {needed} values, but the file's \
+         tensors hold only {held}; the description does not match the file", path.display()
+    )]
+    DescriptionBeyondTensors {
+        /// The file.
+        path: PathBuf,
+        /// The model described (`name (variant), K classes, C input channels`).
+        model: String,
+        /// Values (parameters and buffers) the model stores.
+        needed: u64,
+        /// Values in the file's tensors.
+        held: u64,
+    },
     /// The model the file describes cannot be built.
     #[error("{}: {source}", path.display())]
     Model {

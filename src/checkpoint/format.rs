@@ -89,6 +89,17 @@ pub(crate) struct RawFile {
     pub file_size: u64,
 }
 
+impl RawFile {
+    /// Values in all tensors (the shapes' products; each reader has checked them
+    /// against the bytes the file holds).
+    pub fn values(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
 fn io(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> CheckpointError {
     let path = path.to_path_buf();
     move |source| CheckpointError::Io {
@@ -494,6 +505,22 @@ fn read_pytorch(path: &Path) -> Result<RawFile, CheckpointError> {
         .map(bridge::from_pytorch)
         .collect();
     tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    // A tensor is a view of a storage in the file; one that spans more bytes than the
+    // whole file repeats its storage (a broadcast view), which a state dict has no use
+    // for and which would materialize far more than the file holds.
+    if let Some(tensor) = tensors.iter().find(|t| t.byte_len() as u64 > len) {
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            format,
+            detail: format!(
+                "tensor '{}' of shape {:?} spans {} bytes, more than the whole file ({len} \
+                 bytes)",
+                tensor.name,
+                tensor.shape.to_vec(),
+                tensor.byte_len()
+            ),
+        });
+    }
     Ok(RawFile {
         metadata: BTreeMap::new(),
         tensors,

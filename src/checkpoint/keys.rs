@@ -540,6 +540,40 @@ fn check(
     }
 }
 
+/// The model's name and variant, for reports.
+fn model_name(model: &Model) -> String {
+    let config = model.config();
+    format!("{} ({})", config.name(), config.variant)
+}
+
+/// Brings `tensors`, named and laid out as `layout` says, to the layout `model` applies
+/// and compares them with the model's key by key, reading no data: the tensors ready to
+/// apply and the layout they are in, or [`CheckpointError::Mismatch`] listing every key
+/// that does not fit.
+pub(crate) fn fit(
+    model: &Model,
+    tensors: Vec<PackTensor>,
+    layout: KeyLayout,
+    path: &Path,
+) -> Result<(Vec<PackTensor>, KeyLayout, LoadNotes), CheckpointError> {
+    let mut notes = LoadNotes::default();
+    let (tensors, check_layout) = match layout {
+        KeyLayout::Burn => (tensors, KeyLayout::Burn),
+        KeyLayout::Torch | KeyLayout::Torchvision => (
+            from_torch_convention(model, tensors, &mut notes),
+            KeyLayout::Torch,
+        ),
+    };
+    let tensors = check(model, check_layout, tensors, &mut notes).map_err(|report| {
+        CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            model: model_name(model),
+            report,
+        }
+    })?;
+    Ok((tensors, check_layout, notes))
+}
+
 /// Loads `tensors`, named and laid out as `layout` says, into `model`: all of them or,
 /// when any key does not fit, none ([`CheckpointError::Mismatch`] lists every one).
 pub(crate) fn load(
@@ -549,25 +583,7 @@ pub(crate) fn load(
     path: &Path,
     format: Format,
 ) -> Result<(Model, LoadNotes), CheckpointError> {
-    let mut notes = LoadNotes::default();
-    let (tensors, check_layout) = match layout {
-        KeyLayout::Burn => (tensors, KeyLayout::Burn),
-        KeyLayout::Torch | KeyLayout::Torchvision => (
-            from_torch_convention(&model, tensors, &mut notes),
-            KeyLayout::Torch,
-        ),
-    };
-    let model_name = |model: &Model| {
-        let config = model.config();
-        format!("{} ({})", config.name(), config.variant)
-    };
-    let tensors = check(&model, check_layout, tensors, &mut notes).map_err(|report| {
-        CheckpointError::Mismatch {
-            path: path.to_path_buf(),
-            model: model_name(&model),
-            report,
-        }
-    })?;
+    let (tensors, check_layout, notes) = fit(&model, tensors, layout, path)?;
     let result = match check_layout {
         KeyLayout::Burn => model.apply(tensors, None, None, false),
         _ => model.apply(

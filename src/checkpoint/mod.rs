@@ -60,6 +60,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::models::{ImageClassifier, Model, ModelConfig};
 
+use format::RawFile;
+
 pub use error::{CheckpointError, KeyMismatch, KeyReport, TensorSpec};
 pub use format::Format;
 pub use keys::{KeyLayout, LoadNotes};
@@ -210,27 +212,66 @@ fn check_class_names(meta: &CheckpointMeta) -> Result<(), CheckpointError> {
     }
 }
 
-/// The model description and layout of a file's metadata.
+/// The model description and layout of a file's metadata, checked against the file
+/// ([`check_description`]).
 fn read_meta(
     path: &Path,
-    metadata: &BTreeMap<String, String>,
+    raw: &RawFile,
     format: Format,
 ) -> Result<(CheckpointMeta, KeyLayout), CheckpointError> {
-    let json = metadata
-        .get(METADATA_MODEL)
-        .ok_or_else(|| CheckpointError::NoModelDescription {
-            path: path.to_path_buf(),
-        })?;
+    let json =
+        raw.metadata
+            .get(METADATA_MODEL)
+            .ok_or_else(|| CheckpointError::NoModelDescription {
+                path: path.to_path_buf(),
+            })?;
     let bad = |detail: String| CheckpointError::BadModelDescription {
         path: path.to_path_buf(),
         detail,
     };
     let meta: CheckpointMeta = serde_json::from_str(json).map_err(|err| bad(err.to_string()))?;
-    let layout = match metadata.get(METADATA_LAYOUT) {
+    let layout = match raw.metadata.get(METADATA_LAYOUT) {
         Some(layout) => layout.parse().map_err(bad)?,
         None => native_layout(format),
     };
+    check_description(path, &meta, raw)?;
     Ok((meta, layout))
+}
+
+/// Checks a file's model description before anything is built from it: its settings
+/// within the zoo's limits, class names and preprocessing that fit the model, and
+/// tensors holding at least the values the model stores. A description asking for more
+/// than its file holds is refused here, so it never costs more memory than the file.
+fn check_description(
+    path: &Path,
+    meta: &CheckpointMeta,
+    raw: &RawFile,
+) -> Result<(), CheckpointError> {
+    let bad = |detail: String| CheckpointError::BadModelDescription {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let config = &meta.config;
+    config.plan().map_err(|err| bad(err.to_string()))?;
+    check_class_names(meta).map_err(|err| bad(err.to_string()))?;
+    if let Some(preprocess) = &meta.preprocess {
+        preprocess
+            .check_sizes(config.in_channels)
+            .map_err(|err| bad(err.to_string()))?;
+    }
+    let stored = stored_size(config)
+        .ok_or_else(|| bad(format!("{} takes no input of any size", model_line(config))))?;
+    let needed = stored.params + stored.buffers;
+    let held = raw.values();
+    if needed > held {
+        return Err(CheckpointError::DescriptionBeyondTensors {
+            path: path.to_path_buf(),
+            model: model_line(config),
+            needed,
+            held,
+        });
+    }
+    Ok(())
 }
 
 /// Loads the model a checkpoint (`.bpk` or `.safetensors` written by this crate)
@@ -265,7 +306,7 @@ fn load(
 ) -> Result<Checkpoint, CheckpointError> {
     let format = load_format(path)?;
     let raw = format::read(path, format)?;
-    let (meta, layout) = read_meta(path, &raw.metadata, format)?;
+    let (meta, layout) = read_meta(path, &raw, format)?;
     if let Some(expected) = expected {
         if &meta.config != expected {
             return Err(CheckpointError::OtherModel {
@@ -275,13 +316,7 @@ fn load(
             });
         }
     }
-    let model = meta
-        .config
-        .init(device)
-        .map_err(|source| CheckpointError::Model {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let model = build(path, &meta.config, device)?;
     let (model, notes) = keys::load(model, raw.tensors, layout, path, format)?;
     Ok(Checkpoint {
         model,
@@ -290,6 +325,16 @@ fn load(
         layout,
         notes,
     })
+}
+
+/// The model `config` describes, fresh, for the file at `path`.
+fn build(path: &Path, config: &ModelConfig, device: &Device) -> Result<Model, CheckpointError> {
+    config
+        .init(device)
+        .map_err(|source| CheckpointError::Model {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn load_format(path: &Path) -> Result<Format, CheckpointError> {
@@ -394,7 +439,8 @@ fn stored_size(config: &ModelConfig) -> Option<StoredSize> {
 }
 
 /// Reads a checkpoint's header: its model, tensors and sizes, against the dense twin's.
-/// No weight is loaded.
+/// A file that describes its model must hold exactly that model's tensors (names,
+/// shapes, types), as a load would check; no weight is read.
 pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo, CheckpointError> {
     let path = path.as_ref();
     let format = Format::of(
@@ -403,23 +449,24 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo, CheckpointError
         ".bpk, .safetensors, .pth or .pt",
     )?;
     let raw = format::read(path, format)?;
-    let (meta, layout) = match read_meta(path, &raw.metadata, format) {
+    let (meta, layout) = match read_meta(path, &raw, format) {
         Ok((meta, layout)) => (Some(meta), Some(layout)),
         Err(CheckpointError::NoModelDescription { .. }) => (None, None),
         Err(err) => return Err(err),
     };
-    let values = raw
-        .tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>() as u64)
-        .sum();
+    let values = raw.values();
     let data_bytes = raw.tensors.iter().map(|t| t.byte_len() as u64).sum();
-    let (model, dense_twin) = match &meta {
-        Some(meta) => (
-            stored_size(&meta.config),
-            stored_size(&meta.config.dense_twin()),
-        ),
-        None => (None, None),
+    let tensors = raw.tensors.len();
+    let (model, dense_twin) = match (&meta, layout) {
+        (Some(meta), Some(layout)) => {
+            let model = build(path, &meta.config, &Device::flex())?;
+            keys::fit(&model, raw.tensors, layout, path)?;
+            (
+                stored_size(&meta.config),
+                stored_size(&meta.config.dense_twin()),
+            )
+        }
+        _ => (None, None),
     };
     Ok(CheckpointInfo {
         path: path.to_path_buf(),
@@ -427,7 +474,7 @@ pub fn inspect(path: impl AsRef<Path>) -> Result<CheckpointInfo, CheckpointError
         file_size: raw.file_size,
         meta,
         layout,
-        tensors: raw.tensors.len(),
+        tensors,
         values,
         data_bytes,
         model,

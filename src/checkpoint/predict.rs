@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
-use image::imageops::FilterType;
 use serde::{Deserialize, Serialize};
 
-use crate::models::{ImageClassifier, Model, ModelConfig};
+use crate::data::folder::decode_image;
+use crate::data::{DataError, Normalize, Transform};
+use crate::models::{ImageClassifier, Model, ModelConfig, MAX_INPUT_SIDE};
 
 use super::error::CheckpointError;
 use super::CheckpointMeta;
@@ -58,8 +59,25 @@ impl Preprocess {
         }
     }
 
-    /// Checks the settings against a model with `channels` input channels.
-    pub fn validate(&self, channels: usize) -> Result<(), CheckpointError> {
+    /// The transform it describes: torchvision's evaluation transform
+    /// ([`Transform::resize_center_crop`]), the one `eval` applies too.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Unsupported`] for sizes of 0 or above
+    /// [`MAX_IMAGE_SIDE`](crate::data::folder::MAX_IMAGE_SIDE), or a normalisation that
+    /// cannot work.
+    pub fn transform(&self) -> Result<Transform, CheckpointError> {
+        Normalize::new(self.mean.clone(), self.std.clone())
+            .and_then(|normalize| {
+                Transform::resize_center_crop(self.resize, self.input_size, normalize)
+            })
+            .map_err(|err| CheckpointError::Unsupported(format!("preprocessing: {err}")))
+    }
+
+    /// Checks the sizes (at most [`MAX_INPUT_SIDE`], the crop within the resized image)
+    /// and the normalisation against a model with `channels` input channels: what a
+    /// checkpoint's description must satisfy to be loaded.
+    pub fn check_sizes(&self, channels: usize) -> Result<(), CheckpointError> {
         let bad = |what: String| {
             Err(CheckpointError::Unsupported(format!(
                 "preprocessing: {what}"
@@ -68,6 +86,12 @@ impl Preprocess {
         let [h, w] = self.input_size;
         if h == 0 || w == 0 {
             return bad(format!("input size {h}x{w} is empty"));
+        }
+        if h.max(w).max(self.resize) > MAX_INPUT_SIDE {
+            return bad(format!(
+                "input size {h}x{w} after resizing to {}: sides above {MAX_INPUT_SIDE}",
+                self.resize
+            ));
         }
         if self.resize < h.max(w) {
             return bad(format!(
@@ -82,19 +106,25 @@ impl Preprocess {
                 self.std.len()
             ));
         }
-        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
-            return bad(format!("deviations must be positive, got {:?}", self.std));
-        }
+        self.transform().map(|_| ())
+    }
+
+    /// Checks the settings against a model with `channels` input channels, which
+    /// images must have (1: grey, 3: RGB).
+    pub fn validate(&self, channels: usize) -> Result<(), CheckpointError> {
+        self.check_sizes(channels)?;
         if channels != 1 && channels != 3 {
-            return bad(format!(
-                "images have 1 (grey) or 3 (RGB) channels, the model takes {channels}"
-            ));
+            return Err(CheckpointError::Unsupported(format!(
+                "preprocessing: images have 1 (grey) or 3 (RGB) channels, the model takes \
+                 {channels}"
+            )));
         }
         Ok(())
     }
 }
 
-/// Reads one image as a model input `[channels, height, width]` (row-major values).
+/// Reads one image as a model input `[channels, height, width]` (row-major values):
+/// decoded as grey or RGB by `channels`, then [`Preprocess::transform`].
 pub fn load_image(
     path: impl AsRef<Path>,
     preprocess: &Preprocess,
@@ -102,41 +132,20 @@ pub fn load_image(
 ) -> Result<Vec<f32>, CheckpointError> {
     let path = path.as_ref();
     preprocess.validate(channels)?;
-    let image = image::open(path).map_err(|err| CheckpointError::Image {
+    let image_error = |err: DataError| CheckpointError::Image {
         path: path.to_path_buf(),
-        detail: err.to_string(),
-    })?;
-    let (width, height) = (image.width() as usize, image.height() as usize);
-    if width == 0 || height == 0 {
-        return Err(CheckpointError::Image {
-            path: path.to_path_buf(),
-            detail: "the image is empty".to_string(),
-        });
-    }
-    let resize = preprocess.resize;
-    let (new_w, new_h) = if width <= height {
-        (resize, (height * resize + width / 2) / width)
-    } else {
-        ((width * resize + height / 2) / height, resize)
+        detail: match err {
+            DataError::Io { source, .. } => source.to_string(),
+            DataError::Decode { source, .. } => source.to_string(),
+            DataError::BadHeader { reason, .. } => reason,
+            other => other.to_string(),
+        },
     };
-    let resized = image.resize_exact(new_w as u32, new_h as u32, FilterType::Triangle);
-    let [crop_h, crop_w] = preprocess.input_size;
-    let (left, top) = ((new_w - crop_w) / 2, (new_h - crop_h) / 2);
-    let cropped = resized.crop_imm(left as u32, top as u32, crop_w as u32, crop_h as u32);
-    let pixels: Vec<u8> = if channels == 1 {
-        cropped.to_luma8().into_raw()
-    } else {
-        cropped.to_rgb8().into_raw()
-    };
-    // Interleaved HWC bytes to planar CHW values.
-    let area = crop_h * crop_w;
-    let mut values = vec![0.0f32; channels * area];
-    for (i, &byte) in pixels.iter().enumerate() {
-        let (pixel, channel) = (i / channels, i % channels);
-        let value = byte as f32 / 255.0;
-        values[channel * area + pixel] =
-            (value - preprocess.mean[channel]) / preprocess.std[channel];
-    }
+    let image = decode_image(path, channels).map_err(image_error)?;
+    let (_, values) = preprocess
+        .transform()?
+        .to_chw(image, 0)
+        .map_err(image_error)?;
     Ok(values)
 }
 
@@ -171,6 +180,7 @@ pub fn predict(
     let config = model.config();
     let preprocess = meta.preprocess();
     let channels = config.in_channels;
+    preprocess.validate(channels)?;
     let [h, w] = preprocess.input_size;
     let mut values = Vec::with_capacity(images.len() * channels * h * w);
     for image in images {

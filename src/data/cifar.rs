@@ -13,6 +13,8 @@
 //! The directory given may be the one holding the files or its parent (the directory
 //! the official archive unpacks into).
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::dataset::{read_name_list, InMemory};
@@ -22,6 +24,9 @@ use super::{DataError, ImageShape, Split};
 pub const SIDE: usize = 32;
 /// Bytes of one CIFAR image (3 planes of 32x32).
 pub const IMAGE_BYTES: usize = 3 * SIDE * SIDE;
+/// Most bytes of one CIFAR file (the largest official one, CIFAR-100's `train.bin`,
+/// holds 154 MB).
+pub const MAX_FILE_BYTES: u64 = 1 << 32;
 
 /// The two CIFAR variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,18 +138,39 @@ fn read_file(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u32>,
 ) -> Result<(), DataError> {
-    let bytes = std::fs::read(path).map_err(|err| DataError::io(path, err))?;
+    let io = |err| DataError::io(path, err);
+    let file = File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
     let record = variant.record_bytes();
-    if bytes.is_empty() {
+    if size == 0 {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
         });
     }
-    if bytes.len() % record != 0 {
+    if size % record as u64 != 0 {
         return Err(DataError::RecordSize {
             path: path.to_path_buf(),
-            size: bytes.len() as u64,
+            size,
             record: record as u64,
+        });
+    }
+    if size > MAX_FILE_BYTES {
+        return Err(DataError::BadHeader {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{size} bytes, more than the limit of {MAX_FILE_BYTES} bytes for one CIFAR file"
+            ),
+        });
+    }
+    // Exactly the size checked above, even if the file grows meanwhile.
+    let mut bytes = Vec::new();
+    file.take(size).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 != size {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            what: "the CIFAR records".to_string(),
+            expected: size,
+            found: bytes.len() as u64,
         });
     }
     let plane = SIDE * SIDE;

@@ -1,6 +1,7 @@
 //! Datasets: the samples of one split of one format, with their labels.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -464,10 +465,22 @@ impl Dataset {
 /// order (IDX files carry no names; the shipped Fashion-MNIST sample has one).
 pub const IDX_CLASS_NAMES: &str = "classes.txt";
 
+/// Most bytes of a file of class names (ImageNet-21k's 21,841 names take about 0.5 MB).
+const MAX_NAMES_BYTES: u64 = 16 << 20;
+
 /// The lines of a text file of names, one per line (blank lines ignored); `None` when the
-/// file cannot be read.
+/// file cannot be read, is not UTF-8 or is longer than 16 MiB.
 pub(crate) fn read_name_list(path: &Path) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_NAMES_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > MAX_NAMES_BYTES {
+        return None;
+    }
+    let text = String::from_utf8(bytes).ok()?;
     Some(
         text.lines()
             .map(str::trim)

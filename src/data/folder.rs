@@ -148,23 +148,77 @@ pub(crate) fn scan(root: &Path, split: Split) -> Result<Folder, DataError> {
     Ok(Folder { samples, classes })
 }
 
+/// Most pixels on either side of an image this crate decodes (and of any image a
+/// [`Transform`](super::Transform) step produces): larger images are refused from their
+/// header, before any pixel is decoded.
+pub const MAX_IMAGE_SIDE: usize = 16_384;
+
+/// Most bytes a decoder may allocate for one image (an RGBA image of
+/// [`MAX_IMAGE_SIDE`]² pixels).
+pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+
 /// Decodes the image at `path` (JPEG or PNG, told by its content) as 8-bit RGB.
 pub fn decode(path: &Path) -> Result<Image, DataError> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|err| DataError::io(path, err))?
-        .with_guessed_format()
-        .map_err(|err| DataError::io(path, err))?;
-    let decoded = reader.decode().map_err(|source| DataError::Decode {
+    decode_image(path, 3)
+}
+
+/// Decodes the image at `path` (JPEG or PNG, told by its content) as 8-bit grey
+/// (`channels` 1, the image's luma) or RGB (`channels` 3). Its dimensions are read from
+/// its header first: an empty image, or one with a side above [`MAX_IMAGE_SIDE`], is
+/// refused before decoding, and the decoder may allocate at most [`MAX_DECODE_BYTES`].
+pub fn decode_image(path: &Path, channels: usize) -> Result<Image, DataError> {
+    let bad = |reason: String| DataError::BadHeader {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if !matches!(channels, 1 | 3) {
+        return Err(DataError::Unsupported(format!(
+            "decoding images to {channels} channels (1: grey, 3: RGB)"
+        )));
+    }
+    // The header alone gives the dimensions (and allocates nothing); the decoder then
+    // runs under limits.
+    let reader = |limits: Option<image::Limits>| -> Result<image::ImageReader<_>, DataError> {
+        let mut reader = image::ImageReader::open(path)
+            .map_err(|err| DataError::io(path, err))?
+            .with_guessed_format()
+            .map_err(|err| DataError::io(path, err))?;
+        match limits {
+            Some(limits) => reader.limits(limits),
+            None => reader.no_limits(),
+        }
+        Ok(reader)
+    };
+    let decode_error = |source| DataError::Decode {
         path: path.to_path_buf(),
         source,
-    })?;
-    if decoded.width() == 0 || decoded.height() == 0 {
-        return Err(DataError::BadHeader {
-            path: path.to_path_buf(),
-            reason: format!("image of {}x{} pixels", decoded.width(), decoded.height()),
-        });
+    };
+    let (width, height) = reader(None)?.into_dimensions().map_err(decode_error)?;
+    if width == 0 || height == 0 {
+        return Err(bad(format!("image of {width}x{height} pixels")));
     }
-    let rgb = decoded.into_rgb8();
-    let shape = ImageShape::new(3, rgb.height() as usize, rgb.width() as usize);
-    Ok(Image::new(shape, rgb.into_raw()).expect("an RgbImage holds 3 bytes per pixel"))
+    if width as usize > MAX_IMAGE_SIDE || height as usize > MAX_IMAGE_SIDE {
+        return Err(bad(format!(
+            "image of {width}x{height} pixels, above the limit of {MAX_IMAGE_SIDE} pixels a side"
+        )));
+    }
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE as u32);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE as u32);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let decoded = reader(Some(limits))?.decode().map_err(decode_error)?;
+    if (decoded.width(), decoded.height()) != (width, height) {
+        return Err(bad(format!(
+            "the header says {width}x{height} pixels, the decoder gave {}x{}",
+            decoded.width(),
+            decoded.height()
+        )));
+    }
+    let shape = ImageShape::new(channels, height as usize, width as usize);
+    let pixels = if channels == 1 {
+        decoded.into_luma8().into_raw()
+    } else {
+        decoded.into_rgb8().into_raw()
+    };
+    Ok(Image::new(shape, pixels).expect("a decoded image holds its channels per pixel"))
 }

@@ -11,12 +11,13 @@
 //! `.gz` (the `train-images.idx3-ubyte` spelling is accepted too).
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
 use flate2::{Compression, GzBuilder};
 
+use super::folder::MAX_IMAGE_SIDE;
 use super::{DataError, ImageShape, Split};
 
 /// Magic number of an IDX file of unsigned bytes with 3 dimensions (images).
@@ -80,54 +81,123 @@ fn find_file(
     })
 }
 
-/// The bytes of `path`, decompressed when they start with the gzip magic bytes.
-pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|err| DataError::io(path, err))?;
-    if raw.len() < 2 || raw[0] != 0x1f || raw[1] != 0x8b {
-        return Ok(raw);
-    }
-    // The gzip trailer holds the uncompressed size modulo 2^32: a capacity hint only.
-    let hint = raw
-        .len()
-        .checked_sub(4)
-        .map(|at| u32::from_le_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]) as usize)
-        .unwrap_or(0)
-        .min(1 << 30);
-    let mut out = Vec::with_capacity(hint);
-    MultiGzDecoder::new(raw.as_slice())
-        .read_to_end(&mut out)
-        .map_err(|err| DataError::Gzip {
+/// Most bytes of values one IDX file may hold (uncompressed): far above any dataset in
+/// the format (EMNIST's largest file holds 0.55 GB), and a bound on what a crafted
+/// header or a gzip bomb can make the reader hold.
+pub const MAX_IDX_BYTES: u64 = 1 << 32;
+
+/// The gzip magic bytes.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// An IDX file being read: raw, or decompressed as it is read.
+struct IdxReader {
+    path: PathBuf,
+    reader: Box<dyn Read>,
+    gzip: bool,
+    /// The file's size on disk.
+    file_size: u64,
+}
+
+impl IdxReader {
+    fn open(path: &Path) -> Result<Self, DataError> {
+        let file = File::open(path).map_err(|err| DataError::io(path, err))?;
+        let file_size = file
+            .metadata()
+            .map_err(|err| DataError::io(path, err))?
+            .len();
+        let mut file = BufReader::new(file);
+        let gzip = file
+            .fill_buf()
+            .map_err(|err| DataError::io(path, err))?
+            .starts_with(&GZIP_MAGIC);
+        let reader: Box<dyn Read> = if gzip {
+            Box::new(MultiGzDecoder::new(file))
+        } else {
+            Box::new(file)
+        };
+        Ok(IdxReader {
             path: path.to_path_buf(),
+            reader,
+            gzip,
+            file_size,
+        })
+    }
+
+    fn error(&self, err: std::io::Error) -> DataError {
+        if !self.gzip {
+            return DataError::io(&self.path, err);
+        }
+        DataError::Gzip {
+            path: self.path.clone(),
             reason: match err.kind() {
                 std::io::ErrorKind::UnexpectedEof => {
                     "the compressed stream ends early (truncated file?)".to_string()
                 }
                 _ => err.to_string(),
             },
-        })?;
-    Ok(out)
+        }
+    }
+
+    /// Up to `len` more bytes: fewer only where the data ends.
+    fn read_up_to(&mut self, len: u64) -> Result<Vec<u8>, DataError> {
+        // Grown as the data arrives, never reserved from `len`: a header may promise
+        // more than the file holds.
+        let mut bytes = Vec::new();
+        match (&mut self.reader).take(len).read_to_end(&mut bytes) {
+            Ok(_) => Ok(bytes),
+            Err(err) => Err(self.error(err)),
+        }
+    }
+
+    /// Counts the bytes left, up to [`MAX_IDX_BYTES`], holding none of them; reading
+    /// a gzip stream to its end also checks its checksum.
+    fn count_rest(&mut self) -> Result<u64, DataError> {
+        match std::io::copy(
+            &mut (&mut self.reader).take(MAX_IDX_BYTES),
+            &mut std::io::sink(),
+        ) {
+            Ok(count) => Ok(count),
+            Err(err) => Err(self.error(err)),
+        }
+    }
+
+    /// What a short or long file is measured in: its size on disk, or its
+    /// decompressed size.
+    fn what(&self, what: String) -> String {
+        if self.gzip {
+            format!("{what} (decompressed)")
+        } else {
+            what
+        }
+    }
 }
 
-/// Reads the header of an IDX file of unsigned bytes: its dimensions and the offset of
-/// the data, after checking the magic number and that the data is exactly there.
-fn parse_header(
+/// Reads an IDX file of unsigned bytes: its header (checking the magic number, and the
+/// dimensions with `check_dims`, which says what is wrong), then exactly the values the
+/// header promises. A file that ends early or goes on after them is refused, as is a
+/// header promising more than [`MAX_IDX_BYTES`]; a raw file's size is checked before
+/// its values are read.
+fn read_idx(
     path: &Path,
-    bytes: &[u8],
     magic: u32,
     what: &'static str,
     file_kind: &'static str,
-) -> Result<(Vec<usize>, usize), DataError> {
+    check_dims: impl Fn(&[usize]) -> Option<String>,
+) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    let mut file = IdxReader::open(path)?;
     let ndim = (magic & 0xff) as usize;
-    let header = 4 + 4 * ndim;
-    if bytes.len() < 4 {
+    let header_len = 4 + 4 * ndim as u64;
+    let head = file.read_up_to(header_len)?;
+    if head.len() < 4 {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
-            what: "the IDX magic number".to_string(),
+            what: file.what("the IDX magic number".to_string()),
             expected: 4,
-            found: bytes.len() as u64,
+            found: head.len() as u64,
         });
     }
-    let found = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let word = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    let found = word(0);
     if found != magic {
         return Err(DataError::BadMagic {
             path: path.to_path_buf(),
@@ -136,72 +206,80 @@ fn parse_header(
             what,
         });
     }
-    if bytes.len() < header {
+    if (head.len() as u64) < header_len {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
-            what: format!("the IDX header ({ndim} dimensions)"),
-            expected: header as u64,
-            found: bytes.len() as u64,
+            what: file.what(format!("the IDX header ({ndim} dimensions)")),
+            expected: header_len,
+            found: head.len() as u64,
         });
     }
-    let dims: Vec<usize> = (0..ndim)
-        .map(|d| {
-            let at = 4 + 4 * d;
-            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
-        })
-        .collect();
+    let dims: Vec<usize> = (0..ndim).map(|d| word(4 + 4 * d) as usize).collect();
+    if let Some(reason) = check_dims(&dims) {
+        return Err(DataError::BadHeader {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+    let shape = dims
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x");
     let values = dims
         .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .filter(|&values| values <= MAX_IDX_BYTES)
         .ok_or_else(|| DataError::BadHeader {
             path: path.to_path_buf(),
-            reason: format!("dimensions {dims:?} overflow"),
+            reason: format!("{shape} values, more than the limit of {MAX_IDX_BYTES} bytes"),
         })?;
-    let expected = header as u64 + values as u64;
-    let len = bytes.len() as u64;
-    if len < expected {
-        let shape = dims
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join("x");
-        return Err(DataError::Truncated {
-            path: path.to_path_buf(),
-            what: format!("the header and {shape} values"),
-            expected,
-            found: len,
-        });
+    let expected = header_len + values;
+    let values_what = file.what(format!("the header and {shape} values"));
+    let short = |found: u64| DataError::Truncated {
+        path: path.to_path_buf(),
+        what: values_what.clone(),
+        expected,
+        found,
+    };
+    let long = |found: u64| DataError::TrailingBytes {
+        path: path.to_path_buf(),
+        what: file_kind,
+        expected,
+        found,
+    };
+    if !file.gzip && file.file_size < expected {
+        return Err(short(file.file_size));
     }
-    if len > expected {
-        return Err(DataError::TrailingBytes {
-            path: path.to_path_buf(),
-            what: file_kind,
-            expected,
-            found: len,
-        });
+    if !file.gzip && file.file_size > expected {
+        return Err(long(file.file_size));
     }
-    Ok((dims, header))
+    let data = file.read_up_to(values)?;
+    if (data.len() as u64) < values {
+        return Err(short(header_len + data.len() as u64));
+    }
+    let rest = file.count_rest()?;
+    if rest > 0 {
+        return Err(long(expected + rest));
+    }
+    Ok((dims, data))
 }
 
 /// Reads an IDX image file (`[n, rows, cols]` unsigned bytes), raw or gzip.
 pub fn read_images(path: &Path) -> Result<IdxImages, DataError> {
-    let bytes = read_maybe_gz(path)?;
-    let (dims, header) = parse_header(
+    let (dims, pixels) = read_idx(
         path,
-        &bytes,
         IMAGES_MAGIC,
         "unsigned bytes, 3 dimensions: images",
         "IDX image file",
+        |dims| {
+            let (rows, cols) = (dims[1], dims[2]);
+            (rows == 0 || cols == 0 || rows.max(cols) > MAX_IMAGE_SIDE).then(|| {
+                format!("images of {rows}x{cols} pixels (sides from 1 to {MAX_IMAGE_SIDE})")
+            })
+        },
     )?;
     let (count, rows, cols) = (dims[0], dims[1], dims[2]);
-    if rows == 0 || cols == 0 {
-        return Err(DataError::BadHeader {
-            path: path.to_path_buf(),
-            reason: format!("images of {rows}x{cols} pixels"),
-        });
-    }
-    let mut pixels = bytes;
-    pixels.drain(..header);
     Ok(IdxImages {
         shape: ImageShape::new(1, rows, cols),
         count,
@@ -211,16 +289,13 @@ pub fn read_images(path: &Path) -> Result<IdxImages, DataError> {
 
 /// Reads an IDX label file (`[n]` unsigned bytes), raw or gzip.
 pub fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
-    let bytes = read_maybe_gz(path)?;
-    let (_, header) = parse_header(
+    let (_, labels) = read_idx(
         path,
-        &bytes,
         LABELS_MAGIC,
         "unsigned bytes, 1 dimension: labels",
         "IDX label file",
+        |_| None,
     )?;
-    let mut labels = bytes;
-    labels.drain(..header);
     Ok(labels)
 }
 

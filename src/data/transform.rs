@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use image::imageops::{self, FilterType};
 use image::{GrayImage, RgbImage};
 
+use super::folder::MAX_IMAGE_SIDE;
 use super::{DataError, DatasetKind, Image, ImageShape};
 
 /// One step of a [`Transform`].
@@ -35,8 +36,9 @@ pub enum Step {
         /// Range of the crop's width / height (torchvision: 3/4..4/3).
         ratio: (f32, f32),
     },
-    /// torchvision's `Resize(shorter)`: scales the image so its shorter side is
-    /// `shorter`, keeping the aspect ratio (the longer side is truncated).
+    /// torchvision's `Resize(shorter, max_size)`: scales the image so its shorter side
+    /// is `shorter`, keeping the aspect ratio (the longer side is truncated), unless the
+    /// longer side would exceed [`MAX_IMAGE_SIDE`]: then the longer side is that limit.
     Resize {
         /// Length of the shorter side after resizing.
         shorter: usize,
@@ -72,8 +74,11 @@ impl Step {
         )
     }
 
+    /// Checks the parameters: sizes from 1 to [`MAX_IMAGE_SIDE`], padding at most
+    /// [`MAX_IMAGE_SIDE`], ranges and probabilities that can be drawn from.
     fn validate(&self) -> Result<(), DataError> {
         let bad = |reason: String| Err(DataError::InvalidTransform(reason));
+        let sizes_ok = |sizes: &[usize]| sizes.iter().all(|&s| (1..=MAX_IMAGE_SIDE).contains(&s));
         match *self {
             Step::RandomResizedCrop {
                 height,
@@ -81,8 +86,10 @@ impl Step {
                 scale,
                 ratio,
             } => {
-                if height == 0 || width == 0 {
-                    return bad(format!("RandomResizedCrop to {height}x{width}"));
+                if !sizes_ok(&[height, width]) {
+                    return bad(format!(
+                        "RandomResizedCrop to {height}x{width} (sides from 1 to {MAX_IMAGE_SIDE})"
+                    ));
                 }
                 if !(scale.0 > 0.0 && scale.0 <= scale.1 && scale.1.is_finite()) {
                     return bad(format!(
@@ -95,9 +102,20 @@ impl Step {
                     ));
                 }
             }
-            Step::Resize { shorter: 0 } => return bad("Resize to a shorter side of 0".into()),
-            Step::CenterCrop { height, width } if height == 0 || width == 0 => {
-                return bad(format!("CenterCrop to {height}x{width}"));
+            Step::Resize { shorter } if !sizes_ok(&[shorter]) => {
+                return bad(format!(
+                    "Resize to a shorter side of {shorter} (from 1 to {MAX_IMAGE_SIDE})"
+                ));
+            }
+            Step::CenterCrop { height, width } if !sizes_ok(&[height, width]) => {
+                return bad(format!(
+                    "CenterCrop to {height}x{width} (sides from 1 to {MAX_IMAGE_SIDE})"
+                ));
+            }
+            Step::PadCrop { padding } if padding > MAX_IMAGE_SIDE => {
+                return bad(format!(
+                    "PadCrop padding {padding} (at most {MAX_IMAGE_SIDE})"
+                ));
             }
             Step::HorizontalFlip { probability } if !(0.0..=1.0).contains(&probability) => {
                 return bad(format!(
@@ -164,18 +182,30 @@ impl Step {
     }
 }
 
-/// torchvision's `Resize(shorter)` output size: `(height, width)`.
+/// The steps of an evaluation transform: `Resize(resize)`, `CenterCrop(crop)`.
+fn resize_center_crop(resize: usize, [height, width]: [usize; 2]) -> Vec<Step> {
+    vec![
+        Step::Resize { shorter: resize },
+        Step::CenterCrop { height, width },
+    ]
+}
+
+/// torchvision's `Resize(shorter, max_size=MAX_IMAGE_SIDE)` output size:
+/// `(height, width)`. The longer side is capped at [`MAX_IMAGE_SIDE`] (the shorter one
+/// then shrinks in proportion), so an image of extreme aspect ratio cannot grow without
+/// bound.
 fn resized_size(height: usize, width: usize, shorter: usize) -> (usize, usize) {
+    let (short, long) = (height.min(width) as f64, height.max(width) as f64);
+    let mut new_short = shorter;
+    let mut new_long = (shorter as f64 * long / short) as usize;
+    if new_long > MAX_IMAGE_SIDE {
+        new_short = ((MAX_IMAGE_SIDE as f64 * new_short as f64 / new_long as f64) as usize).max(1);
+        new_long = MAX_IMAGE_SIDE;
+    }
     if height <= width {
-        (
-            shorter,
-            (shorter as f64 * width as f64 / height as f64) as usize,
-        )
+        (new_short, new_long)
     } else {
-        (
-            (shorter as f64 * height as f64 / width as f64) as usize,
-            shorter,
-        )
+        (new_long, new_short)
     }
 }
 
@@ -496,17 +526,23 @@ impl Transform {
     /// `Resize(resize)` then `CenterCrop(crop)`, ImageNet normalisation.
     pub fn imagenet_eval(resize: usize, crop: usize) -> Self {
         Transform {
-            steps: vec![
-                Step::Resize {
-                    shorter: resize.max(1),
-                },
-                Step::CenterCrop {
-                    height: crop.max(1),
-                    width: crop.max(1),
-                },
-            ],
+            steps: resize_center_crop(resize.max(1), [crop.max(1); 2]),
             normalize: Normalize::imagenet(),
         }
+    }
+
+    /// torchvision's evaluation transform: `Resize(resize)` (the shorter side), then
+    /// `CenterCrop(crop)` (`[height, width]`), then `normalize`. What
+    /// [`Preprocess`](crate::checkpoint::Preprocess) describes for predictions.
+    ///
+    /// # Errors
+    /// As [`Transform::new`].
+    pub fn resize_center_crop(
+        resize: usize,
+        crop: [usize; 2],
+        normalize: Normalize,
+    ) -> Result<Self, DataError> {
+        Transform::new(resize_center_crop(resize, crop), normalize)
     }
 
     /// The steps.

@@ -34,6 +34,17 @@ pub enum ModelError {
         /// Which setting (`num_classes`, `in_channels`).
         what: &'static str,
     },
+    /// A size setting is beyond what any model of the zoo needs (a guard against
+    /// descriptions read from files asking for absurd allocations).
+    #[error("{what} is {value}, above the limit of {max}")]
+    TooLarge {
+        /// Which setting (`num_classes`, `in_channels`, `VGG table entries`, ...).
+        what: &'static str,
+        /// The value given.
+        value: usize,
+        /// The largest value allowed.
+        max: usize,
+    },
     /// A convolution of the model cannot be built as a versatile layer.
     #[error("layer {layer}: {source}")]
     Layer {

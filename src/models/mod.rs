@@ -50,8 +50,26 @@ pub use vgg::{VggArch, VggHead, VggItem, VggTable};
 
 use layers::{Trace, TraceError};
 
-/// Largest input side searched for a model's minimum input.
-const MAX_SEARCHED_INPUT: usize = 4096;
+/// Largest input side searched for a model's minimum input, and the largest input side
+/// a checkpoint's preprocessing may ask for.
+pub const MAX_INPUT_SIDE: usize = 4096;
+
+/// Most channels of any layer (input, convolution, hidden width): far above the zoo's
+/// widest (4096), low enough that a description read from a file cannot ask for layers
+/// no machine holds.
+pub const MAX_CHANNELS: usize = 1 << 16;
+/// Most output classes (ImageNet-21k has 21,841).
+pub const MAX_CLASSES: usize = 1 << 20;
+/// Most entries (convolutions and pools) of a VGG table (VGG-19 has 21).
+pub const MAX_VGG_ENTRIES: usize = 256;
+
+/// [`ModelError::TooLarge`] when `value` exceeds `max`.
+pub(crate) fn at_most(what: &'static str, value: usize, max: usize) -> Result<(), ModelError> {
+    if value > max {
+        return Err(ModelError::TooLarge { what, value, max });
+    }
+    Ok(())
+}
 
 /// What to build: an architecture, its variant, the number of classes and input
 /// channels. Serializes as `{"arch": "vgg16_bn", "variant": "spatial", ...}`.
@@ -118,7 +136,8 @@ impl ModelConfig {
         self.arch.to_string()
     }
 
-    /// The layer plan, or why the settings are invalid.
+    /// The layer plan, or why the settings are invalid (zero or beyond the limits
+    /// [`MAX_CLASSES`], [`MAX_CHANNELS`], [`MAX_VGG_ENTRIES`]).
     pub fn plan(&self) -> Result<Plan, ModelError> {
         if self.num_classes == 0 {
             return Err(ModelError::Zero {
@@ -129,6 +148,11 @@ impl ModelConfig {
             return Err(ModelError::Zero {
                 what: "in_channels",
             });
+        }
+        at_most("num_classes", self.num_classes, MAX_CLASSES)?;
+        at_most("in_channels", self.in_channels, MAX_CHANNELS)?;
+        if let Arch::Vgg(vgg) = &self.arch {
+            vgg.check_limits()?;
         }
         let (v, c, k) = (&self.variant, self.in_channels, self.num_classes);
         Ok(match &self.arch {
@@ -152,7 +176,7 @@ impl ModelConfig {
     /// The smallest square input side the model takes (`None` if none up to 4096).
     pub fn min_input(&self) -> Option<usize> {
         let plan = self.plan().ok()?;
-        (1..=MAX_SEARCHED_INPUT).find(|&side| self.trace(&plan, side, side).is_ok())
+        (1..=MAX_INPUT_SIDE).find(|&side| self.trace(&plan, side, side).is_ok())
     }
 
     /// The per-layer cost report for one `[height, width]` image.

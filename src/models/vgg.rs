@@ -28,6 +28,7 @@ use super::convnet::ConvNetPlan;
 use super::error::ModelError;
 use super::layers::{ConvSpec, FeatureSpec, HeadSpec, Init, LinearSpec, PoolSpec};
 use super::variant::Variant;
+use super::{at_most, MAX_CHANNELS, MAX_VGG_ENTRIES};
 
 /// One entry of a VGG table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +131,26 @@ impl VggTable {
         if !items.iter().any(|item| matches!(item, VggItem::Conv(_))) {
             return Err(bad("it has no convolution".into()));
         }
-        Ok(VggTable::Custom(items))
+        let table = VggTable::Custom(items);
+        table.check_limits().map_err(|err| bad(err.to_string()))?;
+        Ok(table)
+    }
+
+    /// Checks the number of entries ([`MAX_VGG_ENTRIES`]) and the width of every
+    /// convolution ([`MAX_CHANNELS`]).
+    pub fn check_limits(&self) -> Result<(), ModelError> {
+        let items = self.items();
+        at_most(
+            "the number of VGG table entries",
+            items.len(),
+            MAX_VGG_ENTRIES,
+        )?;
+        for item in items {
+            if let VggItem::Conv(channels) = *item {
+                at_most("a VGG convolution's channels", channels, MAX_CHANNELS)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +201,15 @@ const HIDDEN: usize = 4096;
 const DROPOUT: f64 = 0.5;
 
 impl VggArch {
+    /// Checks the table and the hidden width against the limits of the zoo.
+    pub fn check_limits(&self) -> Result<(), ModelError> {
+        self.table.check_limits()?;
+        if let VggHead::Fc6 { hidden } = self.head {
+            at_most("the fc6 hidden width", hidden, MAX_CHANNELS)?;
+        }
+        Ok(())
+    }
+
     /// The layer plan for `variant`, `in_channels` and `num_classes`.
     pub fn plan(&self, variant: &Variant, in_channels: usize, num_classes: usize) -> ConvNetPlan {
         let small = self.head == VggHead::Small;

@@ -27,6 +27,7 @@
 //! errors, so a typo never silently falls back to a default.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -281,6 +282,11 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Most bytes of a TOML run configuration (a complete one takes about 1 KB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most threads a run may ask for, for computing or for loading data.
+pub const MAX_THREADS: usize = 1024;
+
 fn invalid(field: &'static str, value: impl fmt::Display, reason: impl Into<String>) -> TrainError {
     TrainError::InvalidConfig {
         field,
@@ -308,7 +314,22 @@ impl TrainConfig {
     /// [`TrainError::Io`] when the file cannot be read; as [`TrainConfig::from_toml_str`].
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, TrainError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+        let file = std::fs::File::open(path).map_err(TrainError::io(path))?;
+        // One byte past the limit tells a file that is too long from one that fits.
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(TrainError::io(path))?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(TrainError::ConfigFile {
+                path: path.to_path_buf(),
+                message: format!("longer than {MAX_CONFIG_BYTES} bytes: not a run configuration"),
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|err| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: format!("not UTF-8 text: {err}"),
+        })?;
         Self::from_toml_str(&text, path)
     }
 
@@ -384,6 +405,14 @@ impl TrainConfig {
         }
         if self.data.loader_threads == 0 {
             return Err(invalid("data.loader_threads", 0, "need at least 1"));
+        }
+        for (field, threads) in [
+            ("data.loader_threads", self.data.loader_threads),
+            ("threads", self.threads),
+        ] {
+            if threads > MAX_THREADS {
+                return Err(invalid(field, threads, format!("at most {MAX_THREADS}")));
+            }
         }
         for (field, value) in [
             ("data.train_per_class", self.data.train_per_class),

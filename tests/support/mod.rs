@@ -1,7 +1,8 @@
-//! Helpers shared by the checkpoint and export tests.
+//! Helpers shared by the integration tests (checkpoints, exports, data).
 
 #![allow(dead_code, unused_imports)]
 
+pub mod png;
 mod scratch;
 
 pub use scratch::{scratch, Scratch};

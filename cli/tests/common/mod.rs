@@ -7,6 +7,9 @@
 #[path = "../../../tests/support/scratch.rs"]
 mod scratch;
 
+#[path = "../../../tests/support/png.rs"]
+pub mod png;
+
 pub use scratch::scratch;
 
 use std::path::{Path, PathBuf};
@@ -57,4 +60,20 @@ pub fn fails(args: &[&str], code: i32) -> String {
 /// A file of the repository, by its path from the repository root.
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// Runs `versatile ARGS` in `cwd` with its address space limited to `limit_mib` MiB
+/// (`ulimit -v`): an allocation beyond it fails, so a command that would allocate on a
+/// file's say-so aborts (a signal, no exit code) instead of being served.
+pub fn versatile_limited(args: &[&str], cwd: &Path, limit_mib: u64) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v \"$1\" && shift && exec \"$@\"")
+        .arg("sh")
+        .arg((limit_mib * 1024).to_string())
+        .arg(env!("CARGO_BIN_EXE_versatile"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run versatile under sh")
 }
