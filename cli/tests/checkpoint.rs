@@ -14,23 +14,12 @@ fn pth() -> String {
         .to_string()
 }
 
-const MODEL: [&str; 8] = [
-    "--model",
-    "vgg_fc6:64:16-M-32-M",
-    "--variant",
-    "spatial+channel:max_kernel=3",
-    "--in-channels",
-    "1",
-    "--classes",
-    "10",
-];
-
 /// Imports the authors' state dict into `dir/authors.EXT`.
 fn import(dir: &Path, ext: &str) -> String {
     let out = dir.join(format!("authors.{ext}")).display().to_string();
     let pth = pth();
     let mut args = vec!["import", pth.as_str()];
-    args.extend(MODEL);
+    args.extend(common::AUTHORS_MODEL);
     args.extend([
         "--class-names",
         "t-shirt,trouser,pullover,dress,coat,sandal,shirt,sneaker,bag,boot",

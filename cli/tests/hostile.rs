@@ -47,20 +47,11 @@ fn with_description(from: &Path, to: &Path, edit: impl FnOnce(&mut Value)) {
 /// Imports the authors' small network (1x28x28 inputs, 10 classes) as `dir/NAME`.
 fn import(dir: &Path, name: &str) {
     let pth = repo_file("tests/data/torch/small_vgg_authors_layout.pth");
-    ok(&[
-        "import",
-        pth.to_str().unwrap(),
-        "--model",
-        "vgg_fc6:64:16-M-32-M",
-        "--variant",
-        "spatial+channel:max_kernel=3",
-        "--in-channels",
-        "1",
-        "--classes",
-        "10",
-        "--output",
-        dir.join(name).to_str().unwrap(),
-    ]);
+    let output = dir.join(name);
+    let mut args = vec!["import", pth.to_str().unwrap()];
+    args.extend(common::AUTHORS_MODEL);
+    args.extend(["--output", output.to_str().unwrap()]);
+    ok(&args);
 }
 
 #[test]

@@ -167,6 +167,11 @@ fn product(what: &'static str, factors: &[usize]) -> Result<usize, PlanError> {
         .ok_or(PlanError::TooLarge { what })
 }
 
+/// Whether `[start, start + len)` reaches past `limit` (or overflows).
+fn reaches_past(start: usize, len: usize, limit: usize) -> bool {
+    start.checked_add(len).is_none_or(|end| end > limit)
+}
+
 fn at_least_one(what: &'static str, value: usize) -> Result<(), PlanError> {
     if value == 0 {
         Err(PlanError::Zero { what })
@@ -258,31 +263,19 @@ impl ConvPlan {
         for (index, w) in windows.iter().enumerate() {
             let problem = if w.j >= n_c {
                 Some(format!("has index j = {} but n_c = {n_c}", w.j))
-            } else if w
-                .in_offset
-                .checked_add(window_depth)
-                .is_none_or(|e| e > in_channels)
-            {
+            } else if reaches_past(w.in_offset, window_depth, in_channels) {
                 Some(format!(
                     "reads input channels {}..{}, past the input's {in_channels}",
                     w.in_offset,
                     w.in_offset.saturating_add(window_depth)
                 ))
-            } else if w
-                .weight_offset
-                .checked_add(window_depth)
-                .is_none_or(|e| e > weight_depth)
-            {
+            } else if reaches_past(w.weight_offset, window_depth, weight_depth) {
                 Some(format!(
                     "uses weight channels {}..{}, past the weight's {weight_depth}",
                     w.weight_offset,
                     w.weight_offset.saturating_add(window_depth)
                 ))
-            } else if w
-                .first_primary
-                .checked_add(w.rows)
-                .is_none_or(|e| e > primaries)
-            {
+            } else if reaches_past(w.first_primary, w.rows, primaries) {
                 Some(format!(
                     "uses primaries {}..{}, past the weight's {primaries}",
                     w.first_primary,

@@ -58,6 +58,19 @@ pub fn fails(args: &[&str], code: i32) -> String {
 }
 
 /// A file of the repository, by its path from the repository root.
+/// The model arguments of the authors' small network
+/// (`tests/data/torch/small_vgg_authors_layout.pth`: 1x28x28 inputs, 10 classes).
+pub const AUTHORS_MODEL: [&str; 8] = [
+    "--model",
+    "vgg_fc6:64:16-M-32-M",
+    "--variant",
+    "spatial+channel:max_kernel=3",
+    "--in-channels",
+    "1",
+    "--classes",
+    "10",
+];
+
 pub fn repo_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
