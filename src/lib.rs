@@ -17,6 +17,7 @@ pub mod cost;
 pub mod data;
 pub mod kernels;
 pub mod layer;
+mod limited;
 pub mod models;
 pub mod train;
 
