@@ -18,6 +18,7 @@ pub mod data;
 pub mod fsutil;
 pub use versatile_kernels as kernels;
 pub mod layer;
+mod limited;
 pub mod models;
 pub mod train;
 

@@ -572,3 +572,16 @@ fn a_pytorch_view_spanning_more_than_its_file_is_refused() {
         .unwrap_err();
     assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
 }
+
+#[test]
+fn fuzz_found_header_lengths_beyond_the_file_are_truncation() {
+    // The fuzzer's input: a valid file whose header length reads 2^64 - 1.
+    let path = Path::new("tests/data/fuzz/safetensors_header_length_max.safetensors");
+    for err in [load_err(path), inspect(path).unwrap_err()] {
+        assert!(matches!(err, CheckpointError::Truncated { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("announces 18446744073709551615 bytes of JSON"),
+            "{err}"
+        );
+    }
+}

@@ -297,7 +297,7 @@ fn read_safetensors(path: &Path) -> Result<RawFile, CheckpointError> {
             found: show_bytes(&head),
         });
     }
-    if 8 + header_len > len {
+    if header_len > len.saturating_sub(8) {
         // A length beyond the file's own size is a cut file when the JSON header starts
         // where it should; anything else was rejected above.
         return Err(CheckpointError::Truncated {

@@ -42,6 +42,15 @@
 //! another format and a damaged header are told apart ([`CheckpointError::Truncated`],
 //! [`CheckpointError::WrongMagic`], [`CheckpointError::Corrupt`]) before any weight is
 //! read.
+//!
+//! # A description is checked against its file
+//!
+//! Before a model is built from a file's description, the description must stay within
+//! the zoo's limits ([`crate::models::MAX_CHANNELS`], ...), its class names and
+//! preprocessing must fit it, and the model must not store more values than the file's
+//! tensors hold ([`CheckpointError::DescriptionBeyondTensors`]): a crafted description
+//! costs no more memory than its file. [`inspect`] compares the tensors with the model
+//! key by key as a load does, reading no weight.
 
 mod error;
 pub mod export;

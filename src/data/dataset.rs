@@ -1,7 +1,6 @@
 //! Datasets: the samples of one split of one format, with their labels.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -471,15 +470,7 @@ const MAX_NAMES_BYTES: u64 = 16 << 20;
 /// The lines of a text file of names, one per line (blank lines ignored); `None` when the
 /// file cannot be read, is not UTF-8 or is longer than 16 MiB.
 pub(crate) fn read_name_list(path: &Path) -> Option<Vec<String>> {
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_NAMES_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    if bytes.len() as u64 > MAX_NAMES_BYTES {
-        return None;
-    }
+    let bytes = crate::limited::read_at_most(path, MAX_NAMES_BYTES).ok()??;
     let text = String::from_utf8(bytes).ok()?;
     Some(
         text.lines()

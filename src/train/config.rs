@@ -27,7 +27,6 @@
 //! errors, so a typo never silently falls back to a default.
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -314,18 +313,12 @@ impl TrainConfig {
     /// [`TrainError::Io`] when the file cannot be read; as [`TrainConfig::from_toml_str`].
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, TrainError> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(TrainError::io(path))?;
-        // One byte past the limit tells a file that is too long from one that fits.
-        let mut bytes = Vec::new();
-        file.take(MAX_CONFIG_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(TrainError::io(path))?;
-        if bytes.len() as u64 > MAX_CONFIG_BYTES {
-            return Err(TrainError::ConfigFile {
+        let bytes = crate::limited::read_at_most(path, MAX_CONFIG_BYTES)
+            .map_err(TrainError::io(path))?
+            .ok_or_else(|| TrainError::ConfigFile {
                 path: path.to_path_buf(),
                 message: format!("longer than {MAX_CONFIG_BYTES} bytes: not a run configuration"),
-            });
-        }
+            })?;
         let text = String::from_utf8(bytes).map_err(|err| TrainError::ConfigFile {
             path: path.to_path_buf(),
             message: format!("not UTF-8 text: {err}"),
