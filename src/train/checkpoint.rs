@@ -179,6 +179,12 @@ pub fn load_trained_checkpoint(
     }
 }
 
+/// Whether the model file `weights` is the model half of a resumable checkpoint: a
+/// `model.json` lies beside it.
+pub fn is_checkpoint_model(weights: &Path) -> bool {
+    weights.with_file_name(MODEL_CONFIG_FILE).is_file()
+}
+
 /// Loads a trained model with its configuration ([`load_trained_checkpoint`] without
 /// the rest of the description).
 ///
