@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod cost;
 pub mod data;
 pub mod fsutil;
+pub mod infer;
 pub use versatile_kernels as kernels;
 pub mod layer;
 mod limited;

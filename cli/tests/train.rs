@@ -68,12 +68,37 @@ fn quick_demo_then_eval_and_plot_its_runs() {
     let top5 = v["top5"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&top1) && top5 >= top1, "{v}");
 
+    // predict, inspect and export take the run directory as eval does.
+    let image = dir.join("pattern.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * y) % 256) as u8]))
+        .save(&image)
+        .unwrap();
+    let out = versatile(
+        &[
+            "predict",
+            "--checkpoint",
+            "demo/spatial",
+            image.to_str().unwrap(),
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let predictions: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let top = predictions[0]["top"].as_array().unwrap();
+    assert_eq!(top.len(), 5, "{predictions}");
+    assert!(top[0]["name"].is_string(), "{predictions}");
+    let out = versatile(&["inspect", "demo/spatial", "--json"], &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["meta"]["config"]["variant"], "spatial", "{info}");
+
     // The run's final model is a deployable checkpoint: the dense export takes it.
     let out = versatile(
         &[
             "export",
             "--checkpoint",
-            "demo/spatial/model.bpk",
+            "demo/spatial",
             "--to",
             "dense-safetensors",
             "--output",

@@ -21,13 +21,19 @@
 //!
 //! A dense convolution is the same kernel with one ring ([`ConvPlan::dense`]).
 //!
+//! For inference, [`PackedWeight`] lays a weight out once and [`forward_packed`] writes
+//! each output value through an [`Epilogue`] (scale and shift of a folded batch norm,
+//! residual add, ReLU) into a caller's buffer.
+//!
 //! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
 
 #![warn(missing_docs)]
 
+mod epilogue;
 mod im2col;
 mod nested;
 mod plan;
+pub mod pool;
 mod shifted;
 mod streaming;
 pub mod trace;
@@ -38,7 +44,8 @@ use std::cell::Cell;
 use std::fmt::Debug;
 use std::ops::{Add, AddAssign, Mul};
 
-pub use nested::{backward, forward, Gradients, Needs};
+pub use epilogue::Epilogue;
+pub use nested::{backward, forward, forward_packed, Gradients, Needs, PackedWeight};
 pub use plan::{ConvPlan, PlanError, PlanSpec, Window};
 
 mod sealed {
@@ -58,6 +65,7 @@ pub trait Real:
     + Default
     + Debug
     + PartialEq
+    + PartialOrd
     + Add<Output = Self>
     + AddAssign
     + Mul<Output = Self>

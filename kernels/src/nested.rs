@@ -4,6 +4,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::plan::{ConvPlan, Window};
 use super::shifted;
@@ -309,33 +310,148 @@ fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
 /// # Panics
 /// If a slice length does not match the plan.
 pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
-    assert_eq!(x.len(), plan.input_len(), "input length");
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), plan.out_channels, "bias length");
-    }
+    let epilogue = Epilogue::bias(bias);
+    check_forward(plan, x, &epilogue);
     let len = plan.output_len();
-    // Every output value is written exactly once below (each channel comes from one
-    // crop, window and primary; each pixel from one tile), so the buffer starts
-    // uninitialized and is only written through raw pointers.
+    // Every output value is written exactly once (each channel comes from one crop,
+    // window and primary; each pixel from one tile), so the buffer starts uninitialized
+    // and is only written through raw pointers.
     let mut out = workspace::uninit(len);
-    if len == 0 {
-        return out;
+    forward_core(
+        plan,
+        x,
+        Weight::Plain(weight),
+        &epilogue,
+        SharedMut(out.as_mut_ptr()),
+    );
+    // SAFETY: forward_core wrote all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// A weight laid out once for many forward passes ([`forward_packed`]): the ring layout
+/// the gemm calls read, or the plain layout where the plan streams its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight<T> {
+    values: Vec<T>,
+    ringed: bool,
+    shape: [usize; 4],
+    rings: Vec<Vec<(usize, usize)>>,
+}
+
+impl<T: Real> PackedWeight<T> {
+    /// Lays out `weight` (`[m, depth, kh, kw]`) for the plans that share `plan`'s weight
+    /// shape, rings and layout choice.
+    ///
+    /// # Panics
+    /// If the weight's length does not match the plan.
+    pub fn new(plan: &ConvPlan, weight: &[T]) -> Self {
+        assert_eq!(weight.len(), plan.weight_len(), "weight length");
+        let ringed = !streams(plan);
+        let values = if ringed {
+            let mut values = vec![T::ZERO; plan.weight_len()];
+            to_ring_layout(plan, &Layout::new(plan), weight, &mut values);
+            values
+        } else {
+            weight.to_vec()
+        };
+        Self {
+            values,
+            ringed,
+            shape: plan.weight_shape(),
+            rings: plan.rings.clone(),
+        }
+    }
+
+    /// Whether `plan` reads this weight as it is laid out.
+    pub fn fits(&self, plan: &ConvPlan) -> bool {
+        self.shape == plan.weight_shape()
+            && self.rings == plan.rings
+            && self.ringed != streams(plan)
+    }
+
+    /// Bytes of the values.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.values.as_slice())
+    }
+}
+
+/// The forward pass with a packed weight and an [`Epilogue`], into `out`
+/// (`[batch, n, out_h, out_w]`, every value overwritten).
+///
+/// # Panics
+/// If a slice length does not match the plan, or `weight` does not
+/// [fit](PackedWeight::fits) it.
+pub fn forward_packed<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &PackedWeight<T>,
+    epilogue: &Epilogue<'_, T>,
+    out: &mut [T],
+) {
+    assert!(weight.fits(plan), "packed weight laid out for another plan");
+    check_forward(plan, x, epilogue);
+    assert_eq!(out.len(), plan.output_len(), "output length");
+    let source = if weight.ringed {
+        Weight::Ringed(&weight.values)
+    } else {
+        Weight::Plain(&weight.values)
+    };
+    forward_core(plan, x, source, epilogue, SharedMut(out.as_mut_ptr()));
+}
+
+fn check_forward<T: Real>(plan: &ConvPlan, x: &[T], epilogue: &Epilogue<'_, T>) {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    epilogue.check(plan);
+}
+
+/// Whether the forward pass of `plan` streams its weight (else it reads the ring layout).
+fn streams(plan: &ConvPlan) -> bool {
+    !use_shifted(plan) && use_streaming(plan)
+}
+
+/// A forward pass's weight as given.
+#[derive(Clone, Copy)]
+enum Weight<'a, T> {
+    /// `[m, depth, kh, kw]`.
+    Plain(&'a [T]),
+    /// Already in ring layout (never for a streaming plan).
+    Ringed(&'a [T]),
+}
+
+/// The forward pass into `out`, which must hold `plan.output_len()` values (lengths
+/// checked by the callers); writes every one of them.
+fn forward_core<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: Weight<'_, T>,
+    epilogue: &Epilogue<'_, T>,
+    out: SharedMut<T>,
+) {
+    if plan.output_len() == 0 {
+        return;
     }
     let layout = Layout::new(plan);
     let shifted = use_shifted(plan);
     let tile = tile_columns(plan, shifted);
-    if !shifted && use_streaming(plan) {
-        let tasks = streaming::forward(plan, x, weight, bias, SharedMut(out.as_mut_ptr()));
+    if streams(plan) {
+        let Weight::Plain(weight) = weight else {
+            unreachable!("a streaming plan's weight is never packed in ring layout")
+        };
+        let tasks = streaming::forward(plan, x, weight, epilogue, out);
         trace::note(Pass::Forward, Traced::Streaming, tasks);
-        // SAFETY: as below, every value was written.
-        unsafe { out.set_len(len) };
-        return out;
+        return;
     }
     workspace::with::<T, _>(Slot::Call, |call| {
-        let ringed = grow(&mut call.weight, plan.weight_len());
-        to_ring_layout(plan, &layout, weight, ringed);
-        let ringed: &[T] = ringed;
+        let ringed: &[T] = match weight {
+            Weight::Ringed(ringed) => ringed,
+            Weight::Plain(weight) => {
+                let ringed = grow(&mut call.weight, plan.weight_len());
+                to_ring_layout(plan, &layout, weight, ringed);
+                ringed
+            }
+        };
         let columns = if shifted {
             plan.batch * shifted::Padded::new(plan).wide_columns(plan)
         } else {
@@ -349,14 +465,13 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
         };
         trace::note(Pass::Forward, traced, tasks.len());
         let parallelism = gemm_parallelism(tasks.len());
-        let dst = SharedMut(out.as_mut_ptr());
         let run = |&range: &(usize, usize)| {
             workspace::with::<T, _>(Slot::Task, |ws| {
                 let task = (plan, &layout, x, ringed);
                 if shifted {
-                    shifted::forward_task(task, ws, bias, dst, range, tile, parallelism)
+                    shifted::forward_task(task, ws, epilogue, out, range, tile, parallelism)
                 } else {
-                    forward_task(task, ws, bias, dst, range, tile, parallelism)
+                    forward_task(task, ws, epilogue, out, range, tile, parallelism)
                 }
             })
         };
@@ -366,9 +481,6 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
             tasks.par_iter().for_each(run);
         }
     });
-    // SAFETY: see above: all `len` values were written.
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// What every task reads: the plan, the ring offsets, the input and the ring-layout weight.
@@ -378,7 +490,7 @@ pub(super) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
 fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
-    bias: Option<&[T]>,
+    epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
     (start, end): (usize, usize),
     tile: usize,
@@ -418,14 +530,14 @@ fn forward_task<T: Real>(
                     );
                 }
                 let acc = (&*acc, acc_rs, acc_cs);
-                emit(plan, window, r, acc, &ws.runs, bias, out);
+                emit(plan, window, r, acc, &ws.runs, epilogue, out);
             }
         }
         t0 = t1;
     }
 }
 
-/// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
+/// Writes crop `crop` of a window (the accumulator's emitted rows, through the epilogue) into the
 /// output columns of the tile.
 #[allow(clippy::too_many_arguments)]
 fn emit<T: Real>(
@@ -434,7 +546,7 @@ fn emit<T: Real>(
     crop: usize,
     (acc, acc_rs, acc_cs): (&[T], usize, usize),
     runs: &[Run],
-    bias: Option<&[T]>,
+    epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
 ) {
     let base = plan.channel_base(crop, window);
@@ -442,14 +554,15 @@ fn emit<T: Real>(
     let ow = plan.output[1];
     for p in 0..plan.emitted(crop, window) {
         let ch = base + p;
-        let b = bias.map_or(T::ZERO, |b| b[ch]);
+        let factors = epilogue.channel(ch);
         for run in runs {
             let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
             let first = p * acc_rs + run.col * acc_cs;
             for i in 0..run.len {
+                let value = epilogue.apply(acc[first + i * acc_cs], factors, offset + i);
                 // SAFETY: the run's pixels lie inside the output's allocation and belong
                 // to this task's columns only.
-                unsafe { out.ptr().add(offset + i).write(acc[first + i * acc_cs] + b) };
+                unsafe { out.ptr().add(offset + i).write(value) };
             }
         }
     }

@@ -10,6 +10,7 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
+use super::epilogue::Epilogue;
 use super::nested::{
     accumulator_strides, gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput,
 };
@@ -161,7 +162,7 @@ fn valid_segments(
 pub fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
-    bias: Option<&[T]>,
+    epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
     (start, end): (usize, usize),
     tile: usize,
@@ -218,7 +219,7 @@ pub fn forward_task<T: Real>(
                             first = false;
                         }
                         let acc = (&*acc, acc_rs, acc_cs);
-                        emit(plan, padded, window, r, acc, image, (q0, q1), bias, out);
+                        emit(plan, padded, window, r, acc, image, (q0, q1), epilogue, out);
                     }
                 }
                 q0 = q1;
@@ -228,7 +229,7 @@ pub fn forward_task<T: Real>(
     }
 }
 
-/// Writes crop `crop` of a window (the accumulator's emitted rows, plus bias) into the
+/// Writes crop `crop` of a window (the accumulator's emitted rows, through the epilogue) into the
 /// valid output pixels of wide columns `[q0, q1)` of `image`.
 #[allow(clippy::too_many_arguments)]
 fn emit<T: Real>(
@@ -239,7 +240,7 @@ fn emit<T: Real>(
     (acc, acc_rs, acc_cs): (&[T], usize, usize),
     image: usize,
     (q0, q1): (usize, usize),
-    bias: Option<&[T]>,
+    epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
 ) {
     let base = plan.channel_base(crop, window);
@@ -247,16 +248,16 @@ fn emit<T: Real>(
     let ow = plan.output[1];
     for p in 0..plan.emitted(crop, window) {
         let ch = base + p;
-        let b = bias.map_or(T::ZERO, |b| b[ch]);
+        let factors = epilogue.channel(ch);
         valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
-            let dst = out
-                .ptr()
-                .wrapping_add((image * plan.out_channels + ch) * pixels + oy * ow + ox);
+            let at = (image * plan.out_channels + ch) * pixels + oy * ow + ox;
+            let dst = out.ptr().wrapping_add(at);
             let first = p * acc_rs + col * acc_cs;
             for i in 0..len {
+                let value = epilogue.apply(acc[first + i * acc_cs], factors, at + i);
                 // SAFETY: the pixels lie inside the output's allocation and belong to this
                 // task only.
-                unsafe { dst.add(i).write(acc[first + i * acc_cs] + b) };
+                unsafe { dst.add(i).write(value) };
             }
         });
     }

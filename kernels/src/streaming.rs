@@ -12,6 +12,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::nested::{add_in_order, gemm, SharedMut};
 use super::plan::ConvPlan;
@@ -140,7 +141,7 @@ pub fn forward<T: Real>(
     plan: &ConvPlan,
     x: &[T],
     weight: &[T],
-    bias: Option<&[T]>,
+    epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
 ) -> usize {
     let width = plan.columns();
@@ -191,13 +192,17 @@ pub fn forward<T: Real>(
                         let emitted = plan.emitted(r, &window);
                         for p in 0..rows.min(emitted.saturating_sub(p0)) {
                             let ch = base + p0 + p;
-                            let b = bias.map_or(T::ZERO, |b| b[ch]);
+                            let factors = epilogue.channel(ch);
                             for run in run_list {
                                 let at = (run.image * plan.out_channels + ch) * pixels
                                     + run.oy * ow
                                     + run.ox;
                                 for i in 0..run.len {
-                                    let v = acc[p * acc_rs + (run.col + i) * acc_cs] + b;
+                                    let v = epilogue.apply(
+                                        acc[p * acc_rs + (run.col + i) * acc_cs],
+                                        factors,
+                                        at + i,
+                                    );
                                     // SAFETY: inside the output; channel ch belongs to
                                     // this chunk only.
                                     unsafe { out.ptr().add(at + i).write(v) };

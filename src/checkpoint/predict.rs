@@ -4,12 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::data::folder::decode_image;
 use crate::data::{DataError, Normalize, Transform};
+use crate::infer::InferencePlan;
+use crate::layer::fused::is_flex;
 use crate::models::{ImageClassifier, Model, ModelConfig, MAX_INPUT_SIDE};
 
 use super::error::CheckpointError;
@@ -169,7 +170,16 @@ pub struct ClassScore {
     pub probability: f32,
 }
 
-/// Classifies `images` with `model`: the `top_k` most probable classes of each.
+/// The softmax of one row of logits (in f64, so large logits do not overflow).
+fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let exp: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.iter().map(|&e| (e / sum) as f32).collect()
+}
+
+/// Classifies `images` with `model`: the `top_k` most probable classes of each (on the
+/// CPU through a compiled [`InferencePlan`], elsewhere through the module's forward).
 pub fn predict(
     model: &Model,
     meta: &CheckpointMeta,
@@ -189,19 +199,26 @@ pub fn predict(
     if images.is_empty() {
         return Ok(Vec::new());
     }
-    let input = Tensor::<4>::from_data(
-        TensorData::new(values, [images.len(), channels, h, w]),
-        device,
-    );
-    let logits = model
-        .try_forward(input)
-        .map_err(|err| CheckpointError::Unsupported(err.to_string()))?;
-    let probabilities = softmax(logits, 1)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|err| CheckpointError::Unsupported(format!("{err:?}")))?;
+    let shape = [images.len(), channels, h, w];
+    let logits = if is_flex(device) {
+        // The compiled plan (batch norm folded, fused writes) on the CPU.
+        let mut plan = InferencePlan::compile(model, shape)
+            .map_err(|err| CheckpointError::Unsupported(err.to_string()))?;
+        plan.run(&values)
+            .map_err(|err| CheckpointError::Unsupported(err.to_string()))?
+            .to_vec()
+    } else {
+        let input = Tensor::<4>::from_data(TensorData::new(values, shape), device);
+        model
+            .try_forward(input)
+            .map_err(|err| CheckpointError::Unsupported(err.to_string()))?
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|err| CheckpointError::Unsupported(format!("{err:?}")))?
+    };
     let classes = config.num_classes;
+    let probabilities: Vec<f32> = logits.chunks(classes).flat_map(softmax).collect();
     Ok(images
         .iter()
         .zip(probabilities.chunks(classes))

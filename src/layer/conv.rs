@@ -51,7 +51,7 @@ pub fn conv_path_for(conv: &Conv2d, input: &Tensor<4>) -> ConvPath {
     let bias = conv.bias.as_ref().map(|b| b.val());
     if pinned == ConvPath::Nested
         && fused::fused_supported(input, &weight, bias.as_ref())
-        && dense_plan(conv, input.dims()).is_some()
+        && dense_conv_plan(conv, input.dims()).is_some()
     {
         ConvPath::Nested
     } else {
@@ -69,7 +69,7 @@ pub fn conv2d_forward(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
     if conv_path_for(conv, &input) == ConvPath::Burn {
         return conv.forward(input);
     }
-    let plan = dense_plan(conv, input.dims()).expect("checked by conv_path_for");
+    let plan = dense_conv_plan(conv, input.dims()).expect("checked by conv_path_for");
     fused::nested_conv2d(
         input,
         conv.weight.val(),
@@ -78,9 +78,9 @@ pub fn conv2d_forward(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
     )
 }
 
-/// The one-ring plan of `conv` on an input of shape `dims`, or `None` when the input
+/// The one-ring kernel plan of `conv` on an input of shape `dims`, or `None` when the input
 /// does not fit it (burn's `conv2d` then reports the problem).
-fn dense_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
+pub fn dense_conv_plan(conv: &Conv2d, dims: [usize; 4]) -> Option<ConvPlan> {
     let [_, channels, height, width] = dims;
     let [out_channels, depth, kh, kw] = conv.weight.dims();
     let groups = conv.groups;

@@ -8,7 +8,7 @@ mod geometry;
 mod pin;
 mod vconv2d;
 
-pub use conv::{conv2d_forward, conv_path_for, pin_conv_path, ConvPath};
+pub use conv::{conv2d_forward, conv_path_for, dense_conv_plan, pin_conv_path, ConvPath};
 pub use error::{VConvConfigError, VConvShapeError};
 pub use fused::{pin_auto_path, ForwardPath};
 pub use geometry::{ChannelMode, ChannelSource, Geometry, GeometrySpec, PaddingPairs};

@@ -121,7 +121,7 @@ fn too_small<T>(layer: &str, reason: String) -> Traced<T> {
 /// Output size of a sliding window along one axis (`None` when the padded input is
 /// smaller than the window). `ceil` follows PyTorch: the last window must start inside
 /// the input or its left padding.
-fn window_out(
+pub(crate) fn window_out(
     size: usize,
     kernel: usize,
     stride: usize,

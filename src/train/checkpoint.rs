@@ -36,7 +36,7 @@ use super::metrics::{EpochMetrics, Tally};
 use crate::checkpoint::{CheckpointError, CheckpointMeta};
 use crate::data::Position;
 use crate::fsutil;
-use crate::models::{ImageClassifier, Model, ModelConfig};
+use crate::models::{Model, ModelConfig};
 
 /// Version of the checkpoint layout.
 pub const FORMAT: u32 = 1;
@@ -131,45 +131,71 @@ pub fn save_final_model(
     Ok(path)
 }
 
-/// Loads a trained model with its configuration.
+/// The model file `path` names: `path` itself when it is a file, a directory's
+/// `model.bpk`, or a run directory's latest checkpoint's `model.bpk` when the run has no
+/// final model yet.
 ///
-/// `path` may be a checkpoint file of [`crate::checkpoint`] (a run's final `model.bpk`,
-/// or any `.bpk`/`.safetensors` written by [`crate::checkpoint::save_model`]), a
-/// directory holding `model.bpk`, or a run directory (its final model, else its latest
-/// checkpoint's). A `model.bpk` without a model description in its metadata is read
-/// with the `model.json` beside it (the model half of a resumable checkpoint).
+/// # Errors
+/// [`TrainError::Checkpoint`] when there is no model there.
+pub fn model_file(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.is_dir() {
+        if path.join(MODEL_FILE).is_file() {
+            Ok(path.join(MODEL_FILE))
+        } else if path.join(POINTER).is_file() {
+            Ok(latest_checkpoint(path)?.join(MODEL_FILE))
+        } else {
+            Err(checkpoint_error(
+                path,
+                format!("no {MODEL_FILE} and no {POINTER} (not a model or run directory)"),
+            ))
+        }
+    } else if path.is_file() {
+        Ok(path.to_path_buf())
+    } else {
+        Err(checkpoint_error(path, "no such file or directory"))
+    }
+}
+
+/// Loads a trained model with its description (see [`model_file`] for what `path` may
+/// be). A `model.bpk` without a description in its metadata (the model half of a
+/// resumable checkpoint) is read with the `model.json` beside it, and gets the default
+/// preprocessing and no class names.
 ///
 /// # Errors
 /// [`TrainError::Checkpoint`] when no model is found there or the file is damaged or of
 /// another model, [`TrainError::Record`] for a corrupt record.
+pub fn load_trained_checkpoint(
+    path: &Path,
+    device: &Device,
+) -> Result<(Model, CheckpointMeta), TrainError> {
+    let weights = model_file(path)?;
+    match crate::checkpoint::load_checkpoint(&weights, device) {
+        Ok(checkpoint) => Ok((checkpoint.model, checkpoint.meta)),
+        Err(CheckpointError::NoModelDescription { .. }) => {
+            let (model, config) = load_model_files(&weights, device)?;
+            Ok((model, CheckpointMeta::new(config)))
+        }
+        Err(err) => Err(checkpoint_error(&weights, err.to_string())),
+    }
+}
+
+/// Whether the model file `weights` is the model half of a resumable checkpoint: a
+/// `model.json` lies beside it.
+pub fn is_checkpoint_model(weights: &Path) -> bool {
+    weights.with_file_name(MODEL_CONFIG_FILE).is_file()
+}
+
+/// Loads a trained model with its configuration ([`load_trained_checkpoint`] without
+/// the rest of the description).
+///
+/// # Errors
+/// As [`load_trained_checkpoint`].
 pub fn load_trained_model(
     path: &Path,
     device: &Device,
 ) -> Result<(Model, ModelConfig), TrainError> {
-    let weights = if path.is_dir() {
-        if path.join(MODEL_FILE).is_file() {
-            path.join(MODEL_FILE)
-        } else if path.join(POINTER).is_file() {
-            latest_checkpoint(path)?.join(MODEL_FILE)
-        } else {
-            return Err(checkpoint_error(
-                path,
-                format!("no {MODEL_FILE} and no {POINTER} (not a model or run directory)"),
-            ));
-        }
-    } else if path.is_file() {
-        path.to_path_buf()
-    } else {
-        return Err(checkpoint_error(path, "no such file or directory"));
-    };
-    match crate::checkpoint::load_model(&weights, device) {
-        Ok(model) => {
-            let config = model.config().clone();
-            Ok((model, config))
-        }
-        Err(CheckpointError::NoModelDescription { .. }) => load_model_files(&weights, device),
-        Err(err) => Err(checkpoint_error(&weights, err.to_string())),
-    }
+    let (model, meta) = load_trained_checkpoint(path, device)?;
+    Ok((model, meta.config))
 }
 
 /// Loads the model half of a resumable checkpoint: burn's record at `weights` and the

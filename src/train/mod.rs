@@ -35,7 +35,10 @@ pub mod progress;
 mod schedule;
 mod trainer;
 
-pub use checkpoint::{load_trained_model, save_final_model, RunState};
+pub use checkpoint::{
+    is_checkpoint_model, load_trained_checkpoint, load_trained_model, model_file, save_final_model,
+    RunState,
+};
 pub use config::{
     DataSettings, DeviceChoice, OptimizerKind, OptimizerSettings, ScheduleKind, ScheduleSettings,
     TrainConfig,

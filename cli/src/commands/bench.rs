@@ -12,8 +12,10 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use versatile::cost;
+use versatile::infer::InferencePlan;
 use versatile::kernels;
 use versatile::layer::{conv2d_forward, conv_path_for, ConvPath, ForwardPath, VConv2dConfig};
+use versatile::models::{ImageClassifier, ModelConfig};
 
 use super::UsageError;
 
@@ -47,6 +49,39 @@ pub struct BenchArgs {
     /// One JSON object per row (JSON lines) instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time a whole model's inference instead of layers: the compiled plan
+    /// (`versatile::infer`) against burn's module forward, random weights.
+    #[arg(long, value_name = "NAME")]
+    model: Option<String>,
+    /// The model's variant (with `--model`).
+    #[arg(long, default_value = "dense")]
+    variant: String,
+    /// Images per run (with `--model`).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Input `HxW` (with `--model`; default: the model's own input side).
+    #[arg(long, value_name = "HxW", value_parser = parse_hw)]
+    input: Option<[usize; 2]>,
+    /// Input channels (with `--model`; default: the model's).
+    #[arg(long)]
+    in_channels: Option<usize>,
+}
+
+/// Parses `HxW` (or a single side).
+fn parse_hw(text: &str) -> Result<[usize; 2], String> {
+    let sides: Vec<&str> = text.split(['x', 'X']).collect();
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| format!("`{text}` is not HxW with positive sides"))
+    };
+    match sides.as_slice() {
+        [side] => parse(side).map(|v| [v, v]),
+        [h, w] => Ok([parse(h)?, parse(w)?]),
+        _ => Err(format!("`{text}` is not HxW")),
+    }
 }
 
 /// How the kernels use the threads.
@@ -415,8 +450,116 @@ fn load_average() -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
+/// `versatile bench --model`: the compiled plan against the module forward.
+fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
+    let mut config = ModelConfig::parse(name, &args.variant).map_err(UsageError::from_display)?;
+    if let Some(channels) = args.in_channels {
+        config = config.with_in_channels(channels);
+    }
+    let [h, w] = args.input.unwrap_or([config.arch.default_input(); 2]);
+    let shape = [args.batch, config.in_channels, h, w];
+    config
+        .check_input(shape)
+        .map_err(UsageError::from_display)?;
+    let device = Device::flex();
+    let model = config.init(&device)?;
+    let threads = kernels::threads();
+    let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));
+    let compile_start = Instant::now();
+    let mut plan = InferencePlan::compile(&model, shape)?;
+    let compile_ms = compile_start.elapsed().as_secs_f64() * 1e3;
+    let input: Tensor<4> = Tensor::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+    let values: Vec<f32> = input
+        .to_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let planned = median_ms(args.warmup, args.reps, || {
+        plan.run(&values).map(|_| ()).map_err(Into::into)
+    })?;
+    let module = median_ms(args.warmup, args.reps, || {
+        let _ = model.try_forward(input.clone())?.into_data();
+        Ok(())
+    })?;
+    let flops = 2.0 * plan.macs() as f64;
+    let gflops = |t: &Timing| flops / (t.median_ms * 1e-3) / 1e9;
+    let share = |t: &Timing| peak.map(|p| gflops(t) / p);
+    let memory =
+        plan.weight_bytes() + plan.activation_bytes() + kernels::workspace::retained_bytes();
+    let row = |what: &str, t: &Timing| {
+        json!({
+            "model": config.name(),
+            "variant": config.variant.to_string(),
+            "input": shape,
+            "threads": threads,
+            "impl": what,
+            "ms": t.median_ms,
+            "images_per_s": args.batch as f64 / (t.median_ms * 1e-3),
+            "gflops": gflops(t),
+            "peak_gflops": peak,
+            "share_of_peak": share(t),
+        })
+    };
+    let rows = [("plan", &planned), ("module", &module)];
+    if args.json {
+        for (what, t) in rows {
+            let mut value = row(what, t);
+            if what == "plan" {
+                value["compile_ms"] = json!(compile_ms);
+                value["weight_bytes"] = json!(plan.weight_bytes());
+                value["activation_bytes"] = json!(plan.activation_bytes());
+                value["memory_bytes"] = json!(memory);
+            }
+            println!("{value}");
+        }
+        return Ok(());
+    }
+    println!(
+        "{} {} on {shape:?}, {threads} threads, {:.2} G multiply-adds; plan: {} steps, compiled in {compile_ms:.0} ms",
+        config.name(),
+        config.variant,
+        plan.macs() as f64 / 1e9,
+        plan.steps()
+    );
+    if let Some(p) = peak {
+        println!(
+            "f32 FMA peak (SGEMM {0}x{0}x{0}): {p:.1} GFLOP/s",
+            args.peak_size
+        );
+    }
+    println!(
+        "plan memory: weights {:.1} MiB + activations {:.1} MiB + kernel scratch {:.1} MiB",
+        plan.weight_bytes() as f64 / 1048576.0,
+        plan.activation_bytes() as f64 / 1048576.0,
+        kernels::workspace::retained_bytes() as f64 / 1048576.0
+    );
+    println!("load average at start: {}", load_average());
+    println!();
+    println!(
+        "{:<8} {:>10} {:>10} {:>9} {:>8}",
+        "impl", "ms", "images/s", "GFLOP/s", "peak"
+    );
+    for (what, t) in rows {
+        println!(
+            "{what:<8} {:>10.2} {:>10.1} {:>9.1} {:>8}",
+            t.median_ms,
+            args.batch as f64 / (t.median_ms * 1e-3),
+            gflops(t),
+            share(t).map_or("-".into(), |s| format!("{:.0} %", s * 100.0))
+        );
+    }
+    println!(
+        "plan speedup over the module forward: {:.2}x",
+        module.median_ms / planned.median_ms
+    );
+    Ok(())
+}
+
 /// Runs `versatile bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(name) = &args.model {
+        return run_model(name, args);
+    }
     let shapes = if args.shapes.is_empty() {
         default_shapes()
     } else {

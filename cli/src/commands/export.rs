@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use versatile::checkpoint::export::export_dense_safetensors;
-use versatile::checkpoint::load_checkpoint;
 use versatile::checkpoint::onnx::export_onnx;
 
-use super::files::{checkpoint_error, size};
+use super::files::{checkpoint_error, load_model, model_file, size};
 use super::layer::parse_hw;
 
 /// What `versatile export` writes.
@@ -24,7 +23,8 @@ pub enum Target {
 /// Arguments of `versatile export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The checkpoint (.bpk or .safetensors written by versatile).
+    /// A model file (.bpk or .safetensors written by versatile), or a run directory
+    /// (its final model, else its latest checkpoint's).
     #[arg(long)]
     checkpoint: PathBuf,
     /// The output format.
@@ -41,11 +41,12 @@ pub struct ExportArgs {
 /// Runs `versatile export`.
 pub fn run(args: &ExportArgs) -> Result<()> {
     let device = burn::tensor::Device::flex();
-    let checkpoint = load_checkpoint(&args.checkpoint, &device).map_err(checkpoint_error)?;
-    let config = &checkpoint.meta.config;
+    let file = model_file(&args.checkpoint)?;
+    let (model, meta) = load_model(&file, &device)?;
+    let config = &meta.config;
     match args.target {
         Target::DenseSafetensors => {
-            export_dense_safetensors(&checkpoint.model, Some(&checkpoint.meta), &args.output)
+            export_dense_safetensors(&model, Some(&meta), &args.output)
                 .map_err(checkpoint_error)?;
             println!(
                 "wrote the dense form of {} ({}) to {} in torchvision's layout",
@@ -55,11 +56,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             );
         }
         Target::Onnx => {
-            let input = args
-                .input
-                .unwrap_or(checkpoint.meta.preprocess().input_size);
-            let export =
-                export_onnx(&checkpoint.model, input, &args.output).map_err(checkpoint_error)?;
+            let input = args.input.unwrap_or(meta.preprocess().input_size);
+            let export = export_onnx(&model, input, &args.output).map_err(checkpoint_error)?;
             let [_, c, h, w] = export.input;
             println!(
                 "wrote the dense form of {} ({}) to {} as ONNX opset 18: input [batch, {c}, {h}, {w}], output [batch, {}]",
@@ -73,9 +71,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     let written = std::fs::metadata(&args.output)
         .map(|m| m.len())
         .unwrap_or(0);
-    let compact = std::fs::metadata(&args.checkpoint)
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let compact = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
     println!("  {} (the checkpoint: {})", size(written), size(compact));
     Ok(())
 }

@@ -9,13 +9,14 @@ use serde_json::json;
 use versatile::checkpoint::{inspect, CheckpointInfo, StoredSize};
 use versatile::models::reference::grouped;
 
-use super::files::{checkpoint_error, size};
+use super::files::{checkpoint_error, model_file, size};
 use super::ratio;
 
 /// Arguments of `versatile inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// A checkpoint: .bpk, .safetensors, or a PyTorch .pth/.pt state dict.
+    /// A checkpoint: .bpk, .safetensors, or a PyTorch .pth/.pt state dict; or a run
+    /// directory (its final model, else its latest checkpoint's).
     file: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -24,7 +25,8 @@ pub struct InspectArgs {
 
 /// Runs `versatile inspect`.
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let info = inspect(&args.file).map_err(checkpoint_error)?;
+    let file = model_file(&args.file)?;
+    let info = inspect(&file).map_err(checkpoint_error)?;
     if args.json {
         let mut value = serde_json::to_value(&info)?;
         value["overhead_bytes"] = json!(info.overhead());

@@ -4,16 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use versatile::checkpoint::load_checkpoint;
 use versatile::checkpoint::predict::predict;
 
-use super::files::checkpoint_error;
+use super::files::{checkpoint_error, load_model};
 use super::UsageError;
 
 /// Arguments of `versatile predict`.
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// The checkpoint (.bpk or .safetensors written by versatile).
+    /// A model file (.bpk or .safetensors written by versatile), or a run directory
+    /// (its final model, else its latest checkpoint's).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Images (PNG, JPEG).
@@ -33,15 +33,9 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         return Err(UsageError::from_display("--top must be at least 1"));
     }
     let device = burn::tensor::Device::flex();
-    let checkpoint = load_checkpoint(&args.checkpoint, &device).map_err(checkpoint_error)?;
-    let predictions = predict(
-        &checkpoint.model,
-        &checkpoint.meta,
-        &args.images,
-        args.top,
-        &device,
-    )
-    .map_err(checkpoint_error)?;
+    let (model, meta) = load_model(&args.checkpoint, &device)?;
+    let predictions =
+        predict(&model, &meta, &args.images, args.top, &device).map_err(checkpoint_error)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&predictions)?);
         return Ok(());

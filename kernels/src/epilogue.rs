@@ -1,0 +1,89 @@
+//! What a forward pass does to each output value as it writes it: the per-channel affine
+//! map of a bias or a folded batch norm, a residual add and a ReLU, in one write instead
+//! of a pass each over the output.
+
+use super::plan::ConvPlan;
+use super::Real;
+
+/// The output write of a forward pass: `y = acc * scale[ch] + shift[ch] (+ residual[i])`,
+/// then `max(y, 0)` when `relu` (NaN stays NaN, as PyTorch's ReLU).
+///
+/// A versatile layer's batch norm cannot be folded into its weight (the crops of one
+/// primary filter are different output channels, each with its own scale), so the scale
+/// lives here; a dense layer's can, and then `scale` is `None`.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a, T> {
+    /// Per output channel factor (`None`: 1).
+    pub scale: Option<&'a [T]>,
+    /// Per output channel offset: the bias, or the folded batch norm's shift (`None`: 0).
+    pub shift: Option<&'a [T]>,
+    /// A tensor of the output's shape added before the ReLU (ResNet's shortcut).
+    pub residual: Option<&'a [T]>,
+    /// Whether negative values become zero.
+    pub relu: bool,
+}
+
+impl<T> Default for Epilogue<'_, T> {
+    fn default() -> Self {
+        Self {
+            scale: None,
+            shift: None,
+            residual: None,
+            relu: false,
+        }
+    }
+}
+
+impl<'a, T: Real> Epilogue<'a, T> {
+    /// The plain convolution's write: `acc + bias[ch]`.
+    pub fn bias(bias: Option<&'a [T]>) -> Self {
+        Self {
+            shift: bias,
+            ..Self::default()
+        }
+    }
+
+    /// Checks the lengths against `plan`.
+    ///
+    /// # Panics
+    /// If `scale` or `shift` does not hold one value per output channel, or `residual`
+    /// one per output value.
+    pub(super) fn check(&self, plan: &ConvPlan) {
+        for (what, values) in [("scale", self.scale), ("shift", self.shift)] {
+            if let Some(values) = values {
+                assert_eq!(values.len(), plan.out_channels(), "epilogue {what} length");
+            }
+        }
+        if let Some(residual) = self.residual {
+            assert_eq!(
+                residual.len(),
+                plan.output_len(),
+                "epilogue residual length"
+            );
+        }
+    }
+
+    /// The `(scale, shift)` of output channel `ch`.
+    #[inline]
+    pub(super) fn channel(&self, ch: usize) -> (T, T) {
+        (
+            self.scale.map_or(T::ONE, |s| s[ch]),
+            self.shift.map_or(T::ZERO, |s| s[ch]),
+        )
+    }
+
+    /// The value written at output index `index` for the accumulated `acc` of a channel
+    /// whose [`channel`](Self::channel) factors are `(scale, shift)`.
+    #[inline]
+    pub(super) fn apply(&self, acc: T, (scale, shift): (T, T), index: usize) -> T {
+        let mut y = acc * scale + shift;
+        if let Some(residual) = self.residual {
+            y += residual[index];
+        }
+        if self.relu && y <= T::ZERO {
+            T::ZERO
+        } else {
+            y
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Pooling on `[batch, channels, height, width]` maps (f32), one task per output plane:
+//! max and average windows with PyTorch's padding and ceil-mode rules, and adaptive
+//! average pooling.
+
+use rayon::prelude::*;
+
+/// A pooling window over every plane of a `[batch, channels, height, width]` map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2d {
+    /// Input shape `[batch, channels, height, width]`.
+    pub input: [usize; 4],
+    /// Output `[height, width]` (the caller's rule: floor or ceil mode).
+    pub output: [usize; 2],
+    /// Window `[height, width]`.
+    pub kernel: [usize; 2],
+    /// Step `[height, width]`.
+    pub stride: [usize; 2],
+    /// Zero padding `[top = bottom, left = right]`.
+    pub padding: [usize; 2],
+}
+
+impl Pool2d {
+    /// Values of the input.
+    pub fn input_len(&self) -> usize {
+        self.input.iter().product()
+    }
+
+    /// Values of the output `[batch, channels, out_h, out_w]`.
+    pub fn output_len(&self) -> usize {
+        self.input[0] * self.input[1] * self.output[0] * self.output[1]
+    }
+
+    /// The window of output position `o` along `axis`: its first index in the padded
+    /// input (may be negative), and the clipped input range `[start, end)`.
+    fn span(&self, axis: usize, o: usize) -> (isize, usize, usize) {
+        let size = self.input[2 + axis];
+        let start = (o * self.stride[axis]) as isize - self.padding[axis] as isize;
+        let end = (start + self.kernel[axis] as isize).min(size as isize);
+        let first = start.max(0) as usize;
+        (start, first, (end.max(0) as usize).max(first))
+    }
+
+    fn check(&self, x: &[f32], out: &[f32]) {
+        assert_eq!(x.len(), self.input_len(), "pool input length");
+        assert_eq!(out.len(), self.output_len(), "pool output length");
+        assert!(
+            self.stride.iter().chain(&self.kernel).all(|&v| v > 0),
+            "pool window and stride must be positive"
+        );
+    }
+
+    /// Runs `f(input plane, output plane)` for every plane, in parallel.
+    fn planes(&self, x: &[f32], out: &mut [f32], f: impl Fn(&[f32], &mut [f32]) + Sync) {
+        let in_plane = self.input[2] * self.input[3];
+        let out_plane = self.output[0] * self.output[1];
+        if in_plane == 0 || out_plane == 0 {
+            return;
+        }
+        out.par_chunks_mut(out_plane)
+            .zip(x.par_chunks(in_plane))
+            .for_each(|(o, i)| f(i, o));
+    }
+}
+
+/// Max pooling (padding never wins; NaN propagates, as PyTorch). A window with no input
+/// value (only possible with padding above half the window) gives 0.
+///
+/// # Panics
+/// If a length does not match `pool`.
+pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
+    pool.check(x, out);
+    let [oh, ow] = pool.output;
+    let w = pool.input[3];
+    pool.planes(x, out, |plane, dst| {
+        for oy in 0..oh {
+            let (_, y0, y1) = pool.span(0, oy);
+            for ox in 0..ow {
+                let (_, x0, x1) = pool.span(1, ox);
+                let mut best: Option<f32> = None;
+                for y in y0..y1 {
+                    for &v in &plane[y * w + x0..y * w + x1] {
+                        best = Some(match best {
+                            Some(b) if !(v > b || v.is_nan()) => b,
+                            _ => v,
+                        });
+                    }
+                }
+                dst[oy * ow + ox] = best.unwrap_or(0.0);
+            }
+        }
+    });
+}
+
+/// Average pooling counting the padding, as PyTorch's default (`count_include_pad`):
+/// the divisor is the window clipped to the padded input, not to the input.
+///
+/// # Panics
+/// If a length does not match `pool`.
+pub fn avg_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
+    pool.check(x, out);
+    let [oh, ow] = pool.output;
+    let [h, w] = [pool.input[2], pool.input[3]];
+    let padded_end = |axis: usize, start: isize| {
+        let size = [h, w][axis] + pool.padding[axis];
+        (start + pool.kernel[axis] as isize).min(size as isize)
+    };
+    pool.planes(x, out, |plane, dst| {
+        for oy in 0..oh {
+            let (sy, y0, y1) = pool.span(0, oy);
+            for ox in 0..ow {
+                let (sx, x0, x1) = pool.span(1, ox);
+                let area = (padded_end(0, sy) - sy) * (padded_end(1, sx) - sx);
+                let mut sum = 0.0f32;
+                for y in y0..y1 {
+                    for &v in &plane[y * w + x0..y * w + x1] {
+                        sum += v;
+                    }
+                }
+                dst[oy * ow + ox] = sum / area.max(1) as f32;
+            }
+        }
+    });
+}
+
+/// Adaptive average pooling to `output` (PyTorch's windows: rows
+/// `floor(i * h / oh) .. ceil((i + 1) * h / oh)`, columns alike).
+///
+/// # Panics
+/// If a length does not match.
+pub fn adaptive_avg_pool2d(input: [usize; 4], output: [usize; 2], x: &[f32], out: &mut [f32]) {
+    let [_, _, h, w] = input;
+    let [oh, ow] = output;
+    let pool = Pool2d {
+        input,
+        output,
+        kernel: [1, 1],
+        stride: [1, 1],
+        padding: [0, 0],
+    };
+    pool.check(x, out);
+    let bounds =
+        |i: usize, size: usize, out: usize| (i * size / out, ((i + 1) * size).div_ceil(out));
+    pool.planes(x, out, |plane, dst| {
+        for oy in 0..oh {
+            let (y0, y1) = bounds(oy, h, oh);
+            for ox in 0..ow {
+                let (x0, x1) = bounds(ox, w, ow);
+                let mut sum = 0.0f32;
+                for y in y0..y1 {
+                    for &v in &plane[y * w + x0..y * w + x1] {
+                        sum += v;
+                    }
+                }
+                dst[oy * ow + ox] = sum / ((y1 - y0) * (x1 - x0)).max(1) as f32;
+            }
+        }
+    });
+}

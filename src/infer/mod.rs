@@ -1,0 +1,750 @@
+//! Compiled inference on the CPU: a model of the zoo built once, for one input shape,
+//! into a list of kernel calls on buffers planned ahead, then run many times.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use versatile::infer::InferencePlan;
+//! use versatile::models::ModelConfig;
+//!
+//! let model = ModelConfig::parse("vgg16_bn", "spatial")?.init(&Device::flex())?;
+//! let mut plan = InferencePlan::compile(&model, [1, 3, 224, 224])?;
+//! let image = vec![0.0f32; 3 * 224 * 224];
+//! let logits = plan.run(&image)?; // [1, 1000]
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! What compiling does, against the module forward:
+//! - batch norm (eval statistics) goes into the preceding convolution: into a dense
+//!   layer's weight and bias; into a versatile layer's output write as a per-channel
+//!   scale and shift (one primary filter serves several output channels, each with its
+//!   own scale, so the scale cannot go into the shared weight);
+//! - ReLU, and ResNet's residual add + ReLU, happen in the convolution's output write
+//!   ([`Epilogue`]); dropout is gone;
+//! - weights are laid out once for their kernel ([`PackedWeight`]); linear layers run as
+//!   1×1 convolutions (the streaming kernel for the large ones, as `fc6`);
+//! - activations live in a few buffers allocated once, reused across layers and runs:
+//!   each buffer is handed to the next layer once the values in it are read for the
+//!   last time.
+
+mod error;
+
+use burn::module::Module;
+use burn::nn::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
+use burn::tensor::{Tensor, TensorData};
+
+pub use error::InferError;
+
+use crate::kernels::pool::{self, Pool2d};
+use crate::kernels::{self, ConvPlan, Epilogue, PackedWeight};
+use crate::layer::dense_conv_plan;
+use crate::models::layers::window_out;
+use crate::models::resnet::Block;
+use crate::models::{ConvLayer, ConvNet, FeatureLayer, HeadLayer, ImageClassifier, Model, ResNet};
+
+/// An activation of the plan: the caller's input, or one computed by a step.
+type Value = usize;
+/// The caller's input.
+const INPUT: Value = 0;
+
+/// A `[batch, channels, height, width]` shape.
+type Shape = [usize; 4];
+
+/// A convolution with its output write.
+#[derive(Debug)]
+struct Conv {
+    plan: ConvPlan,
+    /// `[m, depth, kh, kw]` until [`Builder::finish`] packs it.
+    weight: Vec<f32>,
+    packed: Option<PackedWeight<f32>>,
+    /// Whether the batch norm folds into the weight (dense layers).
+    dense: bool,
+    scale: Option<Vec<f32>>,
+    shift: Option<Vec<f32>>,
+    relu: bool,
+}
+
+/// What a step computes.
+#[derive(Debug)]
+enum Op {
+    Conv(Box<Conv>),
+    MaxPool(Pool2d),
+    AvgPool(Pool2d),
+    AdaptiveAvg {
+        input: Shape,
+        output: [usize; 2],
+    },
+    /// `relu?(x * scale[c] + shift[c])` (a batch norm or ReLU no convolution took).
+    Affine {
+        shape: Shape,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        relu: bool,
+    },
+}
+
+/// One step: `output = op(input)` (plus `residual` in a convolution's write).
+#[derive(Debug)]
+struct Step {
+    op: Op,
+    input: Value,
+    residual: Option<Value>,
+    output: Value,
+}
+
+/// A model compiled for one input shape (see the [module docs](self)).
+#[derive(Debug)]
+pub struct InferencePlan {
+    input: Shape,
+    classes: usize,
+    steps: Vec<Step>,
+    /// The buffer of each value (`None` for the input).
+    placement: Vec<Option<usize>>,
+    buffers: Vec<Vec<f32>>,
+    output: Value,
+}
+
+/// A tensor's values as f32.
+fn values<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, InferError> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|err| InferError::Unsupported(format!("reading a parameter: {err:?}")))
+}
+
+fn symmetric(padding: &PaddingConfig2d, what: &str) -> Result<[usize; 2], InferError> {
+    match *padding {
+        PaddingConfig2d::Valid => Ok([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Ok([top, left])
+        }
+        ref other => Err(InferError::Unsupported(format!(
+            "{what} with padding {other:?} (symmetric explicit padding only)"
+        ))),
+    }
+}
+
+/// Builds the steps of a plan.
+struct Builder {
+    batch: usize,
+    lens: Vec<usize>,
+    steps: Vec<Step>,
+}
+
+impl Builder {
+    fn value(&mut self, shape: Shape) -> Value {
+        self.lens.push(shape.iter().product());
+        self.lens.len() - 1
+    }
+
+    fn push(&mut self, op: Op, input: Value, output: Shape) -> Value {
+        let output = self.value(output);
+        self.steps.push(Step {
+            op,
+            input,
+            residual: None,
+            output,
+        });
+        output
+    }
+
+    /// The convolution step that produced `x`, when `x` is the latest value.
+    fn producer(&mut self, x: Value) -> Option<&mut Step> {
+        self.steps.last_mut().filter(|step| step.output == x)
+    }
+
+    fn conv(
+        &mut self,
+        layer: &ConvLayer,
+        x: Value,
+        shape: Shape,
+    ) -> Result<(Value, Shape), InferError> {
+        let (plan, weight, bias, dense) = match layer {
+            ConvLayer::Dense(conv) => {
+                let plan = dense_conv_plan(conv, shape).ok_or_else(|| {
+                    InferError::Unsupported(format!(
+                        "a dense convolution of weight {:?} on an input {shape:?}",
+                        conv.weight.dims()
+                    ))
+                })?;
+                (
+                    plan,
+                    conv.weight.val(),
+                    conv.bias.as_ref().map(|b| b.val()),
+                    true,
+                )
+            }
+            ConvLayer::Versatile(conv) => {
+                let pads = conv.check_input(&shape)?;
+                let plan = conv.geometry().plan(shape, pads)?;
+                (
+                    plan,
+                    conv.weight.val(),
+                    conv.bias.as_ref().map(|b| b.val()),
+                    false,
+                )
+            }
+        };
+        let out_shape = plan.output_shape();
+        let conv = Conv {
+            weight: values(weight)?,
+            shift: bias.map(values).transpose()?,
+            plan,
+            packed: None,
+            dense,
+            scale: None,
+            relu: false,
+        };
+        Ok((self.push(Op::Conv(Box::new(conv)), x, out_shape), out_shape))
+    }
+
+    /// A linear layer on `[batch, features]` (stored as `[batch, features, 1, 1]`), as a
+    /// dense 1×1 convolution.
+    fn linear(
+        &mut self,
+        linear: &Linear,
+        x: Value,
+        features: usize,
+    ) -> Result<(Value, usize), InferError> {
+        let [d_input, d_output] = linear.weight.dims();
+        if d_input != features {
+            return Err(InferError::Unsupported(format!(
+                "a linear layer of {d_input} inputs after {features} features"
+            )));
+        }
+        let input = [self.batch, features, 1, 1];
+        let plan = ConvPlan::dense(input, d_output, [1, 1], [1, 1], [1, 1], 1, [(0, 0), (0, 0)])?;
+        // burn keeps the weight as [d_input, d_output]; the kernel wants [d_output, d_input].
+        let stored = values(linear.weight.val())?;
+        let mut weight = vec![0.0; stored.len()];
+        for (i, row) in stored.chunks_exact(d_output).enumerate() {
+            for (o, &v) in row.iter().enumerate() {
+                weight[o * d_input + i] = v;
+            }
+        }
+        let conv = Conv {
+            weight,
+            shift: linear.bias.as_ref().map(|b| values(b.val())).transpose()?,
+            plan,
+            packed: None,
+            dense: true,
+            scale: None,
+            relu: false,
+        };
+        Ok((
+            self.push(Op::Conv(Box::new(conv)), x, [self.batch, d_output, 1, 1]),
+            d_output,
+        ))
+    }
+
+    /// Batch norm with its running statistics: into the convolution that produced `x`
+    /// when there is one, else a step of its own.
+    fn batch_norm(
+        &mut self,
+        norm: &BatchNorm,
+        x: Value,
+        shape: Shape,
+    ) -> Result<Value, InferError> {
+        let gamma = values(norm.gamma.val())?;
+        let beta = values(norm.beta.val())?;
+        let mean = values(norm.running_mean.value())?;
+        let var = values(norm.running_var.value())?;
+        if gamma.len() != shape[1] {
+            return Err(InferError::Unsupported(format!(
+                "a batch norm of {} channels on {} channels",
+                gamma.len(),
+                shape[1]
+            )));
+        }
+        // y = (x - mean) / sqrt(var + eps) * gamma + beta = x * scale + (beta - mean * scale)
+        let scale: Vec<f64> = gamma
+            .iter()
+            .zip(&var)
+            .map(|(&g, &v)| g as f64 / (v as f64 + norm.epsilon).sqrt())
+            .collect();
+        if let Some(Step {
+            op: Op::Conv(conv),
+            residual: None,
+            ..
+        }) = self.producer(x)
+        {
+            if conv.scale.is_none() && !conv.relu {
+                let bias = conv.shift.take();
+                let shift = (0..scale.len())
+                    .map(|c| {
+                        let b = bias.as_ref().map_or(0.0, |b| b[c] as f64);
+                        ((b - mean[c] as f64) * scale[c] + beta[c] as f64) as f32
+                    })
+                    .collect();
+                conv.shift = Some(shift);
+                conv.scale = Some(scale.iter().map(|&s| s as f32).collect());
+                return Ok(x);
+            }
+        }
+        let shift = (0..scale.len())
+            .map(|c| (beta[c] as f64 - mean[c] as f64 * scale[c]) as f32)
+            .collect();
+        let op = Op::Affine {
+            shape,
+            scale: scale.iter().map(|&s| s as f32).collect(),
+            shift,
+            relu: false,
+        };
+        Ok(self.push(op, x, shape))
+    }
+
+    /// ReLU: into the write of the step that produced `x` when it can, else a step.
+    fn relu(&mut self, x: Value, shape: Shape) -> Value {
+        match self.producer(x) {
+            Some(Step {
+                op: Op::Conv(conv), ..
+            }) if !conv.relu => {
+                conv.relu = true;
+                return x;
+            }
+            Some(Step {
+                op: Op::Affine { relu, .. },
+                ..
+            }) if !*relu => {
+                *relu = true;
+                return x;
+            }
+            _ => {}
+        }
+        let op = Op::Affine {
+            shape,
+            scale: vec![1.0; shape[1]],
+            shift: vec![0.0; shape[1]],
+            relu: true,
+        };
+        self.push(op, x, shape)
+    }
+
+    fn pool(
+        &mut self,
+        kind: &str,
+        x: Value,
+        shape: Shape,
+        window: PoolWindow,
+    ) -> Result<(Value, Shape), InferError> {
+        let PoolWindow {
+            kernel,
+            stride,
+            padding,
+            ceil,
+        } = window;
+        let out = |axis: usize| {
+            window_out(
+                shape[2 + axis],
+                kernel[axis],
+                stride[axis],
+                padding[axis],
+                ceil,
+            )
+            .filter(|&size| size > 0)
+        };
+        let (Some(oh), Some(ow)) = (out(0), out(1)) else {
+            return Err(InferError::Unsupported(format!(
+                "a {kind} of {kernel:?} on a {}x{} map",
+                shape[2], shape[3]
+            )));
+        };
+        let pool = Pool2d {
+            input: shape,
+            output: [oh, ow],
+            kernel,
+            stride,
+            padding,
+        };
+        let out_shape = [shape[0], shape[1], oh, ow];
+        let op = if kind == "max pool" {
+            Op::MaxPool(pool)
+        } else {
+            Op::AvgPool(pool)
+        };
+        Ok((self.push(op, x, out_shape), out_shape))
+    }
+
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool2d,
+        x: Value,
+        shape: Shape,
+    ) -> Result<(Value, Shape), InferError> {
+        if pool.dilation != [1, 1] {
+            return Err(InferError::Unsupported("a dilated max pool".into()));
+        }
+        let window = PoolWindow {
+            kernel: pool.kernel_size,
+            stride: pool.stride,
+            padding: symmetric(&pool.padding, "a max pool")?,
+            ceil: pool.ceil_mode,
+        };
+        self.pool("max pool", x, shape, window)
+    }
+
+    fn avg_pool(
+        &mut self,
+        pool: &AvgPool2d,
+        x: Value,
+        shape: Shape,
+    ) -> Result<(Value, Shape), InferError> {
+        if !pool.count_include_pad {
+            return Err(InferError::Unsupported(
+                "an average pool that does not count its padding".into(),
+            ));
+        }
+        let window = PoolWindow {
+            kernel: pool.kernel_size,
+            stride: pool.stride,
+            padding: symmetric(&pool.padding, "an average pool")?,
+            ceil: pool.ceil_mode,
+        };
+        self.pool("average pool", x, shape, window)
+    }
+
+    fn adaptive(&mut self, pool: &AdaptiveAvgPool2d, x: Value, shape: Shape) -> (Value, Shape) {
+        let output = pool.output_size;
+        if [shape[2], shape[3]] == output {
+            // Each window is one value: the identity.
+            return (x, shape);
+        }
+        let out_shape = [shape[0], shape[1], output[0], output[1]];
+        let op = Op::AdaptiveAvg {
+            input: shape,
+            output,
+        };
+        (self.push(op, x, out_shape), out_shape)
+    }
+
+    fn feature(
+        &mut self,
+        layer: &FeatureLayer,
+        x: Value,
+        shape: Shape,
+    ) -> Result<(Value, Shape), InferError> {
+        Ok(match layer {
+            FeatureLayer::Conv(conv) => self.conv(conv, x, shape)?,
+            FeatureLayer::BatchNorm(norm) => (self.batch_norm(norm, x, shape)?, shape),
+            FeatureLayer::Relu(_) => (self.relu(x, shape), shape),
+            FeatureLayer::MaxPool(pool) => self.max_pool(pool, x, shape)?,
+            FeatureLayer::AvgPool(pool) => self.avg_pool(pool, x, shape)?,
+        })
+    }
+
+    fn head(
+        &mut self,
+        layers: &[HeadLayer],
+        mut x: Value,
+        mut features: usize,
+    ) -> Result<Value, InferError> {
+        for layer in layers {
+            match layer {
+                HeadLayer::Linear(linear) => (x, features) = self.linear(linear, x, features)?,
+                HeadLayer::Relu(_) => x = self.relu(x, [self.batch, features, 1, 1]),
+                HeadLayer::Dropout(_) => {}
+            }
+        }
+        Ok(x)
+    }
+
+    fn conv_net(&mut self, net: &ConvNet, shape: Shape) -> Result<Value, InferError> {
+        let (mut x, mut shape) = (INPUT, shape);
+        for layer in &net.features {
+            (x, shape) = self.feature(layer, x, shape)?;
+        }
+        (x, shape) = self.adaptive(&net.avgpool, x, shape);
+        if let Some(fc6) = &net.fc6 {
+            (x, shape) = self.conv(fc6, x, shape)?;
+        }
+        self.head(&net.classifier, x, shape[1] * shape[2] * shape[3])
+    }
+
+    fn block(
+        &mut self,
+        block: &Block,
+        x: Value,
+        shape: Shape,
+    ) -> Result<(Value, Shape), InferError> {
+        // The shortcut first, so that the last convolution adds it in its write.
+        let (mut shortcut, mut shortcut_shape) = (x, shape);
+        for layer in &block.downsample {
+            (shortcut, shortcut_shape) = self.feature(layer, shortcut, shortcut_shape)?;
+        }
+        let (mut y, mut y_shape) = self.conv(&block.conv1, x, shape)?;
+        y = self.batch_norm(&block.bn1, y, y_shape)?;
+        y = self.relu(y, y_shape);
+        (y, y_shape) = self.conv(&block.conv2, y, y_shape)?;
+        y = self.batch_norm(&block.bn2, y, y_shape)?;
+        if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
+            y = self.relu(y, y_shape);
+            (y, y_shape) = self.conv(conv3, y, y_shape)?;
+            y = self.batch_norm(bn3, y, y_shape)?;
+        }
+        if shortcut_shape != y_shape {
+            return Err(InferError::Unsupported(format!(
+                "a residual block adding a {shortcut_shape:?} shortcut to a {y_shape:?} path"
+            )));
+        }
+        let step = self
+            .producer(y)
+            .filter(|step| matches!(step.op, Op::Conv(_)) && step.residual.is_none())
+            .ok_or_else(|| {
+                InferError::Unsupported(
+                    "a residual block whose path does not end in a convolution".into(),
+                )
+            })?;
+        step.residual = Some(shortcut);
+        if let Op::Conv(conv) = &mut step.op {
+            conv.relu = true;
+        }
+        Ok((y, y_shape))
+    }
+
+    fn res_net(&mut self, net: &ResNet, shape: Shape) -> Result<Value, InferError> {
+        let (mut x, mut shape) = self.conv(&net.conv1, INPUT, shape)?;
+        x = self.batch_norm(&net.bn1, x, shape)?;
+        x = self.relu(x, shape);
+        (x, shape) = self.max_pool(&net.maxpool, x, shape)?;
+        for block in net
+            .layer1
+            .iter()
+            .chain(&net.layer2)
+            .chain(&net.layer3)
+            .chain(&net.layer4)
+        {
+            (x, shape) = self.block(block, x, shape)?;
+        }
+        (x, shape) = self.adaptive(&net.avgpool, x, shape);
+        let (x, _) = self.linear(&net.fc, x, shape[1] * shape[2] * shape[3])?;
+        Ok(x)
+    }
+
+    /// Folds the dense layers' batch-norm scale into their weights and packs every weight.
+    fn finish(&mut self) {
+        for step in &mut self.steps {
+            if let Op::Conv(conv) = &mut step.op {
+                if conv.dense {
+                    if let Some(scale) = conv.scale.take() {
+                        let per_channel = conv.weight.len() / scale.len().max(1);
+                        for (row, &s) in conv.weight.chunks_exact_mut(per_channel).zip(&scale) {
+                            row.iter_mut().for_each(|w| *w *= s);
+                        }
+                    }
+                }
+                conv.packed = Some(PackedWeight::new(&conv.plan, &conv.weight));
+                conv.weight = Vec::new();
+            }
+        }
+    }
+}
+
+/// A pooling window's settings.
+struct PoolWindow {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    ceil: bool,
+}
+
+/// Hands each value a buffer: a free one (the smallest that holds it, else the largest,
+/// grown) or a new one; a buffer is free again after the step that reads its value for
+/// the last time. Returns each value's buffer and the buffers' sizes.
+fn place(lens: &[usize], steps: &[Step], output: Value) -> (Vec<Option<usize>>, Vec<usize>) {
+    let mut last_use = vec![0; lens.len()];
+    for (i, step) in steps.iter().enumerate() {
+        last_use[step.input] = i;
+        if let Some(r) = step.residual {
+            last_use[r] = i;
+        }
+    }
+    last_use[output] = usize::MAX;
+    let mut placement = vec![None; lens.len()];
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        let need = lens[step.output];
+        let fits = free
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| sizes[b] >= need)
+            .min_by_key(|(_, &b)| sizes[b])
+            .or_else(|| free.iter().enumerate().max_by_key(|(_, &b)| sizes[b]))
+            .map(|(at, _)| at);
+        let buffer = match fits {
+            Some(at) => free.swap_remove(at),
+            None => {
+                sizes.push(0);
+                sizes.len() - 1
+            }
+        };
+        sizes[buffer] = sizes[buffer].max(need);
+        placement[step.output] = Some(buffer);
+        for value in std::iter::once(step.input).chain(step.residual) {
+            if last_use[value] == i {
+                if let Some(b) = placement[value] {
+                    if !free.contains(&b) {
+                        free.push(b);
+                    }
+                }
+            }
+        }
+    }
+    (placement, sizes)
+}
+
+impl InferencePlan {
+    /// Compiles `model` (its eval forward: batch-norm running statistics, no dropout) for
+    /// inputs of shape `[batch, channels, height, width]`.
+    pub fn compile(model: &Model, input: Shape) -> Result<Self, InferError> {
+        let config = model.config();
+        config.check_input(input)?;
+        if input[0] == 0 {
+            return Err(InferError::Unsupported("a batch of 0 images".into()));
+        }
+        let model = model.valid();
+        let mut builder = Builder {
+            batch: input[0],
+            lens: vec![input.iter().product()],
+            steps: Vec::new(),
+        };
+        let output = match &model {
+            Model::ConvNet(net) => builder.conv_net(net, input)?,
+            Model::ResNet(net) => builder.res_net(net, input)?,
+        };
+        builder.finish();
+        let (placement, sizes) = place(&builder.lens, &builder.steps, output);
+        Ok(Self {
+            input,
+            classes: config.num_classes,
+            steps: builder.steps,
+            placement,
+            buffers: sizes.into_iter().map(|size| vec![0.0; size]).collect(),
+            output,
+        })
+    }
+
+    /// The input shape the plan was compiled for.
+    pub fn input_shape(&self) -> Shape {
+        self.input
+    }
+
+    /// Multiply-adds of one run (convolutions and linear layers).
+    pub fn macs(&self) -> u64 {
+        self.convs().map(|conv| conv.plan.macs()).sum()
+    }
+
+    /// Bytes of the packed weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.convs()
+            .filter_map(|conv| conv.packed.as_ref())
+            .map(PackedWeight::bytes)
+            .sum()
+    }
+
+    /// Bytes of the activation buffers (allocated once).
+    pub fn activation_bytes(&self) -> usize {
+        self.buffers.iter().map(|b| b.len() * 4).sum()
+    }
+
+    /// Number of kernel calls of one run.
+    pub fn steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &Conv> {
+        self.steps.iter().filter_map(|step| match &step.op {
+            Op::Conv(conv) => Some(&**conv),
+            _ => None,
+        })
+    }
+
+    /// The logits `[batch, classes]` (row-major) of a batch of images
+    /// `[batch, channels, height, width]` (row-major), valid until the next run.
+    pub fn run(&mut self, input: &[f32]) -> Result<&[f32], InferError> {
+        let expected: usize = self.input.iter().product();
+        if input.len() != expected {
+            return Err(InferError::Input {
+                expected: self.input,
+                got: input.len(),
+            });
+        }
+        for step in &self.steps {
+            let out_buffer = self.placement[step.output].expect("every step output has a buffer");
+            let mut out = std::mem::take(&mut self.buffers[out_buffer]);
+            {
+                let read = |value: Value| -> &[f32] {
+                    match self.placement[value] {
+                        None => input,
+                        Some(b) => &self.buffers[b],
+                    }
+                };
+                execute(step, read(step.input), step.residual.map(read), &mut out);
+            }
+            self.buffers[out_buffer] = out;
+        }
+        let len = self.input[0] * self.classes;
+        let buffer = self.placement[self.output].expect("the output has a buffer");
+        Ok(&self.buffers[buffer][..len])
+    }
+
+    /// [`run`](Self::run) on a tensor: logits `[batch, classes]` on the input's device.
+    pub fn forward(&mut self, input: Tensor<4>) -> Result<Tensor<2>, InferError> {
+        let dims = input.dims();
+        if dims != self.input {
+            return Err(InferError::Shape {
+                expected: self.input,
+                got: dims,
+            });
+        }
+        let device = input.device();
+        let values = values(input)?;
+        let batch = self.input[0];
+        let classes = self.classes;
+        let logits = self.run(&values)?.to_vec();
+        Ok(Tensor::from_data(
+            TensorData::new(logits, [batch, classes]),
+            &device,
+        ))
+    }
+}
+
+/// Runs one step into `out` (at least its output's length; the rest is left as it is).
+fn execute(step: &Step, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+    match &step.op {
+        Op::Conv(conv) => {
+            let plan = &conv.plan;
+            let x = &x[..plan.input_len()];
+            let epilogue = Epilogue {
+                scale: conv.scale.as_deref(),
+                shift: conv.shift.as_deref(),
+                residual: residual.map(|r| &r[..plan.output_len()]),
+                relu: conv.relu,
+            };
+            let packed = conv.packed.as_ref().expect("packed at compile time");
+            kernels::forward_packed(plan, x, packed, &epilogue, &mut out[..plan.output_len()]);
+        }
+        Op::MaxPool(p) => pool::max_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),
+        Op::AvgPool(p) => pool::avg_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),
+        Op::AdaptiveAvg { input, output } => {
+            let len = input[0] * input[1] * output[0] * output[1];
+            let x = &x[..input.iter().product()];
+            pool::adaptive_avg_pool2d(*input, *output, x, &mut out[..len]);
+        }
+        Op::Affine {
+            shape,
+            scale,
+            shift,
+            relu,
+        } => {
+            let plane = shape[2] * shape[3];
+            let len: usize = shape.iter().product();
+            for (i, (dst, &v)) in out[..len].iter_mut().zip(&x[..len]).enumerate() {
+                let c = (i / plane.max(1)) % shape[1];
+                let y = v * scale[c] + shift[c];
+                *dst = if *relu && y <= 0.0 { 0.0 } else { y };
+            }
+        }
+    }
+}
