@@ -28,6 +28,8 @@
 
 mod error;
 
+use std::collections::hash_map::{Entry, HashMap};
+
 use burn::module::Module;
 use burn::nn::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
@@ -102,6 +104,35 @@ pub struct InferencePlan {
     placement: Vec<Option<usize>>,
     buffers: Vec<Vec<f32>>,
     output: Value,
+}
+
+/// Compiled plans of one model, one per input shape it is given (a data set's last
+/// batch is usually smaller).
+#[derive(Debug)]
+pub struct PlanCache<'a> {
+    model: &'a Model,
+    plans: HashMap<Shape, InferencePlan>,
+}
+
+impl<'a> PlanCache<'a> {
+    /// No plan yet.
+    pub fn new(model: &'a Model) -> Self {
+        Self {
+            model,
+            plans: HashMap::new(),
+        }
+    }
+
+    /// The logits `[batch, classes]` of `input`, through the plan of its shape (compiled
+    /// on first use).
+    pub fn forward(&mut self, input: Tensor<4>) -> Result<Tensor<2>, InferError> {
+        let shape = input.dims();
+        let plan = match self.plans.entry(shape) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => entry.insert(InferencePlan::compile(self.model, shape)?),
+        };
+        plan.forward(input)
+    }
 }
 
 /// A tensor's values as f32.

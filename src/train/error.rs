@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 use crate::data::DataError;
+use crate::infer::InferError;
 use crate::models::ModelError;
 
 /// An error of the training loop, its configuration or its files.
@@ -58,6 +59,9 @@ pub enum TrainError {
     /// The model could not be built or does not fit the data.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The compiled inference plan failed.
+    #[error("inference plan: {0}")]
+    Inference(#[from] InferError),
     /// The loss became NaN or infinite; the last good checkpoint is kept.
     #[error(
         "the loss became {loss} at epoch {epoch}, batch {batch} (learning rate {lr:e}): \

@@ -24,6 +24,8 @@ use crate::data::{
     Transform,
 };
 use crate::fsutil;
+use crate::infer::PlanCache;
+use crate::layer::fused::is_flex;
 use crate::models::{ImageClassifier, Model, ModelConfig};
 
 /// burn's CPU generator is one per process: whoever seeds it and then draws from it
@@ -143,18 +145,23 @@ fn open_split(
 
 /// Loss, top-1 and top-5 of `model` on every batch of `loader` (evaluation mode: batch
 /// norm uses its running statistics). `device` is where the batches go: the model's
-/// device, without autodiff.
+/// device, without autodiff. On the CPU the batches run through compiled inference
+/// plans ([`crate::infer`]), elsewhere through the module's forward.
 ///
 /// # Errors
 /// Data errors while loading.
 pub fn evaluate(model: &Model, loader: &Loader, device: &Device) -> Result<Tally, TrainError> {
     let model = model.valid();
+    let mut plans = is_flex(device).then(|| PlanCache::new(&model));
     let loss = CrossEntropyLossConfig::new().init(device);
     let mut tally = Tally::default();
     for batch in loader.epoch(0, device)? {
         let batch = batch?;
         let labels = batch_labels(&batch);
-        let logits = model.forward_unchecked(batch.images);
+        let logits = match plans.as_mut() {
+            Some(plans) => plans.forward(batch.images)?,
+            None => model.forward_unchecked(batch.images),
+        };
         let value: f32 = loss.forward(logits.clone(), batch.labels).into_scalar();
         tally.add_batch(value, &logits_vec(logits), &labels);
     }

@@ -11,6 +11,7 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::{Device, Distribution, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
+use versatile::checkpoint::onnx::export_onnx;
 use versatile::cost;
 use versatile::infer::InferencePlan;
 use versatile::kernels;
@@ -65,6 +66,10 @@ pub struct BenchArgs {
     /// Input channels (with `--model`; default: the model's).
     #[arg(long)]
     in_channels: Option<usize>,
+    /// Also write the timed model's dense form as ONNX here (with `--model`), for the
+    /// runtimes `benches/infer_reference.py` times on the same weights.
+    #[arg(long, value_name = "FILE")]
+    onnx: Option<std::path::PathBuf>,
 }
 
 /// Parses `HxW` (or a single side).
@@ -463,6 +468,9 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
         .map_err(UsageError::from_display)?;
     let device = Device::flex();
     let model = config.init(&device)?;
+    if let Some(path) = &args.onnx {
+        export_onnx(&model, [h, w], path)?;
+    }
     let threads = kernels::threads();
     let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));
     let compile_start = Instant::now();

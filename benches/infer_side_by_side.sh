@@ -1,0 +1,24 @@
+#!/bin/sh
+# Inference side by side in one run: `versatile bench --model` (the compiled plan and
+# burn's module forward) and onnxruntime and OpenVINO on the same model's dense ONNX,
+# same threads and batch. JSON lines on stdout.
+#
+#   benches/infer_side_by_side.sh [THREADS] [PYTHON]     (from the repository root,
+#   after `cargo build --release`; PYTHON: a venv with onnxruntime, openvino, onnx)
+set -eu
+threads=${1:-2}
+python=${2:-/tmp/refenv/bin/python}
+versatile=target/release/versatile
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+echo "{\"load_average\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"cpu_flags\": \"$(grep -o -w 'avx2\|avx512f\|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')\"}"
+for case in vgg16_bn:spatial:1 vgg16_bn:dense:1 vgg16_bn:spatial:8 resnet50:spatial:1 resnet50:dense:1; do
+    model=${case%%:*}
+    rest=${case#*:}
+    variant=${rest%%:*}
+    batch=${rest#*:}
+    RAYON_NUM_THREADS=$threads "$versatile" bench --model "$model" --variant "$variant" \
+        --batch "$batch" --reps 7 --json --onnx "$scratch/model.onnx"
+    "$python" benches/infer_reference.py "$scratch/model.onnx" --batch "$batch" \
+        --threads "$threads" --reps 7
+done
