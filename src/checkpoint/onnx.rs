@@ -15,14 +15,17 @@
 
 use std::path::Path;
 
-use burn::nn::conv::Conv2d;
+use std::convert::Infallible;
+
+use burn::nn::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
+use burn::nn::{BatchNorm, Dropout, Linear};
 use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
 use burn_onnx::export::{AxisSpec, InputSpec, OnnxExporter};
 
-use crate::models::resnet::Block;
-use crate::models::{ConvLayer, FeatureLayer, ImageClassifier, Model, ModelConfig};
+use crate::models::forward::infallible;
+use crate::models::{ConvLayer, Forward, ImageClassifier, Model, ModelConfig, Modules};
 
 use super::error::CheckpointError;
 use super::export::to_dense;
@@ -38,83 +41,80 @@ pub struct OnnxExport {
     pub bytes: u64,
 }
 
-fn dense(conv: &ConvLayer) -> &Conv2d {
-    match conv {
-        ConvLayer::Dense(conv) => conv,
-        ConvLayer::Versatile(_) => unreachable!("the export model is dense"),
+/// The dense model's forward pass in the operations ONNX receives: the model's own walk
+/// ([`Model::walk`]) through its burn modules, with each convolution a plain `Conv2d`
+/// (not the project's kernel, which the exporter cannot see) and adaptive pooling in
+/// operations the exporter lowers.
+struct Export;
+
+impl Forward for Export {
+    type Map = Tensor<4>;
+    type Vector = Tensor<2>;
+    type Error = Infallible;
+
+    fn conv(&mut self, layer: &ConvLayer, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        match layer {
+            ConvLayer::Dense(conv) => Ok(conv.forward(x)),
+            ConvLayer::Versatile(_) => unreachable!("the export model is dense"),
+        }
+    }
+
+    fn batch_norm(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Modules.batch_norm(norm, x)
+    }
+
+    fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Modules.relu(x)
+    }
+
+    fn max_pool(&mut self, pool: &MaxPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Modules.max_pool(pool, x)
+    }
+
+    fn avg_pool(&mut self, pool: &AvgPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Modules.avg_pool(pool, x)
+    }
+
+    fn adaptive_avg_pool(
+        &mut self,
+        pool: &AdaptiveAvgPool2d,
+        x: Tensor<4>,
+    ) -> Result<Tensor<4>, Infallible> {
+        let size = pool.output_size;
+        let [_, _, h, w] = x.dims();
+        Ok(if [h, w] == size {
+            x
+        } else if size == [1, 1] {
+            burn::tensor::module::adaptive_avg_pool2d(x, size)
+        } else {
+            let kernel = [h / size[0], w / size[1]];
+            avg_pool2d(x, AvgPoolOptions::new(kernel))
+        })
+    }
+
+    fn add_relu(&mut self, x: Tensor<4>, shortcut: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Modules.add_relu(x, shortcut)
+    }
+
+    fn flatten(&mut self, x: Tensor<4>) -> Result<Tensor<2>, Infallible> {
+        Modules.flatten(x)
+    }
+
+    fn linear(&mut self, linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Infallible> {
+        Modules.linear(linear, x)
+    }
+
+    fn relu_vector(&mut self, x: Tensor<2>) -> Result<Tensor<2>, Infallible> {
+        Modules.relu_vector(x)
+    }
+
+    fn dropout(&mut self, dropout: &Dropout, x: Tensor<2>) -> Result<Tensor<2>, Infallible> {
+        Modules.dropout(dropout, x)
     }
 }
 
-fn features(layers: &[FeatureLayer], mut x: Tensor<4>) -> Tensor<4> {
-    for layer in layers {
-        x = match layer {
-            FeatureLayer::Conv(conv) => dense(conv).forward(x),
-            other => other.forward(x),
-        };
-    }
-    x
-}
-
-fn block(block: &Block, input: Tensor<4>) -> Tensor<4> {
-    let relu = &block.relu;
-    let mut x = relu.forward(
-        block
-            .bn1
-            .forward(dense(&block.conv1).forward(input.clone())),
-    );
-    x = block.bn2.forward(dense(&block.conv2).forward(x));
-    if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
-        x = bn3.forward(dense(conv3).forward(relu.forward(x)));
-    }
-    let shortcut = features(&block.downsample, input);
-    relu.forward(x + shortcut)
-}
-
-/// Adaptive average pooling to `size` in operations the exporter lowers.
-fn adaptive_pool(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
-    let [_, _, h, w] = x.dims();
-    if [h, w] == size {
-        x
-    } else if size == [1, 1] {
-        burn::tensor::module::adaptive_avg_pool2d(x, size)
-    } else {
-        let kernel = [h / size[0], w / size[1]];
-        avg_pool2d(x, AvgPoolOptions::new(kernel))
-    }
-}
-
-/// The dense model's forward pass in the operations ONNX receives: the zoo's forward,
-/// with each convolution a plain `Conv2d` and adaptive pooling as above.
 fn export_forward(model: &Model, x: Tensor<4>) -> Tensor<2> {
-    match model {
-        Model::ConvNet(net) => {
-            let mut x = features(&net.features, x);
-            x = adaptive_pool(x, net.avgpool.output_size);
-            if let Some(fc6) = &net.fc6 {
-                x = dense(fc6).forward(x);
-            }
-            let mut y = x.flatten::<2>(1, 3);
-            for layer in &net.classifier {
-                y = layer.forward(y);
-            }
-            y
-        }
-        Model::ResNet(net) => {
-            let mut x = dense(&net.conv1).forward(x);
-            x = net.maxpool.forward(net.relu.forward(net.bn1.forward(x)));
-            for b in net
-                .layer1
-                .iter()
-                .chain(&net.layer2)
-                .chain(&net.layer3)
-                .chain(&net.layer4)
-            {
-                x = block(b, x);
-            }
-            let x = net.avgpool.forward(x).flatten::<2>(1, 3);
-            net.fc.forward(x)
-        }
-    }
+    infallible(model.walk(&mut Export, x))
 }
 
 /// Checks that the adaptive pooling of a VGG form can be exported at `input_hw`.

@@ -32,7 +32,7 @@ use std::collections::hash_map::{Entry, HashMap};
 
 use burn::module::Module;
 use burn::nn::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
-use burn::nn::{BatchNorm, Linear, PaddingConfig2d};
+use burn::nn::{BatchNorm, Dropout, Linear, PaddingConfig2d};
 use burn::tensor::{Tensor, TensorData};
 
 pub use error::InferError;
@@ -41,8 +41,7 @@ use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::{self, ConvPlan, Epilogue, PackedWeight};
 use crate::layer::dense_conv_plan;
 use crate::models::layers::window_out;
-use crate::models::resnet::Block;
-use crate::models::{ConvLayer, ConvNet, FeatureLayer, HeadLayer, ImageClassifier, Model, ResNet};
+use crate::models::{ConvLayer, Forward, ImageClassifier, Model};
 
 /// An activation of the plan: the caller's input, or one computed by a step.
 type Value = usize;
@@ -185,7 +184,7 @@ impl Builder {
         self.steps.last_mut().filter(|step| step.output == x)
     }
 
-    fn conv(
+    fn conv_step(
         &mut self,
         layer: &ConvLayer,
         x: Value,
@@ -232,7 +231,7 @@ impl Builder {
 
     /// A linear layer on `[batch, features]` (stored as `[batch, features, 1, 1]`), as a
     /// dense 1×1 convolution.
-    fn linear(
+    fn linear_step(
         &mut self,
         linear: &Linear,
         x: Value,
@@ -271,12 +270,7 @@ impl Builder {
 
     /// Batch norm with its running statistics: into the convolution that produced `x`
     /// when there is one, else a step of its own.
-    fn batch_norm(
-        &mut self,
-        norm: &BatchNorm,
-        x: Value,
-        shape: Shape,
-    ) -> Result<Value, InferError> {
+    fn norm_step(&mut self, norm: &BatchNorm, x: Value, shape: Shape) -> Result<Value, InferError> {
         let gamma = values(norm.gamma.val())?;
         let beta = values(norm.beta.val())?;
         let mean = values(norm.running_mean.value())?;
@@ -326,7 +320,7 @@ impl Builder {
     }
 
     /// ReLU: into the write of the step that produced `x` when it can, else a step.
-    fn relu(&mut self, x: Value, shape: Shape) -> Value {
+    fn relu_step(&mut self, x: Value, shape: Shape) -> Value {
         match self.producer(x) {
             Some(Step {
                 op: Op::Conv(conv), ..
@@ -397,7 +391,7 @@ impl Builder {
         Ok((self.push(op, x, out_shape), out_shape))
     }
 
-    fn max_pool(
+    fn max_pool_step(
         &mut self,
         pool: &MaxPool2d,
         x: Value,
@@ -415,7 +409,7 @@ impl Builder {
         self.pool("max pool", x, shape, window)
     }
 
-    fn avg_pool(
+    fn avg_pool_step(
         &mut self,
         pool: &AvgPool2d,
         x: Value,
@@ -435,7 +429,12 @@ impl Builder {
         self.pool("average pool", x, shape, window)
     }
 
-    fn adaptive(&mut self, pool: &AdaptiveAvgPool2d, x: Value, shape: Shape) -> (Value, Shape) {
+    fn adaptive_step(
+        &mut self,
+        pool: &AdaptiveAvgPool2d,
+        x: Value,
+        shape: Shape,
+    ) -> (Value, Shape) {
         let output = pool.output_size;
         if [shape[2], shape[3]] == output {
             // Each window is one value: the identity.
@@ -447,109 +446,6 @@ impl Builder {
             output,
         };
         (self.push(op, x, out_shape), out_shape)
-    }
-
-    fn feature(
-        &mut self,
-        layer: &FeatureLayer,
-        x: Value,
-        shape: Shape,
-    ) -> Result<(Value, Shape), InferError> {
-        Ok(match layer {
-            FeatureLayer::Conv(conv) => self.conv(conv, x, shape)?,
-            FeatureLayer::BatchNorm(norm) => (self.batch_norm(norm, x, shape)?, shape),
-            FeatureLayer::Relu(_) => (self.relu(x, shape), shape),
-            FeatureLayer::MaxPool(pool) => self.max_pool(pool, x, shape)?,
-            FeatureLayer::AvgPool(pool) => self.avg_pool(pool, x, shape)?,
-        })
-    }
-
-    fn head(
-        &mut self,
-        layers: &[HeadLayer],
-        mut x: Value,
-        mut features: usize,
-    ) -> Result<Value, InferError> {
-        for layer in layers {
-            match layer {
-                HeadLayer::Linear(linear) => (x, features) = self.linear(linear, x, features)?,
-                HeadLayer::Relu(_) => x = self.relu(x, [self.batch, features, 1, 1]),
-                HeadLayer::Dropout(_) => {}
-            }
-        }
-        Ok(x)
-    }
-
-    fn conv_net(&mut self, net: &ConvNet, shape: Shape) -> Result<Value, InferError> {
-        let (mut x, mut shape) = (INPUT, shape);
-        for layer in &net.features {
-            (x, shape) = self.feature(layer, x, shape)?;
-        }
-        (x, shape) = self.adaptive(&net.avgpool, x, shape);
-        if let Some(fc6) = &net.fc6 {
-            (x, shape) = self.conv(fc6, x, shape)?;
-        }
-        self.head(&net.classifier, x, shape[1] * shape[2] * shape[3])
-    }
-
-    fn block(
-        &mut self,
-        block: &Block,
-        x: Value,
-        shape: Shape,
-    ) -> Result<(Value, Shape), InferError> {
-        // The shortcut first, so that the last convolution adds it in its write.
-        let (mut shortcut, mut shortcut_shape) = (x, shape);
-        for layer in &block.downsample {
-            (shortcut, shortcut_shape) = self.feature(layer, shortcut, shortcut_shape)?;
-        }
-        let (mut y, mut y_shape) = self.conv(&block.conv1, x, shape)?;
-        y = self.batch_norm(&block.bn1, y, y_shape)?;
-        y = self.relu(y, y_shape);
-        (y, y_shape) = self.conv(&block.conv2, y, y_shape)?;
-        y = self.batch_norm(&block.bn2, y, y_shape)?;
-        if let (Some(conv3), Some(bn3)) = (&block.conv3, &block.bn3) {
-            y = self.relu(y, y_shape);
-            (y, y_shape) = self.conv(conv3, y, y_shape)?;
-            y = self.batch_norm(bn3, y, y_shape)?;
-        }
-        if shortcut_shape != y_shape {
-            return Err(InferError::Unsupported(format!(
-                "a residual block adding a {shortcut_shape:?} shortcut to a {y_shape:?} path"
-            )));
-        }
-        let step = self
-            .producer(y)
-            .filter(|step| matches!(step.op, Op::Conv(_)) && step.residual.is_none())
-            .ok_or_else(|| {
-                InferError::Unsupported(
-                    "a residual block whose path does not end in a convolution".into(),
-                )
-            })?;
-        step.residual = Some(shortcut);
-        if let Op::Conv(conv) = &mut step.op {
-            conv.relu = true;
-        }
-        Ok((y, y_shape))
-    }
-
-    fn res_net(&mut self, net: &ResNet, shape: Shape) -> Result<Value, InferError> {
-        let (mut x, mut shape) = self.conv(&net.conv1, INPUT, shape)?;
-        x = self.batch_norm(&net.bn1, x, shape)?;
-        x = self.relu(x, shape);
-        (x, shape) = self.max_pool(&net.maxpool, x, shape)?;
-        for block in net
-            .layer1
-            .iter()
-            .chain(&net.layer2)
-            .chain(&net.layer3)
-            .chain(&net.layer4)
-        {
-            (x, shape) = self.block(block, x, shape)?;
-        }
-        (x, shape) = self.adaptive(&net.avgpool, x, shape);
-        let (x, _) = self.linear(&net.fc, x, shape[1] * shape[2] * shape[3])?;
-        Ok(x)
     }
 
     /// Folds the dense layers' batch-norm scale into their weights and packs every weight.
@@ -568,6 +464,105 @@ impl Builder {
                 conv.weight = Vec::new();
             }
         }
+    }
+}
+
+impl Forward for Builder {
+    type Map = (Value, Shape);
+    type Vector = (Value, usize);
+    type Error = InferError;
+
+    fn conv(
+        &mut self,
+        layer: &ConvLayer,
+        (x, shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        self.conv_step(layer, x, shape)
+    }
+
+    fn batch_norm(
+        &mut self,
+        norm: &BatchNorm,
+        (x, shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        Ok((self.norm_step(norm, x, shape)?, shape))
+    }
+
+    fn relu(&mut self, (x, shape): (Value, Shape)) -> Result<(Value, Shape), InferError> {
+        Ok((self.relu_step(x, shape), shape))
+    }
+
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool2d,
+        (x, shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        self.max_pool_step(pool, x, shape)
+    }
+
+    fn avg_pool(
+        &mut self,
+        pool: &AvgPool2d,
+        (x, shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        self.avg_pool_step(pool, x, shape)
+    }
+
+    fn adaptive_avg_pool(
+        &mut self,
+        pool: &AdaptiveAvgPool2d,
+        (x, shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        Ok(self.adaptive_step(pool, x, shape))
+    }
+
+    /// The residual add and its ReLU go into the write of the convolution that ends the
+    /// main path (the walk computes the shortcut first).
+    fn add_relu(
+        &mut self,
+        (x, shape): (Value, Shape),
+        (shortcut, shortcut_shape): (Value, Shape),
+    ) -> Result<(Value, Shape), InferError> {
+        if shortcut_shape != shape {
+            return Err(InferError::Unsupported(format!(
+                "a residual block adding a {shortcut_shape:?} shortcut to a {shape:?} path"
+            )));
+        }
+        let step = self
+            .producer(x)
+            .filter(|step| matches!(step.op, Op::Conv(_)) && step.residual.is_none())
+            .ok_or_else(|| {
+                InferError::Unsupported(
+                    "a residual block whose path does not end in a convolution".into(),
+                )
+            })?;
+        step.residual = Some(shortcut);
+        if let Op::Conv(conv) = &mut step.op {
+            conv.relu = true;
+        }
+        Ok((x, shape))
+    }
+
+    /// Flattening `[batch, c, h, w]` is free: the values are already in that order.
+    fn flatten(&mut self, (x, shape): (Value, Shape)) -> Result<(Value, usize), InferError> {
+        Ok((x, shape[1] * shape[2] * shape[3]))
+    }
+
+    fn linear(
+        &mut self,
+        linear: &Linear,
+        (x, features): (Value, usize),
+    ) -> Result<(Value, usize), InferError> {
+        self.linear_step(linear, x, features)
+    }
+
+    fn relu_vector(&mut self, (x, features): (Value, usize)) -> Result<(Value, usize), InferError> {
+        Ok((self.relu_step(x, [self.batch, features, 1, 1]), features))
+    }
+
+    /// Dropout is the identity in evaluation.
+    fn dropout(&mut self, _: &Dropout, x: (Value, usize)) -> Result<(Value, usize), InferError> {
+        Ok(x)
     }
 }
 
@@ -640,10 +635,7 @@ impl InferencePlan {
             lens: vec![input.iter().product()],
             steps: Vec::new(),
         };
-        let output = match &model {
-            Model::ConvNet(net) => builder.conv_net(net, input)?,
-            Model::ResNet(net) => builder.res_net(net, input)?,
-        };
+        let (output, _) = model.walk(&mut builder, (INPUT, input))?;
         builder.finish();
         let (placement, sizes) = place(&builder.lens, &builder.steps, output);
         Ok(Self {

@@ -7,6 +7,7 @@ use burn::nn::pool::AdaptiveAvgPool2d;
 use burn::tensor::{Device, Tensor};
 
 use super::error::ModelError;
+use super::forward::{infallible, Modules};
 use super::layers::{
     adaptive_pool, init_features, trace_adaptive_pool, trace_features, trace_head, Chw, ConvLayer,
     ConvSpec, FeatureLayer, FeatureSpec, HeadLayer, HeadSpec, Trace, TraceError,
@@ -81,18 +82,6 @@ impl ConvNet {
     /// - `input`: `[batch, in_channels, height, width]`
     /// - output: `[batch, num_classes]`
     pub fn forward_unchecked(&self, input: Tensor<4>) -> Tensor<2> {
-        let mut x = input;
-        for layer in &self.features {
-            x = layer.forward(x);
-        }
-        x = self.avgpool.forward(x);
-        if let Some(fc6) = &self.fc6 {
-            x = fc6.forward(x);
-        }
-        let mut y = x.flatten::<2>(1, 3);
-        for layer in &self.classifier {
-            y = layer.forward(y);
-        }
-        y
+        infallible(self.walk(&mut Modules, input))
     }
 }

@@ -579,19 +579,6 @@ impl FeatureSpec {
     }
 }
 
-impl FeatureLayer {
-    /// Applies the layer to `[N, C, H, W]`.
-    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        match self {
-            FeatureLayer::Conv(conv) => conv.forward(input),
-            FeatureLayer::BatchNorm(norm) => norm.forward(input),
-            FeatureLayer::Relu(relu) => relu.forward(input),
-            FeatureLayer::MaxPool(pool) => pool.forward(input),
-            FeatureLayer::AvgPool(pool) => pool.forward(input),
-        }
-    }
-}
-
 /// A fully connected layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearSpec {
@@ -684,17 +671,6 @@ impl HeadSpec {
                 trace.free(name, "Dropout", format!("p={prob}"), vec![features]);
                 Ok(features)
             }
-        }
-    }
-}
-
-impl HeadLayer {
-    /// Applies the layer to `[N, F]`.
-    pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
-        match self {
-            HeadLayer::Linear(linear) => linear.forward(input),
-            HeadLayer::Relu(relu) => relu.forward(input),
-            HeadLayer::Dropout(dropout) => dropout.forward(input),
         }
     }
 }

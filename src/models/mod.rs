@@ -21,11 +21,14 @@
 //!
 //! Every model is described once by specs (the `plan`); the same specs build the burn
 //! modules and trace the cost report, so the report describes exactly the module that
-//! runs. Names are listed by [`models()`]; the variant syntax is in [`variant`].
+//! runs. Its forward pass is described once too, as a walk over its layers
+//! ([`forward`]) that burn's modules, the compiled inference plan (`crate::infer`) and
+//! the ONNX export each follow. Names are listed by [`models()`]; the variant syntax is in [`variant`].
 
 mod alexnet;
 mod convnet;
 mod error;
+pub mod forward;
 pub mod layers;
 mod lenet;
 pub mod reference;
@@ -41,6 +44,7 @@ use serde::{Deserialize, Serialize};
 
 pub use convnet::{ConvNet, ConvNetPlan};
 pub use error::ModelError;
+pub use forward::{Forward, Modules};
 pub use layers::{ConvLayer, ConvSpec, FeatureLayer, HeadLayer};
 pub use registry::{models, Arch, ModelInfo};
 pub use report::{CostReport, LayerReport, CONVENTION};

@@ -19,6 +19,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, Linear, Relu};
 use burn::tensor::{Device, Tensor};
 
 use super::error::ModelError;
+use super::forward::{infallible, Modules};
 use super::layers::{
     adaptive_pool, init_features, trace_adaptive_pool, trace_features, Chw, ConvLayer, ConvSpec,
     FeatureLayer, FeatureSpec, HeadSpec, LinearSpec, PoolSpec, Trace, TraceError,
@@ -300,28 +301,6 @@ pub struct Block {
     pub relu: Relu,
 }
 
-impl Block {
-    /// `relu(main(x) + shortcut(x))`.
-    ///
-    /// # Shapes
-    /// - `input`: `[batch, in, h, w]`
-    /// - output: `[batch, out, h / stride, w / stride]` (rounded up)
-    pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        let mut x = self
-            .relu
-            .forward(self.bn1.forward(self.conv1.forward(input.clone())));
-        x = self.bn2.forward(self.conv2.forward(x));
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            x = bn3.forward(conv3.forward(self.relu.forward(x)));
-        }
-        let mut shortcut = input;
-        for layer in &self.downsample {
-            shortcut = layer.forward(shortcut);
-        }
-        self.relu.forward(x + shortcut)
-    }
-}
-
 /// ResNet-18/34/50, built from a [`ResNetPlan`]; keys as torchvision's.
 #[derive(Module, Debug)]
 pub struct ResNet {
@@ -357,18 +336,6 @@ impl ResNet {
     /// - `input`: `[batch, in_channels, height, width]`
     /// - output: `[batch, num_classes]`
     pub fn forward_unchecked(&self, input: Tensor<4>) -> Tensor<2> {
-        let mut x = self.conv1.forward(input);
-        x = self.maxpool.forward(self.relu.forward(self.bn1.forward(x)));
-        for block in self
-            .layer1
-            .iter()
-            .chain(&self.layer2)
-            .chain(&self.layer3)
-            .chain(&self.layer4)
-        {
-            x = block.forward(x);
-        }
-        let x = self.avgpool.forward(x).flatten::<2>(1, 3);
-        self.fc.forward(x)
+        infallible(self.walk(&mut Modules, input))
     }
 }
