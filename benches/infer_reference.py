@@ -6,9 +6,10 @@ BENCHMARKS.md, beside `versatile bench --model` on the same weights.
     versatile bench --model vgg16_bn --variant spatial --batch 1 --json --onnx /tmp/m.onnx
     /tmp/refenv/bin/python benches/infer_reference.py /tmp/m.onnx --batch 1 --threads 2
 
-`benches/infer_side_by_side.sh` runs both for a list of models in one go. The ONNX file
-is the model's dense form (`versatile export --to onnx`): what a user of these
-runtimes runs. onnxruntime: all graph optimizations, `threads` intra-op threads, one
+`benches/infer_side_by_side.sh` runs both for a list of models in one go, on the
+model's dense ONNX (`versatile export --to onnx`: what a user of these runtimes runs)
+and on its versatile form (`--form versatile`: the primary weights once, one smaller
+convolution per secondary filter block, the paper's multiply-adds). onnxruntime: all graph optimizations, `threads` intra-op threads, one
 inter-op thread. OpenVINO: the CPU plugin, `threads` inference threads, f32
 (`INFERENCE_PRECISION_HINT`), latency hint. Medians of repeated runs after warm-up, in
 milliseconds; one JSON object per runtime (JSON lines).
@@ -74,6 +75,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--runtimes", default="onnxruntime,openvino")
+    parser.add_argument("--form", default="dense", help="a label: which form the file holds")
     args = parser.parse_args()
 
     import onnx
@@ -89,6 +91,7 @@ def main():
             json.dumps(
                 {
                     "runtime": name,
+                    "form": args.form,
                     "version": version,
                     "input": list(shape),
                     "threads": args.threads,

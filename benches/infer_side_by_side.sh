@@ -18,7 +18,13 @@ for case in vgg16_bn:spatial:1 vgg16_bn:dense:1 vgg16_bn:spatial:8 resnet50:spat
     variant=${rest%%:*}
     batch=${rest#*:}
     RAYON_NUM_THREADS=$threads "$versatile" bench --model "$model" --variant "$variant" \
-        --batch "$batch" --reps 7 --json --onnx "$scratch/model.onnx"
-    "$python" benches/infer_reference.py "$scratch/model.onnx" --batch "$batch" \
-        --threads "$threads" --reps 7
+        --batch "$batch" --reps 7 --json --onnx "$scratch/dense.onnx" \
+        --onnx-versatile "$scratch/versatile.onnx"
+    for form in dense versatile; do
+        if [ "$form" = versatile ] && [ "$variant" = dense ]; then
+            continue
+        fi
+        "$python" benches/infer_reference.py "$scratch/$form.onnx" --batch "$batch" \
+            --threads "$threads" --reps 7 --form "$form"
+    done
 done

@@ -14,8 +14,8 @@ use burn::tensor::Device;
 use safetensors::SafeTensors;
 use versatile::checkpoint::export::{export_dense_safetensors, to_dense};
 use versatile::checkpoint::import::import_state_dict;
-use versatile::checkpoint::onnx::export_onnx;
-use versatile::checkpoint::{load_model, CheckpointError};
+use versatile::checkpoint::onnx::{export_onnx, export_onnx_as, OnnxForm};
+use versatile::checkpoint::{load_model, save_model, CheckpointError};
 use versatile::models::{ConvLayer, FeatureLayer, ImageClassifier, Model};
 
 mod support;
@@ -219,23 +219,39 @@ fn onnx_exports_run_in_onnxruntime_with_our_outputs() {
     for (k, (name, variant, side)) in models.enumerate() {
         let config = config(name, variant).with_in_channels(if k % 2 == 0 { 3 } else { 1 });
         let model = random_model(&config, &device);
-        let onnx = dir.join(format!("model-{k}.onnx"));
-        let export = export_onnx(&model, [side, side], &onnx).unwrap();
-        assert_eq!(export.input, [1, config.in_channels, side, side]);
         // A batch of 3, not the sizes traced at export: the batch axis is symbolic.
         let x = input(&config, 3, side, &device);
         let shape: [usize; 4] = x.dims();
         let expected = values(model.forward(x.clone()));
         let input = dir.join(format!("input-{k}.f32"));
         write_f32(&input, &values(x));
-        jobs.push(Job {
-            what: format!("{name} ({variant})"),
-            model: onnx,
-            input,
-            shape,
-            output: dir.join(format!("output-{k}.f32")),
-            expected,
-        });
+        let compact = dir.join(format!("model-{k}.safetensors"));
+        save_model(&compact, &model).unwrap();
+        let compact = std::fs::metadata(&compact).unwrap().len() as f64;
+        for form in [OnnxForm::Dense, OnnxForm::Versatile] {
+            let onnx = dir.join(format!("model-{k}-{form:?}.onnx"));
+            let export = export_onnx_as(&model, [side, side], &onnx, form).unwrap();
+            assert_eq!(export.input, [1, config.in_channels, side, side]);
+            if form == OnnxForm::Versatile {
+                // The primary weights once: the compact checkpoint's size plus the
+                // graph (slice bounds, gather indices, node names: tens of KB, most
+                // of these tiny models' overhead, little of a real one's).
+                let bytes = export.bytes as f64;
+                assert!(
+                    bytes >= 0.9 * compact && bytes <= 1.02 * compact + 64.0 * 1024.0,
+                    "{name} ({variant}): versatile ONNX {} bytes, checkpoint {compact}",
+                    export.bytes
+                );
+            }
+            jobs.push(Job {
+                what: format!("{name} ({variant}, {form:?} form)"),
+                model: onnx,
+                input: input.clone(),
+                shape,
+                output: dir.join(format!("output-{k}-{form:?}.f32")),
+                expected: expected.clone(),
+            });
+        }
     }
     // The authors' PyTorch state dict, imported and exported: onnxruntime against the
     // logits recorded with it (an independent statement of the layer), not ours.

@@ -1,11 +1,17 @@
-//! ONNX export of a model's dense form through burn-onnx's exporter (opset 18, weights
-//! embedded).
+//! ONNX export of a model through burn-onnx's exporter (opset 18, weights embedded), in
+//! its dense form (the default) or its versatile form ([`OnnxForm`]).
 //!
 //! The exporter records one forward pass on burn's capture device, so it sees only
 //! burn's own operations: the model is first turned into its dense form
 //! ([`to_dense`]) and traced through plain `Conv2d`, batch norm,
 //! pooling, ReLU and `Linear`, which every ONNX runtime runs. The batch axis is
 //! symbolic (`batch`); height and width are fixed at export.
+//!
+//! The versatile form keeps each layer's primary weight as the one initializer and
+//! traces the authors' computation from it: slices of the weight (the centre crops and
+//! channel windows) feeding one smaller convolution per secondary filter block, their
+//! outputs concatenated. A runtime then stores what the compact checkpoint stores and
+//! runs the paper's multiply-adds.
 //!
 //! The exporter lowers adaptive average pooling only to a 1×1 output
 //! (`GlobalAveragePool`); the VGG forms' 7×7 adaptive pooling is exported as what it
@@ -19,11 +25,12 @@ use std::convert::Infallible;
 
 use burn::nn::pool::{AdaptiveAvgPool2d, AvgPool2d, MaxPool2d};
 use burn::nn::{BatchNorm, Dropout, Linear};
-use burn::tensor::module::avg_pool2d;
-use burn::tensor::ops::AvgPoolOptions;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::module::{avg_pool2d, conv2d};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_onnx::export::{AxisSpec, InputSpec, OnnxExporter};
 
+use crate::layer::{dense, VConv2d};
 use crate::models::forward::infallible;
 use crate::models::{ConvLayer, Forward, ImageClassifier, Model, ModelConfig, Modules};
 
@@ -45,7 +52,9 @@ pub struct OnnxExport {
 /// ([`Model::walk`]) through its burn modules, with each convolution a plain `Conv2d`
 /// (not the project's kernel, which the exporter cannot see) and adaptive pooling in
 /// operations the exporter lowers.
-struct Export;
+struct Export {
+    form: OnnxForm,
+}
 
 impl Forward for Export {
     type Map = Tensor<4>;
@@ -53,9 +62,12 @@ impl Forward for Export {
     type Error = Infallible;
 
     fn conv(&mut self, layer: &ConvLayer, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        match layer {
-            ConvLayer::Dense(conv) => Ok(conv.forward(x)),
-            ConvLayer::Versatile(_) => unreachable!("the export model is dense"),
+        match (layer, self.form) {
+            (ConvLayer::Dense(conv), _) => Ok(conv.forward(x)),
+            (ConvLayer::Versatile(conv), OnnxForm::Versatile) => Ok(versatile_conv(conv, x)),
+            (ConvLayer::Versatile(_), OnnxForm::Dense) => {
+                unreachable!("the dense form's model is made dense before the export")
+            }
         }
     }
 
@@ -113,8 +125,83 @@ impl Forward for Export {
     }
 }
 
-fn export_forward(model: &Model, x: Tensor<4>) -> Tensor<2> {
-    infallible(model.walk(&mut Export, x))
+/// A versatile layer in the authors' form, in operations ONNX keeps: per crop, the
+/// primary weight's centre (a slice of the one stored weight) as a smaller convolution
+/// with the padding reduced to match (the input cut where the padding does not reach),
+/// per channel window a slice of the input; the outputs concatenated in the block
+/// layout. Grouped layers take the dense form derived in the graph (slices, pads and a
+/// concatenation of the stored weight), which keeps the file compact too.
+fn versatile_conv(layer: &VConv2d, x: Tensor<4>) -> Tensor<4> {
+    let g = layer.geometry();
+    let dims = x.dims();
+    let pads = layer
+        .check_input(&dims)
+        .expect("the input was checked against the model before the export");
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if g.groups > 1 {
+        return dense::forward(x, weight, bias, g, pads);
+    }
+    let d = g.kernel;
+    let mut outputs = Vec::with_capacity(g.blocks());
+    for crop in 0..g.s {
+        let side = d - 2 * crop;
+        let crop_weight = weight.clone().narrow(2, crop, side).narrow(3, crop, side);
+        let mut input = x.clone();
+        let mut crop_pads = pads;
+        for axis in 0..2 {
+            let shrink = crop * g.dilation[axis];
+            let (low, high) = pads[axis];
+            let (cut_low, cut_high) = (shrink.saturating_sub(low), shrink.saturating_sub(high));
+            crop_pads[axis] = (low.saturating_sub(shrink), high.saturating_sub(shrink));
+            if cut_low + cut_high > 0 {
+                let size = dims[2 + axis];
+                input = pick(input, 2 + axis, cut_low, size - cut_low - cut_high);
+            }
+        }
+        let options = ConvOptions::new_with_padding(g.stride, crop_pads, g.dilation, 1);
+        for window in 0..g.n_c {
+            let first = (crop * g.n_c + window) * g.primary;
+            if first >= g.out_channels {
+                break;
+            }
+            let rows = g.primary.min(g.out_channels - first);
+            let mut w = crop_weight.clone().narrow(0, 0, rows);
+            let mut xw = input.clone();
+            if g.delta > 0 {
+                w = w.narrow(1, g.window_weight_offset(window), g.c_hat);
+                xw = pick(xw, 1, g.window_input_offset(window), g.c_hat);
+            }
+            let b = bias.clone().map(|b| b.narrow(0, first, rows));
+            outputs.push(conv2d(xw, w, b, options.clone()));
+        }
+    }
+    Tensor::cat(outputs, 1)
+}
+
+/// `len` entries of `x` along `dim` from `start`, as a gather: a slice would carry the
+/// batch axis's bounds, which the exporter cannot keep symbolic.
+fn pick(x: Tensor<4>, dim: usize, start: usize, len: usize) -> Tensor<4> {
+    let indices: Vec<i64> = (start..start + len).map(|i| i as i64).collect();
+    let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [len]), &x.device());
+    x.select(dim, indices)
+}
+
+/// Which form of a model an ONNX export writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnnxForm {
+    /// Every versatile layer unfolded into its dense `Conv`: what any runtime runs at
+    /// the dense model's cost.
+    #[default]
+    Dense,
+    /// Each primary weight stored once, the secondary filters derived in the graph
+    /// (slices of it) and run as the authors' smaller convolutions: the compact
+    /// checkpoint's size and the paper's multiply-adds.
+    Versatile,
+}
+
+fn export_forward(model: &Model, x: Tensor<4>, form: OnnxForm) -> Tensor<2> {
+    infallible(model.walk(&mut Export { form }, x))
 }
 
 /// Checks that the adaptive pooling of a VGG form can be exported at `input_hw`.
@@ -160,6 +247,16 @@ pub fn export_onnx(
     input_hw: [usize; 2],
     path: impl AsRef<Path>,
 ) -> Result<OnnxExport, CheckpointError> {
+    export_onnx_as(model, input_hw, path, OnnxForm::Dense)
+}
+
+/// [`export_onnx`] in the given form (see [`OnnxForm`]).
+pub fn export_onnx_as(
+    model: &Model,
+    input_hw: [usize; 2],
+    path: impl AsRef<Path>,
+    form: OnnxForm,
+) -> Result<OnnxExport, CheckpointError> {
     let path = path.as_ref();
     if path.extension().and_then(|e| e.to_str()) != Some("onnx") {
         return Err(CheckpointError::UnknownFormat {
@@ -176,7 +273,14 @@ pub fn export_onnx(
         .check_input([1, config.in_channels, input_hw[0], input_hw[1]])
         .map_err(|err| CheckpointError::Unsupported(err.to_string()))?;
     check_pooling(&config, input_hw)?;
-    let dense = to_dense(model)?;
+    let converted;
+    let exported = match form {
+        OnnxForm::Dense => {
+            converted = to_dense(model)?;
+            &converted
+        }
+        OnnxForm::Versatile => model,
+    };
     let device = Device::flex();
     let [h, w] = input_hw;
     let sample = Tensor::<4>::zeros([1, config.in_channels, h, w], &device);
@@ -188,7 +292,9 @@ pub fn export_onnx(
         AxisSpec::Static,
     ])];
     let onnx = OnnxExporter::new()
-        .export_dynamic(&dense, sample, validation, &specs, export_forward)
+        .export_dynamic(exported, sample, validation, &specs, |m: &Model, x| {
+            export_forward(m, x, form)
+        })
         .map_err(|err| CheckpointError::Onnx(err.to_string()))?;
     let bytes = onnx.as_bytes().len() as u64;
     crate::fsutil::write_atomic(path, onnx.as_bytes()).map_err(|source| CheckpointError::Io {

@@ -11,7 +11,7 @@ use burn::nn::PaddingConfig2d;
 use burn::tensor::{Device, Distribution, Tensor};
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use versatile::checkpoint::onnx::export_onnx;
+use versatile::checkpoint::onnx::{export_onnx_as, OnnxForm};
 use versatile::cost;
 use versatile::infer::InferencePlan;
 use versatile::kernels;
@@ -70,6 +70,9 @@ pub struct BenchArgs {
     /// runtimes `benches/infer_reference.py` times on the same weights.
     #[arg(long, value_name = "FILE")]
     onnx: Option<std::path::PathBuf>,
+    /// Also write its versatile-form ONNX here (with `--model`; see `export --form`).
+    #[arg(long, value_name = "FILE")]
+    onnx_versatile: Option<std::path::PathBuf>,
 }
 
 /// Parses `HxW` (or a single side).
@@ -468,8 +471,13 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
         .map_err(UsageError::from_display)?;
     let device = Device::flex();
     let model = config.init(&device)?;
-    if let Some(path) = &args.onnx {
-        export_onnx(&model, [h, w], path)?;
+    for (path, form) in [
+        (&args.onnx, OnnxForm::Dense),
+        (&args.onnx_versatile, OnnxForm::Versatile),
+    ] {
+        if let Some(path) = path {
+            export_onnx_as(&model, [h, w], path, form)?;
+        }
     }
     let threads = kernels::threads();
     let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));

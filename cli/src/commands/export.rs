@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use versatile::checkpoint::export::export_dense_safetensors;
-use versatile::checkpoint::onnx::export_onnx;
+use versatile::checkpoint::onnx::{export_onnx_as, OnnxForm};
 
 use super::files::{checkpoint_error, load_model, model_file, size};
 use super::layer::parse_hw;
@@ -18,6 +18,15 @@ pub enum Target {
     DenseSafetensors,
     /// ONNX (opset 18) of the dense form, batch axis symbolic.
     Onnx,
+}
+
+/// The form of an ONNX export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Form {
+    /// The dense form.
+    Dense,
+    /// The versatile form.
+    Versatile,
 }
 
 /// Arguments of `versatile export`.
@@ -33,6 +42,10 @@ pub struct ExportArgs {
     /// The file to write (.safetensors or .onnx).
     #[arg(long, short)]
     output: PathBuf,
+    /// ONNX only: `dense` (every versatile layer unfolded) or `versatile` (each primary
+    /// weight stored once, the secondary filters sliced from it in the graph).
+    #[arg(long, value_enum, default_value = "dense")]
+    form: Form,
     /// ONNX input size HxW; default: the checkpoint's input size.
     #[arg(long, value_name = "HxW", value_parser = parse_hw)]
     input: Option<[usize; 2]>,
@@ -57,10 +70,16 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         }
         Target::Onnx => {
             let input = args.input.unwrap_or(meta.preprocess().input_size);
-            let export = export_onnx(&model, input, &args.output).map_err(checkpoint_error)?;
+            let form = match args.form {
+                Form::Dense => OnnxForm::Dense,
+                Form::Versatile => OnnxForm::Versatile,
+            };
+            let export =
+                export_onnx_as(&model, input, &args.output, form).map_err(checkpoint_error)?;
             let [_, c, h, w] = export.input;
             println!(
-                "wrote the dense form of {} ({}) to {} as ONNX opset 18: input [batch, {c}, {h}, {w}], output [batch, {}]",
+                "wrote the {} form of {} ({}) to {} as ONNX opset 18: input [batch, {c}, {h}, {w}], output [batch, {}]",
+                if form == OnnxForm::Dense { "dense" } else { "versatile" },
                 config.name(),
                 config.variant,
                 args.output.display(),
