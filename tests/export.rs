@@ -224,7 +224,7 @@ fn onnx_exports_run_in_onnxruntime_with_our_outputs() {
         let shape: [usize; 4] = x.dims();
         let expected = values(model.forward(x.clone()));
         let input = dir.join(format!("input-{k}.f32"));
-        write_f32(&input, &values(x));
+        write_f32(&input, &values(x.clone()));
         let compact = dir.join(format!("model-{k}.safetensors"));
         save_model(&compact, &model).unwrap();
         let compact = std::fs::metadata(&compact).unwrap().len() as f64;
@@ -243,6 +243,12 @@ fn onnx_exports_run_in_onnxruntime_with_our_outputs() {
                     export.bytes
                 );
             }
+            // The export leaves the model as it was.
+            assert_eq!(
+                values(model.forward(x.clone())),
+                expected,
+                "{name} after the export"
+            );
             jobs.push(Job {
                 what: format!("{name} ({variant}, {form:?} form)"),
                 model: onnx,

@@ -39,7 +39,7 @@ use burn::store::burn_pack::Tensor as PackTensor;
 use burn::store::{bridge, ModuleSnapshot};
 use burn::tensor::Device;
 
-use crate::models::{ConvLayer, ImageClassifier, Model};
+use crate::models::{ConvLayer, ImageClassifier, Model, ModelConfig};
 
 use super::error::CheckpointError;
 use super::format::{self, Format};
@@ -82,21 +82,36 @@ pub fn to_dense(model: &Model) -> Result<Model, CheckpointError> {
         .into_iter()
         .map(|t| dense_tensors.remove(&t.name).unwrap_or(t))
         .collect();
+    rebuild(model, &model.config().dense_twin(), tensors)
+}
+
+/// A copy of `model` that shares nothing with it: new modules of its configuration
+/// with its tensors. (A module's clone shares its batch-norm running statistics, which
+/// the ONNX exporter moves to its capture device in place.)
+pub fn detached_copy(model: &Model) -> Result<Model, CheckpointError> {
+    rebuild(model, model.config(), model.collect(None, None, true))
+}
+
+/// New modules of `config`, on `model`'s device, holding `tensors`.
+fn rebuild(
+    model: &Model,
+    config: &ModelConfig,
+    tensors: Vec<PackTensor>,
+) -> Result<Model, CheckpointError> {
     let device = model
         .devices()
         .into_iter()
         .next()
         .unwrap_or_else(Device::flex);
-    let config = model.config().dense_twin();
-    let mut dense = config
+    let mut rebuilt = config
         .init(&device)
         .map_err(|err| CheckpointError::Unsupported(err.to_string()))?;
-    let result = dense.apply(tensors, None, None, true);
+    let result = rebuilt.apply(tensors, None, None, true);
     if !result.errors.is_empty() || !result.missing.is_empty() || !result.unused.is_empty() {
         return Err(CheckpointError::Unsupported(format!(
-            "the dense twin of {} does not take the model's tensors: errors {:?}, missing \
-             {:?}, unused {:?}",
+            "{} ({}) does not take the model's tensors: errors {:?}, missing {:?}, unused {:?}",
             config.name(),
+            config.variant,
             result
                 .errors
                 .iter()
@@ -106,7 +121,7 @@ pub fn to_dense(model: &Model) -> Result<Model, CheckpointError> {
             result.unused
         )));
     }
-    Ok(dense)
+    Ok(rebuilt)
 }
 
 /// Writes the dense form of `model` as safetensors with torchvision's keys and layouts

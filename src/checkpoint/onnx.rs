@@ -35,7 +35,7 @@ use crate::models::forward::infallible;
 use crate::models::{ConvLayer, Forward, ImageClassifier, Model, ModelConfig, Modules};
 
 use super::error::CheckpointError;
-use super::export::to_dense;
+use super::export::{detached_copy, to_dense};
 
 /// What [`export_onnx`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,13 +273,11 @@ pub fn export_onnx_as(
         .check_input([1, config.in_channels, input_hw[0], input_hw[1]])
         .map_err(|err| CheckpointError::Unsupported(err.to_string()))?;
     check_pooling(&config, input_hw)?;
-    let converted;
+    // A model of its own: the exporter moves it to its capture device, batch-norm
+    // running statistics (shared by clones) in place.
     let exported = match form {
-        OnnxForm::Dense => {
-            converted = to_dense(model)?;
-            &converted
-        }
-        OnnxForm::Versatile => model,
+        OnnxForm::Dense => to_dense(model)?,
+        OnnxForm::Versatile => detached_copy(model)?,
     };
     let device = Device::flex();
     let [h, w] = input_hw;
@@ -292,7 +290,7 @@ pub fn export_onnx_as(
         AxisSpec::Static,
     ])];
     let onnx = OnnxExporter::new()
-        .export_dynamic(exported, sample, validation, &specs, |m: &Model, x| {
+        .export_dynamic(&exported, sample, validation, &specs, |m: &Model, x| {
             export_forward(m, x, form)
         })
         .map_err(|err| CheckpointError::Onnx(err.to_string()))?;
