@@ -580,7 +580,8 @@ fn fuzz_found_header_lengths_beyond_the_file_are_truncation() {
     for err in [load_err(path), inspect(path).unwrap_err()] {
         assert!(matches!(err, CheckpointError::Truncated { .. }), "{err:?}");
         assert!(
-            err.to_string().contains("announces 18446744073709551615 bytes of JSON"),
+            err.to_string()
+                .contains("announces 18446744073709551615 bytes of JSON"),
             "{err}"
         );
     }
