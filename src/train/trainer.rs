@@ -949,14 +949,21 @@ impl Trainer {
     /// statistics are averaged over the ranks; the other ranks return the run directory).
     fn save(&mut self) -> Result<PathBuf, TrainError> {
         self.sync_buffers();
-        if !self.is_root() {
-            return Ok(self.run_dir.clone());
-        }
-        checkpoint::save_checkpoint(&self.run_dir, self.model(), &self.optimizer, &self.state)
-            .map_err(|error| TrainError::SaveFailed {
+        let saved = if self.is_root() {
+            checkpoint::save_checkpoint(&self.run_dir, self.model(), &self.optimizer, &self.state)
+                .map_err(|error| TrainError::SaveFailed {
                 error: Box::new(error),
                 kept: self.kept_checkpoint(),
-            })
+            })?
+        } else {
+            self.run_dir.clone()
+        };
+        if let Some(group) = &self.group {
+            // No rank goes on before the checkpoint is complete: a rank that fails
+            // later leaves this one to resume from.
+            group.gather_u64("waiting for rank 0's checkpoint", 0);
+        }
+        Ok(saved)
     }
 
     /// Which checkpoint a run that stops now leaves, in words.
