@@ -23,12 +23,14 @@
 //!
 //! # Reproducibility
 //!
-//! A piece's dropout seed depends on its place in the global batch (rank × micro-batches
-//! + piece), so N ranks with one micro-batch each draw what one process with N
-//! micro-batches draws. The sums of the all-reduce follow MPI's algorithm: for a fixed
-//! number of ranks on the same hosts OpenMPI picks the same algorithm and order every
-//! time (for two ranks the sum is a single commutative addition, the same in any order),
-//! so a run is reproducible for a given seed, rank count and thread count.
+//! A piece's dropout seed depends on its place in the global batch (`rank *
+//! micro_batches + piece`), so N ranks with one micro-batch each draw what one process
+//! with N micro-batches draws (with one compute thread each, the two give bit-identical
+//! weights: the 2-rank test checks it within a tolerance). The step's metrics are summed
+//! on rank 0 in rank order. The gradients go through `MPI_Allreduce`, whose order of
+//! sums is MPI's: for a fixed number of ranks on the same hosts OpenMPI picks the same
+//! algorithm every time (and for two ranks the sum is one commutative addition), so a
+//! run is reproducible for a given seed, rank count and thread count.
 //!
 //! # Faults
 //!
@@ -47,7 +49,7 @@ use crate::models::Model;
 ///
 /// Every rank must call the same operations in the same order; each call blocks until
 /// every rank has made it.
-pub trait Collective {
+pub trait Collective: Send + Sync {
     /// This process's rank, from 0.
     fn rank(&self) -> usize;
     /// Ranks in the group.
@@ -299,15 +301,16 @@ mod mpi_group {
     /// The ranks of `mpirun`'s world, through MPI (rsmpi on the system's MPI library).
     ///
     /// Dropping it finalizes MPI; create it once per process.
+    ///
+    /// MPI is initialized for one thread at a time (`MPI_THREAD_SINGLE`): call it from
+    /// one thread at a time, as a trainer does.
     pub struct MpiGroup {
-        world: SimpleCommunicator,
+        universe: Universe,
         rank: usize,
         size: usize,
         local_size: usize,
         /// The collective in progress and since when, for the watchdog.
         waiting: Arc<Mutex<Option<(String, Instant)>>>,
-        // Last: finalizes MPI after the communicator is gone.
-        _universe: Universe,
     }
 
     impl std::fmt::Debug for MpiGroup {
@@ -356,13 +359,17 @@ mod mpi_group {
                     });
             }
             Some(MpiGroup {
-                world,
+                universe,
                 rank,
                 size,
                 local_size,
                 waiting,
-                _universe: universe,
             })
+        }
+
+        /// MPI's world communicator (a handle: cheap).
+        fn world(&self) -> SimpleCommunicator {
+            self.universe.world()
         }
 
         /// Ranks on this host (sharing its memory).
@@ -374,7 +381,7 @@ mod mpi_group {
         /// (`MPI_Abort`).
         pub fn abort(&self, message: &str, code: i32) -> ! {
             eprintln!("error: rank {} of {}: {message}", self.rank, self.size);
-            self.world.abort(code)
+            self.world().abort(code)
         }
 
         fn watched<T>(&self, what: &str, op: impl FnOnce() -> T) -> T {
@@ -398,7 +405,7 @@ mod mpi_group {
         fn sum_f32(&self, what: &str, values: &mut [f32]) {
             let send = values.to_vec();
             self.watched(&format!("{what}: waiting for another rank"), || {
-                self.world
+                self.world()
                     .all_reduce_into(&send[..], values, SystemOperation::sum())
             });
         }
@@ -407,12 +414,13 @@ mod mpi_group {
         /// fixed order of sums, and a rank that does not arrive is named (meant for the
         /// few values of a step's metrics; [`sum_f32`](Collective::sum_f32) all-reduces).
         fn sum_f64(&self, what: &str, values: &mut [f64]) {
-            let root = self.world.process_at_rank(0);
+            let world = self.world();
+            let root = world.process_at_rank(0);
             if self.rank == 0 {
                 let mut other = vec![0f64; values.len()];
                 for rank in 1..self.size {
                     self.watched(&format!("{what}: waiting for rank {rank}"), || {
-                        self.world
+                        world
                             .process_at_rank(rank as i32)
                             .receive_into(&mut other[..]);
                     });
@@ -429,7 +437,7 @@ mod mpi_group {
         fn gather_u64(&self, what: &str, value: u64) -> Vec<u64> {
             let mut out = vec![0u64; self.size];
             self.watched(&format!("{what}: waiting for another rank"), || {
-                self.world.all_gather_into(&value, &mut out[..])
+                self.world().all_gather_into(&value, &mut out[..])
             });
             out
         }
