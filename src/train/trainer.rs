@@ -267,10 +267,14 @@ pub struct BenchReport {
     /// Micro-batches per rank and step.
     #[serde(default = "one")]
     pub micro_batches: usize,
-    /// Mean milliseconds per step in the all-reduces (gradients, then the step's
-    /// metrics), waiting for the slowest rank included.
+    /// Mean milliseconds per step exchanging the step's metrics: the first exchange of a
+    /// step, so it includes waiting for the slowest rank.
     #[serde(default)]
-    pub comm_ms: f64,
+    pub comm_wait_ms: f64,
+    /// Mean milliseconds per step in the all-reduce of the gradients (the ranks have
+    /// just met, so this is the transfer and the sums).
+    #[serde(default)]
+    pub allreduce_ms: f64,
     /// Bytes each rank contributes to the all-reduces of one step.
     #[serde(default)]
     pub allreduce_bytes: u64,
@@ -669,13 +673,14 @@ impl Trainer {
     /// One optimizer step on this rank's share `host` of a batch, in micro-batches, with
     /// the gradients (and the step's metrics) summed over the ranks: see
     /// [`distributed`](super::distributed). Returns the tally of the whole batch.
-    /// `timings`: forward, backward, optimizer, metrics, communication seconds added.
+    /// `timings`: forward, backward, optimizer, metrics, metrics exchange and gradient
+    /// all-reduce seconds added.
     fn step_shared(
         &mut self,
         host: HostBatch,
         lr: f64,
         stop: bool,
-        mut timings: Option<&mut [f64; 5]>,
+        mut timings: Option<&mut [f64; 6]>,
     ) -> Result<Tally, TrainError> {
         let Position {
             epoch,
@@ -691,7 +696,7 @@ impl Trainer {
         let mut flat = vec![0f32; distributed::trainable_len(&model)];
         let mut local = Tally::default();
         let mut bad = None;
-        let add = |t: &mut Option<&mut [f64; 5]>, i: usize, since: Instant| {
+        let add = |t: &mut Option<&mut [f64; 6]>, i: usize, since: Instant| {
             if let Some(t) = t.as_deref_mut() {
                 t[i] += since.elapsed().as_secs_f64();
             }
@@ -757,6 +762,7 @@ impl Trainer {
             stop_votes = stats[4];
             bad_votes = stats[5];
         }
+        add(&mut timings, 4, t3);
         if bad.is_some() || bad_votes > 0.0 {
             self.model = Some(model);
             return Err(TrainError::NonFinite {
@@ -767,11 +773,12 @@ impl Trainer {
                 kept: self.kept_checkpoint(),
             });
         }
+        let t5 = Instant::now();
         if let Some(group) = &self.group {
             group.sum_f32("summing the gradients", &mut flat);
             self.stop_agreed = stop_votes > 0.0;
         }
-        add(&mut timings, 4, t3);
+        add(&mut timings, 5, t5);
         let t4 = Instant::now();
         let grads =
             distributed::grads_from_flat(&model, &flat, &self.device.clone().without_autodiff());
@@ -993,7 +1000,7 @@ impl Trainer {
     /// Data errors; [`TrainError::NonFinite`].
     pub fn bench(&mut self, warmup: usize, steps: usize) -> Result<BenchReport, TrainError> {
         let saved = (self.model().clone(), self.optimizer.clone());
-        let mut timings = [0.0f64; 5];
+        let mut timings = [0.0f64; 6];
         let mut data = 0.0f64;
         let mut done = 0;
         let mut epoch = self.state.next.epoch;
@@ -1043,7 +1050,8 @@ impl Trainer {
             threads: rayon::current_num_threads(),
             ranks: self.group.as_ref().map_or(1, |g| g.size()),
             micro_batches: self.state.config.micro_batches,
-            comm_ms: per_step(timings[4]),
+            comm_wait_ms: per_step(timings[4]),
+            allreduce_ms: per_step(timings[5]),
             allreduce_bytes: if self.group.is_some() {
                 self.allreduce_bytes()
             } else {

@@ -470,8 +470,12 @@ fn bench(
     );
     if report.ranks > 1 || report.micro_batches > 1 {
         println!(
-            "  {} rank(s) x {} micro-batch(es); all-reduce {:.1} ms per step ({} bytes per rank)",
-            report.ranks, report.micro_batches, report.comm_ms, report.allreduce_bytes
+            "  {} rank(s) x {} micro-batch(es); per step: metrics exchange (waiting for the slowest rank) {:.1} ms, gradient all-reduce {:.1} ms ({} bytes per rank)",
+            report.ranks,
+            report.micro_batches,
+            report.comm_wait_ms,
+            report.allreduce_ms,
+            report.allreduce_bytes
         );
     }
     Ok(())
