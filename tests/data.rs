@@ -10,6 +10,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use tempfile::TempDir;
 use versatile::data::folder::MAX_IMAGE_SIDE;
+use versatile::data::share;
 use versatile::data::{
     DataError, Dataset, DatasetKind, HostBatch, Image, ImageShape, Loader, LoaderConfig, Normalize,
     Position, Split, Step, Transform, IDX_CLASS_NAMES,
@@ -1269,4 +1270,49 @@ fn real_fashion_mnist_when_installed() {
     let norm = Normalize::fashion_mnist();
     assert!((mean[0] - norm.mean[0]).abs() < 1e-3, "mean {mean:?}");
     assert!((std[0] - norm.std[0]).abs() < 1e-3, "std {std:?}");
+}
+
+#[test]
+fn shares_of_a_batch_cover_it_in_order() {
+    // The shares split any length into contiguous runs, in order, sizes within one.
+    for len in [0, 1, 7, 32, 33] {
+        for parts in [1, 2, 3, 8] {
+            let ranges: Vec<_> = (0..parts).map(|p| share(len, p, parts)).collect();
+            assert_eq!(ranges[0].start, 0);
+            assert_eq!(ranges[parts - 1].end, len);
+            for pair in ranges.windows(2) {
+                assert_eq!(pair[0].end, pair[1].start);
+            }
+            let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(max - min <= 1, "{len} in {parts}: {sizes:?}");
+        }
+    }
+    // Loaders with shares 0..3 of every batch give, put together, the batches of the
+    // whole loader (images, labels, positions), the short last batch included.
+    let dir = idx_dir(100, false);
+    let whole = idx_loader(dir.path(), 1, 3, 32);
+    let expected = epoch_batches(&whole, Position::epoch_start(1));
+    let parts: Vec<Vec<HostBatch>> = (0..3)
+        .map(|i| epoch_batches(&whole.with_share(i, 3).unwrap(), Position::epoch_start(1)))
+        .collect();
+    for (b, batch) in expected.iter().enumerate() {
+        let mut images = Vec::new();
+        let mut indices = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let piece = &part[b];
+            assert_eq!(piece.position, batch.position);
+            assert_eq!(piece.next, batch.next);
+            assert_eq!(piece.len(), share(batch.len(), i, 3).len());
+            assert_eq!(*piece, batch.slice(share(batch.len(), i, 3)));
+            images.extend_from_slice(&piece.images);
+            indices.extend_from_slice(&piece.indices);
+        }
+        assert_eq!(images, batch.images);
+        assert_eq!(indices, batch.indices);
+    }
+    assert!(matches!(
+        whole.with_share(3, 3),
+        Err(DataError::InvalidConfig(_))
+    ));
 }

@@ -445,3 +445,50 @@ fn fresh_run_refuses_a_directory_holding_a_run_and_resume_needs_one() {
     let err = Trainer::resume(empty.path(), None).unwrap_err();
     assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
 }
+
+#[test]
+fn micro_batches_accumulate_to_the_whole_batch_update() {
+    // LeNet-5 has no batch norm (and no dropout), so a batch in 4 micro-batches with
+    // accumulated gradients is the same update as the whole batch, up to the order of
+    // floating-point sums. 100 images in batches of 30: the last batch (10) splits
+    // unevenly, and micro-batches are weighted by their size.
+    let run = |micro: usize| {
+        let dir = TempDir::new().unwrap();
+        let mut config = small_config(dir.path(), "dense", 10, 30);
+        config.model = "lenet5".into();
+        config.epochs = 1;
+        config.micro_batches = micro;
+        let mut trainer = Trainer::new(config).unwrap();
+        finished(trainer.run(&mut Silent, &AtomicBool::new(false)).unwrap());
+        (
+            weights(trainer.model()),
+            trainer.state().history[0].train_loss,
+        )
+    };
+    let (whole, whole_loss) = run(1);
+    let (micro, micro_loss) = run(4);
+    assert_eq!(whole.len(), micro.len());
+    let worst = whole
+        .iter()
+        .zip(&micro)
+        .map(|(a, b)| (a - b).abs() / (a.abs().max(b.abs()) + 1e-3))
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "weights differ by {worst}");
+    assert!(
+        whole != micro,
+        "4 micro-batches summed in another order, yet bit-identical"
+    );
+    assert!((whole_loss - micro_loss).abs() < 1e-4);
+
+    // More micro-batches than images in a batch is a configuration error.
+    let dir = TempDir::new().unwrap();
+    let mut config = small_config(dir.path(), "dense", 10, 30);
+    config.micro_batches = 31;
+    assert!(matches!(
+        Trainer::new(config),
+        Err(TrainError::InvalidConfig {
+            field: "micro_batches",
+            ..
+        })
+    ));
+}

@@ -80,6 +80,22 @@ pub struct LoaderConfig {
     /// Batches prepared ahead of the one being consumed.
     #[config(default = 2)]
     pub prefetch: usize,
+    /// Which share of every batch this loader yields (see [`share`]): data-parallel
+    /// training gives rank `r` of `n` the share `r` of `n`. 0 with `share_count` 1: the
+    /// whole batch.
+    #[config(default = 0)]
+    pub share_index: usize,
+    /// How many shares every batch is cut into (1: the whole batch).
+    #[config(default = 1)]
+    pub share_count: usize,
+}
+
+/// The contiguous share `part` of `parts` of `0..len`: `part * len / parts` up to
+/// `(part + 1) * len / parts`. The shares cover `0..len` in order without overlap and
+/// differ in size by at most one; a share is empty when `len < parts`.
+pub fn share(len: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
+    debug_assert!(part < parts);
+    (part * len / parts)..((part + 1) * len / parts)
 }
 
 /// Where a run stands in its stream of batches: batch `batch` of epoch `epoch` (both
@@ -131,6 +147,33 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
+    /// Images in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the batch holds no image (a share of a batch smaller than the number of
+    /// shares).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The images `range` of the batch (same positions).
+    ///
+    /// # Panics
+    /// When `range` is not within the batch.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> HostBatch {
+        let sample: usize = self.shape[1..].iter().product();
+        HostBatch {
+            position: self.position,
+            next: self.next,
+            shape: [range.len(), self.shape[1], self.shape[2], self.shape[3]],
+            images: self.images[range.start * sample..range.end * sample].to_vec(),
+            labels: self.labels[range.clone()].to_vec(),
+            indices: self.indices[range].to_vec(),
+        }
+    }
+
     /// Moves the batch onto `device` as tensors.
     pub fn to_device(self, device: &Device) -> Batch {
         let n = self.labels.len();
@@ -222,6 +265,12 @@ impl Loader {
                 "0 threads (need at least 1)".into(),
             ));
         }
+        if config.share_index >= config.share_count {
+            return Err(DataError::InvalidConfig(format!(
+                "share {} of {} (shares count from 0)",
+                config.share_index, config.share_count
+            )));
+        }
         let channels = dataset.channels();
         if transform.normalize().channels() != channels {
             return Err(DataError::InvalidTransform(format!(
@@ -286,6 +335,26 @@ impl Loader {
     /// The settings.
     pub fn config(&self) -> &LoaderConfig {
         &self.inner.config
+    }
+
+    /// The same loader (dataset, transform, settings) yielding share `index` of `count`
+    /// of every batch (see [`share`]); positions and batch counts stay those of the
+    /// whole batches.
+    ///
+    /// # Errors
+    /// As [`Loader::new`], and `index >= count`.
+    pub fn with_share(&self, index: usize, count: usize) -> Result<Loader, DataError> {
+        let config = self
+            .inner
+            .config
+            .clone()
+            .with_share_index(index)
+            .with_share_count(count);
+        Loader::new(
+            Arc::clone(&self.inner.dataset),
+            self.inner.transform.clone(),
+            config,
+        )
     }
 
     /// The shape of every image of a batch, `[C, H, W]`: a network's input shape.
@@ -414,7 +483,12 @@ impl Inner {
         let size = self.config.batch_size;
         let start = position.batch * size;
         let end = (start + size).min(self.samples_per_epoch);
-        let indices = order[start..end].to_vec();
+        let part = share(
+            end - start,
+            self.config.share_index,
+            self.config.share_count,
+        );
+        let indices = order[start + part.start..start + part.end].to_vec();
         let sample = self.shape.num_elements();
         let mut images = vec![0f32; indices.len() * sample];
         let fill = |(slot, &index): (&mut [f32], &usize)| -> Result<(), DataError> {

@@ -61,7 +61,7 @@ mod transform;
 pub use dataset::{Dataset, DatasetKind, Split, IDX_CLASS_NAMES};
 pub use error::DataError;
 pub use loader::{
-    derive_seed, sample_seed, Batch, Batches, HostBatch, HostBatches, Loader, LoaderConfig,
+    derive_seed, sample_seed, share, Batch, Batches, HostBatch, HostBatches, Loader, LoaderConfig,
     Position,
 };
 pub use raster::{Image, ImageShape};

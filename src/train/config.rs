@@ -68,6 +68,16 @@ pub struct TrainConfig {
     pub output: PathBuf,
     /// Where the tensors live.
     pub device: DeviceChoice,
+    /// Split every batch (every rank's share of it, under MPI) into this many
+    /// micro-batches, run one after the other with their gradients accumulated: the
+    /// same update as one pass over the whole batch, except that batch norm normalises
+    /// each micro-batch on its own statistics. 1: the whole batch at once.
+    #[serde(skip_serializing_if = "is_one")]
+    pub micro_batches: usize,
+}
+
+fn is_one(value: &usize) -> bool {
+    *value == 1
 }
 
 /// Which data and how to load it.
@@ -183,6 +193,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             output: PathBuf::from("runs/run"),
             device: DeviceChoice::Cpu,
+            micro_batches: 1,
         }
     }
 }
@@ -398,6 +409,16 @@ impl TrainConfig {
         }
         if self.data.loader_threads == 0 {
             return Err(invalid("data.loader_threads", 0, "need at least 1"));
+        }
+        if self.micro_batches == 0 {
+            return Err(invalid("micro_batches", 0, "need at least 1"));
+        }
+        if self.micro_batches > self.batch_size {
+            return Err(invalid(
+                "micro_batches",
+                self.micro_batches,
+                format!("more than the {} images of a batch", self.batch_size),
+            ));
         }
         for (field, threads) in [
             ("data.loader_threads", self.data.loader_threads),

@@ -88,6 +88,13 @@ pub enum TrainError {
         /// Which checkpoint is left (or that none was written yet).
         kept: String,
     },
+    /// The ranks of a data-parallel run disagree (settings, position or weights differ:
+    /// another build, another checkpoint, files not shared between the hosts).
+    #[error("data-parallel run: {reason}")]
+    Distributed {
+        /// What differs.
+        reason: String,
+    },
     /// A requested device that this build does not support or that cannot start.
     #[error("device {device}: {reason}")]
     Device {

@@ -25,9 +25,13 @@
 //! - [`Trainer`]: the loop; per-epoch `metrics.csv`/`metrics.json`, checkpoints
 //!   ([`checkpoint`]) every epoch and on request, NaN/inf detection.
 //! - [`evaluate`]: loss, top-1 and top-5 of a model on a loader.
+//! - [`distributed`]: data-parallel training over N processes ([`Collective`];
+//!   [`MpiGroup`](distributed) with the cargo feature `mpi`, for `mpirun -np N`), and
+//!   micro-batches with accumulated gradients (`micro_batches`).
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 mod error;
 pub mod metrics;
 mod optim;
@@ -43,6 +47,9 @@ pub use config::{
     DataSettings, DeviceChoice, OptimizerKind, OptimizerSettings, ScheduleKind, ScheduleSettings,
     TrainConfig,
 };
+#[cfg(feature = "mpi")]
+pub use distributed::MpiGroup;
+pub use distributed::{launched_by_mpirun, Collective};
 pub use error::TrainError;
 pub use metrics::{EpochMetrics, Tally};
 pub use optim::build_optimizer;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, RunState, FORMAT, RNG_SCHEME};
 use super::config::{DeviceChoice, TrainConfig};
+use super::distributed::{self, Collective};
 use super::error::TrainError;
 use super::metrics::{write_metrics, EpochMetrics, Tally};
 use super::optim::build_optimizer;
@@ -20,8 +21,8 @@ use super::progress::{Observer, StepProgress};
 use super::schedule::LrSchedule;
 use crate::checkpoint::{CheckpointMeta, Preprocess};
 use crate::data::{
-    derive_seed, Batch, Dataset, DatasetKind, Loader, LoaderConfig, Position, Split, Step,
-    Transform,
+    derive_seed, share, Batch, Dataset, DatasetKind, HostBatch, Loader, LoaderConfig, Position,
+    Split, Step, Transform,
 };
 use crate::fsutil;
 use crate::infer::PlanCache;
@@ -157,6 +158,10 @@ pub fn evaluate(model: &Model, loader: &Loader, device: &Device) -> Result<Tally
     let mut tally = Tally::default();
     for batch in loader.epoch(0, device)? {
         let batch = batch?;
+        if batch.indices.is_empty() {
+            // This rank's share of a batch smaller than the number of ranks.
+            continue;
+        }
         let labels = batch_labels(&batch);
         let logits = match plans.as_mut() {
             Some(plans) => plans.forward(batch.images)?,
@@ -261,8 +266,29 @@ pub struct BenchReport {
     pub optimizer_ms: f64,
     /// Mean milliseconds per step of reading the loss and logits back.
     pub metrics_ms: f64,
-    /// Compute threads.
+    /// Compute threads (of each rank).
     pub threads: usize,
+    /// Processes (MPI ranks) sharing every batch.
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Micro-batches per rank and step.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+    /// Mean milliseconds per step exchanging the step's metrics: the first exchange of a
+    /// step, so it includes waiting for the slowest rank.
+    #[serde(default)]
+    pub comm_wait_ms: f64,
+    /// Mean milliseconds per step in the all-reduce of the gradients (the ranks have
+    /// just met, so this is the transfer and the sums).
+    #[serde(default)]
+    pub allreduce_ms: f64,
+    /// Bytes each rank contributes to the all-reduces of one step.
+    #[serde(default)]
+    pub allreduce_bytes: u64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// A training run: model, optimizer, data and where the run stands.
@@ -276,6 +302,10 @@ pub struct Trainer {
     test: Loader,
     schedule: LrSchedule,
     state: RunState,
+    /// The ranks of a data-parallel run (none: this process alone).
+    group: Option<Arc<dyn Collective>>,
+    /// Whether the ranks agreed, at the last step, to stop.
+    stop_agreed: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -299,6 +329,9 @@ pub struct ResumeOverrides {
     pub loader_threads: Option<usize>,
     /// Steps between checkpoints within an epoch (0: at epoch ends only).
     pub checkpoint_every: Option<usize>,
+    /// Micro-batches per batch (or per rank's share of it); changes only the order of
+    /// floating-point sums and the batch-norm statistics within a step.
+    pub micro_batches: Option<usize>,
 }
 
 impl Trainer {
@@ -391,6 +424,9 @@ impl Trainer {
         if let Some(every) = overrides.checkpoint_every {
             config.checkpoint_every = every;
         }
+        if let Some(micro) = overrides.micro_batches {
+            config.micro_batches = micro;
+        }
         config.output = run_dir.to_path_buf();
         config.validate()?;
         init_threads(config.threads)?;
@@ -436,6 +472,124 @@ impl Trainer {
             test,
             schedule,
             state,
+            group: None,
+            stop_agreed: false,
+        }
+    }
+
+    /// Makes this trainer rank `group.rank()` of a data-parallel run over `group`: each
+    /// rank trains and evaluates on its share of every batch, gradients and metrics are
+    /// summed over the ranks, batch-norm statistics averaged before evaluations and
+    /// checkpoints, and only rank 0 writes files. Every rank must build its trainer from
+    /// the same configuration (or resume the same checkpoint) and call this; with one
+    /// rank nothing changes.
+    ///
+    /// # Errors
+    /// [`TrainError::Distributed`] when the ranks' settings, positions or weights
+    /// differ; data errors.
+    pub fn distributed(mut self, group: Arc<dyn Collective>) -> Result<Self, TrainError> {
+        let (rank, size) = (group.rank(), group.size());
+        if size <= 1 {
+            return Ok(self);
+        }
+        // Settings a rank may choose for itself do not count.
+        let mut config = self.state.config.clone();
+        config.threads = 0;
+        config.data.loader_threads = 1;
+        config.micro_batches = 1;
+        let settings = format!(
+            "{}\n{:?} {} {}",
+            config.to_toml(),
+            self.state.next,
+            self.state.global_step,
+            self.state.history.len()
+        );
+        let hashes = group.gather_u64(
+            "comparing the settings",
+            distributed::checksum_bytes(settings.as_bytes()),
+        );
+        if let Some(other) = hashes.iter().position(|&h| h != hashes[0]) {
+            return Err(TrainError::Distributed {
+                reason: format!(
+                    "rank {other} runs other settings or resumes another position than rank 0 (rank {rank} checked): every rank must get the same command line and see the same run directory"
+                ),
+            });
+        }
+        let mut values = distributed::flatten(self.model(), true);
+        values.extend(distributed::flatten(self.model(), false));
+        let hashes = group.gather_u64("comparing the weights", distributed::checksum(&values));
+        if let Some(other) = hashes.iter().position(|&h| h != hashes[0]) {
+            return Err(TrainError::Distributed {
+                reason: format!(
+                    "rank {other} starts from other weights than rank 0 (rank {rank} checked): another build, or a run directory that differs between the hosts"
+                ),
+            });
+        }
+        self.train = self.train.with_share(rank, size)?;
+        self.test = self.test.with_share(rank, size)?;
+        self.group = Some(group);
+        Ok(self)
+    }
+
+    /// Whether this process writes the run's files: rank 0, or a process alone.
+    pub fn is_root(&self) -> bool {
+        self.group.as_ref().is_none_or(|g| g.rank() == 0)
+    }
+
+    /// Whether a step is the plain one: one process, one micro-batch.
+    fn plain(&self) -> bool {
+        self.group.is_none() && self.state.config.micro_batches == 1
+    }
+
+    /// Whether to stop now: this process's request, or under MPI what the ranks agreed
+    /// at the last step.
+    fn stop_now(&self, stop: &AtomicBool) -> bool {
+        if self.group.is_some() {
+            self.stop_agreed
+        } else {
+            stop.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Images in the whole batch at `position` (the last one of an epoch may be short).
+    fn global_batch_len(&self, position: Position) -> usize {
+        let size = self.state.config.batch_size;
+        (self.train.samples_per_epoch() - position.batch * size).min(size)
+    }
+
+    /// Averages the batch-norm running statistics over the ranks (nothing alone).
+    fn sync_buffers(&mut self) {
+        let Some(group) = self.group.clone() else {
+            return;
+        };
+        let model = self
+            .model
+            .take()
+            .expect("the model is in place between steps");
+        let mut values = distributed::flatten(&model, false);
+        group.sum_f32("averaging the batch-norm statistics", &mut values);
+        let n = group.size() as f32;
+        values.iter_mut().for_each(|v| *v /= n);
+        self.model = Some(distributed::set_buffers(model, &values));
+    }
+
+    /// Sums a tally over the ranks (nothing alone).
+    fn reduce_tally(&self, tally: Tally) -> Tally {
+        let Some(group) = &self.group else {
+            return tally;
+        };
+        let mut values = [
+            tally.images as f64,
+            tally.loss_sum,
+            tally.top1 as f64,
+            tally.top5 as f64,
+        ];
+        group.sum_f64("summing the evaluation", &mut values);
+        Tally {
+            images: values[0] as u64,
+            loss_sum: values[1],
+            top1: values[2] as u64,
+            top5: values[3] as u64,
         }
     }
 
@@ -523,6 +677,128 @@ impl Trainer {
         Ok((value, logits))
     }
 
+    /// One optimizer step on this rank's share `host` of a batch, in micro-batches, with
+    /// the gradients (and the step's metrics) summed over the ranks: see
+    /// [`distributed`](super::distributed). Returns the tally of the whole batch.
+    /// `timings`: forward, backward, optimizer, metrics, metrics exchange and gradient
+    /// all-reduce seconds added.
+    fn step_shared(
+        &mut self,
+        host: HostBatch,
+        lr: f64,
+        stop: bool,
+        mut timings: Option<&mut [f64; 6]>,
+    ) -> Result<Tally, TrainError> {
+        let Position {
+            epoch,
+            batch: index,
+        } = host.position;
+        let global = self.global_batch_len(host.position) as f32;
+        let (rank, ranks) = self.group.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        let micro = self.state.config.micro_batches;
+        let model = self
+            .model
+            .take()
+            .expect("the model is in place between steps");
+        let mut flat = vec![0f32; distributed::trainable_len(&model)];
+        let mut local = Tally::default();
+        let mut bad = None;
+        let add = |t: &mut Option<&mut [f64; 6]>, i: usize, since: Instant| {
+            if let Some(t) = t.as_deref_mut() {
+                t[i] += since.elapsed().as_secs_f64();
+            }
+        };
+        for m in 0..micro {
+            let range = share(host.len(), m, micro);
+            if range.is_empty() {
+                continue;
+            }
+            let piece = host.slice(range);
+            let n = piece.len();
+            let labels = piece.labels.clone();
+            let batch = piece.to_device(&self.device);
+            let t0 = Instant::now();
+            // Seeded by the piece's place in the whole batch, whatever the ranks.
+            let logits = {
+                let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                self.device.seed(derive_seed(&[
+                    self.state.config.seed,
+                    STEP,
+                    epoch as u64,
+                    index as u64,
+                    (rank * micro + m) as u64,
+                    (ranks * micro) as u64,
+                ]));
+                model.forward_unchecked(batch.images)
+            };
+            let loss = self.loss.forward(logits.clone(), batch.labels);
+            let value: f32 = loss.clone().into_scalar();
+            add(&mut timings, 0, t0);
+            let t1 = Instant::now();
+            local.add_batch(value, &logits_vec(logits.detach()), &labels);
+            add(&mut timings, 3, t1);
+            if !value.is_finite() {
+                bad.get_or_insert(value);
+                continue;
+            }
+            let t2 = Instant::now();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            distributed::accumulate_grads(&model, &grads, n as f32 / global, &mut flat);
+            add(&mut timings, 1, t2);
+        }
+        let t3 = Instant::now();
+        let mut tally = local;
+        let mut stop_votes = 0.0;
+        let mut bad_votes = 0.0;
+        if let Some(group) = &self.group {
+            let mut stats = [
+                local.images as f64,
+                local.loss_sum,
+                local.top1 as f64,
+                local.top5 as f64,
+                f64::from(u8::from(stop)),
+                f64::from(u8::from(bad.is_some())),
+            ];
+            group.sum_f64("summing the step's metrics", &mut stats);
+            tally = Tally {
+                images: stats[0] as u64,
+                loss_sum: stats[1],
+                top1: stats[2] as u64,
+                top5: stats[3] as u64,
+            };
+            stop_votes = stats[4];
+            bad_votes = stats[5];
+        }
+        add(&mut timings, 4, t3);
+        if bad.is_some() || bad_votes > 0.0 {
+            self.model = Some(model);
+            return Err(TrainError::NonFinite {
+                epoch,
+                batch: index,
+                loss: bad.unwrap_or(f32::NAN),
+                lr,
+                kept: self.kept_checkpoint(),
+            });
+        }
+        let t5 = Instant::now();
+        if let Some(group) = &self.group {
+            group.sum_f32("summing the gradients", &mut flat);
+            self.stop_agreed = stop_votes > 0.0;
+        }
+        add(&mut timings, 5, t5);
+        let t4 = Instant::now();
+        let grads =
+            distributed::grads_from_flat(&model, &flat, &self.device.clone().without_autodiff());
+        self.model = Some(self.optimizer.step(lr, model, grads));
+        add(&mut timings, 2, t4);
+        Ok(tally)
+    }
+
+    /// Bytes each rank contributes to the all-reduces of one step.
+    fn allreduce_bytes(&self) -> u64 {
+        (4 * distributed::trainable_len(self.model()) + 6 * 8) as u64
+    }
+
     /// Trains until the configured number of epochs, evaluating and checkpointing after
     /// each (and every `checkpoint_every` steps); returns early (after a checkpoint) when
     /// `stop` becomes true. Temporaries that a killed run left in the run directory are
@@ -540,12 +816,15 @@ impl Trainer {
         let epochs = self.state.config.epochs;
         let batches = self.train.batches_per_epoch();
         let dir = &self.run_dir;
-        std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
-        checkpoint::remove_stale_temporaries(dir)?;
-        let config_path = dir.join("config.toml");
-        fsutil::write_atomic(&config_path, self.state.config.to_toml().as_bytes())
-            .map_err(TrainError::io(&config_path))?;
-        if !self.state.history.is_empty() {
+        let root = self.is_root();
+        if root {
+            std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+            checkpoint::remove_stale_temporaries(dir)?;
+            let config_path = dir.join("config.toml");
+            fsutil::write_atomic(&config_path, self.state.config.to_toml().as_bytes())
+                .map_err(TrainError::io(&config_path))?;
+        }
+        if root && !self.state.history.is_empty() {
             // A run killed between a checkpoint and its metrics: the files follow the
             // checkpoint resumed from.
             write_metrics(&self.run_dir, &self.state.history)?;
@@ -558,13 +837,13 @@ impl Trainer {
             let mut tally = self.state.partial;
             let mut seconds = self.state.partial_seconds;
             let mut lr = self.schedule.lr(epoch, start.batch);
-            let mut loader = self.train.resume(start, &self.device)?;
+            let mut loader = self.train.resume_host(start)?;
             let mut clock = Instant::now();
             loop {
                 // Once the epoch's last batch has trained, the stop waits for its
                 // evaluation and checkpoint (below): a checkpoint between the two would
                 // resume into the next epoch with this one's tally and no metrics.
-                if stop.load(Ordering::Relaxed) && self.state.next.epoch == epoch {
+                if self.stop_now(stop) && self.state.next.epoch == epoch {
                     drop(loader);
                     seconds += clock.elapsed().as_secs_f64();
                     self.state.partial = tally;
@@ -574,11 +853,19 @@ impl Trainer {
                 }
                 let Some(batch) = loader.next() else { break };
                 let batch = batch?;
-                let labels = batch_labels(&batch);
                 let (position, next) = (batch.position, batch.next);
                 lr = self.schedule.lr(epoch, position.batch);
-                let (loss, logits) = self.step(batch, lr, None)?;
-                tally.add_batch(loss, &logits, &labels);
+                if let Some(group) = &self.group {
+                    distributed::inject_fault(group.rank(), self.state.global_step + 1);
+                }
+                if self.plain() {
+                    let labels = batch.labels.clone();
+                    let (loss, logits) = self.step(batch.to_device(&self.device), lr, None)?;
+                    tally.add_batch(loss, &logits, &labels);
+                } else {
+                    let step = self.step_shared(batch, lr, stop.load(Ordering::Relaxed), None)?;
+                    tally.merge(&step);
+                }
                 self.state.next = next;
                 self.state.global_step += 1;
                 let elapsed = seconds + clock.elapsed().as_secs_f64();
@@ -605,7 +892,9 @@ impl Trainer {
             observer.evaluating(epoch);
             clock = Instant::now();
             let eval_device = self.device.clone().without_autodiff();
+            self.sync_buffers();
             let val = evaluate(self.model(), &self.test, &eval_device)?;
+            let val = self.reduce_tally(val);
             let eval_seconds = clock.elapsed().as_secs_f64();
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
@@ -624,13 +913,18 @@ impl Trainer {
             self.state.partial = Tally::default();
             self.state.partial_seconds = 0.0;
             let checkpoint = self.save()?;
-            write_metrics(&self.run_dir, &self.state.history)?;
+            if root {
+                write_metrics(&self.run_dir, &self.state.history)?;
+            }
             observer.epoch_done(&metrics);
-            if stop.load(Ordering::Relaxed) && self.state.next.epoch < epochs {
+            if self.stop_now(stop) && self.state.next.epoch < epochs {
                 return Ok(self.stopped(observer, checkpoint));
             }
         }
         let summary = self.summary()?;
+        if !root {
+            return Ok(Outcome::Finished(summary));
+        }
         checkpoint::save_final_model(&self.run_dir, self.model(), &self.final_model_meta())?;
         let json = serde_json::to_string_pretty(&summary).expect("summary serializes");
         let summary_path = self.run_dir.join("summary.json");
@@ -665,13 +959,25 @@ impl Trainer {
         }
     }
 
-    /// Writes a checkpoint of where the run stands.
-    fn save(&self) -> Result<PathBuf, TrainError> {
-        checkpoint::save_checkpoint(&self.run_dir, self.model(), &self.optimizer, &self.state)
-            .map_err(|error| TrainError::SaveFailed {
+    /// Writes a checkpoint of where the run stands (rank 0 alone, after the batch-norm
+    /// statistics are averaged over the ranks; the other ranks return the run directory).
+    fn save(&mut self) -> Result<PathBuf, TrainError> {
+        self.sync_buffers();
+        let saved = if self.is_root() {
+            checkpoint::save_checkpoint(&self.run_dir, self.model(), &self.optimizer, &self.state)
+                .map_err(|error| TrainError::SaveFailed {
                 error: Box::new(error),
                 kept: self.kept_checkpoint(),
-            })
+            })?
+        } else {
+            self.run_dir.clone()
+        };
+        if let Some(group) = &self.group {
+            // No rank goes on before the checkpoint is complete: a rank that fails
+            // later leaves this one to resume from.
+            group.gather_u64("waiting for rank 0's checkpoint", 0);
+        }
+        Ok(saved)
     }
 
     /// Which checkpoint a run that stops now leaves, in words.
@@ -701,13 +1007,13 @@ impl Trainer {
     /// Data errors; [`TrainError::NonFinite`].
     pub fn bench(&mut self, warmup: usize, steps: usize) -> Result<BenchReport, TrainError> {
         let saved = (self.model().clone(), self.optimizer.clone());
-        let mut timings = [0.0f64; 4];
+        let mut timings = [0.0f64; 6];
         let mut data = 0.0f64;
         let mut done = 0;
         let mut epoch = self.state.next.epoch;
         let mut wall = 0.0f64;
         'outer: loop {
-            let mut loader = self.train.epoch(epoch, &self.device)?;
+            let mut loader = self.train.resume_host(Position::epoch_start(epoch))?;
             loop {
                 let t0 = Instant::now();
                 let Some(batch) = loader.next() else { break };
@@ -716,7 +1022,15 @@ impl Trainer {
                 let lr = self.schedule.lr(epoch, batch.position.batch);
                 let timed = done >= warmup;
                 let t1 = Instant::now();
-                self.step(batch, lr, timed.then_some(&mut timings))?;
+                if self.plain() {
+                    let mut four = [0.0f64; 4];
+                    self.step(batch.to_device(&self.device), lr, Some(&mut four))?;
+                    if timed {
+                        timings.iter_mut().zip(four).for_each(|(t, f)| *t += f);
+                    }
+                } else {
+                    self.step_shared(batch, lr, false, timed.then_some(&mut timings))?;
+                }
                 if timed {
                     data += wait;
                     wall += wait + t1.elapsed().as_secs_f64();
@@ -741,6 +1055,15 @@ impl Trainer {
             optimizer_ms: per_step(timings[2]),
             metrics_ms: per_step(timings[3]),
             threads: rayon::current_num_threads(),
+            ranks: self.group.as_ref().map_or(1, |g| g.size()),
+            micro_batches: self.state.config.micro_batches,
+            comm_wait_ms: per_step(timings[4]),
+            allreduce_ms: per_step(timings[5]),
+            allreduce_bytes: if self.group.is_some() {
+                self.allreduce_bytes()
+            } else {
+                0
+            },
         })
     }
 }

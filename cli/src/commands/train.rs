@@ -8,21 +8,21 @@ use std::sync::{Arc, OnceLock};
 use anyhow::{Context, Result};
 use clap::Args;
 use versatile::train::{
-    DeviceChoice, OptimizerKind, Outcome, ProgressBars, ResumeOverrides, ScheduleKind, Summary,
-    TrainConfig, TrainError, Trainer,
+    Collective, DeviceChoice, Observer, OptimizerKind, Outcome, ProgressBars, ResumeOverrides,
+    ScheduleKind, Silent, Summary, TrainConfig, TrainError, Trainer,
 };
 
 use super::{plot, UsageError};
 
 /// Arguments of `versatile train`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
     /// TOML configuration file (see the library's `train::config`); flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its latest checkpoint (its settings are kept;
-    /// --epochs may extend it; --threads, --loader-threads and --checkpoint-every may
-    /// change).
+    /// --epochs may extend it; --threads, --loader-threads, --checkpoint-every and
+    /// --micro-batches may change, and so may the number of MPI ranks).
     #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
     resume: Option<PathBuf>,
     #[command(flatten)]
@@ -34,10 +34,15 @@ pub struct TrainArgs {
     /// With --bench-steps: print one JSON object.
     #[arg(long, requires = "bench_steps")]
     json: bool,
+    /// Under mpirun (a build with the `mpi` feature): end the run when one collective
+    /// operation waits longer than this for the other ranks (a rank that hangs); 0: wait
+    /// forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    collective_timeout: f64,
 }
 
 /// Settings that override the configuration file (or the defaults).
-#[derive(Debug, Args, Default)]
+#[derive(Debug, Clone, Args, Default)]
 pub struct TrainFlags {
     /// Model name (see `versatile models`) [default: vgg_small].
     #[arg(long)]
@@ -112,6 +117,10 @@ pub struct TrainFlags {
     /// end of each epoch) [default: 0].
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<usize>,
+    /// Split every batch (under MPI: every rank's share) into N micro-batches with
+    /// accumulated gradients [default: 1].
+    #[arg(long, value_name = "N")]
+    pub micro_batches: Option<usize>,
     /// Run directory [default: runs/MODEL-VARIANT].
     #[arg(long, value_name = "DIR")]
     pub output: Option<PathBuf>,
@@ -141,7 +150,7 @@ impl TrainFlags {
             gamma => schedule.gamma, min_lr => schedule.min_lr,
             warmup_epochs => schedule.warmup_epochs, seed => seed, threads => threads,
             output => output, device => device, loader_threads => data.loader_threads,
-            checkpoint_every => checkpoint_every,
+            checkpoint_every => checkpoint_every, micro_batches => micro_batches,
         );
         if let Some(kind) = &self.kind {
             config.data.kind = Some(kind.clone());
@@ -244,13 +253,60 @@ pub fn print_summary(run_dir: &Path, summary: &Summary) {
     );
 }
 
-/// Runs `versatile train`.
+/// Runs `versatile train`: under mpirun (in a build with the `mpi` feature) as one rank
+/// of a data-parallel run.
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let mut trainer = match &args.resume {
+    #[cfg(feature = "mpi")]
+    if versatile::train::launched_by_mpirun() {
+        return run_mpi(args);
+    }
+    train(args, None)
+}
+
+/// `versatile train` as one rank of `mpirun -np N`: errors end every rank, naming this
+/// one.
+#[cfg(feature = "mpi")]
+fn run_mpi(args: &TrainArgs) -> Result<()> {
+    use std::time::Duration;
+    use versatile::train::MpiGroup;
+    if !(args.collective_timeout.is_finite() && args.collective_timeout >= 0.0) {
+        return Err(UsageError::from_display(
+            "--collective-timeout must be a number of seconds, 0 or more",
+        ));
+    }
+    let timeout =
+        (args.collective_timeout > 0.0).then(|| Duration::from_secs_f64(args.collective_timeout));
+    let group = Arc::new(
+        MpiGroup::init(timeout).ok_or_else(|| anyhow::anyhow!("MPI is initialized already"))?,
+    );
+    let mut args = args.clone();
+    if group.size() > 1 && args.settings.threads.is_none() {
+        // The cores of the host, shared among its ranks.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        args.settings.threads = Some((cores / group.local_size()).max(1));
+    }
+    let shared: Arc<dyn Collective> = group.clone();
+    match train(&args, Some(shared)) {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            let code = if err.downcast_ref::<UsageError>().is_some() {
+                2
+            } else {
+                1
+            };
+            group.abort(&format!("{err:#}"), code)
+        }
+    }
+}
+
+/// Trains (or benches) alone or as one rank of `group`.
+fn train(args: &TrainArgs, group: Option<Arc<dyn Collective>>) -> Result<()> {
+    let root = group.as_ref().is_none_or(|g| g.rank() == 0);
+    let trainer = match &args.resume {
         Some(dir) => {
             if has_other_flags(&args.settings) {
                 return Err(UsageError::from_display(
-                    "--resume keeps the run's settings; only --epochs, --threads, --loader-threads and --checkpoint-every may change",
+                    "--resume keeps the run's settings; only --epochs, --threads, --loader-threads, --checkpoint-every and --micro-batches may change",
                 ));
             }
             let overrides = ResumeOverrides {
@@ -258,24 +314,37 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                 threads: args.settings.threads,
                 loader_threads: args.settings.loader_threads,
                 checkpoint_every: args.settings.checkpoint_every,
+                micro_batches: args.settings.micro_batches,
             };
             Trainer::resume_with(dir, overrides).map_err(train_error)?
         }
         None => {
             let config = build_config(args)?;
             if let Some(steps) = args.bench_steps {
-                return bench(config, steps, args.json);
+                return bench(config, steps, args.json, group);
             }
             Trainer::new(config).map_err(train_error)?
         }
     };
+    let mut trainer = match group {
+        Some(group) => trainer.distributed(group).map_err(train_error)?,
+        None => trainer,
+    };
     let run_dir = trainer.run_dir().to_path_buf();
-    append_command(&run_dir)?;
+    if root {
+        append_command(&run_dir)?;
+    }
     let label = trainer.state().model.variant.to_string();
     let stop = stop_flag();
-    let outcome = trainer
-        .run(&mut ProgressBars::new(label), &stop)
-        .map_err(train_error)?;
+    let mut observer: Box<dyn Observer> = if root {
+        Box::new(ProgressBars::new(label))
+    } else {
+        Box::new(Silent)
+    };
+    let outcome = trainer.run(observer.as_mut(), &stop).map_err(train_error)?;
+    if !root {
+        return Ok(());
+    }
     plot::write_run_plots(&run_dir).context("writing the learning curves")?;
     match outcome {
         Outcome::Finished(summary) => print_summary(&run_dir, &summary),
@@ -315,6 +384,7 @@ fn has_other_flags(flags: &TrainFlags) -> bool {
         seed,
         threads: _,
         checkpoint_every: _,
+        micro_batches: _,
         output,
         device,
     } = flags;
@@ -357,12 +427,24 @@ fn append_command(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(config: TrainConfig, steps: usize, json: bool) -> Result<()> {
+fn bench(
+    config: TrainConfig,
+    steps: usize,
+    json: bool,
+    group: Option<Arc<dyn Collective>>,
+) -> Result<()> {
     if steps == 0 {
         return Err(UsageError::from_display("--bench-steps must be at least 1"));
     }
+    let root = group.as_ref().is_none_or(|g| g.rank() == 0);
     let mut trainer = Trainer::new(config).map_err(train_error)?;
+    if let Some(group) = group {
+        trainer = trainer.distributed(group).map_err(train_error)?;
+    }
     let report = trainer.bench(3, steps).map_err(train_error)?;
+    if !root {
+        return Ok(());
+    }
     let model = &trainer.state().model;
     if json {
         let mut value = serde_json::to_value(&report)?;
@@ -386,5 +468,15 @@ fn bench(config: TrainConfig, steps: usize, json: bool) -> Result<()> {
         "  per step: data wait {:.1} ms, forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms, metrics {:.1} ms",
         report.data_ms, report.forward_ms, report.backward_ms, report.optimizer_ms, report.metrics_ms
     );
+    if report.ranks > 1 || report.micro_batches > 1 {
+        println!(
+            "  {} rank(s) x {} micro-batch(es); per step: metrics exchange (waiting for the slowest rank) {:.1} ms, gradient all-reduce {:.1} ms ({} bytes per rank)",
+            report.ranks,
+            report.micro_batches,
+            report.comm_wait_ms,
+            report.allreduce_ms,
+            report.allreduce_bytes
+        );
+    }
     Ok(())
 }
