@@ -8,7 +8,7 @@ use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::plan::{ConvPlan, Window};
 use super::shifted;
-use super::streaming;
+use super::streaming::{self, StreamWeight};
 use super::trace::{self, Layout as Traced, Pass};
 use super::tuning::{self, Strategy};
 use super::workspace::{self, grow, Slot, Workspace};
@@ -335,6 +335,7 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight<T> {
     values: Vec<T>,
+    /// Ring layout (else the streaming kernel's chunk layout).
     ringed: bool,
     shape: [usize; 4],
     rings: Vec<Vec<(usize, usize)>>,
@@ -342,7 +343,7 @@ pub struct PackedWeight<T> {
 
 impl<T: Real> PackedWeight<T> {
     /// Lays out `weight` (`[m, depth, kh, kw]`) for the plans that share `plan`'s weight
-    /// shape, rings and layout choice.
+    /// shape, rings and layout choice: the ring layout, or the streaming kernel's chunks.
     ///
     /// # Panics
     /// If the weight's length does not match the plan.
@@ -354,7 +355,7 @@ impl<T: Real> PackedWeight<T> {
             to_ring_layout(plan, &Layout::new(plan), weight, &mut values);
             values
         } else {
-            weight.to_vec()
+            streaming::pack_chunks(plan, weight)
         };
         Self {
             values,
@@ -396,7 +397,7 @@ pub fn forward_packed<T: Real>(
     let source = if weight.ringed {
         Weight::Ringed(&weight.values)
     } else {
-        Weight::Plain(&weight.values)
+        Weight::Chunked(&weight.values)
     };
     forward_core(plan, x, source, epilogue, SharedMut(out.as_mut_ptr()));
 }
@@ -418,6 +419,8 @@ enum Weight<'a, T> {
     Plain(&'a [T]),
     /// Already in ring layout (never for a streaming plan).
     Ringed(&'a [T]),
+    /// Already in the streaming kernel's chunk layout (only for a streaming plan).
+    Chunked(&'a [T]),
 }
 
 /// The forward pass into `out`, which must hold `plan.output_len()` values (lengths
@@ -436,8 +439,12 @@ fn forward_core<T: Real>(
     let shifted = use_shifted(plan);
     let tile = tile_columns(plan, shifted);
     if streams(plan) {
-        let Weight::Plain(weight) = weight else {
-            unreachable!("a streaming plan's weight is never packed in ring layout")
+        let weight = match weight {
+            Weight::Plain(weight) => StreamWeight::Plain(weight),
+            Weight::Chunked(packed) => StreamWeight::Chunked(packed),
+            Weight::Ringed(_) => {
+                unreachable!("a streaming plan's weight is never packed in ring layout")
+            }
         };
         let tasks = streaming::forward(plan, x, weight, epilogue, out);
         trace::note(Pass::Forward, Traced::Streaming, tasks);
@@ -450,6 +457,9 @@ fn forward_core<T: Real>(
                 let ringed = grow(&mut call.weight, plan.weight_len());
                 to_ring_layout(plan, &layout, weight, ringed);
                 ringed
+            }
+            Weight::Chunked(_) => {
+                unreachable!("only a streaming plan's weight is packed in chunks")
             }
         };
         let columns = if shifted {

@@ -108,6 +108,29 @@ fn load_chunk<T: Real>(
     }
 }
 
+/// A streaming forward pass's weight.
+#[derive(Clone, Copy)]
+pub enum StreamWeight<'a, T> {
+    /// `[m, depth, kh, kw]`: each chunk is copied into ring layout as it is used.
+    Plain(&'a [T]),
+    /// Already in chunk layout ([`pack_chunks`]).
+    Chunked(&'a [T]),
+}
+
+/// The weight `[m, depth, kh, kw]` in the forward pass's chunk layout: the chunk of
+/// primaries `[p0, p0 + rows)` at `[p0 * len_per_row, (p0 + rows) * len_per_row)`, laid
+/// out as [`load_chunk`] writes it, so a forward pass reads chunks in place.
+pub fn pack_chunks<T: Real>(plan: &ConvPlan, weight: &[T]) -> Vec<T> {
+    let layout = ChunkLayout::new(plan);
+    let mut packed = vec![T::ZERO; plan.primaries * layout.len_per_row];
+    for p0 in (0..plan.primaries).step_by(CHUNK_FORWARD) {
+        let rows = CHUNK_FORWARD.min(plan.primaries - p0);
+        let chunk = &mut packed[p0 * layout.len_per_row..(p0 + rows) * layout.len_per_row];
+        load_chunk(plan, &layout, weight, p0, rows, chunk);
+    }
+    packed
+}
+
 /// Chunks of `chunk` primaries, grouped into one contiguous range per thread.
 fn chunk_groups(plan: &ConvPlan, chunk: usize) -> Vec<(usize, usize)> {
     let chunks = plan.primaries.div_ceil(chunk);
@@ -140,7 +163,7 @@ fn for_each_group<I: Send>(
 pub fn forward<T: Real>(
     plan: &ConvPlan,
     x: &[T],
-    weight: &[T],
+    weight: StreamWeight<'_, T>,
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
 ) -> usize {
@@ -163,8 +186,18 @@ pub fn forward<T: Real>(
                 for chunk in first..last {
                     let p0 = chunk * CHUNK_FORWARD;
                     let rows = CHUNK_FORWARD.min(plan.primaries - p0);
-                    let buf = grow(&mut ws.weight, rows * layout.len_per_row);
-                    load_chunk(plan, &layout, weight, p0, rows, buf);
+                    let chunk_len = rows * layout.len_per_row;
+                    let buf: &[T] = match weight {
+                        StreamWeight::Plain(weight) => {
+                            let buf = grow(&mut ws.weight, chunk_len);
+                            load_chunk(plan, &layout, weight, p0, rows, buf);
+                            buf
+                        }
+                        StreamWeight::Chunked(packed) => {
+                            let start = p0 * layout.len_per_row;
+                            &packed[start..start + chunk_len]
+                        }
+                    };
                     let acc = grow(&mut ws.acc, rows * width);
                     // Primary-major: gemm then reads the chunk transposed in place (no
                     // packing of the weight) and the column matrix column-major.

@@ -9,7 +9,8 @@
 use versatile_kernels::trace::{self, Layout};
 use versatile_kernels::tuning::{self, Strategy, Tuning};
 use versatile_kernels::{
-    backward, forward, ConvPlan, Gradients, Needs, PlanError, PlanSpec, Window,
+    backward, forward, forward_packed, ConvPlan, Epilogue, Gradients, Needs, PackedWeight,
+    PlanError, PlanSpec, Window,
 };
 
 /// xorshift64*: deterministic test data.
@@ -231,8 +232,30 @@ fn check_against_definition(spec: &PlanSpec, tuning: Tuning, rng: &mut Rng) -> V
     else {
         panic!("every gradient was asked for");
     };
+    // The same pass with a packed weight and a full epilogue (scale, shift, residual,
+    // ReLU), in the same layout.
+    let scale = rng.values(spec.out_channels);
+    let residual = rng.values(plan.output_len());
+    let packed = PackedWeight::new(&plan, &w);
+    let mut fused = vec![0.0; plan.output_len()];
+    let epilogue = Epilogue {
+        scale: Some(&scale),
+        shift: Some(&bias),
+        residual: Some(&residual),
+        relu: true,
+    };
+    forward_packed(&plan, &x, &packed, &epilogue, &mut fused);
+    let want_fused: Vec<f64> = want
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = i / pixels % spec.out_channels;
+            ((v - bias[c]) * scale[c] + bias[c] + residual[i]).max(0.0)
+        })
+        .collect();
     for (what, got, want) in [
         ("out", &out, &want),
+        ("packed, epilogue", &fused, &want_fused),
         ("grad_x", &gx, &dx),
         ("grad_weight", &gw, &dw),
         ("grad_bias", &gb, &db),
