@@ -346,9 +346,11 @@ impl Builder {
         self.push(op, x, shape)
     }
 
+    /// A pooling step: `op` makes the step from the window it is given.
     fn pool(
         &mut self,
         kind: &str,
+        op: fn(Pool2d) -> Op,
         x: Value,
         shape: Shape,
         window: PoolWindow,
@@ -383,12 +385,7 @@ impl Builder {
             padding,
         };
         let out_shape = [shape[0], shape[1], oh, ow];
-        let op = if kind == "max pool" {
-            Op::MaxPool(pool)
-        } else {
-            Op::AvgPool(pool)
-        };
-        Ok((self.push(op, x, out_shape), out_shape))
+        Ok((self.push(op(pool), x, out_shape), out_shape))
     }
 
     fn max_pool_step(
@@ -406,7 +403,7 @@ impl Builder {
             padding: symmetric(&pool.padding, "a max pool")?,
             ceil: pool.ceil_mode,
         };
-        self.pool("max pool", x, shape, window)
+        self.pool("max pool", Op::MaxPool, x, shape, window)
     }
 
     fn avg_pool_step(
@@ -426,7 +423,7 @@ impl Builder {
             padding: symmetric(&pool.padding, "an average pool")?,
             ceil: pool.ceil_mode,
         };
-        self.pool("average pool", x, shape, window)
+        self.pool("average pool", Op::AvgPool, x, shape, window)
     }
 
     fn adaptive_step(

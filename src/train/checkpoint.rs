@@ -171,10 +171,7 @@ pub fn load_trained_checkpoint(
     let weights = model_file(path)?;
     match crate::checkpoint::load_checkpoint(&weights, device) {
         Ok(checkpoint) => Ok((checkpoint.model, checkpoint.meta)),
-        Err(CheckpointError::NoModelDescription { .. }) => {
-            let (model, config) = load_model_files(&weights, device)?;
-            Ok((model, CheckpointMeta::new(config)))
-        }
+        Err(CheckpointError::NoModelDescription { .. }) => load_checkpoint_model(&weights, device),
         Err(err) => Err(checkpoint_error(&weights, err.to_string())),
     }
 }
@@ -198,8 +195,20 @@ pub fn load_trained_model(
     Ok((model, meta.config))
 }
 
-/// Loads the model half of a resumable checkpoint: burn's record at `weights` and the
-/// `model.json` beside it.
+/// Loads the model half of a resumable checkpoint (see [`is_checkpoint_model`]), with
+/// the description of its `model.json`: default preprocessing, no class names.
+///
+/// # Errors
+/// As [`load_trained_checkpoint`].
+pub fn load_checkpoint_model(
+    weights: &Path,
+    device: &Device,
+) -> Result<(Model, CheckpointMeta), TrainError> {
+    let (model, config) = load_model_files(weights, device)?;
+    Ok((model, CheckpointMeta::new(config)))
+}
+
+/// Burn's record at `weights` and the `model.json` beside it.
 fn load_model_files(weights: &Path, device: &Device) -> Result<(Model, ModelConfig), TrainError> {
     let dir = weights.parent().unwrap_or(Path::new("."));
     let config: ModelConfig = read_json(&dir.join(MODEL_CONFIG_FILE))?;

@@ -40,8 +40,8 @@ mod schedule;
 mod trainer;
 
 pub use checkpoint::{
-    is_checkpoint_model, load_trained_checkpoint, load_trained_model, model_file, save_final_model,
-    RunState,
+    is_checkpoint_model, load_checkpoint_model, load_trained_checkpoint, load_trained_model,
+    model_file, save_final_model, RunState,
 };
 pub use config::{
     DataSettings, DeviceChoice, OptimizerKind, OptimizerSettings, ScheduleKind, ScheduleSettings,

@@ -620,6 +620,15 @@ impl Trainer {
         &self.schedule
     }
 
+    /// The model's forward pass with the process-wide generator (dropout) seeded from
+    /// `seed`: seeded and drawn under the lock, so trainers in the same process cannot
+    /// interleave.
+    fn seeded_forward(&self, model: &Model, images: Tensor<4>, seed: &[u64]) -> Tensor<2> {
+        let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.device.seed(derive_seed(seed));
+        model.forward_unchecked(images)
+    }
+
     /// One optimizer step on `batch` at position (`epoch`, `index`): returns the batch's
     /// mean loss and its logits, or stops on a non-finite loss.
     fn step(
@@ -637,18 +646,8 @@ impl Trainer {
             .model
             .take()
             .expect("the model is in place between steps");
-        // The forward pass draws from the process-wide generator (dropout): seed it and
-        // draw under the lock, so trainers in the same process cannot interleave.
-        let logits = {
-            let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.device.seed(derive_seed(&[
-                self.state.config.seed,
-                STEP,
-                epoch as u64,
-                index as u64,
-            ]));
-            model.forward_unchecked(batch.images)
-        };
+        let seed = [self.state.config.seed, STEP, epoch as u64, index as u64];
+        let logits = self.seeded_forward(&model, batch.images, &seed);
         let loss = self.loss.forward(logits.clone(), batch.labels);
         let value: f32 = loss.clone().into_scalar();
         let t1 = Instant::now();
@@ -719,18 +718,15 @@ impl Trainer {
             let batch = piece.to_device(&self.device);
             let t0 = Instant::now();
             // Seeded by the piece's place in the whole batch, whatever the ranks.
-            let logits = {
-                let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                self.device.seed(derive_seed(&[
-                    self.state.config.seed,
-                    STEP,
-                    epoch as u64,
-                    index as u64,
-                    (rank * micro + m) as u64,
-                    (ranks * micro) as u64,
-                ]));
-                model.forward_unchecked(batch.images)
-            };
+            let seed = [
+                self.state.config.seed,
+                STEP,
+                epoch as u64,
+                index as u64,
+                (rank * micro + m) as u64,
+                (ranks * micro) as u64,
+            ];
+            let logits = self.seeded_forward(&model, batch.images, &seed);
             let loss = self.loss.forward(logits.clone(), batch.labels);
             let value: f32 = loss.clone().into_scalar();
             add(&mut timings, 0, t0);

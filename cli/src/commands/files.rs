@@ -40,7 +40,7 @@ pub(crate) fn load_model(path: &Path, device: &Device) -> anyhow::Result<(Model,
     match load_checkpoint(&file, device) {
         Ok(checkpoint) => Ok((checkpoint.model, checkpoint.meta)),
         Err(CheckpointError::NoModelDescription { .. }) if train::is_checkpoint_model(&file) => {
-            train::load_trained_checkpoint(&file, device).map_err(train_error)
+            train::load_checkpoint_model(&file, device).map_err(train_error)
         }
         Err(err) => Err(checkpoint_error(err)),
     }
