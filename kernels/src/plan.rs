@@ -464,6 +464,47 @@ impl ConvPlan {
         self.rings.len()
     }
 
+    /// Kernel positions `(ky, kx)` of each ring, ring 0 the outermost (crop `i` is the
+    /// union of rings `i..`).
+    pub fn rings(&self) -> &[Vec<(usize, usize)>] {
+        &self.rings
+    }
+
+    /// Kernel `[height, width]`.
+    pub fn kernel(&self) -> [usize; 2] {
+        self.kernel
+    }
+
+    /// Stride `[height, width]`.
+    pub fn stride(&self) -> [usize; 2] {
+        self.stride
+    }
+
+    /// Dilation `[height, width]`.
+    pub fn dilation(&self) -> [usize; 2] {
+        self.dilation
+    }
+
+    /// Padding before the first row and column `[top, left]`.
+    pub fn padding_begin(&self) -> [usize; 2] {
+        self.pad
+    }
+
+    /// Primary filters `m` (rows of the weight).
+    pub fn primaries(&self) -> usize {
+        self.primaries
+    }
+
+    /// Channel windows per primary `n_c`.
+    pub fn n_c(&self) -> usize {
+        self.n_c
+    }
+
+    /// Input channels one window reads.
+    pub fn window_depth(&self) -> usize {
+        self.window_depth
+    }
+
     /// Output channel of crop `i`, window `w`, the window's first primary.
     pub(super) fn channel_base(&self, crop: usize, window: &Window) -> usize {
         (crop * self.n_c + window.j) * self.primaries + window.first_primary

@@ -1,9 +1,12 @@
-//! The nested-ring CPU kernels ([`crate::kernels`]) as a burn backend extension on
-//! `Flex`, with its own `Autodiff` backward, and the switch that picks it or the dense
-//! form.
+//! The nested evaluation as a burn backend extension, with its own `Autodiff` backward,
+//! and the switch that picks it or the dense form: on `Flex` the nested-ring CPU kernels
+//! ([`crate::kernels`]), on burn's CubeCL backends (feature `cube`, which `wgpu` and
+//! `cuda` turn on) the `#[cube]` kernels of [`super::gpu`].
 //!
 //! One operation, [`NestedConvBackend::nested_conv2d`], covers the versatile layer and
-//! dense convolutions alike: what it computes is described by its [`ConvPlan`].
+//! dense convolutions alike: what it computes is described by its [`ConvPlan`]. Each
+//! backend supplies its forward pass and gradients ([`NestedKernels`]); the `Autodiff`
+//! node that calls them is written once for all of them.
 
 use std::cell::Cell;
 
@@ -13,7 +16,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Autodiff, Dispatch, DispatchDevice, Flex};
+#[cfg(feature = "cube")]
+use burn::backend::Cube;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, DispatchDevice, Flex};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 use super::pin::PinGuard;
@@ -22,11 +27,11 @@ use crate::kernels::{self, ConvPlan, Needs, Real};
 /// Which implementation a layer's forward pass (and its backward) runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ForwardPath {
-    /// The fused kernel where it runs (a `Flex` device, plain or autodiff, with f32 or
-    /// f64 tensors), the dense form elsewhere; [`pin_auto_path`] can pin it.
+    /// The fused kernel where it runs (see [`nested_supported`]), the dense form
+    /// elsewhere; [`pin_auto_path`] can pin it.
     #[default]
     Auto,
-    /// The fused nested-ring kernel; an input it cannot take is an error.
+    /// The fused nested kernel (CPU or GPU); an input it cannot take is an error.
     Fused,
     /// The dense form: unfolded weight and burn's `conv2d` (every backend).
     DenseForm,
@@ -70,6 +75,26 @@ pub fn fused_supported(input: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tens
         && bias.is_none_or(|b| b.dtype() == dtype)
 }
 
+/// Whether the versatile layer's nested kernel can run on these tensors: the CPU kernel
+/// ([`fused_supported`]), or, in a build with the `cube` feature, the GPU kernel on a
+/// CubeCL device (wgpu, cuda) with all-f32 tensors.
+pub fn nested_supported(input: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> bool {
+    fused_supported(input, weight, bias) || gpu_supported(input, weight, bias)
+}
+
+#[cfg(feature = "cube")]
+fn gpu_supported(input: &Tensor<4>, weight: &Tensor<4>, bias: Option<&Tensor<1>>) -> bool {
+    super::gpu::is_cube(&input.device())
+        && input.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32)
+}
+
+#[cfg(not(feature = "cube"))]
+fn gpu_supported(_: &Tensor<4>, _: &Tensor<4>, _: Option<&Tensor<1>>) -> bool {
+    false
+}
+
 /// Whether `device` is the `Flex` CPU device, with or without autodiff.
 pub fn is_flex(device: &Device) -> bool {
     matches!(
@@ -78,15 +103,15 @@ pub fn is_flex(device: &Device) -> bool {
     )
 }
 
-/// Runs the fused kernel described by `plan` on burn tensors (see [`fused_supported`]).
+/// Runs the fused kernel described by `plan` on burn tensors (see [`nested_supported`]).
 ///
 /// # Shapes
 /// - `input`: `[batch, c, h, w]`, `weight`: `[m, depth, kh, kw]`, `bias`: `[n]`
 /// - output: `[batch, n, out_h, out_w]`, channels in the plan's block layout
 ///
 /// # Panics
-/// If a tensor's shape differs from the plan's, or the tensors are not all f32 or all
-/// f64 on a `Flex` device (checked before any kernel runs).
+/// If a tensor's shape differs from the plan's, or the tensors are on a device or of a
+/// dtype no nested kernel takes (checked before any kernel runs).
 pub fn nested_conv2d(
     input: Tensor<4>,
     weight: Tensor<4>,
@@ -107,9 +132,9 @@ pub fn nested_conv2d(
         assert_eq!(b.dims(), [plan.out_channels()], "nested_conv2d: bias shape");
     }
     assert!(
-        fused_supported(&input, &weight, bias.as_ref()),
-        "nested_conv2d runs on a Flex device with all-f32 or all-f64 tensors; got {:?} with \
-         input {:?}, weight {:?}",
+        nested_supported(&input, &weight, bias.as_ref()),
+        "nested_conv2d runs on a Flex device with all-f32 or all-f64 tensors, or on a GPU \
+         (feature `cube`) with all-f32 tensors; got {:?} with input {:?}, weight {:?}",
         input.device(),
         input.dtype(),
         weight.dtype()
@@ -123,9 +148,9 @@ pub fn nested_conv2d(
     })
 }
 
-/// The fused convolution as a backend operation (implemented on `Flex` and
-/// `Autodiff<Flex>`).
-#[backend_extension(Flex, Autodiff)]
+/// The fused convolution as a backend operation (implemented on `Flex`, `Cube` with the
+/// `cube` feature, and `Autodiff` of each).
+#[backend_extension(Flex, Cube: cfg(feature = "cube"), Autodiff)]
 pub trait NestedConvBackend: burn::backend::Backend {
     /// The nested convolution of `plan` without bias: input `[batch, c, h, w]`, weight
     /// `[m, depth, kh, kw]`, output `[batch, n, out_h, out_w]`.
@@ -245,18 +270,88 @@ fn flex_backward(
     }
 }
 
-impl NestedConvBackend for Flex {
-    fn nested_conv2d(x: FlexTensor, weight: FlexTensor, plan: ConvPlan) -> FlexTensor {
-        flex_forward(&x, &weight, None, &plan)
+/// The nested convolution's forward pass and gradients on one backend's own tensors:
+/// what [`NestedConvBackend`] and its `Autodiff` backward call.
+pub trait NestedKernels: Backend {
+    /// The convolution of `plan`, with `bias` when given.
+    fn nested_forward(
+        x: &FloatTensor<Self>,
+        weight: &FloatTensor<Self>,
+        bias: Option<&FloatTensor<Self>>,
+        plan: &ConvPlan,
+    ) -> FloatTensor<Self>;
+
+    /// The gradients `(input, weight, bias)` for the output gradient `grad`, each when
+    /// `needs` asks for it.
+    #[allow(clippy::type_complexity)]
+    fn nested_backward(
+        x: &FloatTensor<Self>,
+        weight: &FloatTensor<Self>,
+        grad: &FloatTensor<Self>,
+        plan: &ConvPlan,
+        needs: Needs,
+    ) -> (
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+        Option<FloatTensor<Self>>,
+    );
+}
+
+impl NestedKernels for Flex {
+    fn nested_forward(
+        x: &FlexTensor,
+        weight: &FlexTensor,
+        bias: Option<&FlexTensor>,
+        plan: &ConvPlan,
+    ) -> FlexTensor {
+        flex_forward(x, weight, bias, plan)
+    }
+
+    fn nested_backward(
+        x: &FlexTensor,
+        weight: &FlexTensor,
+        grad: &FlexTensor,
+        plan: &ConvPlan,
+        needs: Needs,
+    ) -> FlexGradients {
+        flex_backward(x, weight, grad, plan, needs)
+    }
+}
+
+#[cfg(feature = "cube")]
+impl NestedKernels for Cube {
+    fn nested_forward(
+        x: &FloatTensor<Self>,
+        weight: &FloatTensor<Self>,
+        bias: Option<&FloatTensor<Self>>,
+        plan: &ConvPlan,
+    ) -> FloatTensor<Self> {
+        super::gpu::forward(x, weight, bias, plan)
+    }
+
+    fn nested_backward(
+        x: &FloatTensor<Self>,
+        weight: &FloatTensor<Self>,
+        grad: &FloatTensor<Self>,
+        plan: &ConvPlan,
+        needs: Needs,
+    ) -> super::gpu::CubeGradients {
+        super::gpu::backward(x, weight, grad, plan, needs)
+    }
+}
+
+impl<B: NestedKernels> NestedConvBackend for B {
+    fn nested_conv2d(x: FloatTensor<B>, weight: FloatTensor<B>, plan: ConvPlan) -> FloatTensor<B> {
+        B::nested_forward(&x, &weight, None, &plan)
     }
 
     fn nested_conv2d_bias(
-        x: FlexTensor,
-        weight: FlexTensor,
-        bias: FlexTensor,
+        x: FloatTensor<B>,
+        weight: FloatTensor<B>,
+        bias: FloatTensor<B>,
         plan: ConvPlan,
-    ) -> FlexTensor {
-        flex_forward(&x, &weight, Some(&bias), &plan)
+    ) -> FloatTensor<B> {
+        B::nested_forward(&x, &weight, Some(&bias), &plan)
     }
 }
 
@@ -264,11 +359,11 @@ impl NestedConvBackend for Flex {
 #[derive(Debug)]
 struct NestedConvBackward;
 
-impl<const N: usize> Backward<Flex, N> for NestedConvBackward {
-    type State = (FlexTensor, FlexTensor, ConvPlan);
+impl<B: NestedKernels, const N: usize> Backward<B, N> for NestedConvBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, ConvPlan);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<Flex>(&ops.node);
+        let grad = grads.consume::<B>(&ops.node);
         let (x, weight, plan) = ops.state;
         let parent = |i: usize| ops.parents.get(i).and_then(|p| p.as_ref());
         let needs = Needs {
@@ -276,16 +371,16 @@ impl<const N: usize> Backward<Flex, N> for NestedConvBackward {
             weight: parent(1).is_some(),
             bias: parent(2).is_some(),
         };
-        let (dx, dw, db) = flex_backward(&x, &weight, &grad, &plan, needs);
+        let (dx, dw, db) = B::nested_backward(&x, &weight, &grad, &plan, needs);
         for (i, value) in [dx, dw, db].into_iter().enumerate() {
             if let (Some(node), Some(value)) = (parent(i), value) {
-                grads.register::<Flex>(node.id, value);
+                grads.register::<B>(node.id, value);
             }
         }
     }
 }
 
-impl<C: CheckpointStrategy> NestedConvBackend for Autodiff<Flex, C> {
+impl<B: NestedKernels, C: CheckpointStrategy> NestedConvBackend for Autodiff<B, C> {
     fn nested_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -298,12 +393,15 @@ impl<C: CheckpointStrategy> NestedConvBackend for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, w) = (x.into_primitive(), weight.into_primitive());
-                let out = flex_forward(&x, &w, None, &plan);
+                let out = B::nested_forward(&x, &w, None, &plan);
                 prep.finish((x, w, plan), out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(flex_forward(x.primitive(), weight.primitive(), None, &plan))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::nested_forward(
+                x.primitive(),
+                weight.primitive(),
+                None,
+                &plan,
+            )),
         }
     }
 
@@ -320,10 +418,10 @@ impl<C: CheckpointStrategy> NestedConvBackend for Autodiff<Flex, C> {
         {
             OpsKind::Tracked(prep) => {
                 let (x, w) = (x.into_primitive(), weight.into_primitive());
-                let out = flex_forward(&x, &w, Some(bias.primitive()), &plan);
+                let out = B::nested_forward(&x, &w, Some(bias.primitive()), &plan);
                 prep.finish((x, w, plan), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(flex_forward(
+            OpsKind::UnTracked(prep) => prep.finish(B::nested_forward(
                 x.primitive(),
                 weight.primitive(),
                 Some(bias.primitive()),

@@ -5,6 +5,8 @@ pub mod dense;
 mod error;
 pub mod fused;
 mod geometry;
+#[cfg(feature = "cube")]
+mod gpu;
 mod pin;
 mod vconv2d;
 

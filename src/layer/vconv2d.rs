@@ -201,7 +201,7 @@ impl VConv2d {
         weight: &Tensor<4>,
         bias: Option<&Tensor<1>>,
     ) -> Result<bool, VConvShapeError> {
-        let supported = fused::fused_supported(input, weight, bias);
+        let supported = fused::nested_supported(input, weight, bias);
         let path = match self.path {
             ForwardPath::Auto => fused::auto_path(),
             path => path,
