@@ -56,6 +56,6 @@ pub use optim::build_optimizer;
 pub use progress::{Observer, ProgressBars, Silent, StepProgress};
 pub use schedule::LrSchedule;
 pub use trainer::{
-    device, evaluate, init_threads, model_costs, open_data, BenchReport, Outcome, ResumeOverrides,
-    Summary, Trainer,
+    device, evaluate, init_threads, initial_model, model_costs, open_data, BenchReport, Outcome,
+    ResumeOverrides, Summary, Trainer,
 };

@@ -33,21 +33,37 @@ use crate::models::{ImageClassifier, Model, ModelConfig};
 /// holds this lock, so trainers in the same process (tests, the demo) stay reproducible.
 static RNG: Mutex<()> = Mutex::new(());
 
-/// Builds `config` on `device` with the generator seeded from `seed`, every parameter
+/// The model a training run starts from: `config` built for `device` with the generator
+/// seeded from `seed` (a run's `seed` setting), every parameter
 /// initialized now (burn initializes parameters lazily, at first use, which would draw
 /// from whatever the generator holds then).
-fn init_model(config: &ModelConfig, device: &Device, seed: u64) -> Result<Model, TrainError> {
+///
+/// The weights are drawn on the host (flex's generator, with or without autodiff as
+/// `device` is) and then moved to `device`: each backend has a generator of its own, so
+/// drawing on the device would give a seed different weights on a GPU than on the CPU.
+pub fn initial_model(
+    config: &ModelConfig,
+    device: &Device,
+    seed: u64,
+) -> Result<Model, TrainError> {
     struct Touch;
     impl ModuleVisitor for Touch {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let _ = param.val();
         }
     }
+    let host = match device.is_autodiff() {
+        true => Device::flex().autodiff(),
+        false => Device::flex(),
+    };
     let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    device.seed(derive_seed(&[seed, INIT]));
-    let model = config.init(device)?;
+    host.seed(derive_seed(&[seed, INIT]));
+    let model = config.init(&host)?;
     model.visit(&mut Touch);
-    Ok(model)
+    Ok(match is_flex(device) {
+        true => model,
+        false => model.fork(device),
+    })
 }
 
 /// Domain tag of the model initialization seed.
@@ -357,7 +373,7 @@ impl Trainer {
         model_config.cost_report([h, w])?;
         let base = device(config.device)?;
         let device = base.autodiff();
-        let model = init_model(&model_config, &device, config.seed)?;
+        let model = initial_model(&model_config, &device, config.seed)?;
         let optimizer = build_optimizer(&config.optimizer);
         let state = RunState {
             format: FORMAT,
