@@ -11,7 +11,13 @@ with that layer, batch 128 on 28x28 inputs, SGD with Nesterov momentum.
     /tmp/torchenv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
     /tmp/torchenv/bin/python benches/torch_reference.py [--threads 2] [--json]
 
-Medians of repeated runs after warm-up, in milliseconds (training: images/s).
+On a GPU (a CUDA build of torch), the same layers and step on the same GPU as
+`versatile bench --device wgpu|cuda`:
+
+    python benches/torch_reference.py --device cuda [--json]
+
+Medians of repeated runs after warm-up, in milliseconds (training: images/s); on CUDA
+each timed run ends with `torch.cuda.synchronize()`.
 """
 
 import argparse
@@ -69,13 +75,23 @@ class LoopVConv2d(nn.Module):
         return y
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, warmup, reps):
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
 
@@ -83,10 +99,10 @@ def median_ms(fn, warmup, reps):
 def layer_rows(warmup, reps):
     rows = []
     for name, batch, c, n, side, d, p, delta, g in SHAPES:
-        x = torch.randn(batch, c, side, side, requires_grad=True)
-        layers = {"authors_loop": LoopVConv2d(c, n, d, p, delta, g)}
+        x = torch.randn(batch, c, side, side, device=DEVICE, requires_grad=True)
+        layers = {"authors_loop": LoopVConv2d(c, n, d, p, delta, g).to(DEVICE)}
         if delta == 0:
-            layers["torch_conv2d"] = nn.Conv2d(c, n, d, padding=p)
+            layers["torch_conv2d"] = nn.Conv2d(c, n, d, padding=p).to(DEVICE)
         for impl, layer in layers.items():
             with torch.no_grad():
                 gout = torch.randn_like(layer(x))
@@ -124,10 +140,10 @@ def small_vgg(versatile):
 
 def training_rows(warmup, steps):
     rows = []
-    x = torch.randn(128, 1, 28, 28)
-    y = torch.randint(0, 10, (128,))
+    x = torch.randn(128, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (128,), device=DEVICE)
     for variant in ["dense", "spatial"]:
-        model = small_vgg(variant == "spatial")
+        model = small_vgg(variant == "spatial").to(DEVICE)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
         def step():
@@ -154,15 +170,19 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layers = layer_rows(args.warmup, args.reps)
     training = training_rows(3, 20)
     if args.json:
-        print(json.dumps({"torch": torch.__version__, "threads": args.threads, "layers": layers, "training": training}, indent=1))
+        device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+        print(json.dumps({"torch": torch.__version__, "device": device, "threads": args.threads, "layers": layers, "training": training}, indent=1))
         return
-    print(f"PyTorch {torch.__version__}, {args.threads} threads")
+    print(f"PyTorch {torch.__version__}, {DEVICE}, {args.threads} threads")
     for r in layers:
         print(f"{r['shape']:5} {r['impl']:13} fwd {r['fwd_ms']:9.2f} ms  fwd+bwd {r['fwd_bwd_ms']:9.2f} ms")
     for r in training:

@@ -1,5 +1,6 @@
 //! `versatile bench`: times the fused versatile layer, its dense form and burn's dense
-//! conv2d (forward, forward+backward) on the CPU, against the machine's measured FMA peak.
+//! conv2d (forward, forward+backward) on the CPU, against the machine's measured FMA peak;
+//! with `--device wgpu|cuda`, the same layers and models on a GPU ([`super::bench_gpu`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,7 +18,9 @@ use versatile::infer::InferencePlan;
 use versatile::kernels;
 use versatile::layer::{conv2d_forward, conv_path_for, ConvPath, ForwardPath, VConv2dConfig};
 use versatile::models::{ImageClassifier, ModelConfig};
+use versatile::train::{self, DeviceChoice};
 
+use super::train::train_error;
 use super::UsageError;
 
 /// Arguments of `versatile bench`.
@@ -27,52 +30,57 @@ pub struct BenchArgs {
     /// square input side or H,W given as H then W, kernel, padding; stride 1, delta 0 and
     /// g 1 by default). Repeatable; without it, the default set S1..S6 and S1 with delta 1.
     #[arg(long = "shape", value_name = "N,C,OUT,H,W,D,PAD[,STRIDE,DELTA,G]", value_parser = parse_shape)]
-    shapes: Vec<BenchShape>,
+    pub(super) shapes: Vec<BenchShape>,
     /// Implementations to time, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "fused,dense_form,conv2d")]
-    impls: Vec<Impl>,
+    pub(super) impls: Vec<Impl>,
     /// Untimed runs before the timed ones.
     #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    pub(super) warmup: usize,
     /// Timed runs (the median is reported); 3 when one run takes over 2 seconds.
     #[arg(long, default_value_t = 9)]
-    reps: usize,
+    pub(super) reps: usize,
     /// Side of the square SGEMM that measures the f32 FMA peak (0: skip).
     #[arg(long, default_value_t = 2048)]
-    peak_size: usize,
+    pub(super) peak_size: usize,
     /// Also measure the peak heap in use during one forward+backward.
     #[arg(long)]
-    memory: bool,
+    pub(super) memory: bool,
     /// How the kernels use the threads: `tasks` (each thread takes its own columns or
     /// images, the default) or `gemm` (one task, gemm splits each product).
     #[arg(long, default_value = "tasks")]
     split: Split,
     /// One JSON object per row (JSON lines) instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
     /// Time a whole model's inference instead of layers: the compiled plan
     /// (`versatile::infer`) against burn's module forward, random weights.
     #[arg(long, value_name = "NAME")]
-    model: Option<String>,
+    pub(super) model: Option<String>,
     /// The model's variant (with `--model`).
     #[arg(long, default_value = "dense")]
-    variant: String,
+    pub(super) variant: String,
     /// Images per run (with `--model`).
     #[arg(long, default_value_t = 1)]
-    batch: usize,
+    pub(super) batch: usize,
     /// Input `HxW` (with `--model`; default: the model's own input side).
     #[arg(long, value_name = "HxW", value_parser = parse_hw)]
-    input: Option<[usize; 2]>,
+    pub(super) input: Option<[usize; 2]>,
     /// Input channels (with `--model`; default: the model's).
     #[arg(long)]
-    in_channels: Option<usize>,
+    pub(super) in_channels: Option<usize>,
     /// Also write the timed model's dense form as ONNX here (with `--model`), for the
     /// runtimes `benches/infer_reference.py` times on the same weights.
     #[arg(long, value_name = "FILE")]
-    onnx: Option<std::path::PathBuf>,
+    pub(super) onnx: Option<std::path::PathBuf>,
     /// Also write its versatile-form ONNX here (with `--model`; see `export --form`).
     #[arg(long, value_name = "FILE")]
-    onnx_versatile: Option<std::path::PathBuf>,
+    pub(super) onnx_versatile: Option<std::path::PathBuf>,
+    /// Device: cpu, or a GPU (wgpu, cuda: the cargo feature of that name), where the
+    /// layers run their nested GPU kernel against the dense form and burn's conv2d, and
+    /// `--model` times inference and a training step on both paths.
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<DeviceChoice>())]
+    pub(super) device: DeviceChoice,
 }
 
 /// Parses `HxW` (or a single side).
@@ -104,7 +112,7 @@ enum Split {
 /// One implementation of the layer's computation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 #[allow(clippy::enum_variant_names)]
-enum Impl {
+pub(super) enum Impl {
     /// VConv2d through the fused nested-ring kernel.
     #[value(name = "fused")]
     Fused,
@@ -121,7 +129,7 @@ enum Impl {
 }
 
 impl Impl {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Impl::Fused => "fused",
             Impl::DenseForm => "dense_form",
@@ -133,23 +141,32 @@ impl Impl {
 
 /// A benchmarked layer shape.
 #[derive(Debug, Clone, PartialEq)]
-struct BenchShape {
-    name: String,
-    batch: usize,
-    channels: [usize; 2],
-    input: [usize; 2],
-    kernel: usize,
-    padding: usize,
-    stride: usize,
-    delta: usize,
-    g: usize,
+pub(super) struct BenchShape {
+    pub(super) name: String,
+    pub(super) batch: usize,
+    pub(super) channels: [usize; 2],
+    pub(super) input: [usize; 2],
+    pub(super) kernel: usize,
+    pub(super) padding: usize,
+    pub(super) stride: usize,
+    pub(super) delta: usize,
+    pub(super) g: usize,
     /// PyTorch 2.15 CPU (oneDNN) forward+backward median of the authors' layer, from the
     /// issue, for the default shapes.
-    torch_ms: Option<f64>,
+    pub(super) torch_ms: Option<f64>,
 }
 
 impl BenchShape {
-    fn spec(&self) -> String {
+    /// The shape's name in tables: its name when it is one of the issue's set, else `-`.
+    pub(super) fn label(&self) -> &str {
+        if self.torch_ms.is_some() {
+            &self.name
+        } else {
+            "-"
+        }
+    }
+
+    pub(super) fn spec(&self) -> String {
         format!(
             "{},{},{},{},{},{},{},{},{},{}",
             self.batch,
@@ -165,7 +182,7 @@ impl BenchShape {
         )
     }
 
-    fn vconv_config(&self) -> VConv2dConfig {
+    pub(super) fn vconv_config(&self) -> VConv2dConfig {
         let p = self.padding;
         VConv2dConfig::new(self.channels, [self.kernel; 2])
             .with_stride([self.stride; 2])
@@ -174,13 +191,13 @@ impl BenchShape {
             .with_g(self.g)
     }
 
-    fn dims(&self) -> [usize; 4] {
+    pub(super) fn dims(&self) -> [usize; 4] {
         [self.batch, self.channels[0], self.input[0], self.input[1]]
     }
 }
 
 /// The default shape set of the issue: S1..S6 and S1 with delta 1.
-fn default_shapes() -> Vec<BenchShape> {
+pub(super) fn default_shapes() -> Vec<BenchShape> {
     let shape = |name: &str, n, c, out, hw, d, p, delta, torch| BenchShape {
         name: name.to_string(),
         batch: n,
@@ -293,14 +310,14 @@ fn heap_peak() -> usize {
 }
 
 /// The layer under test in one implementation, on one device.
-enum Layer {
+pub(super) enum Layer {
     Versatile(versatile::VConv2d),
     /// A dense conv2d; `true`: through the nested kernel.
     Dense(burn::nn::conv::Conv2d, bool),
 }
 
 impl Layer {
-    fn new(shape: &BenchShape, imp: Impl, device: &Device) -> Result<Self> {
+    pub(super) fn new(shape: &BenchShape, imp: Impl, device: &Device) -> Result<Self> {
         Ok(match imp {
             Impl::Fused | Impl::DenseForm => {
                 let path = if imp == Impl::Fused {
@@ -331,7 +348,7 @@ impl Layer {
         })
     }
 
-    fn forward(&self, x: Tensor<4>) -> Result<Tensor<4>> {
+    pub(super) fn forward(&self, x: Tensor<4>) -> Result<Tensor<4>> {
         Ok(match self {
             Layer::Versatile(layer) => layer.try_forward(x)?,
             Layer::Dense(conv, true) => {
@@ -362,14 +379,18 @@ fn cpu_seconds() -> Option<f64> {
 
 /// A timed operation: the median wall time and the mean CPU time of the timed runs (ms).
 #[derive(Debug, Clone, Copy)]
-struct Timing {
-    median_ms: f64,
-    cpu_ms: Option<f64>,
+pub(super) struct Timing {
+    pub(super) median_ms: f64,
+    pub(super) cpu_ms: Option<f64>,
 }
 
 /// Median of the timed runs of `f` (in milliseconds) after `warmup` untimed ones, and
 /// their mean CPU time.
-fn median_ms(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+pub(super) fn median_ms(
+    warmup: usize,
+    reps: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
     let mut first = None;
     for _ in 0..warmup {
         let start = Instant::now();
@@ -451,7 +472,7 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
 }
 
 /// The 1-minute load average (`/proc/loadavg`), or "-".
-fn load_average() -> String {
+pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
@@ -573,6 +594,10 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
 
 /// Runs `versatile bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.device != DeviceChoice::Cpu {
+        let device = train::device(args.device).map_err(train_error)?;
+        return super::bench_gpu::run(args, &device);
+    }
     if let Some(name) = &args.model {
         return run_model(name, args);
     }
@@ -705,11 +730,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     |e: Option<f64>| e.map_or("-".to_string(), |e| format!("{:.0}%", e * 100.0));
                 println!(
                     "{:<6} {:<28} {:<13} {:>8.2} {:>8.2} {:>8.1} {:>8} {:>5} {:>8} {:>8} {:>8}{memory}",
-                    if shape.torch_ms.is_some() {
-                        shape.name.as_str()
-                    } else {
-                        "-"
-                    },
+                    shape.label(),
                     shape.spec(),
                     imp.name(),
                     row.fwd.median_ms,

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+mod bench_gpu;
 pub mod demo;
 pub mod eval;
 pub mod export;

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use versatile::checkpoint::predict::predict;
+use versatile::train::{self, DeviceChoice};
 
 use super::files::{checkpoint_error, load_model};
+use super::train::train_error;
 use super::UsageError;
 
 /// Arguments of `versatile predict`.
@@ -22,6 +24,9 @@ pub struct PredictArgs {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Device: cpu, cuda, wgpu.
+    #[arg(long, default_value = "cpu", value_parser = |s: &str| s.parse::<DeviceChoice>())]
+    device: DeviceChoice,
     /// Print one JSON array instead of text.
     #[arg(long)]
     json: bool,
@@ -32,7 +37,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     if args.top == 0 {
         return Err(UsageError::from_display("--top must be at least 1"));
     }
-    let device = burn::tensor::Device::flex();
+    let device = train::device(args.device).map_err(train_error)?;
     let (model, meta) = load_model(&args.checkpoint, &device)?;
     let predictions =
         predict(&model, &meta, &args.images, args.top, &device).map_err(checkpoint_error)?;
