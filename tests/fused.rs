@@ -15,86 +15,10 @@ use std::collections::HashMap;
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor};
-use common::{host_any, relative_error, Rng};
+use common::{host_any, random_case, relative_error, run_on_path, Outputs, Rng};
 use versatile::kernels::trace::{self, Executed, Layout, Pass};
 use versatile::kernels::tuning::{self, Strategy, Tuning};
 use versatile::layer::{ChannelMode, ForwardPath, VConv2d, VConv2dConfig, VConvShapeError};
-
-/// Gradients (input, weight, bias) and output of one run.
-type Outputs = (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>);
-
-/// A random valid layer configuration and an input shape it accepts.
-fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
-    loop {
-        let d: usize = rng.pick(&[1, 2, 3, 3, 3, 4, 5, 5, 7]);
-        let s = d.div_ceil(2);
-        let (c, n, groups, delta, g, mode);
-        if d > 1 && rng.chance(20) {
-            // Grouped, spatial only: m divisible by groups and n = s * m.
-            let gr = rng.range(2, 3);
-            c = gr * rng.range(1, 3);
-            let m = gr * rng.range(1, 3);
-            n = s * m;
-            groups = gr;
-            delta = 0;
-            g = 1;
-            mode = ChannelMode::Shared;
-        } else {
-            c = rng.range(1, 10);
-            groups = 1;
-            if c > 1 && (d == 1 || rng.chance(45)) {
-                let dl = rng.range(1, c - 1);
-                let divisors: Vec<usize> = (1..=dl).filter(|v| dl % v == 0).collect();
-                delta = dl;
-                g = rng.pick(&divisors);
-            } else {
-                delta = 0;
-                g = 1;
-            }
-            mode = if rng.chance(50) {
-                ChannelMode::Shared
-            } else {
-                ChannelMode::Sliding
-            };
-            n = rng.range(1, 20);
-        }
-        let stride = [rng.range(1, 3), rng.range(1, 3)];
-        let dilation = if rng.chance(30) {
-            [rng.range(1, 3), rng.range(1, 3)]
-        } else {
-            [1, 1]
-        };
-        let padding = match rng.range(0, 3) {
-            0 => PaddingConfig2d::Valid,
-            1 => PaddingConfig2d::Same,
-            _ => PaddingConfig2d::Explicit(
-                rng.range(0, d),
-                rng.range(0, d),
-                rng.range(0, d),
-                rng.range(0, d),
-            ),
-        };
-        let config = VConv2dConfig::new([c, n], [d, d])
-            .with_stride(stride)
-            .with_dilation(dilation)
-            .with_padding(padding)
-            .with_groups(groups)
-            .with_delta(delta)
-            .with_g(g)
-            .with_channel_mode(mode)
-            .with_bias(rng.chance(75));
-        if config.validate().is_err() {
-            continue;
-        }
-        let batch = rng.pick(&[1, 1, 2, 3, 4]);
-        let h = rng.range(1, 16);
-        let w = rng.range(1, 16);
-        let layer = config.init(&Device::flex());
-        if layer.output_shape([batch, c, h, w]).is_ok() {
-            return (config, [batch, c, h, w]);
-        }
-    }
-}
 
 /// Output and gradients (input, weight, bias) of `sum(out * r)` through `path`, and the
 /// kernel calls that ran.
@@ -104,22 +28,7 @@ fn run(
     x: &Tensor<4>,
     r: &Tensor<4>,
 ) -> (Outputs, Vec<Executed>) {
-    let layer = layer.clone().with_path(path);
-    let x = x.clone().require_grad();
-    assert_eq!(layer.path_for(&x).unwrap(), path);
-    trace::record(|| {
-        let out = layer.forward(x.clone());
-        let grads = (out.clone() * r.clone()).sum().backward();
-        (
-            host_any(out),
-            host_any(x.grad(&grads).unwrap()),
-            host_any(layer.weight.grad(&grads).unwrap()),
-            layer
-                .bias
-                .as_ref()
-                .map(|b| host_any(b.grad(&grads).unwrap())),
-        )
-    })
+    trace::record(|| run_on_path(layer, path, x, r))
 }
 
 /// The layout a forced `strategy` must run for `config` (`None`: `Auto` chooses).
