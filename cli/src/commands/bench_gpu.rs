@@ -183,7 +183,11 @@ fn run_model(name: &str, args: &BenchArgs, device: &Device) -> Result<()> {
                     })
                 );
             } else {
-                println!("{pass:<10} {path:<11} {:>10.2} {images:>10.1}", t.median_ms);
+                println!(
+                    "{pass:<10} {:<11} {:>10.2} {images:>10.1}",
+                    path.to_string(),
+                    t.median_ms
+                );
             }
         }
     }
