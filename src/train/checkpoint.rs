@@ -271,21 +271,35 @@ pub fn save_checkpoint(
         next: state.next,
     });
     fsutil::write_atomic(&pointer, text.as_bytes()).map_err(TrainError::io(&pointer))?;
-    if let Ok(entries) = std::fs::read_dir(&root) {
+    remove_checkpoints_but(&root, &name);
+    Ok(final_dir)
+}
+
+/// Removes every entry of the checkpoint directory `root` but `keep` (best effort: what
+/// stays is removed by the next checkpoint or resume).
+fn remove_checkpoints_but(root: &Path, keep: &str) {
+    if let Ok(entries) = std::fs::read_dir(root) {
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy() != name {
+            if entry.file_name().to_string_lossy() != keep {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
-    Ok(final_dir)
 }
 
-/// Removes what killed writes left in a run directory: temporary files, and temporary
-/// checkpoint directories.
+/// Removes what killed writes left in a run directory: temporary files, temporary
+/// checkpoint directories, and checkpoints other than the latest (a run killed between
+/// publishing a checkpoint and removing the older ones, or before pointing to the new
+/// one, leaves one behind; a resumed run may have nothing left to write that would
+/// remove it).
 pub(crate) fn remove_stale_temporaries(run_dir: &Path) -> Result<(), TrainError> {
     for dir in [run_dir.to_path_buf(), run_dir.join(CHECKPOINTS)] {
         fsutil::remove_stale_temporaries(&dir).map_err(TrainError::io(&dir))?;
+    }
+    if let Ok(latest) = latest_checkpoint(run_dir) {
+        if let Some(name) = latest.file_name() {
+            remove_checkpoints_but(&run_dir.join(CHECKPOINTS), &name.to_string_lossy());
+        }
     }
     Ok(())
 }
@@ -375,4 +389,40 @@ pub fn load_checkpoint(run_dir: &Path, device: &Device) -> Result<Checkpoint, Tr
         model,
         optimizer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run killed after publishing a checkpoint but before removing the older one (or
+    /// before pointing to the new one) leaves two; the cleanup on resume keeps only the
+    /// one `checkpoint.json` names, even when the resumed run writes no checkpoint.
+    #[test]
+    fn cleanup_keeps_only_the_checkpoint_the_pointer_names() {
+        let run = std::env::temp_dir().join(format!("versatile-prune-{}", std::process::id()));
+        let root = run.join(CHECKPOINTS);
+        for (pointed, orphan) in [
+            ("step-000000004", "step-000000002"),
+            ("step-000000002", "step-000000004"),
+        ] {
+            let _ = std::fs::remove_dir_all(&run);
+            for name in [pointed, orphan] {
+                std::fs::create_dir_all(root.join(name)).unwrap();
+                std::fs::write(root.join(name).join(STATE_FILE), "{}").unwrap();
+            }
+            let pointer = Pointer {
+                checkpoint: format!("{CHECKPOINTS}/{pointed}"),
+                next: Position::default(),
+            };
+            std::fs::write(run.join(POINTER), json(&pointer)).unwrap();
+            remove_stale_temporaries(&run).unwrap();
+            let left: Vec<String> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(left, [pointed], "orphan {orphan}");
+        }
+        std::fs::remove_dir_all(&run).unwrap();
+    }
 }
