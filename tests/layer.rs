@@ -369,3 +369,82 @@ fn authors_initializer_is_kaiming_normal_fan_out() {
         "std {std} vs {expected_std}"
     );
 }
+
+/// The CPU training batch norm (`batch_norm_train`, NCHW kernels) against burn's own
+/// `BatchNorm::forward` on the same module: output, the three gradients and the running
+/// statistics, over batches of one and more, odd planes and two steps; and the same bits
+/// on a second run.
+#[test]
+fn training_batch_norm_matches_burns() {
+    use burn::nn::BatchNormConfig;
+    use versatile::layer::batch_norm_train;
+
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(0x626e);
+    for shape in [[4, 3, 5, 7], [1, 6, 3, 3], [6, 5, 1, 1], [3, 2, 9, 11]] {
+        let channels = shape[1];
+        let gamma = rng.tensor([channels], &device, DType::F32) + 1.5;
+        let beta = rng.tensor([channels], &device, DType::F32);
+        // Two modules built apart: a clone would share its running statistics.
+        let make = || {
+            let mut norm = BatchNormConfig::new(channels)
+                .with_momentum(0.3)
+                .init(&device);
+            norm.gamma = Param::from_tensor(gamma.clone().detach());
+            norm.beta = Param::from_tensor(beta.clone().detach());
+            norm
+        };
+        let (theirs, ours) = (make(), make());
+        let twin = make();
+        let bits = |v: &[Vec<f64>]| v.concat().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for step in 0..2 {
+            let x = (rng.tensor(shape, &device, DType::F32) * 3.0 + 0.5).require_grad();
+            let r = rng.tensor(shape, &device, DType::F32);
+            let run = |f: &dyn Fn(Tensor<4>) -> Tensor<4>, norm: &burn::nn::BatchNorm| {
+                let x = x.clone().detach().require_grad();
+                let out = f(x.clone());
+                let grads = (out.clone() * r.clone()).sum().backward();
+                vec![
+                    host_any(out),
+                    host_any(x.grad(&grads).unwrap()),
+                    host_any(norm.gamma.grad(&grads).unwrap()),
+                    host_any(norm.beta.grad(&grads).unwrap()),
+                ]
+            };
+            let want = run(&|x| theirs.forward(x), &theirs);
+            let got = run(&|x| batch_norm_train(&ours, x), &ours);
+            let stats = |norm: &burn::nn::BatchNorm| {
+                vec![
+                    host_any(norm.running_mean.value_sync()),
+                    host_any(norm.running_var.value_sync()),
+                ]
+            };
+            let (want_stats, got_stats) = (stats(&theirs), stats(&ours));
+            let names = [
+                "out",
+                "grad_x",
+                "grad_gamma",
+                "grad_beta",
+                "running_mean",
+                "running_var",
+            ];
+            let pairs = want
+                .iter()
+                .chain(&want_stats)
+                .zip(got.iter().chain(&got_stats));
+            for (name, (w, g)) in names.iter().zip(pairs) {
+                let err = common::relative_error(g, w);
+                assert!(
+                    err < 1e-5,
+                    "{shape:?} step {step} {name}: relative error {err:.2e}"
+                );
+            }
+            let again = run(&|x| batch_norm_train(&twin, x), &twin);
+            assert_eq!(
+                bits(&got),
+                bits(&again),
+                "{shape:?} step {step}: a second run differs"
+            );
+        }
+    }
+}

@@ -32,6 +32,7 @@
 mod epilogue;
 mod im2col;
 mod nested;
+pub mod norm;
 mod plan;
 pub mod pool;
 mod shifted;

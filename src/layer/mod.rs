@@ -1,4 +1,5 @@
-//! The versatile layer: its geometry, its dense form and the burn module.
+//! The versatile layer: its geometry, its dense form and the burn module; and the
+//! training batch norm the models run beside it on the CPU ([`norm`]).
 
 mod conv;
 pub mod dense;
@@ -7,6 +8,7 @@ pub mod fused;
 mod geometry;
 #[cfg(feature = "cube")]
 mod gpu;
+pub mod norm;
 mod pin;
 mod vconv2d;
 
@@ -14,5 +16,6 @@ pub use conv::{conv2d_forward, conv_path_for, dense_conv_plan, pin_conv_path, Co
 pub use error::{VConvConfigError, VConvShapeError};
 pub use fused::{pin_auto_path, ForwardPath};
 pub use geometry::{ChannelMode, ChannelSource, Geometry, GeometrySpec, PaddingPairs};
+pub use norm::batch_norm_train;
 pub use pin::PinGuard;
 pub use vconv2d::{authors_initializer, VConv2d, VConv2dConfig};

@@ -150,7 +150,8 @@ impl Model {
 }
 
 /// The forward pass through the burn modules themselves (training or evaluation as
-/// burn's batch norm and dropout decide from the device and their state).
+/// burn's batch norm and dropout decide from the device and their state; a training
+/// batch norm on the CPU runs [`crate::layer::batch_norm_train`]'s kernels).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Modules;
 
@@ -164,7 +165,7 @@ impl Forward for Modules {
     }
 
     fn batch_norm(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(norm.forward(x))
+        Ok(crate::layer::batch_norm_train(norm, x))
     }
 
     fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {

@@ -1,0 +1,246 @@
+//! Batch normalisation in training on `Flex` as two backend operations with their own
+//! `Autodiff` backward: the batch's statistics, then the normalisation, each one pass of
+//! the NCHW kernels in [`crate::kernels::norm`]. burn's generic training batch norm
+//! transposes the activation to channel-major for each reduction, forward and backward
+//! (its layout copies were the largest single item of a `vgg_small` training step).
+//!
+//! [`batch_norm_train`] is what the models call; it updates the module's running
+//! statistics as burn's `BatchNorm` does, so records and checkpoints are unchanged.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::nn::BatchNorm;
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::fused::is_flex;
+use crate::kernels::norm::{self as kernels, NormShape};
+
+/// The training batch norm's two steps as backend operations (on `Flex` and its
+/// `Autodiff`).
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormBackend: burn::backend::Backend {
+    /// The per-channel mean and biased variance of `x` `[batch, c, h, w]`, as `[2, c]`
+    /// (means first). Carries no gradient: [`batch_norm_normalize`](Self::batch_norm_normalize)
+    /// differentiates through the statistics.
+    fn batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `(x - mean) / sqrt(var + epsilon) * gamma + beta` with `stats` from
+    /// [`batch_norm_stats`](Self::batch_norm_stats) of the same `x`; its gradient treats
+    /// the statistics as functions of `x`.
+    fn batch_norm_normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+}
+
+/// A flex tensor's f32 values (copied only when it is a strided view).
+fn values(tensor: &FlexTensor) -> Vec<f32> {
+    match tensor.as_slice::<f32>() {
+        Some(values) => values.to_vec(),
+        None => tensor
+            .to_contiguous()
+            .as_slice::<f32>()
+            .expect("batch norm on flex takes f32 tensors")
+            .to_vec(),
+    }
+}
+
+/// Runs `f` on a flex tensor's f32 values without copying a contiguous one.
+fn with_values<R>(tensor: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> R {
+    match tensor.as_slice::<f32>() {
+        Some(values) => f(values),
+        None => f(&values(tensor)),
+    }
+}
+
+fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn norm_shape(x: &FlexTensor) -> NormShape {
+    let dims = x.layout().shape();
+    NormShape {
+        batch: dims[0],
+        channels: dims[1],
+        plane: dims[2..].iter().product(),
+    }
+}
+
+impl BatchNormBackend for Flex {
+    fn batch_norm_stats(x: FlexTensor) -> FlexTensor {
+        let shape = norm_shape(&x);
+        let mut stats = vec![0.0; 2 * shape.channels];
+        with_values(&x, |x| kernels::batch_stats(x, shape, &mut stats));
+        flex_tensor(stats, vec![2, shape.channels])
+    }
+
+    fn batch_norm_normalize(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        let shape = norm_shape(&x);
+        let mut out = vec![0.0; shape.len()];
+        with_values(&x, |x| {
+            let (gamma, beta, stats) = (values(&gamma), values(&beta), values(&stats));
+            kernels::normalize(x, &gamma, &beta, &stats, epsilon, shape, &mut out);
+        });
+        flex_tensor(out, x.layout().shape().to_vec())
+    }
+}
+
+/// The statistics' backward step: none (see [`BatchNormBackend::batch_norm_stats`]).
+#[derive(Debug)]
+struct StatsBackward;
+
+impl<B: Backend> Backward<B, 1> for StatsBackward {
+    type State = ();
+
+    fn backward(self, _: Ops<(), 1>, _: &mut Gradients, _: &mut Checkpointer) {}
+}
+
+/// The normalisation's backward step; parents `[x, gamma, beta]`.
+#[derive(Debug)]
+struct NormalizeBackward;
+
+impl Backward<Flex, 3> for NormalizeBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor, f64);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, gamma, stats, epsilon) = ops.state;
+        let shape = norm_shape(&x);
+        let (mut dx, mut dgamma, mut dbeta) = (
+            vec![0.0; shape.len()],
+            vec![0.0; shape.channels],
+            vec![0.0; shape.channels],
+        );
+        with_values(&x, |x| {
+            with_values(&grad, |grad| {
+                let (gamma, stats) = (values(&gamma), values(&stats));
+                kernels::normalize_backward(
+                    x,
+                    grad,
+                    &gamma,
+                    &stats,
+                    epsilon,
+                    shape,
+                    &mut dx,
+                    &mut dgamma,
+                    &mut dbeta,
+                );
+            })
+        });
+        let channels = vec![shape.channels];
+        let results = [
+            flex_tensor(dx, x.layout().shape().to_vec()),
+            flex_tensor(dgamma, channels.clone()),
+            flex_tensor(dbeta, channels),
+        ];
+        for (parent, value) in ops.parents.iter().zip(results) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, value);
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
+    fn batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let stats = Flex::batch_norm_stats(x.primitive().clone());
+        StatsBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateless(stats)
+    }
+
+    fn batch_norm_normalize(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let stats = stats.into_primitive();
+        match NormalizeBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
+                let out = Flex::batch_norm_normalize(
+                    x.clone(),
+                    gamma.clone(),
+                    beta.into_primitive(),
+                    stats.clone(),
+                    epsilon,
+                );
+                prep.finish((x, gamma, stats, epsilon), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::batch_norm_normalize(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                stats,
+                epsilon,
+            )),
+        }
+    }
+}
+
+/// Whether [`batch_norm_train`] runs its own kernels on `x` (f32 on `Flex`, with
+/// autodiff or without); elsewhere it is burn's batch norm.
+pub fn batch_norm_kernels_run(x: &Tensor<4>) -> bool {
+    is_flex(&x.device()) && x.dtype() == DType::F32
+}
+
+/// `norm`'s forward pass, as burn's `BatchNorm::forward` computes it (training with the
+/// batch's statistics, updating the running ones, on an autodiff device when the module
+/// is in training; the running statistics otherwise), on the kernels of this module for
+/// f32 on `Flex` in training and on burn's batch norm elsewhere.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, h, w]`; output: the same.
+pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    let device = x.device();
+    let training = device.is_autodiff() && norm.training.is_enabled();
+    if !training || !batch_norm_kernels_run(&x) || norm.gamma.val().dtype() != DType::F32 {
+        return norm.forward(x);
+    }
+    let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
+        x.clone().detach().into_dispatch(),
+    ));
+    let out = Tensor::<4>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_normalize(
+        x.into_dispatch(),
+        norm.gamma.val().into_dispatch(),
+        norm.beta.val().into_dispatch(),
+        stats.clone().into_dispatch(),
+        norm.epsilon,
+    ));
+    let channels = stats.dims()[1];
+    let [mean, variance] = [0, 1].map(|row| stats.clone().narrow(0, row, 1).reshape([channels]));
+    let momentum = norm.momentum;
+    let update = |running: Tensor<1>, batch: Tensor<1>| {
+        running
+            .to_device(&device)
+            .mul_scalar(1.0 - momentum)
+            .add(batch.mul_scalar(momentum))
+            .detach()
+    };
+    norm.running_mean
+        .update(update(norm.running_mean.value_sync(), mean));
+    norm.running_var
+        .update(update(norm.running_var.value_sync(), variance));
+    out
+}
