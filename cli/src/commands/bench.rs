@@ -479,8 +479,9 @@ pub(super) fn load_average() -> String {
         .unwrap_or_else(|| "-".to_string())
 }
 
-/// `versatile bench --model`: the compiled plan against the module forward.
-fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
+/// The model `--model name --variant` (with `--in-channels`) and the input shape
+/// `[batch, channels, h, w]` the arguments ask for, checked against the model.
+pub(super) fn model_and_input(name: &str, args: &BenchArgs) -> Result<(ModelConfig, [usize; 4])> {
     let mut config = ModelConfig::parse(name, &args.variant).map_err(UsageError::from_display)?;
     if let Some(channels) = args.in_channels {
         config = config.with_in_channels(channels);
@@ -490,6 +491,13 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     config
         .check_input(shape)
         .map_err(UsageError::from_display)?;
+    Ok((config, shape))
+}
+
+/// `versatile bench --model`: the compiled plan against the module forward.
+fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
+    let (config, shape) = model_and_input(name, args)?;
+    let [h, w] = [shape[2], shape[3]];
     let device = Device::flex();
     let model = config.init(&device)?;
     for (path, form) in [

@@ -10,10 +10,11 @@ use burn::tensor::{Device, Distribution, Tensor};
 use serde_json::json;
 use versatile::cost;
 use versatile::layer::{pin_auto_path, ForwardPath};
-use versatile::models::{ImageClassifier, ModelConfig};
+use versatile::models::ImageClassifier;
 
 use super::bench::{
-    default_shapes, load_average, median_ms, BenchArgs, BenchShape, Impl, Layer, Timing,
+    default_shapes, load_average, median_ms, model_and_input, BenchArgs, BenchShape, Impl, Layer,
+    Timing,
 };
 use super::UsageError;
 
@@ -123,15 +124,8 @@ fn time_layer(
 /// `--model` on a GPU: inference (eval forward) and a training step (forward, backward)
 /// of the model, on the nested kernel and on the dense form.
 fn run_model(name: &str, args: &BenchArgs, device: &Device) -> Result<()> {
-    let mut config = ModelConfig::parse(name, &args.variant).map_err(UsageError::from_display)?;
-    if let Some(channels) = args.in_channels {
-        config = config.with_in_channels(channels);
-    }
-    let [h, w] = args.input.unwrap_or([config.arch.default_input(); 2]);
-    let shape = [args.batch, config.in_channels, h, w];
-    config
-        .check_input(shape)
-        .map_err(UsageError::from_display)?;
+    let (config, shape) = model_and_input(name, args)?;
+    let [h, w] = [shape[2], shape[3]];
     let report = config.cost_report([h, w])?;
     let macs = report.total().macs_nested * args.batch as u64;
     let autodiff = device.clone().autodiff();
