@@ -222,10 +222,32 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
             );
             last_step = step;
         }
-        assert!(
-            outcome(&run) == straight,
-            "{name} ended unlike the uninterrupted run"
-        );
+        let ended = outcome(&run);
+        if ended != straight {
+            // Say what differs and how each attempt ended: the scratch directory goes
+            // with the panic, and this has only failed on clean CI machines.
+            let tensors: Vec<&String> = straight
+                .0
+                .keys()
+                .filter(|k| ended.0.get(*k) != straight.0.get(*k))
+                .collect();
+            let rows: Vec<usize> = (0..straight.1.len().max(ended.1.len()))
+                .filter(|&i| straight.1.get(i) != ended.1.get(i))
+                .collect();
+            let mut logs = String::new();
+            for attempt in 0..=KILLS_PER_RUN {
+                let log = dir.join(format!("{name}-{attempt}.log"));
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let tail: Vec<&str> = text.lines().rev().take(6).collect();
+                    logs += &format!("--- attempt {attempt}:\n{}\n", tail.join("\n"));
+                }
+            }
+            panic!(
+                "{name} ended unlike the uninterrupted run: tensors {tensors:?}, metrics rows \
+                 {rows:?} ({:?} against {:?})\n{logs}",
+                ended.1, straight.1
+            );
+        }
         assert!(temporaries(&run).is_empty(), "{:?}", temporaries(&run));
         let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
         assert_eq!(checkpoints, 1, "older checkpoints are removed");
