@@ -170,7 +170,7 @@ pub trait NestedConvBackend: burn::backend::Backend {
 }
 
 /// The float types the fused kernel takes from flex tensors.
-trait FlexReal: Real + burn::tensor::Element {
+pub(super) trait FlexReal: Real + burn::tensor::Element {
     /// The tensor's values when it is contiguous and of this type.
     fn slice(tensor: &FlexTensor) -> Option<&[Self]>;
 }
@@ -188,7 +188,7 @@ impl FlexReal for f64 {
 }
 
 /// A flex tensor's values as a contiguous slice (copied only if it is a strided view).
-fn with_values<T: FlexReal, R>(tensor: &FlexTensor, f: impl FnOnce(&[T]) -> R) -> R {
+pub(super) fn with_values<T: FlexReal, R>(tensor: &FlexTensor, f: impl FnOnce(&[T]) -> R) -> R {
     match T::slice(tensor) {
         Some(values) => f(values),
         None => {
@@ -198,7 +198,10 @@ fn with_values<T: FlexReal, R>(tensor: &FlexTensor, f: impl FnOnce(&[T]) -> R) -
     }
 }
 
-fn flex_tensor<T: burn::tensor::Element>(values: Vec<T>, shape: Vec<usize>) -> FlexTensor {
+pub(super) fn flex_tensor<T: burn::tensor::Element>(
+    values: Vec<T>,
+    shape: Vec<usize>,
+) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
 }
 

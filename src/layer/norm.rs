@@ -15,9 +15,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::nn::BatchNorm;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 
-use super::fused::is_flex;
+use super::fused::{flex_tensor, is_flex, with_values};
 use crate::kernels::norm::{self as kernels, NormShape};
 
 /// The training batch norm's two steps as backend operations (on `Flex` and its
@@ -41,30 +41,6 @@ pub trait BatchNormBackend: burn::backend::Backend {
     ) -> FloatTensor<Self>;
 }
 
-/// A flex tensor's f32 values (copied only when it is a strided view).
-fn values(tensor: &FlexTensor) -> Vec<f32> {
-    match tensor.as_slice::<f32>() {
-        Some(values) => values.to_vec(),
-        None => tensor
-            .to_contiguous()
-            .as_slice::<f32>()
-            .expect("batch norm on flex takes f32 tensors")
-            .to_vec(),
-    }
-}
-
-/// Runs `f` on a flex tensor's f32 values without copying a contiguous one.
-fn with_values<R>(tensor: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> R {
-    match tensor.as_slice::<f32>() {
-        Some(values) => f(values),
-        None => f(&values(tensor)),
-    }
-}
-
-fn flex_tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
-    FlexTensor::from_data(TensorData::new(values, shape))
-}
-
 fn norm_shape(x: &FlexTensor) -> NormShape {
     let dims = x.layout().shape();
     NormShape {
@@ -78,7 +54,7 @@ impl BatchNormBackend for Flex {
     fn batch_norm_stats(x: FlexTensor) -> FlexTensor {
         let shape = norm_shape(&x);
         let mut stats = vec![0.0; 2 * shape.channels];
-        with_values(&x, |x| kernels::batch_stats(x, shape, &mut stats));
+        with_values(&x, |x: &[f32]| kernels::batch_stats(x, shape, &mut stats));
         flex_tensor(stats, vec![2, shape.channels])
     }
 
@@ -91,9 +67,14 @@ impl BatchNormBackend for Flex {
     ) -> FlexTensor {
         let shape = norm_shape(&x);
         let mut out = vec![0.0; shape.len()];
-        with_values(&x, |x| {
-            let (gamma, beta, stats) = (values(&gamma), values(&beta), values(&stats));
-            kernels::normalize(x, &gamma, &beta, &stats, epsilon, shape, &mut out);
+        with_values(&x, |x: &[f32]| {
+            with_values(&gamma, |gamma: &[f32]| {
+                with_values(&beta, |beta: &[f32]| {
+                    with_values(&stats, |stats: &[f32]| {
+                        kernels::normalize(x, gamma, beta, stats, epsilon, shape, &mut out)
+                    })
+                })
+            })
         });
         flex_tensor(out, x.layout().shape().to_vec())
     }
@@ -125,20 +106,23 @@ impl Backward<Flex, 3> for NormalizeBackward {
             vec![0.0; shape.channels],
             vec![0.0; shape.channels],
         );
-        with_values(&x, |x| {
-            with_values(&grad, |grad| {
-                let (gamma, stats) = (values(&gamma), values(&stats));
-                kernels::normalize_backward(
-                    x,
-                    grad,
-                    &gamma,
-                    &stats,
-                    epsilon,
-                    shape,
-                    &mut dx,
-                    &mut dgamma,
-                    &mut dbeta,
-                );
+        with_values(&x, |x: &[f32]| {
+            with_values(&grad, |grad: &[f32]| {
+                with_values(&gamma, |gamma: &[f32]| {
+                    with_values(&stats, |stats: &[f32]| {
+                        kernels::normalize_backward(
+                            x,
+                            grad,
+                            gamma,
+                            stats,
+                            epsilon,
+                            shape,
+                            &mut dx,
+                            &mut dgamma,
+                            &mut dbeta,
+                        )
+                    })
+                })
             })
         });
         let channels = vec![shape.channels];
