@@ -5,10 +5,15 @@ mod commands;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
+use versatile::kernels::alloc::CountingAllocator;
 
-/// Counts heap bytes for `versatile bench --memory` (forwards to the system allocator).
+/// mimalloc, counting heap bytes for the memory reports. Not the system allocator: glibc
+/// returns the large activation buffers of a training step to the kernel and takes them
+/// back as fresh zeroed pages every step (page faults were about 11 % of a `vgg_small`
+/// step; BENCHMARKS.md, "The allocator").
 #[global_allocator]
-static ALLOCATOR: commands::bench::CountingAllocator = commands::bench::CountingAllocator;
+static ALLOCATOR: CountingAllocator<MiMalloc> = CountingAllocator(MiMalloc);
 
 /// Convolutional networks from versatile filters: geometry, costs, training and export.
 #[derive(Debug, Parser)]

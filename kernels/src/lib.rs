@@ -29,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alloc;
 mod epilogue;
 mod im2col;
 mod nested;

@@ -2,9 +2,8 @@
 //! conv2d (forward, forward+backward) on the CPU, against the machine's measured FMA peak;
 //! with `--device wgpu|cuda`, the same layers and models on a GPU ([`super::bench_gpu`]).
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
+use versatile::kernels::alloc::{heap_in_use, heap_peak, reset_heap_peak};
 
 use anyhow::Result;
 use burn::nn::conv::Conv2dConfig;
@@ -247,66 +246,6 @@ fn parse_shape(text: &str) -> Result<BenchShape, String> {
         g: get(9, 1),
         torch_ms: None,
     })
-}
-
-/// A global allocator that counts the bytes in use and their high-water mark (for
-/// `--memory`); installed as the CLI's allocator, it costs two relaxed atomics per call.
-pub struct CountingAllocator;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; the counters do not
-// affect allocation.
-unsafe impl GlobalAlloc for CountingAllocator {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = System.alloc(layout);
-        if !ptr.is_null() {
-            count_alloc(layout.size());
-        }
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = System.alloc_zeroed(layout);
-        if !ptr.is_null() {
-            count_alloc(layout.size());
-        }
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = System.realloc(ptr, layout, new_size);
-        if !new.is_null() {
-            IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-            count_alloc(new_size);
-        }
-        new
-    }
-}
-
-fn count_alloc(size: usize) {
-    let now = IN_USE.fetch_add(size, Ordering::Relaxed) + size;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-/// Heap bytes in use now.
-fn heap_in_use() -> usize {
-    IN_USE.load(Ordering::Relaxed)
-}
-
-/// Resets the high-water mark to the bytes in use now.
-fn reset_heap_peak() {
-    PEAK.store(heap_in_use(), Ordering::Relaxed);
-}
-
-fn heap_peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
 }
 
 /// The layer under test in one implementation, on one device.
