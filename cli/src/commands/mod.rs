@@ -9,6 +9,7 @@ mod files;
 pub mod import;
 pub mod inspect;
 pub mod layer;
+mod memory;
 pub mod models;
 pub mod plot;
 pub mod predict;

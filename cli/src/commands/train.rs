@@ -12,7 +12,7 @@ use versatile::train::{
     ScheduleKind, Silent, Summary, TrainConfig, TrainError, Trainer,
 };
 
-use super::{plot, UsageError};
+use super::{memory, plot, UsageError};
 
 /// Arguments of `versatile train`.
 #[derive(Debug, Clone, Args)]
@@ -441,7 +441,9 @@ fn bench(
     if let Some(group) = group {
         trainer = trainer.distributed(group).map_err(train_error)?;
     }
+    let mark = memory::mark();
     let report = trainer.bench(3, steps).map_err(train_error)?;
+    let used = mark.used();
     if !root {
         return Ok(());
     }
@@ -450,6 +452,7 @@ fn bench(
         let mut value = serde_json::to_value(&report)?;
         value["model"] = model.name().into();
         value["variant"] = model.variant.to_string().into();
+        value["memory"] = serde_json::to_value(used)?;
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
@@ -468,6 +471,19 @@ fn bench(
         "  per step: data wait {:.1} ms, forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms, metrics {:.1} ms",
         report.data_ms, report.forward_ms, report.backward_ms, report.optimizer_ms, report.metrics_ms
     );
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+    print!(
+        "  memory: heap peak of a step {:.1} MiB above the model and data (optimizer state included)",
+        mib(used.heap_peak_bytes as u64)
+    );
+    match used.rss_growth_bytes.zip(used.rss_peak_bytes) {
+        Some((growth, peak)) => println!(
+            "; resident set grew by {:.1} MiB (peak {:.1} MiB)",
+            mib(growth),
+            mib(peak)
+        ),
+        None => println!(),
+    }
     if report.ranks > 1 || report.micro_batches > 1 {
         println!(
             "  {} rank(s) x {} micro-batch(es); per step: metrics exchange (waiting for the slowest rank) {:.1} ms, gradient all-reduce {:.1} ms ({} bytes per rank)",
