@@ -2,18 +2,16 @@
 
 mod commands;
 
+use std::alloc::System;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mimalloc::MiMalloc;
-use versatile::kernels::alloc::CountingAllocator;
+use versatile::kernels::alloc::{retain_freed_memory, CountingAllocator};
 
-/// mimalloc, counting heap bytes for the memory reports. Not the system allocator: glibc
-/// returns the large activation buffers of a training step to the kernel and takes them
-/// back as fresh zeroed pages every step (page faults were about 11 % of a `vgg_small`
-/// step; BENCHMARKS.md, "The allocator").
+/// The system allocator, counting heap bytes for the memory reports; `main` first tunes
+/// it to keep freed memory ([`retain_freed_memory`]).
 #[global_allocator]
-static ALLOCATOR: CountingAllocator<MiMalloc> = CountingAllocator(MiMalloc);
+static ALLOCATOR: CountingAllocator<System> = CountingAllocator(System);
 
 /// Convolutional networks from versatile filters: geometry, costs, training and export.
 #[derive(Debug, Parser)]
@@ -55,6 +53,8 @@ enum Command {
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    // Off glibc the system allocator keeps its own policy.
+    let _ = retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Layer(args) => commands::layer::run(&args),

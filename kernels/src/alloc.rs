@@ -1,6 +1,7 @@
 //! A global allocator wrapper that counts heap bytes in use and their high-water mark,
-//! for memory reports (`versatile bench --memory`, the training step's peak). It lives
-//! here, beside the other `unsafe` code, so that the CLI installs it without any.
+//! for memory reports (`versatile bench --memory`, the training step's peak), and the
+//! tuning of glibc's allocator for a training loop ([`retain_freed_memory`]). They live
+//! here, beside the other `unsafe` code, so that the CLI uses them without any.
 //!
 //! ```ignore
 //! #[global_allocator]
@@ -77,4 +78,43 @@ pub fn reset_heap_peak() {
 /// The most heap bytes in use at once since the last [`reset_heap_peak`].
 pub fn heap_peak() -> usize {
     PEAK.load(Ordering::Relaxed)
+}
+
+/// Makes glibc's `malloc` keep the memory a training step frees for the next step,
+/// instead of handing it back to the kernel and faulting it in again as fresh zeroed
+/// pages (by default it trims the heap top and serves large blocks by `mmap`; the page
+/// clearing was 11-29 % of a training step's profile). Settings: blocks up to 32 MiB (the
+/// most glibc allows) from the heap, trim the top only above 1 GiB free, grow the heap
+/// 64 MiB at a time. Returns whether they took; `false` off glibc, where this does nothing.
+pub fn retain_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let settings = [
+            (libc::M_MMAP_THRESHOLD, 32 << 20),
+            (libc::M_TRIM_THRESHOLD, 1 << 30),
+            (libc::M_TOP_PAD, 64 << 20),
+        ];
+        settings.iter().fold(true, |all, &(param, value)| {
+            // SAFETY: `mallopt` takes two integers by value and only changes glibc's
+            // tuning parameters, under its own arena lock; no memory is passed or
+            // returned, and every value here is in the range glibc documents.
+            let took = unsafe { libc::mallopt(param, value) } == 1;
+            all && took
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn glibc_takes_the_settings() {
+        assert!(super::retain_freed_memory());
+        let block = vec![1u8; 40 << 20];
+        assert_eq!(block.iter().map(|&b| b as usize).sum::<usize>(), 40 << 20);
+    }
 }
