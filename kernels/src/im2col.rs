@@ -81,36 +81,108 @@ fn valid_span(run: &Run, stride: usize, offset: isize, width: usize) -> (usize, 
     (lo, hi)
 }
 
+/// Where each run of a tile reads the input, per kernel row and per kernel column:
+/// worked out once per tile rather than once per input channel and kernel position
+/// (on small maps the runs are a few pixels long, and this arithmetic, divisions
+/// included, cost more than the copies).
+struct RunTable {
+    runs: usize,
+    /// `rows[ky * runs + r]`: run `r`'s input row at kernel row `ky`, if inside the input.
+    rows: Vec<Option<usize>>,
+    /// `spans[kx * runs + r]`: the run's valid columns `[lo, hi)` (see [`valid_span`]) at
+    /// kernel column `kx`, and the input column of `lo`.
+    spans: Vec<(usize, usize, usize)>,
+}
+
+impl RunTable {
+    fn new(plan: &ConvPlan, runs: &[Run]) -> Self {
+        let [h, w] = plan.input;
+        let [kh, kw] = plan.kernel;
+        let [sh, sw] = plan.stride;
+        let [dh, dw] = plan.dilation;
+        let [pt, pl] = plan.pad;
+        let rows = (0..kh)
+            .flat_map(|ky| {
+                runs.iter().map(move |run| {
+                    let iy = (run.oy * sh + ky * dh) as isize - pt as isize;
+                    (0..h as isize).contains(&iy).then_some(iy as usize)
+                })
+            })
+            .collect();
+        let spans = (0..kw)
+            .flat_map(|kx| {
+                let offset = (kx * dw) as isize - pl as isize;
+                runs.iter().map(move |run| {
+                    let (lo, hi) = valid_span(run, sw, offset, w);
+                    let ix0 = if hi > lo {
+                        (((run.ox + lo) * sw) as isize + offset) as usize
+                    } else {
+                        0
+                    };
+                    (lo, hi, ix0)
+                })
+            })
+            .collect();
+        RunTable {
+            runs: runs.len(),
+            rows,
+            spans,
+        }
+    }
+
+    /// Whether some run reads the input at kernel position `(ky, kx)` (on maps smaller
+    /// than the kernel, most positions fall in the padding for every run).
+    fn reads(&self, ky: usize, kx: usize) -> bool {
+        let rows = &self.rows[ky * self.runs..][..self.runs];
+        let spans = &self.spans[kx * self.runs..][..self.runs];
+        rows.iter().any(Option::is_some) && spans.iter().any(|&(lo, hi, _)| hi > lo)
+    }
+
+    /// Each run's input row (if any) and valid span at kernel position `(ky, kx)`.
+    fn at(
+        &self,
+        ky: usize,
+        kx: usize,
+    ) -> impl Iterator<Item = (Option<usize>, (usize, usize, usize))> + '_ {
+        let rows = &self.rows[ky * self.runs..][..self.runs];
+        let spans = &self.spans[kx * self.runs..][..self.runs];
+        rows.iter().copied().zip(spans.iter().copied())
+    }
+}
+
 /// Fills the column matrix `cols` (`plan.col_rows()` rows of `width` values) of one tile
 /// from the input `x` `[batch, c, h, w]`.
 pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, cols: &mut [T]) {
     let [h, w] = plan.input;
     let c = plan.in_channels;
-    let [sh, sw] = plan.stride;
-    let [dh, dw] = plan.dilation;
-    let [pt, pl] = plan.pad;
+    let sw = plan.stride[1];
+    let table = RunTable::new(plan, runs);
+    let reads: Vec<Vec<bool>> = plan
+        .rings
+        .iter()
+        .map(|ring| ring.iter().map(|&(ky, kx)| table.reads(ky, kx)).collect())
+        .collect();
     let mut row = 0;
-    for ring in &plan.rings {
+    for (ring, reads) in plan.rings.iter().zip(&reads) {
         for ch in 0..c {
-            for &(ky, kx) in ring {
+            for (&(ky, kx), &read) in ring.iter().zip(reads) {
                 let dst = &mut cols[row * width..(row + 1) * width];
                 row += 1;
-                let x_offset = (kx * dw) as isize - pl as isize;
-                for run in runs {
+                if !read {
+                    dst.fill(T::ZERO);
+                    continue;
+                }
+                for (run, (iy, (lo, hi, ix0))) in runs.iter().zip(table.at(ky, kx)) {
                     let out = &mut dst[run.col..run.col + run.len];
-                    let iy = (run.oy * sh + ky * dh) as isize - pt as isize;
-                    if iy < 0 || iy >= h as isize {
+                    let Some(iy) = iy else {
                         out.fill(T::ZERO);
                         continue;
-                    }
-                    let src_row = ((run.image * c + ch) * h + iy as usize) * w;
+                    };
+                    let src_row = ((run.image * c + ch) * h + iy) * w;
                     let src = &x[src_row..src_row + w];
-                    let (lo, hi) = valid_span(run, sw, x_offset, w);
                     out[..lo].fill(T::ZERO);
                     out[hi..].fill(T::ZERO);
                     if hi > lo {
-                        let ix0 = ((run.ox + lo) * sw) as isize + x_offset;
-                        let ix0 = ix0 as usize;
                         if sw == 1 {
                             out[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
@@ -137,27 +209,28 @@ pub fn col2im<T: Real>(
 ) {
     let [h, w] = plan.input;
     let c = plan.in_channels;
-    let [sh, sw] = plan.stride;
-    let [dh, dw] = plan.dilation;
-    let [pt, pl] = plan.pad;
+    let sw = plan.stride[1];
+    let table = RunTable::new(plan, runs);
+    let reads: Vec<Vec<bool>> = plan
+        .rings
+        .iter()
+        .map(|ring| ring.iter().map(|&(ky, kx)| table.reads(ky, kx)).collect())
+        .collect();
     let mut row = 0;
-    for ring in &plan.rings {
+    for (ring, reads) in plan.rings.iter().zip(&reads) {
         for ch in 0..c {
-            for &(ky, kx) in ring {
+            for (&(ky, kx), &read) in ring.iter().zip(reads) {
                 let src = &cols[row * width..(row + 1) * width];
                 row += 1;
-                let x_offset = (kx * dw) as isize - pl as isize;
-                for run in runs {
-                    let iy = (run.oy * sh + ky * dh) as isize - pt as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let (lo, hi) = valid_span(run, sw, x_offset, w);
+                if !read {
+                    continue;
+                }
+                for (run, (iy, (lo, hi, ix0))) in runs.iter().zip(table.at(ky, kx)) {
+                    let Some(iy) = iy else { continue };
                     if hi <= lo {
                         continue;
                     }
-                    let dst_row = (((run.image - first_image) * c + ch) * h + iy as usize) * w;
-                    let ix0 = (((run.ox + lo) * sw) as isize + x_offset) as usize;
+                    let dst_row = (((run.image - first_image) * c + ch) * h + iy) * w;
                     let values = &src[run.col + lo..run.col + hi];
                     if sw == 1 {
                         let dst = &mut dx[dst_row + ix0..dst_row + ix0 + (hi - lo)];
