@@ -371,17 +371,37 @@ fn authors_initializer_is_kaiming_normal_fan_out() {
 }
 
 /// The CPU training batch norm (`batch_norm_train`, NCHW kernels) against burn's own
-/// `BatchNorm::forward` on the same module: output, the three gradients and the running
-/// statistics, over batches of one and more, odd planes and two steps; and the same bits
-/// on a second run.
+/// `BatchNorm::forward` on the same module, and `batch_norm_relu_train` against burn's
+/// batch norm then ReLU: output, the three gradients and the running statistics, over
+/// batches of one and more, odd planes and two steps; and the same bits on a second run.
 #[test]
 fn training_batch_norm_matches_burns() {
     use burn::nn::BatchNormConfig;
-    use versatile::layer::batch_norm_train;
+    use burn::tensor::activation::relu as burn_relu;
+    use versatile::layer::{batch_norm_relu_train, batch_norm_train};
 
     let device = Device::flex().autodiff();
     let mut rng = Rng(0x626e);
-    for shape in [[4, 3, 5, 7], [1, 6, 3, 3], [6, 5, 1, 1], [3, 2, 9, 11]] {
+    let shapes = [[4, 3, 5, 7], [1, 6, 3, 3], [6, 5, 1, 1], [3, 2, 9, 11]];
+    for (relu, shape) in [false, true]
+        .into_iter()
+        .flat_map(|relu| shapes.map(|shape| (relu, shape)))
+    {
+        let theirs_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>| {
+            let y = norm.forward(x);
+            if relu {
+                burn_relu(y)
+            } else {
+                y
+            }
+        };
+        let ours_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>| {
+            if relu {
+                batch_norm_relu_train(norm, x)
+            } else {
+                batch_norm_train(norm, x)
+            }
+        };
         let channels = shape[1];
         let gamma = rng.tensor([channels], &device, DType::F32) + 1.5;
         let beta = rng.tensor([channels], &device, DType::F32);
@@ -411,8 +431,8 @@ fn training_batch_norm_matches_burns() {
                     host_any(norm.beta.grad(&grads).unwrap()),
                 ]
             };
-            let want = run(&|x| theirs.forward(x), &theirs);
-            let got = run(&|x| batch_norm_train(&ours, x), &ours);
+            let want = run(&|x| theirs_forward(&theirs, x), &theirs);
+            let got = run(&|x| ours_forward(&ours, x), &ours);
             let stats = |norm: &burn::nn::BatchNorm| {
                 vec![
                     host_any(norm.running_mean.value_sync()),
@@ -436,10 +456,10 @@ fn training_batch_norm_matches_burns() {
                 let err = common::relative_error(g, w);
                 assert!(
                     err < 1e-5,
-                    "{shape:?} step {step} {name}: relative error {err:.2e}"
+                    "{shape:?} relu {relu} step {step} {name}: relative error {err:.2e}"
                 );
             }
-            let again = run(&|x| batch_norm_train(&twin, x), &twin);
+            let again = run(&|x| ours_forward(&twin, x), &twin);
             assert_eq!(
                 bits(&got),
                 bits(&again),

@@ -7,6 +7,8 @@
 //! interleaved f32 lanes, each plane's total added in f64), whatever the thread count, so
 //! results are the same bits on every run.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// An NCHW activation as the batch-norm kernels see it.
@@ -111,8 +113,40 @@ fn inv_std(variance: f32, epsilon: f64) -> f32 {
     (1.0 / (f64::from(variance) + epsilon).sqrt()) as f32
 }
 
-/// `out = (x - mean) / sqrt(variance + epsilon) * gamma + beta` per channel, with
-/// `stats` as [`batch_stats`] gives them.
+/// Channel `c`'s affine map `x * scale + shift` equal to `(x - mean) * inv_std * gamma +
+/// beta`: the forward pass and the backward's ReLU mask compute it alike, to the bit.
+fn affine(c: usize, gamma: &[f32], beta: &[f32], stats: &[f32], epsilon: f64) -> (f32, f32) {
+    let channels = gamma.len();
+    let scale = gamma[c] * inv_std(stats[channels + c], epsilon);
+    (scale, beta[c] - stats[c] * scale)
+}
+
+/// A vector of `shape.len()` values whose planes `fill(plane index, input plane, output
+/// plane)` writes in parallel, without zeroing it first (a zeroing pass cost as much as
+/// the write itself).
+fn write_planes(
+    shape: NormShape,
+    input: &[f32],
+    fill: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let len = shape.len();
+    assert_eq!(input.len(), len, "write_planes: input length");
+    let mut out = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(shape.plane)
+        .zip(input.par_chunks(shape.plane))
+        .enumerate()
+        .for_each(|(i, (out, input))| {
+            fill(i, input, out);
+        });
+    out
+}
+
+/// `relu?((x - mean) / sqrt(variance + epsilon) * gamma + beta)` per channel, with
+/// `stats` as [`batch_stats`] gives them: a new activation of `x`'s shape.
 ///
 /// # Panics
 /// If a slice does not have the length `shape` gives it.
@@ -122,36 +156,52 @@ pub fn normalize(
     beta: &[f32],
     stats: &[f32],
     epsilon: f64,
+    relu: bool,
     shape: NormShape,
-    out: &mut [f32],
-) {
+) -> Vec<f32> {
+    // One instance per setting, so the element loop has no test of `relu`.
+    if relu {
+        normalize_as::<true>(x, gamma, beta, stats, epsilon, shape)
+    } else {
+        normalize_as::<false>(x, gamma, beta, stats, epsilon, shape)
+    }
+}
+
+fn normalize_as<const RELU: bool>(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    shape: NormShape,
+) -> Vec<f32> {
     let channels = shape.channels;
     assert_eq!(x.len(), shape.len(), "normalize: input length");
-    assert_eq!(out.len(), shape.len(), "normalize: output length");
     assert_eq!(stats.len(), 2 * channels, "normalize: stats length");
     assert!(
         gamma.len() == channels && beta.len() == channels,
         "normalize: gamma/beta length"
     );
-    if shape.is_empty() {
-        return;
-    }
-    out.par_chunks_mut(shape.plane)
-        .zip(x.par_chunks(shape.plane))
-        .enumerate()
-        .for_each(|(i, (out, x))| {
-            let c = i % channels;
-            let scale = gamma[c] * inv_std(stats[channels + c], epsilon);
-            let shift = beta[c] - stats[c] * scale;
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = v * scale + shift;
-            }
-        });
+    let mut out = write_planes(shape, x, |i, x, out| {
+        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
+        assert_eq!(out.len(), x.len());
+        for (o, &v) in out.iter_mut().zip(x) {
+            let y = v * scale + shift;
+            // NaN passes the ReLU, so that a diverging run still shows in its loss.
+            o.write(if RELU && y < 0.0 { 0.0 } else { y });
+        }
+    });
+    // SAFETY: `write_planes` split the first `shape.len()` spare slots into planes, each
+    // zipped with an input plane of the same length (asserted above), and the loop wrote
+    // every slot of every plane; `Vec::with_capacity(len)` made room for them.
+    unsafe { out.set_len(shape.len()) };
+    out
 }
 
-/// The gradients of [`normalize`] with the batch's own statistics (the statistics'
-/// dependence on `x` included) for the output gradient `grad`: `dx` (same shape as `x`),
-/// and per channel `dgamma` and `dbeta`.
+/// The gradients of [`normalize`] (with the same `relu`) with the batch's own statistics
+/// (the statistics' dependence on `x` included) for the output gradient `grad`: returns
+/// `dx` (same shape as `x`) and writes per channel `dgamma` and `dbeta`. With `relu`, the
+/// gradient passes where the normalised value, recomputed from `x`, is above zero.
 ///
 /// # Panics
 /// If a slice does not have the length `shape` gives it.
@@ -160,19 +210,37 @@ pub fn normalize_backward(
     x: &[f32],
     grad: &[f32],
     gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    relu: bool,
+    shape: NormShape,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<f32> {
+    // One instance per setting, as in `normalize`.
+    let backward = if relu {
+        normalize_backward_as::<true>
+    } else {
+        normalize_backward_as::<false>
+    };
+    backward(x, grad, gamma, beta, stats, epsilon, shape, dgamma, dbeta)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn normalize_backward_as<const RELU: bool>(
+    x: &[f32],
+    grad: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
     stats: &[f32],
     epsilon: f64,
     shape: NormShape,
-    dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
-) {
+) -> Vec<f32> {
     let channels = shape.channels;
-    for (what, len) in [
-        ("input", x.len()),
-        ("gradient", grad.len()),
-        ("dx", dx.len()),
-    ] {
+    for (what, len) in [("input", x.len()), ("gradient", grad.len())] {
         assert_eq!(len, shape.len(), "normalize_backward: {what} length");
     }
     assert_eq!(
@@ -181,18 +249,35 @@ pub fn normalize_backward(
         "normalize_backward: stats length"
     );
     assert!(
-        gamma.len() == channels && dgamma.len() == channels && dbeta.len() == channels,
+        [gamma.len(), beta.len(), dgamma.len(), dbeta.len()] == [channels; 4],
         "normalize_backward: per-channel lengths"
     );
+    // The output gradient where the ReLU passes it (all of it without ReLU): not where
+    // the normalised value is at or below zero (burn's and PyTorch's ReLU gradient).
+    let passed = |g: f32, v: f32, (scale, shift): (f32, f32)| {
+        if RELU && v * scale + shift <= 0.0 {
+            0.0
+        } else {
+            g
+        }
+    };
     // Per channel: the sum of the gradient and of the gradient times the centred input.
     let sums: Vec<(f64, f64)> = (0..channels)
         .into_par_iter()
         .map(|c| {
             let mean = stats[c];
+            let map = affine(c, gamma, beta, stats, epsilon);
             shape
                 .planes(grad, c)
                 .zip(shape.planes(x, c))
-                .map(|(g, x)| lane_sums(g, x, |g, _| g, |g, x| g * (x - mean)))
+                .map(|(g, x)| {
+                    lane_sums(
+                        g,
+                        x,
+                        |g, x| passed(g, x, map),
+                        |g, x| passed(g, x, map) * (x - mean),
+                    )
+                })
                 .fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q))
         })
         .collect();
@@ -212,18 +297,20 @@ pub fn normalize_backward(
             (a as f32, b as f32, k as f32)
         })
         .collect();
-    if shape.is_empty() {
-        return;
-    }
-    dx.par_chunks_mut(shape.plane)
-        .zip(grad.par_chunks(shape.plane).zip(x.par_chunks(shape.plane)))
-        .enumerate()
-        .for_each(|(i, (dx, (grad, x)))| {
-            let (a, b, k) = coefficients[i % channels];
-            for ((d, &g), &v) in dx.iter_mut().zip(grad).zip(x) {
-                *d = a * g + b * v + k;
-            }
-        });
+    let mut dx = write_planes(shape, x, |i, x, dx| {
+        let c = i % channels;
+        let (a, b, k) = coefficients[c];
+        let map = affine(c, gamma, beta, stats, epsilon);
+        let grad = &grad[i * shape.plane..][..shape.plane];
+        assert!(dx.len() == x.len() && grad.len() == x.len());
+        for ((d, &g), &v) in dx.iter_mut().zip(grad).zip(x) {
+            d.write(a * passed(g, v, map) + b * v + k);
+        }
+    });
+    // SAFETY: as in `normalize`: every plane of the first `shape.len()` spare slots was
+    // zipped with input and gradient planes of its length (asserted) and fully written.
+    unsafe { dx.set_len(shape.len()) };
+    dx
 }
 
 #[cfg(test)]
@@ -244,8 +331,18 @@ mod tests {
             .collect()
     }
 
-    /// The normalised output's loss `sum(out * r)` in f64, straight from the definition.
-    fn loss(x: &[f64], gamma: &[f64], beta: &[f64], r: &[f32], shape: NormShape, eps: f64) -> f64 {
+    /// The normalised output's loss `sum(relu?(out) * r)` in f64, straight from the
+    /// definition.
+    #[allow(clippy::too_many_arguments)]
+    fn loss(
+        x: &[f64],
+        gamma: &[f64],
+        beta: &[f64],
+        r: &[f32],
+        shape: NormShape,
+        eps: f64,
+        relu: bool,
+    ) -> f64 {
         let mut total = 0.0;
         for c in 0..shape.channels {
             let idx = |b: usize, k: usize| (b * shape.channels + c) * shape.plane + k;
@@ -253,8 +350,8 @@ mod tests {
             let mean = all().map(|i| x[i]).sum::<f64>() / shape.count();
             let var = all().map(|i| (x[i] - mean).powi(2)).sum::<f64>() / shape.count();
             for i in all() {
-                total +=
-                    ((x[i] - mean) / (var + eps).sqrt() * gamma[c] + beta[c]) * f64::from(r[i]);
+                let y = (x[i] - mean) / (var + eps).sqrt() * gamma[c] + beta[c];
+                total += if relu { y.max(0.0) } else { y } * f64::from(r[i]);
             }
         }
         total
@@ -263,7 +360,7 @@ mod tests {
     #[test]
     fn forward_and_gradients_match_the_definition() {
         let eps = 1e-5;
-        for shape in [
+        let shapes = [
             NormShape {
                 batch: 3,
                 channels: 4,
@@ -274,37 +371,34 @@ mod tests {
                 channels: 2,
                 plane: 20,
             },
-        ] {
+        ];
+        for (shape, relu) in shapes.into_iter().flat_map(|s| [(s, false), (s, true)]) {
             let x = values(shape, 1);
             let r = values(shape, 2);
             let gamma: Vec<f32> = (0..shape.channels).map(|c| 0.5 + c as f32 * 0.25).collect();
             let beta: Vec<f32> = (0..shape.channels).map(|c| c as f32 * 0.1 - 0.2).collect();
             let mut stats = vec![0.0; 2 * shape.channels];
             batch_stats(&x, shape, &mut stats);
-            let mut out = vec![0.0; shape.len()];
-            normalize(&x, &gamma, &beta, &stats, eps, shape, &mut out);
+            let out = normalize(&x, &gamma, &beta, &stats, eps, relu, shape);
             let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
             let (xw, gw, bw) = (wide(&x), wide(&gamma), wide(&beta));
             let got: f64 = out.iter().zip(&r).map(|(o, r)| f64::from(o * r)).sum();
-            let want = loss(&xw, &gw, &bw, &r, shape, eps);
+            let want = loss(&xw, &gw, &bw, &r, shape, eps, relu);
             assert!(
                 (got - want).abs() < 1e-4 * want.abs().max(1.0),
                 "{got} vs {want}"
             );
 
-            let (mut dx, mut dgamma, mut dbeta) = (
-                vec![0.0; shape.len()],
-                vec![0.0; shape.channels],
-                vec![0.0; shape.channels],
-            );
-            normalize_backward(
+            let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
+            let dx = normalize_backward(
                 &x,
                 &r,
                 &gamma,
+                &beta,
                 &stats,
                 eps,
+                relu,
                 shape,
-                &mut dx,
                 &mut dgamma,
                 &mut dbeta,
             );
@@ -315,7 +409,7 @@ mod tests {
                 let numeric = diff(&|d| {
                     let mut x = xw.clone();
                     x[i] += d;
-                    loss(&x, &gw, &bw, &r, shape, eps)
+                    loss(&x, &gw, &bw, &r, shape, eps, relu)
                 });
                 assert!(
                     (f64::from(dx[i]) - numeric).abs() < 1e-3,
@@ -327,13 +421,13 @@ mod tests {
                 let numeric = diff(&|d| {
                     let mut g = gw.clone();
                     g[c] += d;
-                    loss(&xw, &g, &bw, &r, shape, eps)
+                    loss(&xw, &g, &bw, &r, shape, eps, relu)
                 });
                 assert!((f64::from(dgamma[c]) - numeric).abs() < 1e-3, "dgamma[{c}]");
                 let numeric = diff(&|d| {
                     let mut b = bw.clone();
                     b[c] += d;
-                    loss(&xw, &gw, &b, &r, shape, eps)
+                    loss(&xw, &gw, &b, &r, shape, eps, relu)
                 });
                 assert!((f64::from(dbeta[c]) - numeric).abs() < 1e-3, "dbeta[{c}]");
             }

@@ -29,15 +29,16 @@ pub trait BatchNormBackend: burn::backend::Backend {
     /// differentiates through the statistics.
     fn batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
-    /// `(x - mean) / sqrt(var + epsilon) * gamma + beta` with `stats` from
-    /// [`batch_norm_stats`](Self::batch_norm_stats) of the same `x`; its gradient treats
-    /// the statistics as functions of `x`.
+    /// `(x - mean) / sqrt(var + epsilon) * gamma + beta`, then a ReLU when `relu`, with
+    /// `stats` from [`batch_norm_stats`](Self::batch_norm_stats) of the same `x`; its
+    /// gradient treats the statistics as functions of `x`.
     fn batch_norm_normalize(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         stats: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> FloatTensor<Self>;
 }
 
@@ -64,14 +65,14 @@ impl BatchNormBackend for Flex {
         beta: FlexTensor,
         stats: FlexTensor,
         epsilon: f64,
+        relu: bool,
     ) -> FlexTensor {
         let shape = norm_shape(&x);
-        let mut out = vec![0.0; shape.len()];
-        with_values(&x, |x: &[f32]| {
+        let out = with_values(&x, |x: &[f32]| {
             with_values(&gamma, |gamma: &[f32]| {
                 with_values(&beta, |beta: &[f32]| {
                     with_values(&stats, |stats: &[f32]| {
-                        kernels::normalize(x, gamma, beta, stats, epsilon, shape, &mut out)
+                        kernels::normalize(x, gamma, beta, stats, epsilon, relu, shape)
                     })
                 })
             })
@@ -94,33 +95,50 @@ impl<B: Backend> Backward<B, 1> for StatsBackward {
 #[derive(Debug)]
 struct NormalizeBackward;
 
+/// What the normalisation's backward step needs: its inputs and settings.
+#[derive(Debug, Clone)]
+struct NormalizeState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    beta: FlexTensor,
+    stats: FlexTensor,
+    epsilon: f64,
+    relu: bool,
+}
+
 impl Backward<Flex, 3> for NormalizeBackward {
-    type State = (FlexTensor, FlexTensor, FlexTensor, f64);
+    type State = NormalizeState;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let (x, gamma, stats, epsilon) = ops.state;
+        let NormalizeState {
+            x,
+            gamma,
+            beta,
+            stats,
+            epsilon,
+            relu,
+        } = ops.state;
         let shape = norm_shape(&x);
-        let (mut dx, mut dgamma, mut dbeta) = (
-            vec![0.0; shape.len()],
-            vec![0.0; shape.channels],
-            vec![0.0; shape.channels],
-        );
-        with_values(&x, |x: &[f32]| {
+        let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
+        let dx = with_values(&x, |x: &[f32]| {
             with_values(&grad, |grad: &[f32]| {
                 with_values(&gamma, |gamma: &[f32]| {
-                    with_values(&stats, |stats: &[f32]| {
-                        kernels::normalize_backward(
-                            x,
-                            grad,
-                            gamma,
-                            stats,
-                            epsilon,
-                            shape,
-                            &mut dx,
-                            &mut dgamma,
-                            &mut dbeta,
-                        )
+                    with_values(&beta, |beta: &[f32]| {
+                        with_values(&stats, |stats: &[f32]| {
+                            kernels::normalize_backward(
+                                x,
+                                grad,
+                                gamma,
+                                beta,
+                                stats,
+                                epsilon,
+                                relu,
+                                shape,
+                                &mut dgamma,
+                                &mut dbeta,
+                            )
+                        })
                     })
                 })
             })
@@ -154,6 +172,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         beta: FloatTensor<Self>,
         stats: FloatTensor<Self>,
         epsilon: f64,
+        relu: bool,
     ) -> FloatTensor<Self> {
         let stats = stats.into_primitive();
         match NormalizeBackward
@@ -162,15 +181,23 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let (x, gamma) = (x.into_primitive(), gamma.into_primitive());
-                let out = Flex::batch_norm_normalize(
-                    x.clone(),
-                    gamma.clone(),
-                    beta.into_primitive(),
-                    stats.clone(),
+                let state = NormalizeState {
+                    x: x.into_primitive(),
+                    gamma: gamma.into_primitive(),
+                    beta: beta.into_primitive(),
+                    stats,
                     epsilon,
+                    relu,
+                };
+                let out = Flex::batch_norm_normalize(
+                    state.x.clone(),
+                    state.gamma.clone(),
+                    state.beta.clone(),
+                    state.stats.clone(),
+                    epsilon,
+                    relu,
                 );
-                prep.finish((x, gamma, stats, epsilon), out)
+                prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => prep.finish(Flex::batch_norm_normalize(
                 x.into_primitive(),
@@ -178,6 +205,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
                 beta.into_primitive(),
                 stats,
                 epsilon,
+                relu,
             )),
         }
     }
@@ -197,10 +225,28 @@ pub fn batch_norm_kernels_run(x: &Tensor<4>) -> bool {
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`; output: the same.
 pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize(norm, x, false)
+}
+
+/// `relu(batch_norm_train(norm, x))`, with the ReLU in the normalisation's write (and
+/// its mask in the normalisation's backward passes) where the kernels of this module run.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, h, w]`; output: the same.
+pub fn batch_norm_relu_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+    normalize(norm, x, true)
+}
+
+fn normalize(norm: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
     let device = x.device();
     let training = device.is_autodiff() && norm.training.is_enabled();
     if !training || !batch_norm_kernels_run(&x) || norm.gamma.val().dtype() != DType::F32 {
-        return norm.forward(x);
+        let y = norm.forward(x);
+        return if relu {
+            burn::tensor::activation::relu(y)
+        } else {
+            y
+        };
     }
     let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
         x.clone().detach().into_dispatch(),
@@ -211,6 +257,7 @@ pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
         norm.beta.val().into_dispatch(),
         stats.clone().into_dispatch(),
         norm.epsilon,
+        relu,
     ));
     let channels = stats.dims()[1];
     let [mean, variance] = [0, 1].map(|row| stats.clone().narrow(0, row, 1).reshape([channels]));

@@ -31,6 +31,15 @@ pub trait Forward {
     fn batch_norm(&mut self, norm: &BatchNorm, x: Self::Map) -> Result<Self::Map, Self::Error>;
     /// ReLU on a map.
     fn relu(&mut self, x: Self::Map) -> Result<Self::Map, Self::Error>;
+    /// Batch norm then ReLU (one step where an implementation fuses them).
+    fn batch_norm_relu(
+        &mut self,
+        norm: &BatchNorm,
+        x: Self::Map,
+    ) -> Result<Self::Map, Self::Error> {
+        let y = self.batch_norm(norm, x)?;
+        self.relu(y)
+    }
     /// Max pooling.
     fn max_pool(&mut self, pool: &MaxPool2d, x: Self::Map) -> Result<Self::Map, Self::Error>;
     /// Average pooling.
@@ -78,10 +87,18 @@ impl HeadLayer {
 }
 
 impl ConvNet {
-    /// The forward pass: features, adaptive pooling, `fc6`, flatten, classifier.
+    /// The forward pass: features (a batch norm followed by a ReLU as one
+    /// [`Forward::batch_norm_relu`]), adaptive pooling, `fc6`, flatten, classifier.
     pub fn walk<F: Forward>(&self, f: &mut F, mut x: F::Map) -> Result<F::Vector, F::Error> {
-        for layer in &self.features {
-            x = layer.walk(f, x)?;
+        let mut layers = self.features.iter().peekable();
+        while let Some(layer) = layers.next() {
+            x = match (layer, layers.peek()) {
+                (FeatureLayer::BatchNorm(norm), Some(FeatureLayer::Relu(_))) => {
+                    layers.next();
+                    f.batch_norm_relu(norm, x)?
+                }
+                _ => layer.walk(f, x)?,
+            };
         }
         x = f.adaptive_avg_pool(&self.avgpool, x)?;
         if let Some(fc6) = &self.fc6 {
@@ -104,14 +121,14 @@ impl Block {
             shortcut = layer.walk(f, shortcut)?;
         }
         let mut y = f.conv(&self.conv1, x)?;
-        y = f.batch_norm(&self.bn1, y)?;
-        y = f.relu(y)?;
+        y = f.batch_norm_relu(&self.bn1, y)?;
         y = f.conv(&self.conv2, y)?;
-        y = f.batch_norm(&self.bn2, y)?;
         if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = f.relu(y)?;
+            y = f.batch_norm_relu(&self.bn2, y)?;
             y = f.conv(conv3, y)?;
             y = f.batch_norm(bn3, y)?;
+        } else {
+            y = f.batch_norm(&self.bn2, y)?;
         }
         f.add_relu(y, shortcut)
     }
@@ -121,8 +138,7 @@ impl ResNet {
     /// The forward pass: stem, the four stages, global pooling, classifier.
     pub fn walk<F: Forward>(&self, f: &mut F, x: F::Map) -> Result<F::Vector, F::Error> {
         let mut x = f.conv(&self.conv1, x)?;
-        x = f.batch_norm(&self.bn1, x)?;
-        x = f.relu(x)?;
+        x = f.batch_norm_relu(&self.bn1, x)?;
         x = f.max_pool(&self.maxpool, x)?;
         for block in self
             .layer1
@@ -166,6 +182,10 @@ impl Forward for Modules {
 
     fn batch_norm(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
         Ok(crate::layer::batch_norm_train(norm, x))
+    }
+
+    fn batch_norm_relu(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
+        Ok(crate::layer::batch_norm_relu_train(norm, x))
     }
 
     fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
