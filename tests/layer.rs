@@ -371,36 +371,41 @@ fn authors_initializer_is_kaiming_normal_fan_out() {
 }
 
 /// The CPU training batch norm (`batch_norm_train`, NCHW kernels) against burn's own
-/// `BatchNorm::forward` on the same module, and `batch_norm_relu_train` against burn's
-/// batch norm then ReLU: output, the three gradients and the running statistics, over
+/// `BatchNorm::forward` on the same module, `batch_norm_relu_train` against burn's batch
+/// norm then ReLU, and `batch_norm_add_relu_train` against burn's batch norm, add and
+/// ReLU: output, the gradients (the residual's included) and the running statistics, over
 /// batches of one and more, odd planes and two steps; and the same bits on a second run.
 #[test]
 fn training_batch_norm_matches_burns() {
     use burn::nn::BatchNormConfig;
     use burn::tensor::activation::relu as burn_relu;
-    use versatile::layer::{batch_norm_relu_train, batch_norm_train};
+    use versatile::layer::{batch_norm_add_relu_train, batch_norm_relu_train, batch_norm_train};
 
+    #[derive(Debug, Clone, Copy)]
+    enum Then {
+        Nothing,
+        Relu,
+        AddRelu,
+    }
     let device = Device::flex().autodiff();
     let mut rng = Rng(0x626e);
     let shapes = [[4, 3, 5, 7], [1, 6, 3, 3], [6, 5, 1, 1], [3, 2, 9, 11]];
-    for (relu, shape) in [false, true]
+    for (then, shape) in [Then::Nothing, Then::Relu, Then::AddRelu]
         .into_iter()
-        .flat_map(|relu| shapes.map(|shape| (relu, shape)))
+        .flat_map(|then| shapes.map(|shape| (then, shape)))
     {
-        let theirs_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>| {
+        let theirs_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>, res: Tensor<4>| {
             let y = norm.forward(x);
-            if relu {
-                burn_relu(y)
-            } else {
-                y
+            match then {
+                Then::Nothing => y,
+                Then::Relu => burn_relu(y),
+                Then::AddRelu => burn_relu(y + res),
             }
         };
-        let ours_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>| {
-            if relu {
-                batch_norm_relu_train(norm, x)
-            } else {
-                batch_norm_train(norm, x)
-            }
+        let ours_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>, res: Tensor<4>| match then {
+            Then::Nothing => batch_norm_train(norm, x),
+            Then::Relu => batch_norm_relu_train(norm, x),
+            Then::AddRelu => batch_norm_add_relu_train(norm, x, res),
         };
         let channels = shape[1];
         let gamma = rng.tensor([channels], &device, DType::F32) + 1.5;
@@ -420,19 +425,23 @@ fn training_batch_norm_matches_burns() {
         for step in 0..2 {
             let x = (rng.tensor(shape, &device, DType::F32) * 3.0 + 0.5).require_grad();
             let r = rng.tensor(shape, &device, DType::F32);
-            let run = |f: &dyn Fn(Tensor<4>) -> Tensor<4>, norm: &burn::nn::BatchNorm| {
+            let res = rng.tensor(shape, &device, DType::F32);
+            type Step<'a> = &'a dyn Fn(Tensor<4>, Tensor<4>) -> Tensor<4>;
+            let run = |f: Step, norm: &burn::nn::BatchNorm| {
                 let x = x.clone().detach().require_grad();
-                let out = f(x.clone());
+                let res = res.clone().detach().require_grad();
+                let out = f(x.clone(), res.clone());
                 let grads = (out.clone() * r.clone()).sum().backward();
                 vec![
                     host_any(out),
                     host_any(x.grad(&grads).unwrap()),
                     host_any(norm.gamma.grad(&grads).unwrap()),
                     host_any(norm.beta.grad(&grads).unwrap()),
+                    res.grad(&grads).map(host_any).unwrap_or_default(),
                 ]
             };
-            let want = run(&|x| theirs_forward(&theirs, x), &theirs);
-            let got = run(&|x| ours_forward(&ours, x), &ours);
+            let want = run(&|x, res| theirs_forward(&theirs, x, res), &theirs);
+            let got = run(&|x, res| ours_forward(&ours, x, res), &ours);
             let stats = |norm: &burn::nn::BatchNorm| {
                 vec![
                     host_any(norm.running_mean.value_sync()),
@@ -445,6 +454,7 @@ fn training_batch_norm_matches_burns() {
                 "grad_x",
                 "grad_gamma",
                 "grad_beta",
+                "grad_residual",
                 "running_mean",
                 "running_var",
             ];
@@ -456,10 +466,10 @@ fn training_batch_norm_matches_burns() {
                 let err = common::relative_error(g, w);
                 assert!(
                     err < 1e-5,
-                    "{shape:?} relu {relu} step {step} {name}: relative error {err:.2e}"
+                    "{shape:?} {then:?} step {step} {name}: relative error {err:.2e}"
                 );
             }
-            let again = run(&|x| ours_forward(&twin, x), &twin);
+            let again = run(&|x, res| ours_forward(&twin, x, res), &twin);
             assert_eq!(
                 bits(&got),
                 bits(&again),

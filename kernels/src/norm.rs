@@ -198,6 +198,99 @@ fn normalize_as<const RELU: bool>(
     out
 }
 
+/// `relu(normalize(x) + residual)`: the end of a residual block (the second batch norm,
+/// the shortcut's add and the ReLU) in one pass; a new activation of `x`'s shape.
+///
+/// # Panics
+/// If a slice does not have the length `shape` gives it.
+pub fn normalize_add_relu(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    residual: &[f32],
+    shape: NormShape,
+) -> Vec<f32> {
+    let channels = shape.channels;
+    assert_eq!(x.len(), shape.len(), "normalize_add_relu: input length");
+    assert_eq!(
+        residual.len(),
+        shape.len(),
+        "normalize_add_relu: residual length"
+    );
+    assert_eq!(
+        stats.len(),
+        2 * channels,
+        "normalize_add_relu: stats length"
+    );
+    assert!(
+        gamma.len() == channels && beta.len() == channels,
+        "normalize_add_relu: gamma/beta length"
+    );
+    let mut out = write_planes(shape, x, |i, x, out| {
+        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
+        let residual = &residual[i * shape.plane..][..shape.plane];
+        assert!(out.len() == x.len() && residual.len() == x.len());
+        for ((o, &v), &r) in out.iter_mut().zip(x).zip(residual) {
+            let y = v * scale + shift + r;
+            o.write(if y < 0.0 { 0.0 } else { y });
+        }
+    });
+    // SAFETY: as in `normalize_as`: every plane of the first `shape.len()` spare slots was
+    // zipped with an input plane of its length (asserted) and fully written.
+    unsafe { out.set_len(shape.len()) };
+    out
+}
+
+/// The gradient of [`normalize_add_relu`] at its ReLU: `grad` where `normalize(x) +
+/// residual`, recomputed to the bit, is above zero, else zero. It is the residual's
+/// gradient, and [`normalize_backward`] (without ReLU) of it gives the others.
+///
+/// # Panics
+/// If a slice does not have the length `shape` gives it.
+#[allow(clippy::too_many_arguments)]
+pub fn add_relu_backward(
+    x: &[f32],
+    grad: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    residual: &[f32],
+    shape: NormShape,
+) -> Vec<f32> {
+    let channels = shape.channels;
+    for (what, len) in [
+        ("input", x.len()),
+        ("gradient", grad.len()),
+        ("residual", residual.len()),
+    ] {
+        assert_eq!(len, shape.len(), "add_relu_backward: {what} length");
+    }
+    assert_eq!(stats.len(), 2 * channels, "add_relu_backward: stats length");
+    assert!(
+        gamma.len() == channels && beta.len() == channels,
+        "add_relu_backward: gamma/beta length"
+    );
+    let mut passed = write_planes(shape, x, |i, x, out| {
+        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
+        let (grad, residual) = (
+            &grad[i * shape.plane..][..shape.plane],
+            &residual[i * shape.plane..][..shape.plane],
+        );
+        assert!(out.len() == x.len() && grad.len() == x.len() && residual.len() == x.len());
+        for (((o, &v), &g), &r) in out.iter_mut().zip(x).zip(grad).zip(residual) {
+            o.write(if v * scale + shift + r <= 0.0 { 0.0 } else { g });
+        }
+    });
+    // SAFETY: as in `normalize_as`: every plane of the first `shape.len()` spare slots was
+    // zipped with input, gradient and residual planes of its length (asserted) and fully
+    // written.
+    unsafe { passed.set_len(shape.len()) };
+    passed
+}
+
 /// The gradients of [`normalize`] (with the same `relu`) with the batch's own statistics
 /// (the statistics' dependence on `x` included) for the output gradient `grad`: returns
 /// `dx` (same shape as `x`) and writes per channel `dgamma` and `dbeta`. With `relu`, the
@@ -431,6 +524,82 @@ mod tests {
                 });
                 assert!((f64::from(dbeta[c]) - numeric).abs() < 1e-3, "dbeta[{c}]");
             }
+        }
+    }
+    /// `normalize_add_relu` and its gradients (`add_relu_backward`, then
+    /// `normalize_backward` without ReLU) against central differences of the f64 loss
+    /// `sum(relu(batch_norm(x) + residual) * r)`.
+    #[test]
+    fn add_relu_matches_the_definition() {
+        let eps = 1e-5;
+        let shape = NormShape {
+            batch: 3,
+            channels: 4,
+            plane: 13,
+        };
+        let x = values(shape, 3);
+        let residual: Vec<f32> = values(shape, 4).iter().map(|v| v * 0.5 - 1.0).collect();
+        let r = values(shape, 5);
+        let gamma: Vec<f32> = (0..shape.channels).map(|c| 0.5 + c as f32 * 0.25).collect();
+        let beta: Vec<f32> = (0..shape.channels).map(|c| c as f32 * 0.1 - 0.2).collect();
+        let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        let (gw, bw) = (wide(&gamma), wide(&beta));
+        let loss = |x: &[f64], res: &[f64]| {
+            let mut total = 0.0;
+            for c in 0..shape.channels {
+                let idx = |b: usize, k: usize| (b * shape.channels + c) * shape.plane + k;
+                let all =
+                    || (0..shape.batch).flat_map(|b| (0..shape.plane).map(move |k| idx(b, k)));
+                let mean = all().map(|i| x[i]).sum::<f64>() / shape.count();
+                let var = all().map(|i| (x[i] - mean).powi(2)).sum::<f64>() / shape.count();
+                for i in all() {
+                    let y = (x[i] - mean) / (var + eps).sqrt() * gw[c] + bw[c] + res[i];
+                    total += y.max(0.0) * f64::from(r[i]);
+                }
+            }
+            total
+        };
+        let mut stats = vec![0.0; 2 * shape.channels];
+        batch_stats(&x, shape, &mut stats);
+        let out = normalize_add_relu(&x, &gamma, &beta, &stats, eps, &residual, shape);
+        let (xw, rw) = (wide(&x), wide(&residual));
+        let got: f64 = out.iter().zip(&r).map(|(o, r)| f64::from(o * r)).sum();
+        let want = loss(&xw, &rw);
+        assert!(
+            (got - want).abs() < 1e-4 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+        assert!(out.iter().any(|&v| v == 0.0) && out.iter().any(|&v| v > 0.0));
+
+        let passed = add_relu_backward(&x, &r, &gamma, &beta, &stats, eps, &residual, shape);
+        let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
+        let dx = normalize_backward(
+            &x,
+            &passed,
+            &gamma,
+            &beta,
+            &stats,
+            eps,
+            false,
+            shape,
+            &mut dgamma,
+            &mut dbeta,
+        );
+        let h = 1e-6;
+        for i in [0, 7, shape.len() / 2, shape.len() - 1] {
+            let nudged = |v: &[f64], d: f64| {
+                let mut v = v.to_vec();
+                v[i] += d;
+                v
+            };
+            let dx_numeric = (loss(&nudged(&xw, h), &rw) - loss(&nudged(&xw, -h), &rw)) / (2.0 * h);
+            let dres_numeric =
+                (loss(&xw, &nudged(&rw, h)) - loss(&xw, &nudged(&rw, -h))) / (2.0 * h);
+            assert!((f64::from(dx[i]) - dx_numeric).abs() < 1e-3, "dx[{i}]");
+            assert!(
+                (f64::from(passed[i]) - dres_numeric).abs() < 1e-3,
+                "dresidual[{i}]"
+            );
         }
     }
 }

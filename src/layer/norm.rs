@@ -15,6 +15,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
 use burn::nn::BatchNorm;
+use burn::tensor::activation::relu;
 use burn::tensor::{DType, Tensor};
 
 use super::fused::{flex_tensor, is_flex, with_values};
@@ -39,6 +40,17 @@ pub trait BatchNormBackend: burn::backend::Backend {
         stats: FloatTensor<Self>,
         epsilon: f64,
         relu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `relu(batch_norm_normalize(x, gamma, beta, stats, epsilon) + residual)`: the end
+    /// of a residual block; its gradient treats the statistics as functions of `x`.
+    fn batch_norm_add_relu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
     ) -> FloatTensor<Self>;
 }
 
@@ -79,6 +91,36 @@ impl BatchNormBackend for Flex {
         });
         flex_tensor(out, x.layout().shape().to_vec())
     }
+
+    fn batch_norm_add_relu(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        residual: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        let shape = norm_shape(&x);
+        assert_eq!(
+            residual.layout().shape(),
+            x.layout().shape(),
+            "batch_norm_add_relu: the residual's shape differs from the input's"
+        );
+        let out = with_values(&x, |x: &[f32]| {
+            with_values(&gamma, |gamma: &[f32]| {
+                with_values(&beta, |beta: &[f32]| {
+                    with_values(&stats, |stats: &[f32]| {
+                        with_values(&residual, |residual: &[f32]| {
+                            kernels::normalize_add_relu(
+                                x, gamma, beta, stats, epsilon, residual, shape,
+                            )
+                        })
+                    })
+                })
+            })
+        });
+        flex_tensor(out, x.layout().shape().to_vec())
+    }
 }
 
 /// The statistics' backward step: none (see [`BatchNormBackend::batch_norm_stats`]).
@@ -106,34 +148,24 @@ struct NormalizeState {
     relu: bool,
 }
 
-impl Backward<Flex, 3> for NormalizeBackward {
-    type State = NormalizeState;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = grads.consume::<Flex>(&ops.node);
-        let NormalizeState {
-            x,
-            gamma,
-            beta,
-            stats,
-            epsilon,
-            relu,
-        } = ops.state;
-        let shape = norm_shape(&x);
+impl NormalizeState {
+    /// The gradients of `x`, gamma and beta for the output gradient `grad`.
+    fn gradients(&self, grad: &FlexTensor) -> [FlexTensor; 3] {
+        let shape = norm_shape(&self.x);
         let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
-        let dx = with_values(&x, |x: &[f32]| {
-            with_values(&grad, |grad: &[f32]| {
-                with_values(&gamma, |gamma: &[f32]| {
-                    with_values(&beta, |beta: &[f32]| {
-                        with_values(&stats, |stats: &[f32]| {
+        let dx = with_values(&self.x, |x: &[f32]| {
+            with_values(grad, |grad: &[f32]| {
+                with_values(&self.gamma, |gamma: &[f32]| {
+                    with_values(&self.beta, |beta: &[f32]| {
+                        with_values(&self.stats, |stats: &[f32]| {
                             kernels::normalize_backward(
                                 x,
                                 grad,
                                 gamma,
                                 beta,
                                 stats,
-                                epsilon,
-                                relu,
+                                self.epsilon,
+                                self.relu,
                                 shape,
                                 &mut dgamma,
                                 &mut dbeta,
@@ -144,12 +176,67 @@ impl Backward<Flex, 3> for NormalizeBackward {
             })
         });
         let channels = vec![shape.channels];
-        let results = [
-            flex_tensor(dx, x.layout().shape().to_vec()),
+        [
+            flex_tensor(dx, self.x.layout().shape().to_vec()),
             flex_tensor(dgamma, channels.clone()),
             flex_tensor(dbeta, channels),
-        ];
-        for (parent, value) in ops.parents.iter().zip(results) {
+        ]
+    }
+}
+
+impl Backward<Flex, 3> for NormalizeBackward {
+    type State = NormalizeState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let values = ops.state.gradients(&grad);
+        for (parent, value) in ops.parents.iter().zip(values) {
+            if let Some(node) = parent {
+                grads.register::<Flex>(node.id, value);
+            }
+        }
+    }
+}
+
+/// The backward step of [`BatchNormBackend::batch_norm_add_relu`]; parents `[x, gamma,
+/// beta, residual]`.
+#[derive(Debug)]
+struct AddReluBackward;
+
+impl Backward<Flex, 4> for AddReluBackward {
+    /// The normalisation (without ReLU) and the residual.
+    type State = (NormalizeState, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (norm, residual) = ops.state;
+        let shape = norm_shape(&norm.x);
+        // The gradient past the ReLU: the residual's, and the normalisation's output's.
+        let passed = with_values(&norm.x, |x: &[f32]| {
+            with_values(&grad, |grad: &[f32]| {
+                with_values(&norm.gamma, |gamma: &[f32]| {
+                    with_values(&norm.beta, |beta: &[f32]| {
+                        with_values(&norm.stats, |stats: &[f32]| {
+                            with_values(&residual, |residual: &[f32]| {
+                                kernels::add_relu_backward(
+                                    x,
+                                    grad,
+                                    gamma,
+                                    beta,
+                                    stats,
+                                    norm.epsilon,
+                                    residual,
+                                    shape,
+                                )
+                            })
+                        })
+                    })
+                })
+            })
+        });
+        let passed = flex_tensor(passed, norm.x.layout().shape().to_vec());
+        let [dx, dgamma, dbeta] = norm.gradients(&passed);
+        for (parent, value) in ops.parents.iter().zip([dx, dgamma, dbeta, passed]) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, value);
             }
@@ -209,6 +296,51 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             )),
         }
     }
+
+    fn batch_norm_add_relu(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        residual: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        let stats = stats.into_primitive();
+        match AddReluBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let norm = NormalizeState {
+                    x: x.into_primitive(),
+                    gamma: gamma.into_primitive(),
+                    beta: beta.into_primitive(),
+                    stats,
+                    epsilon,
+                    relu: false,
+                };
+                let residual = residual.into_primitive();
+                let out = Flex::batch_norm_add_relu(
+                    norm.x.clone(),
+                    norm.gamma.clone(),
+                    norm.beta.clone(),
+                    norm.stats.clone(),
+                    residual.clone(),
+                    epsilon,
+                );
+                prep.finish((norm, residual), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::batch_norm_add_relu(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                stats,
+                residual.into_primitive(),
+                epsilon,
+            )),
+        }
+    }
 }
 
 /// Whether [`batch_norm_train`] runs its own kernels on `x` (f32 on `Flex`, with
@@ -225,7 +357,7 @@ pub fn batch_norm_kernels_run(x: &Tensor<4>) -> bool {
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`; output: the same.
 pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    normalize(norm, x, false)
+    normalize(norm, x, Then::Nothing)
 }
 
 /// `relu(batch_norm_train(norm, x))`, with the ReLU in the normalisation's write (and
@@ -234,31 +366,69 @@ pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`; output: the same.
 pub fn batch_norm_relu_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
-    normalize(norm, x, true)
+    normalize(norm, x, Then::Relu)
 }
 
-fn normalize(norm: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+/// `relu(batch_norm_train(norm, x) + residual)`, the end of a residual block, as one
+/// pass where the kernels of this module run.
+///
+/// # Shapes
+/// - `x`, `residual`: `[batch, channels, h, w]`; output: the same.
+pub fn batch_norm_add_relu_train(norm: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
+    normalize(norm, x, Then::AddRelu(Box::new(residual)))
+}
+
+/// What follows the normalisation, in the same operation.
+enum Then {
+    Nothing,
+    Relu,
+    AddRelu(Box<Tensor<4>>),
+}
+
+fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
     let device = x.device();
     let training = device.is_autodiff() && norm.training.is_enabled();
-    if !training || !batch_norm_kernels_run(&x) || norm.gamma.val().dtype() != DType::F32 {
+    let residual_fits = match &then {
+        Then::AddRelu(residual) => residual.dims() == x.dims() && residual.dtype() == DType::F32,
+        _ => true,
+    };
+    if !training
+        || !batch_norm_kernels_run(&x)
+        || norm.gamma.val().dtype() != DType::F32
+        || !residual_fits
+    {
         let y = norm.forward(x);
-        return if relu {
-            burn::tensor::activation::relu(y)
-        } else {
-            y
+        return match then {
+            Then::Nothing => y,
+            Then::Relu => relu(y),
+            Then::AddRelu(residual) => relu(y + *residual),
         };
     }
     let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
         x.clone().detach().into_dispatch(),
     ));
-    let out = Tensor::<4>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_normalize(
-        x.into_dispatch(),
+    let (gamma, beta) = (
         norm.gamma.val().into_dispatch(),
         norm.beta.val().into_dispatch(),
-        stats.clone().into_dispatch(),
-        norm.epsilon,
-        relu,
-    ));
+    );
+    let out = Tensor::<4>::from_dispatch(match then {
+        Then::Nothing | Then::Relu => <Dispatch as BatchNormBackend>::batch_norm_normalize(
+            x.into_dispatch(),
+            gamma,
+            beta,
+            stats.clone().into_dispatch(),
+            norm.epsilon,
+            matches!(then, Then::Relu),
+        ),
+        Then::AddRelu(residual) => <Dispatch as BatchNormBackend>::batch_norm_add_relu(
+            x.into_dispatch(),
+            gamma,
+            beta,
+            stats.clone().into_dispatch(),
+            residual.into_dispatch(),
+            norm.epsilon,
+        ),
+    });
     let channels = stats.dims()[1];
     let [mean, variance] = [0, 1].map(|row| stats.clone().narrow(0, row, 1).reshape([channels]));
     let momentum = norm.momentum;

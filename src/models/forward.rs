@@ -52,6 +52,16 @@ pub trait Forward {
     ) -> Result<Self::Map, Self::Error>;
     /// `relu(x + shortcut)`: the end of a residual block.
     fn add_relu(&mut self, x: Self::Map, shortcut: Self::Map) -> Result<Self::Map, Self::Error>;
+    /// `relu(batch_norm(x) + shortcut)` (one step where an implementation fuses them).
+    fn batch_norm_add_relu(
+        &mut self,
+        norm: &BatchNorm,
+        x: Self::Map,
+        shortcut: Self::Map,
+    ) -> Result<Self::Map, Self::Error> {
+        let y = self.batch_norm(norm, x)?;
+        self.add_relu(y, shortcut)
+    }
     /// `[batch, c, h, w]` to `[batch, c * h * w]`.
     fn flatten(&mut self, x: Self::Map) -> Result<Self::Vector, Self::Error>;
     /// A linear layer.
@@ -123,14 +133,15 @@ impl Block {
         let mut y = f.conv(&self.conv1, x)?;
         y = f.batch_norm_relu(&self.bn1, y)?;
         y = f.conv(&self.conv2, y)?;
-        if let (Some(conv3), Some(bn3)) = (&self.conv3, &self.bn3) {
-            y = f.batch_norm_relu(&self.bn2, y)?;
-            y = f.conv(conv3, y)?;
-            y = f.batch_norm(bn3, y)?;
-        } else {
-            y = f.batch_norm(&self.bn2, y)?;
-        }
-        f.add_relu(y, shortcut)
+        let last_norm = match (&self.conv3, &self.bn3) {
+            (Some(conv3), Some(bn3)) => {
+                y = f.batch_norm_relu(&self.bn2, y)?;
+                y = f.conv(conv3, y)?;
+                bn3
+            }
+            _ => &self.bn2,
+        };
+        f.batch_norm_add_relu(last_norm, y, shortcut)
     }
 }
 
@@ -210,6 +221,15 @@ impl Forward for Modules {
 
     fn add_relu(&mut self, x: Tensor<4>, shortcut: Tensor<4>) -> Result<Tensor<4>, Infallible> {
         Ok(relu(x + shortcut))
+    }
+
+    fn batch_norm_add_relu(
+        &mut self,
+        norm: &BatchNorm,
+        x: Tensor<4>,
+        shortcut: Tensor<4>,
+    ) -> Result<Tensor<4>, Infallible> {
+        Ok(crate::layer::batch_norm_add_relu_train(norm, x, shortcut))
     }
 
     fn flatten(&mut self, x: Tensor<4>) -> Result<Tensor<2>, Infallible> {
