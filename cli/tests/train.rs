@@ -169,3 +169,50 @@ fn bad_configurations_exit_with_usage_errors() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("nowhere"));
 }
+
+/// `--bench-steps --json` reports the step's memory beside its timings: a heap peak at
+/// least as large as the activations the step must hold at once, and (on Linux) the
+/// resident set's rise and high-water mark.
+#[test]
+fn bench_steps_report_the_memory_of_a_step() {
+    let dir = scratch("bench-memory");
+    let sample = sample();
+    let out = versatile(
+        &[
+            "train",
+            "--model",
+            "vgg_small",
+            "--variant",
+            "spatial",
+            "--data",
+            sample.to_str().unwrap(),
+            "--train-per-class",
+            "4",
+            "--test-per-class",
+            "1",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--bench-steps",
+            "1",
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let memory = &report["memory"];
+    let heap = memory["heap_peak_bytes"].as_u64().expect("heap_peak_bytes");
+    // The first convolution's output alone: 32 images x 32 channels x 28 x 28 floats,
+    // kept for the backward pass with the batch norm's and the next layer's.
+    let first_map = 32 * 32 * 28 * 28 * 4;
+    assert!(heap > 3 * first_map, "{memory}");
+    if cfg!(target_os = "linux") {
+        let rise = memory["rss_growth_bytes"]
+            .as_u64()
+            .expect("rss_growth_bytes");
+        let peak = memory["rss_peak_bytes"].as_u64().expect("rss_peak_bytes");
+        assert!(rise > 0 && peak > rise, "{memory}");
+    }
+}

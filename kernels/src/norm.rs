@@ -1,7 +1,10 @@
 //! Batch normalisation of NCHW activations in training: a batch's per-channel statistics,
-//! the normalisation with them, and its gradients, each in one pass over the activation
-//! and without moving the channel axis (a generic batch norm transposes the activation to
-//! channel-major for every reduction, forward and backward).
+//! the normalisation with them (optionally followed by a ReLU, or by a residual add and a
+//! ReLU, in the same write), and its gradients, each in one pass over the activation and
+//! without moving the channel axis (a generic batch norm transposes the activation to
+//! channel-major for every reduction, forward and backward). The backward passes
+//! recompute the ReLU's mask from the input, bit for bit as the forward computed it, so
+//! no mask or output is kept.
 //!
 //! Every channel's sums run in one fixed order (image by image; within a plane in eight
 //! interleaved f32 lanes, each plane's total added in f64), whatever the thread count, so

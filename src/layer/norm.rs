@@ -1,11 +1,14 @@
-//! Batch normalisation in training on `Flex` as two backend operations with their own
-//! `Autodiff` backward: the batch's statistics, then the normalisation, each one pass of
-//! the NCHW kernels in [`crate::kernels::norm`]. burn's generic training batch norm
-//! transposes the activation to channel-major for each reduction, forward and backward
-//! (its layout copies were the largest single item of a `vgg_small` training step).
+//! Batch normalisation in training on `Flex` as backend operations with their own
+//! `Autodiff` backward: the batch's statistics, then the normalisation (optionally with
+//! the ReLU after it, or with a residual block's add and ReLU), each one pass of the NCHW
+//! kernels in [`crate::kernels::norm`]. burn's generic training batch norm transposes the
+//! activation to channel-major for each reduction, forward and backward (its layout
+//! copies were the largest single item of a `vgg_small` training step), and a separate
+//! ReLU (and add) costs a pass and an activation more each way.
 //!
-//! [`batch_norm_train`] is what the models call; it updates the module's running
-//! statistics as burn's `BatchNorm` does, so records and checkpoints are unchanged.
+//! [`batch_norm_train`], [`batch_norm_relu_train`] and [`batch_norm_add_relu_train`] are
+//! what the models call; they update the module's running statistics as burn's
+//! `BatchNorm` does, so records and checkpoints are unchanged.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -21,8 +24,7 @@ use burn::tensor::{DType, Tensor};
 use super::fused::{flex_tensor, is_flex, with_values};
 use crate::kernels::norm::{self as kernels, NormShape};
 
-/// The training batch norm's two steps as backend operations (on `Flex` and its
-/// `Autodiff`).
+/// The training batch norm's steps as backend operations (on `Flex` and its `Autodiff`).
 #[backend_extension(Flex, Autodiff)]
 pub trait BatchNormBackend: burn::backend::Backend {
     /// The per-channel mean and biased variance of `x` `[batch, c, h, w]`, as `[2, c]`
