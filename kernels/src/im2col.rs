@@ -92,6 +92,9 @@ struct RunTable {
     /// `spans[kx * runs + r]`: the run's valid columns `[lo, hi)` (see [`valid_span`]) at
     /// kernel column `kx`, and the input column of `lo`.
     spans: Vec<(usize, usize, usize)>,
+    /// `reads[ring][pos]`: whether some run reads the input at that kernel position (on
+    /// maps smaller than the kernel, most positions fall in the padding for every run).
+    reads: Vec<Vec<bool>>,
 }
 
 impl RunTable {
@@ -123,16 +126,26 @@ impl RunTable {
                 })
             })
             .collect();
-        RunTable {
+        let mut table = RunTable {
             runs: runs.len(),
             rows,
             spans,
-        }
+            reads: Vec::new(),
+        };
+        table.reads = plan
+            .rings
+            .iter()
+            .map(|ring| {
+                ring.iter()
+                    .map(|&(ky, kx)| table.reads_at(ky, kx))
+                    .collect()
+            })
+            .collect();
+        table
     }
 
-    /// Whether some run reads the input at kernel position `(ky, kx)` (on maps smaller
-    /// than the kernel, most positions fall in the padding for every run).
-    fn reads(&self, ky: usize, kx: usize) -> bool {
+    /// Whether some run reads the input at kernel position `(ky, kx)`.
+    fn reads_at(&self, ky: usize, kx: usize) -> bool {
         let rows = &self.rows[ky * self.runs..][..self.runs];
         let spans = &self.spans[kx * self.runs..][..self.runs];
         rows.iter().any(Option::is_some) && spans.iter().any(|&(lo, hi, _)| hi > lo)
@@ -157,13 +170,8 @@ pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, col
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
-    let reads: Vec<Vec<bool>> = plan
-        .rings
-        .iter()
-        .map(|ring| ring.iter().map(|&(ky, kx)| table.reads(ky, kx)).collect())
-        .collect();
     let mut row = 0;
-    for (ring, reads) in plan.rings.iter().zip(&reads) {
+    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
         for ch in 0..c {
             for (&(ky, kx), &read) in ring.iter().zip(reads) {
                 let dst = &mut cols[row * width..(row + 1) * width];
@@ -211,13 +219,8 @@ pub fn col2im<T: Real>(
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
-    let reads: Vec<Vec<bool>> = plan
-        .rings
-        .iter()
-        .map(|ring| ring.iter().map(|&(ky, kx)| table.reads(ky, kx)).collect())
-        .collect();
     let mut row = 0;
-    for (ring, reads) in plan.rings.iter().zip(&reads) {
+    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
         for ch in 0..c {
             for (&(ky, kx), &read) in ring.iter().zip(reads) {
                 let src = &cols[row * width..(row + 1) * width];

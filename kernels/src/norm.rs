@@ -10,8 +10,6 @@
 //! interleaved f32 lanes, each plane's total added in f64), whatever the thread count, so
 //! results are the same bits on every run.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 /// An NCHW activation as the batch-norm kernels see it.
@@ -39,6 +37,11 @@ impl NormShape {
     /// Values each channel's statistics are taken over.
     fn count(&self) -> f64 {
         (self.batch * self.plane) as f64
+    }
+
+    /// Plane `i` of an activation: image `i / channels`, channel `i % channels`.
+    fn plane_at<'a>(&self, values: &'a [f32], i: usize) -> &'a [f32] {
+        &values[i * self.plane..][..self.plane]
     }
 
     /// Channel `channel`'s plane of each image, in image order.
@@ -124,28 +127,56 @@ fn affine(c: usize, gamma: &[f32], beta: &[f32], stats: &[f32], epsilon: f64) ->
     (scale, beta[c] - stats[c] * scale)
 }
 
-/// A vector of `shape.len()` values whose planes `fill(plane index, input plane, output
-/// plane)` writes in parallel, without zeroing it first (a zeroing pass cost as much as
-/// the write itself).
-fn write_planes(
+/// A new activation of `shape` whose plane `i` (image `i / channels`, channel
+/// `i % channels`) holds the values `plane(i)` yields, the planes written in parallel and
+/// without zeroing the activation first (a zeroing pass cost as much as the write).
+///
+/// # Panics
+/// If an iterator yields fewer values than a plane holds.
+fn write_planes<I: Iterator<Item = f32>>(
     shape: NormShape,
-    input: &[f32],
-    fill: impl Fn(usize, &[f32], &mut [MaybeUninit<f32>]) + Sync,
+    plane: impl Fn(usize) -> I + Sync,
 ) -> Vec<f32> {
     let len = shape.len();
-    assert_eq!(input.len(), len, "write_planes: input length");
     let mut out = Vec::with_capacity(len);
     if len == 0 {
         return out;
     }
     out.spare_capacity_mut()[..len]
         .par_chunks_mut(shape.plane)
-        .zip(input.par_chunks(shape.plane))
         .enumerate()
-        .for_each(|(i, (out, input))| {
-            fill(i, input, out);
+        .for_each(|(i, slots)| {
+            let mut written = 0;
+            for (slot, value) in slots.iter_mut().zip(plane(i)) {
+                slot.write(value);
+                written += 1;
+            }
+            assert_eq!(written, slots.len(), "write_planes: plane {i} is short");
         });
+    // SAFETY: `Vec::with_capacity(len)` made room for `len` values; the chunks cover the
+    // first `len` spare slots exactly, and every task wrote each slot of its chunk (it
+    // counted them and panicked otherwise, and a task's panic reaches this thread before
+    // this line).
+    unsafe { out.set_len(len) };
     out
+}
+
+/// Panics (naming `op`) unless every activation in `activations` has `shape`'s length,
+/// every vector in `per_channel` one value per channel, and `stats` two.
+fn check_lengths(
+    op: &str,
+    shape: NormShape,
+    activations: &[(&str, &[f32])],
+    per_channel: &[(&str, &[f32])],
+    stats: &[f32],
+) {
+    for (what, values) in activations {
+        assert_eq!(values.len(), shape.len(), "{op}: {what} length");
+    }
+    for (what, values) in per_channel {
+        assert_eq!(values.len(), shape.channels, "{op}: {what} length");
+    }
+    assert_eq!(stats.len(), 2 * shape.channels, "{op}: stats length");
 }
 
 /// `relu?((x - mean) / sqrt(variance + epsilon) * gamma + beta)` per channel, with
@@ -178,27 +209,20 @@ fn normalize_as<const RELU: bool>(
     epsilon: f64,
     shape: NormShape,
 ) -> Vec<f32> {
-    let channels = shape.channels;
-    assert_eq!(x.len(), shape.len(), "normalize: input length");
-    assert_eq!(stats.len(), 2 * channels, "normalize: stats length");
-    assert!(
-        gamma.len() == channels && beta.len() == channels,
-        "normalize: gamma/beta length"
-    );
-    let mut out = write_planes(shape, x, |i, x, out| {
-        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
-        assert_eq!(out.len(), x.len());
-        for (o, &v) in out.iter_mut().zip(x) {
+    let per_channel = [("gamma", gamma), ("beta", beta)];
+    check_lengths("normalize", shape, &[("input", x)], &per_channel, stats);
+    write_planes(shape, |i| {
+        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+        shape.plane_at(x, i).iter().map(move |&v| {
             let y = v * scale + shift;
             // NaN passes the ReLU, so that a diverging run still shows in its loss.
-            o.write(if RELU && y < 0.0 { 0.0 } else { y });
-        }
-    });
-    // SAFETY: `write_planes` split the first `shape.len()` spare slots into planes, each
-    // zipped with an input plane of the same length (asserted above), and the loop wrote
-    // every slot of every plane; `Vec::with_capacity(len)` made room for them.
-    unsafe { out.set_len(shape.len()) };
-    out
+            if RELU && y < 0.0 {
+                0.0
+            } else {
+                y
+            }
+        })
+    })
 }
 
 /// `relu(normalize(x) + residual)`: the end of a residual block (the second batch norm,
@@ -215,35 +239,30 @@ pub fn normalize_add_relu(
     residual: &[f32],
     shape: NormShape,
 ) -> Vec<f32> {
-    let channels = shape.channels;
-    assert_eq!(x.len(), shape.len(), "normalize_add_relu: input length");
-    assert_eq!(
-        residual.len(),
-        shape.len(),
-        "normalize_add_relu: residual length"
+    let activations = [("input", x), ("residual", residual)];
+    let per_channel = [("gamma", gamma), ("beta", beta)];
+    check_lengths(
+        "normalize_add_relu",
+        shape,
+        &activations,
+        &per_channel,
+        stats,
     );
-    assert_eq!(
-        stats.len(),
-        2 * channels,
-        "normalize_add_relu: stats length"
-    );
-    assert!(
-        gamma.len() == channels && beta.len() == channels,
-        "normalize_add_relu: gamma/beta length"
-    );
-    let mut out = write_planes(shape, x, |i, x, out| {
-        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
-        let residual = &residual[i * shape.plane..][..shape.plane];
-        assert!(out.len() == x.len() && residual.len() == x.len());
-        for ((o, &v), &r) in out.iter_mut().zip(x).zip(residual) {
-            let y = v * scale + shift + r;
-            o.write(if y < 0.0 { 0.0 } else { y });
-        }
-    });
-    // SAFETY: as in `normalize_as`: every plane of the first `shape.len()` spare slots was
-    // zipped with an input plane of its length (asserted) and fully written.
-    unsafe { out.set_len(shape.len()) };
-    out
+    write_planes(shape, |i| {
+        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+        shape
+            .plane_at(x, i)
+            .iter()
+            .zip(shape.plane_at(residual, i))
+            .map(move |(&v, &r)| {
+                let y = v * scale + shift + r;
+                if y < 0.0 {
+                    0.0
+                } else {
+                    y
+                }
+            })
+    })
 }
 
 /// The gradient of [`normalize_add_relu`] at its ReLU: `grad` where `normalize(x) +
@@ -263,35 +282,24 @@ pub fn add_relu_backward(
     residual: &[f32],
     shape: NormShape,
 ) -> Vec<f32> {
-    let channels = shape.channels;
-    for (what, len) in [
-        ("input", x.len()),
-        ("gradient", grad.len()),
-        ("residual", residual.len()),
-    ] {
-        assert_eq!(len, shape.len(), "add_relu_backward: {what} length");
-    }
-    assert_eq!(stats.len(), 2 * channels, "add_relu_backward: stats length");
-    assert!(
-        gamma.len() == channels && beta.len() == channels,
-        "add_relu_backward: gamma/beta length"
+    let activations = [("input", x), ("gradient", grad), ("residual", residual)];
+    let per_channel = [("gamma", gamma), ("beta", beta)];
+    check_lengths(
+        "add_relu_backward",
+        shape,
+        &activations,
+        &per_channel,
+        stats,
     );
-    let mut passed = write_planes(shape, x, |i, x, out| {
-        let (scale, shift) = affine(i % channels, gamma, beta, stats, epsilon);
-        let (grad, residual) = (
-            &grad[i * shape.plane..][..shape.plane],
-            &residual[i * shape.plane..][..shape.plane],
-        );
-        assert!(out.len() == x.len() && grad.len() == x.len() && residual.len() == x.len());
-        for (((o, &v), &g), &r) in out.iter_mut().zip(x).zip(grad).zip(residual) {
-            o.write(if v * scale + shift + r <= 0.0 { 0.0 } else { g });
-        }
-    });
-    // SAFETY: as in `normalize_as`: every plane of the first `shape.len()` spare slots was
-    // zipped with input, gradient and residual planes of its length (asserted) and fully
-    // written.
-    unsafe { passed.set_len(shape.len()) };
-    passed
+    write_planes(shape, |i| {
+        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+        shape
+            .plane_at(x, i)
+            .iter()
+            .zip(shape.plane_at(grad, i))
+            .zip(shape.plane_at(residual, i))
+            .map(move |((&v, &g), &r)| if v * scale + shift + r <= 0.0 { 0.0 } else { g })
+    })
 }
 
 /// The gradients of [`normalize`] (with the same `relu`) with the batch's own statistics
@@ -336,17 +344,19 @@ fn normalize_backward_as<const RELU: bool>(
     dbeta: &mut [f32],
 ) -> Vec<f32> {
     let channels = shape.channels;
-    for (what, len) in [("input", x.len()), ("gradient", grad.len())] {
-        assert_eq!(len, shape.len(), "normalize_backward: {what} length");
-    }
-    assert_eq!(
-        stats.len(),
-        2 * channels,
-        "normalize_backward: stats length"
-    );
-    assert!(
-        [gamma.len(), beta.len(), dgamma.len(), dbeta.len()] == [channels; 4],
-        "normalize_backward: per-channel lengths"
+    let per_channel = [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("dgamma", &*dgamma),
+        ("dbeta", &*dbeta),
+    ];
+    let activations = [("input", x), ("gradient", grad)];
+    check_lengths(
+        "normalize_backward",
+        shape,
+        &activations,
+        &per_channel,
+        stats,
     );
     // The output gradient where the ReLU passes it (all of it without ReLU): not where
     // the normalised value is at or below zero (burn's and PyTorch's ReLU gradient).
@@ -393,20 +403,16 @@ fn normalize_backward_as<const RELU: bool>(
             (a as f32, b as f32, k as f32)
         })
         .collect();
-    let mut dx = write_planes(shape, x, |i, x, dx| {
+    write_planes(shape, |i| {
         let c = i % channels;
         let (a, b, k) = coefficients[c];
         let map = affine(c, gamma, beta, stats, epsilon);
-        let grad = &grad[i * shape.plane..][..shape.plane];
-        assert!(dx.len() == x.len() && grad.len() == x.len());
-        for ((d, &g), &v) in dx.iter_mut().zip(grad).zip(x) {
-            d.write(a * passed(g, v, map) + b * v + k);
-        }
-    });
-    // SAFETY: as in `normalize`: every plane of the first `shape.len()` spare slots was
-    // zipped with input and gradient planes of its length (asserted) and fully written.
-    unsafe { dx.set_len(shape.len()) };
-    dx
+        shape
+            .plane_at(grad, i)
+            .iter()
+            .zip(shape.plane_at(x, i))
+            .map(move |(&g, &v)| a * passed(g, v, map) + b * v + k)
+    })
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@
 //! backend supplies its forward pass and gradients ([`NestedKernels`]); the `Autodiff`
 //! node that calls them is written once for all of them.
 
+use std::borrow::Cow;
+
 use std::cell::Cell;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -187,15 +189,23 @@ impl FlexReal for f64 {
     }
 }
 
+/// `tensor` itself when its values of type `T` are contiguous, else a contiguous copy;
+/// read it with [`values`].
+pub(super) fn contiguous<T: FlexReal>(tensor: &FlexTensor) -> Cow<'_, FlexTensor> {
+    match T::slice(tensor) {
+        Some(_) => Cow::Borrowed(tensor),
+        None => Cow::Owned(tensor.to_contiguous()),
+    }
+}
+
+/// The values of a contiguous tensor of type `T` (one [`contiguous`] returned).
+pub(super) fn values<T: FlexReal>(tensor: &FlexTensor) -> &[T] {
+    T::slice(tensor).expect("a contiguous tensor of the checked dtype")
+}
+
 /// A flex tensor's values as a contiguous slice (copied only if it is a strided view).
 pub(super) fn with_values<T: FlexReal, R>(tensor: &FlexTensor, f: impl FnOnce(&[T]) -> R) -> R {
-    match T::slice(tensor) {
-        Some(values) => f(values),
-        None => {
-            let contiguous = tensor.to_contiguous();
-            f(T::slice(&contiguous).expect("a contiguous tensor of the checked dtype"))
-        }
-    }
+    f(values(&contiguous::<T>(tensor)))
 }
 
 pub(super) fn flex_tensor<T: burn::tensor::Element>(

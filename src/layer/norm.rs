@@ -21,7 +21,7 @@ use burn::nn::BatchNorm;
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, Tensor};
 
-use super::fused::{flex_tensor, is_flex, with_values};
+use super::fused::{contiguous, flex_tensor, is_flex, values};
 use crate::kernels::norm::{self as kernels, NormShape};
 
 /// The training batch norm's steps as backend operations (on `Flex` and its `Autodiff`).
@@ -69,7 +69,7 @@ impl BatchNormBackend for Flex {
     fn batch_norm_stats(x: FlexTensor) -> FlexTensor {
         let shape = norm_shape(&x);
         let mut stats = vec![0.0; 2 * shape.channels];
-        with_values(&x, |x: &[f32]| kernels::batch_stats(x, shape, &mut stats));
+        kernels::batch_stats(values(&contiguous::<f32>(&x)), shape, &mut stats);
         flex_tensor(stats, vec![2, shape.channels])
     }
 
@@ -81,17 +81,7 @@ impl BatchNormBackend for Flex {
         epsilon: f64,
         relu: bool,
     ) -> FlexTensor {
-        let shape = norm_shape(&x);
-        let out = with_values(&x, |x: &[f32]| {
-            with_values(&gamma, |gamma: &[f32]| {
-                with_values(&beta, |beta: &[f32]| {
-                    with_values(&stats, |stats: &[f32]| {
-                        kernels::normalize(x, gamma, beta, stats, epsilon, relu, shape)
-                    })
-                })
-            })
-        });
-        flex_tensor(out, x.layout().shape().to_vec())
+        NormalizeState::new(x, gamma, beta, stats, epsilon, relu).forward()
     }
 
     fn batch_norm_add_relu(
@@ -102,26 +92,11 @@ impl BatchNormBackend for Flex {
         residual: FlexTensor,
         epsilon: f64,
     ) -> FlexTensor {
-        let shape = norm_shape(&x);
-        assert_eq!(
-            residual.layout().shape(),
-            x.layout().shape(),
-            "batch_norm_add_relu: the residual's shape differs from the input's"
-        );
-        let out = with_values(&x, |x: &[f32]| {
-            with_values(&gamma, |gamma: &[f32]| {
-                with_values(&beta, |beta: &[f32]| {
-                    with_values(&stats, |stats: &[f32]| {
-                        with_values(&residual, |residual: &[f32]| {
-                            kernels::normalize_add_relu(
-                                x, gamma, beta, stats, epsilon, residual, shape,
-                            )
-                        })
-                    })
-                })
-            })
-        });
-        flex_tensor(out, x.layout().shape().to_vec())
+        NormalizeState::new(x, gamma, beta, stats, epsilon, false).forward_add_relu(&contiguous::<
+            f32,
+        >(
+            &residual
+        ))
     }
 }
 
@@ -139,7 +114,8 @@ impl<B: Backend> Backward<B, 1> for StatsBackward {
 #[derive(Debug)]
 struct NormalizeBackward;
 
-/// What the normalisation's backward step needs: its inputs and settings.
+/// A normalisation's inputs (contiguous f32) and settings: what its forward pass reads
+/// and what its backward step keeps.
 #[derive(Debug, Clone)]
 struct NormalizeState {
     x: FlexTensor,
@@ -151,39 +127,123 @@ struct NormalizeState {
 }
 
 impl NormalizeState {
+    fn new(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> Self {
+        let contiguous = |t: FlexTensor| contiguous::<f32>(&t).into_owned();
+        NormalizeState {
+            x: contiguous(x),
+            gamma: contiguous(gamma),
+            beta: contiguous(beta),
+            stats: contiguous(stats),
+            epsilon,
+            relu,
+        }
+    }
+
+    fn shape(&self) -> NormShape {
+        norm_shape(&self.x)
+    }
+
+    /// An activation of `x`'s shape from its values.
+    fn activation(&self, values: Vec<f32>) -> FlexTensor {
+        flex_tensor(values, self.x.layout().shape().to_vec())
+    }
+
+    /// `relu?(normalize(x))`.
+    fn forward(&self) -> FlexTensor {
+        let (x, gamma, beta, stats) = self.values();
+        let out = kernels::normalize(x, gamma, beta, stats, self.epsilon, self.relu, self.shape());
+        self.activation(out)
+    }
+
+    /// `relu(normalize(x) + residual)`.
+    fn forward_add_relu(&self, residual: &FlexTensor) -> FlexTensor {
+        assert_eq!(
+            residual.layout().shape(),
+            self.x.layout().shape(),
+            "batch_norm_add_relu: the residual's shape differs from the input's"
+        );
+        let (x, gamma, beta, stats) = self.values();
+        let out = kernels::normalize_add_relu(
+            x,
+            gamma,
+            beta,
+            stats,
+            self.epsilon,
+            values(residual),
+            self.shape(),
+        );
+        self.activation(out)
+    }
+
+    /// The values of `x`, gamma, beta and the statistics.
+    fn values(&self) -> (&[f32], &[f32], &[f32], &[f32]) {
+        (
+            values(&self.x),
+            values(&self.gamma),
+            values(&self.beta),
+            values(&self.stats),
+        )
+    }
+
     /// The gradients of `x`, gamma and beta for the output gradient `grad`.
     fn gradients(&self, grad: &FlexTensor) -> [FlexTensor; 3] {
-        let shape = norm_shape(&self.x);
+        let shape = self.shape();
+        let (x, gamma, beta, stats) = self.values();
         let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
-        let dx = with_values(&self.x, |x: &[f32]| {
-            with_values(grad, |grad: &[f32]| {
-                with_values(&self.gamma, |gamma: &[f32]| {
-                    with_values(&self.beta, |beta: &[f32]| {
-                        with_values(&self.stats, |stats: &[f32]| {
-                            kernels::normalize_backward(
-                                x,
-                                grad,
-                                gamma,
-                                beta,
-                                stats,
-                                self.epsilon,
-                                self.relu,
-                                shape,
-                                &mut dgamma,
-                                &mut dbeta,
-                            )
-                        })
-                    })
-                })
-            })
-        });
+        let dx = kernels::normalize_backward(
+            x,
+            values(&contiguous::<f32>(grad)),
+            gamma,
+            beta,
+            stats,
+            self.epsilon,
+            self.relu,
+            shape,
+            &mut dgamma,
+            &mut dbeta,
+        );
         let channels = vec![shape.channels];
         [
-            flex_tensor(dx, self.x.layout().shape().to_vec()),
+            self.activation(dx),
             flex_tensor(dgamma, channels.clone()),
             flex_tensor(dbeta, channels),
         ]
     }
+
+    /// For [`Self::forward_add_relu`] and its output gradient `grad`: the gradient past
+    /// the ReLU (the residual's, and the normalisation's output's).
+    fn add_relu_passed(&self, grad: &FlexTensor, residual: &FlexTensor) -> FlexTensor {
+        let (x, gamma, beta, stats) = self.values();
+        let passed = kernels::add_relu_backward(
+            x,
+            values(&contiguous::<f32>(grad)),
+            gamma,
+            beta,
+            stats,
+            self.epsilon,
+            values(residual),
+            self.shape(),
+        );
+        self.activation(passed)
+    }
+}
+
+/// Registers the gradient of each parent that has a node.
+macro_rules! register {
+    ($ops:expr, $values:expr, $grads:expr) => {
+        for (parent, value) in $ops.parents.iter().zip($values) {
+            if let Some(node) = parent {
+                $grads.register::<Flex>(node.id, value);
+            }
+        }
+    };
 }
 
 impl Backward<Flex, 3> for NormalizeBackward {
@@ -192,11 +252,7 @@ impl Backward<Flex, 3> for NormalizeBackward {
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
         let values = ops.state.gradients(&grad);
-        for (parent, value) in ops.parents.iter().zip(values) {
-            if let Some(node) = parent {
-                grads.register::<Flex>(node.id, value);
-            }
-        }
+        register!(ops, values, grads);
     }
 }
 
@@ -206,43 +262,15 @@ impl Backward<Flex, 3> for NormalizeBackward {
 struct AddReluBackward;
 
 impl Backward<Flex, 4> for AddReluBackward {
-    /// The normalisation (without ReLU) and the residual.
+    /// The normalisation (without ReLU) and the residual (contiguous).
     type State = (NormalizeState, FlexTensor);
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let (norm, residual) = ops.state;
-        let shape = norm_shape(&norm.x);
-        // The gradient past the ReLU: the residual's, and the normalisation's output's.
-        let passed = with_values(&norm.x, |x: &[f32]| {
-            with_values(&grad, |grad: &[f32]| {
-                with_values(&norm.gamma, |gamma: &[f32]| {
-                    with_values(&norm.beta, |beta: &[f32]| {
-                        with_values(&norm.stats, |stats: &[f32]| {
-                            with_values(&residual, |residual: &[f32]| {
-                                kernels::add_relu_backward(
-                                    x,
-                                    grad,
-                                    gamma,
-                                    beta,
-                                    stats,
-                                    norm.epsilon,
-                                    residual,
-                                    shape,
-                                )
-                            })
-                        })
-                    })
-                })
-            })
-        });
-        let passed = flex_tensor(passed, norm.x.layout().shape().to_vec());
+        let (norm, residual) = &ops.state;
+        let passed = norm.add_relu_passed(&grad, residual);
         let [dx, dgamma, dbeta] = norm.gradients(&passed);
-        for (parent, value) in ops.parents.iter().zip([dx, dgamma, dbeta, passed]) {
-            if let Some(node) = parent {
-                grads.register::<Flex>(node.id, value);
-            }
-        }
+        register!(ops, [dx, dgamma, dbeta, passed], grads);
     }
 }
 
@@ -263,39 +291,22 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         epsilon: f64,
         relu: bool,
     ) -> FloatTensor<Self> {
-        let stats = stats.into_primitive();
-        match NormalizeBackward
+        let prep = NormalizeBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let state = NormalizeState {
-                    x: x.into_primitive(),
-                    gamma: gamma.into_primitive(),
-                    beta: beta.into_primitive(),
-                    stats,
-                    epsilon,
-                    relu,
-                };
-                let out = Flex::batch_norm_normalize(
-                    state.x.clone(),
-                    state.gamma.clone(),
-                    state.beta.clone(),
-                    state.stats.clone(),
-                    epsilon,
-                    relu,
-                );
-                prep.finish(state, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::batch_norm_normalize(
-                x.into_primitive(),
-                gamma.into_primitive(),
-                beta.into_primitive(),
-                stats,
-                epsilon,
-                relu,
-            )),
+            .stateful();
+        let state = NormalizeState::new(
+            x.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+            stats.into_primitive(),
+            epsilon,
+            relu,
+        );
+        let out = state.forward();
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 
@@ -307,40 +318,23 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
         residual: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        let stats = stats.into_primitive();
-        match AddReluBackward
+        let prep = AddReluBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
             .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let norm = NormalizeState {
-                    x: x.into_primitive(),
-                    gamma: gamma.into_primitive(),
-                    beta: beta.into_primitive(),
-                    stats,
-                    epsilon,
-                    relu: false,
-                };
-                let residual = residual.into_primitive();
-                let out = Flex::batch_norm_add_relu(
-                    norm.x.clone(),
-                    norm.gamma.clone(),
-                    norm.beta.clone(),
-                    norm.stats.clone(),
-                    residual.clone(),
-                    epsilon,
-                );
-                prep.finish((norm, residual), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::batch_norm_add_relu(
-                x.into_primitive(),
-                gamma.into_primitive(),
-                beta.into_primitive(),
-                stats,
-                residual.into_primitive(),
-                epsilon,
-            )),
+            .stateful();
+        let norm = NormalizeState::new(
+            x.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+            stats.into_primitive(),
+            epsilon,
+            false,
+        );
+        let residual = contiguous::<f32>(&residual.into_primitive()).into_owned();
+        let out = norm.forward_add_relu(&residual);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((norm, residual), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }
