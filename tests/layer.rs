@@ -373,39 +373,68 @@ fn authors_initializer_is_kaiming_normal_fan_out() {
 /// The CPU training batch norm (`batch_norm_train`, NCHW kernels) against burn's own
 /// `BatchNorm::forward` on the same module, `batch_norm_relu_train` against burn's batch
 /// norm then ReLU, and `batch_norm_add_relu_train` against burn's batch norm, add and
-/// ReLU: output, the gradients (the residual's included) and the running statistics, over
+/// ReLU, and `batch_norm_relu_max_pool_train` against burn's batch norm, ReLU and max
+/// pooling (a 2x2 window, and ResNet's padded, overlapping 3x3 one with stride 2):
+/// output, the gradients (the residual's included) and the running statistics, over
 /// batches of one and more, odd planes and two steps; and the same bits on a second run.
 #[test]
 fn training_batch_norm_matches_burns() {
+    use burn::nn::pool::MaxPool2dConfig;
     use burn::nn::BatchNormConfig;
+    use burn::nn::PaddingConfig2d;
     use burn::tensor::activation::relu as burn_relu;
-    use versatile::layer::{batch_norm_add_relu_train, batch_norm_relu_train, batch_norm_train};
+    use versatile::layer::{
+        batch_norm_add_relu_train, batch_norm_relu_max_pool_train, batch_norm_relu_train,
+        batch_norm_train,
+    };
 
     #[derive(Debug, Clone, Copy)]
     enum Then {
         Nothing,
         Relu,
         AddRelu,
+        /// A max pool: window, stride and padding (each the same on both axes).
+        ReluMaxPool(usize, usize, usize),
     }
     let device = Device::flex().autodiff();
     let mut rng = Rng(0x626e);
     let shapes = [[4, 3, 5, 7], [1, 6, 3, 3], [6, 5, 1, 1], [3, 2, 9, 11]];
-    for (then, shape) in [Then::Nothing, Then::Relu, Then::AddRelu]
+    let modes = [
+        Then::Nothing,
+        Then::Relu,
+        Then::AddRelu,
+        Then::ReluMaxPool(2, 2, 0),
+        Then::ReluMaxPool(3, 2, 1),
+    ];
+    for (then, shape) in modes
         .into_iter()
         .flat_map(|then| shapes.map(|shape| (then, shape)))
+        // A 2x2 window needs a map of at least 2x2 (the 3x3 one is padded).
+        .filter(|(then, shape)| {
+            !matches!(then, Then::ReluMaxPool(2, ..)) || shape[2].min(shape[3]) >= 2
+        })
     {
+        let pool = match then {
+            Then::ReluMaxPool(kernel, stride, pad) => MaxPool2dConfig::new([kernel; 2])
+                .with_strides([stride; 2])
+                .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+                .init(),
+            _ => MaxPool2dConfig::new([1, 1]).init(),
+        };
         let theirs_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>, res: Tensor<4>| {
             let y = norm.forward(x);
             match then {
                 Then::Nothing => y,
                 Then::Relu => burn_relu(y),
                 Then::AddRelu => burn_relu(y + res),
+                Then::ReluMaxPool(..) => pool.forward(burn_relu(y)),
             }
         };
         let ours_forward = |norm: &burn::nn::BatchNorm, x: Tensor<4>, res: Tensor<4>| match then {
             Then::Nothing => batch_norm_train(norm, x),
             Then::Relu => batch_norm_relu_train(norm, x),
             Then::AddRelu => batch_norm_add_relu_train(norm, x, res),
+            Then::ReluMaxPool(..) => batch_norm_relu_max_pool_train(norm, &pool, x),
         };
         let channels = shape[1];
         let gamma = rng.tensor([channels], &device, DType::F32) + 1.5;
@@ -424,7 +453,8 @@ fn training_batch_norm_matches_burns() {
         let bits = |v: &[Vec<f64>]| v.concat().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         for step in 0..2 {
             let x = (rng.tensor(shape, &device, DType::F32) * 3.0 + 0.5).require_grad();
-            let r = rng.tensor(shape, &device, DType::F32);
+            let out_shape = theirs_forward(&make(), x.clone().detach(), x.clone().detach()).dims();
+            let r = rng.tensor(out_shape, &device, DType::F32);
             let res = rng.tensor(shape, &device, DType::F32);
             type Step<'a> = &'a dyn Fn(Tensor<4>, Tensor<4>) -> Tensor<4>;
             let run = |f: Step, norm: &burn::nn::BatchNorm| {

@@ -10,7 +10,11 @@
 //! interleaved f32 lanes, each plane's total added in f64), whatever the thread count, so
 //! results are the same bits on every run.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use crate::pool::Pool2d;
 
 /// An NCHW activation as the batch-norm kernels see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,15 +132,10 @@ fn affine(c: usize, gamma: &[f32], beta: &[f32], stats: &[f32], epsilon: f64) ->
 }
 
 /// A new activation of `shape` whose plane `i` (image `i / channels`, channel
-/// `i % channels`) holds the values `plane(i)` yields, the planes written in parallel and
-/// without zeroing the activation first (a zeroing pass cost as much as the write).
-///
-/// # Panics
-/// If an iterator yields fewer values than a plane holds.
-fn write_planes<I: Iterator<Item = f32>>(
-    shape: NormShape,
-    plane: impl Fn(usize) -> I + Sync,
-) -> Vec<f32> {
+/// `i % channels`) `fill(i, plane)` writes, the planes in parallel, each handed to `fill`
+/// zeroed: a plane is zeroed in cache just before it is written, not the whole activation
+/// in a pass of its own (which cost as much as the write).
+fn fill_planes(shape: NormShape, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let len = shape.len();
     let mut out = Vec::with_capacity(len);
     if len == 0 {
@@ -146,19 +145,37 @@ fn write_planes<I: Iterator<Item = f32>>(
         .par_chunks_mut(shape.plane)
         .enumerate()
         .for_each(|(i, slots)| {
-            let mut written = 0;
-            for (slot, value) in slots.iter_mut().zip(plane(i)) {
-                slot.write(value);
-                written += 1;
-            }
-            assert_eq!(written, slots.len(), "write_planes: plane {i} is short");
+            slots.fill(MaybeUninit::new(0.0));
+            // SAFETY: every slot of `slots` was just written, and `MaybeUninit<f32>` has
+            // the size, alignment and layout of `f32`, so the slice is a valid `[f32]` of
+            // the same length, borrowed mutably from `slots` for this closure only.
+            let plane = unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            fill(i, plane);
         });
     // SAFETY: `Vec::with_capacity(len)` made room for `len` values; the chunks cover the
-    // first `len` spare slots exactly, and every task wrote each slot of its chunk (it
-    // counted them and panicked otherwise, and a task's panic reaches this thread before
-    // this line).
+    // first `len` spare slots exactly, and every task wrote each slot of its chunk (zeros,
+    // then `fill`'s values) before this line (a task's panic reaches this thread first).
     unsafe { out.set_len(len) };
     out
+}
+
+/// [`fill_planes`] with each plane's values from an iterator: plane `i` holds the values
+/// `plane(i)` yields.
+///
+/// # Panics
+/// If an iterator yields fewer values than a plane holds.
+fn write_planes<I: Iterator<Item = f32>>(
+    shape: NormShape,
+    plane: impl Fn(usize) -> I + Sync,
+) -> Vec<f32> {
+    fill_planes(shape, |i, dst| {
+        let mut written = 0;
+        for (slot, value) in dst.iter_mut().zip(plane(i)) {
+            *slot = value;
+            written += 1;
+        }
+        assert_eq!(written, dst.len(), "write_planes: plane {i} is short");
+    })
 }
 
 /// Panics (naming `op`) unless every activation in `activations` has `shape`'s length,
@@ -300,6 +317,114 @@ pub fn add_relu_backward(
             .zip(shape.plane_at(residual, i))
             .map(move |((&v, &g), &r)| if v * scale + shift + r <= 0.0 { 0.0 } else { g })
     })
+}
+
+/// `max_pool(relu(normalize(x)))` with `pool`'s window (the input `pool.input`, the
+/// statistics as [`batch_stats`] gives them): a convolution block's batch norm, ReLU and
+/// max pooling in one pass that writes only the pooled activation. The maximum is taken
+/// before the ReLU, which gives the same value (a ReLU keeps the order); a window with no
+/// input value gives 0, as [`crate::pool::max_pool2d`].
+///
+/// # Panics
+/// If a slice does not have the length `pool` gives it, or the window is empty.
+pub fn normalize_relu_max_pool(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    pool: &Pool2d,
+) -> Vec<f32> {
+    let (shape, pooled) = pool_shapes(pool);
+    let per_channel = [("gamma", gamma), ("beta", beta)];
+    check_lengths(
+        "normalize_relu_max_pool",
+        shape,
+        &[("input", x)],
+        &per_channel,
+        stats,
+    );
+    let windows = pool.windows();
+    fill_planes(pooled, |i, dst| {
+        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+        let plane = shape.plane_at(x, i);
+        windows.each_max(
+            plane,
+            |v| v * scale + shift,
+            // NaN passes the ReLU, as in `normalize`; an empty window stays 0.
+            |o, max| {
+                if let Some((_, max)) = max.filter(|&(_, max)| max >= 0.0 || max.is_nan()) {
+                    dst[o] = max;
+                }
+            },
+        );
+    })
+}
+
+/// The gradient of [`normalize_relu_max_pool`] at its normalisation's output, for the
+/// pooled gradient `grad`: each output's gradient goes to its window's maximum (the one
+/// the forward pass took, recomputed to the bit) when the ReLU passed it, added up where
+/// windows overlap (in output order), zero elsewhere. [`normalize_backward`] without ReLU
+/// of it gives `dx`, `dgamma` and `dbeta`.
+///
+/// # Panics
+/// If a slice does not have the length `pool` gives it, or the window is empty.
+#[allow(clippy::too_many_arguments)]
+pub fn relu_max_pool_backward(
+    x: &[f32],
+    grad: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    pool: &Pool2d,
+) -> Vec<f32> {
+    let (shape, pooled) = pool_shapes(pool);
+    let per_channel = [("gamma", gamma), ("beta", beta)];
+    check_lengths(
+        "relu_max_pool_backward",
+        shape,
+        &[("input", x)],
+        &per_channel,
+        stats,
+    );
+    assert_eq!(
+        grad.len(),
+        pooled.len(),
+        "relu_max_pool_backward: gradient length"
+    );
+    let windows = pool.windows();
+    fill_planes(shape, |i, dst| {
+        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+        let grad = pooled.plane_at(grad, i);
+        windows.each_max(
+            shape.plane_at(x, i),
+            |v| v * scale + shift,
+            // The ReLU's gradient passes above zero (and for NaN), as in
+            // `normalize_backward`.
+            |o, max| {
+                if let Some((at, _)) = max.filter(|&(_, max)| max > 0.0 || max.is_nan()) {
+                    dst[at] += grad[o];
+                }
+            },
+        );
+    })
+}
+
+/// The input's and the output's shapes of `pool` as the batch-norm kernels see them.
+fn pool_shapes(pool: &Pool2d) -> (NormShape, NormShape) {
+    pool.check_window();
+    let [batch, channels, h, w] = pool.input;
+    let input = NormShape {
+        batch,
+        channels,
+        plane: h * w,
+    };
+    let output = NormShape {
+        plane: pool.output[0] * pool.output[1],
+        ..input
+    };
+    (input, output)
 }
 
 /// The gradients of [`normalize`] (with the same `relu`) with the batch's own statistics
@@ -609,6 +734,120 @@ mod tests {
                 (f64::from(passed[i]) - dres_numeric).abs() < 1e-3,
                 "dresidual[{i}]"
             );
+        }
+    }
+
+    /// `normalize_relu_max_pool` equals `normalize` (with ReLU) then `max_pool2d` to the
+    /// bit, and its gradients (`relu_max_pool_backward`, then `normalize_backward` without
+    /// ReLU) match central differences of the f64 loss
+    /// `sum(max_pool(relu(batch_norm(x))) * r)`, for a 2x2 window and for an overlapping,
+    /// padded 3x3 one (ResNet's stem).
+    #[test]
+    fn relu_max_pool_matches_the_definition() {
+        let eps = 1e-5;
+        for (kernel, stride, padding, [h, w]) in [(2, 2, 0, [6, 5]), (3, 2, 1, [7, 6])] {
+            let out = |size: usize| (size + 2 * padding - kernel) / stride + 1;
+            let pool = Pool2d {
+                input: [3, 2, h, w],
+                output: [out(h), out(w)],
+                kernel: [kernel; 2],
+                stride: [stride; 2],
+                padding: [padding; 2],
+            };
+            let (shape, pooled) = pool_shapes(&pool);
+            let x = values(shape, 6);
+            let r = values(pooled, 7);
+            let gamma = [0.7f32, 1.3];
+            let beta = [-0.4f32, 0.2];
+            let mut stats = vec![0.0; 2 * shape.channels];
+            batch_stats(&x, shape, &mut stats);
+            let got = normalize_relu_max_pool(&x, &gamma, &beta, &stats, eps, &pool);
+            let mut want = vec![0.0; pooled.len()];
+            let normalized = normalize(&x, &gamma, &beta, &stats, eps, true, shape);
+            crate::pool::max_pool2d(&pool, &normalized, &mut want);
+            assert_eq!(got, want);
+            assert!(
+                got.contains(&0.0),
+                "no window all below zero: the ReLU is untested"
+            );
+
+            let wide = |v: &[f32]| v.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+            let (xw, gw, bw) = (wide(&x), wide(&gamma), wide(&beta));
+            let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| {
+                let mut total = 0.0;
+                for c in 0..shape.channels {
+                    let plane = |b: usize| (b * shape.channels + c) * shape.plane;
+                    let all = || {
+                        (0..shape.batch).flat_map(|b| (0..shape.plane).map(move |k| plane(b) + k))
+                    };
+                    let mean = all().map(|i| x[i]).sum::<f64>() / shape.count();
+                    let var = all().map(|i| (x[i] - mean).powi(2)).sum::<f64>() / shape.count();
+                    let y = |i: usize| (x[i] - mean) / (var + eps).sqrt() * gamma[c] + beta[c];
+                    for b in 0..shape.batch {
+                        for oy in 0..pool.output[0] {
+                            for ox in 0..pool.output[1] {
+                                let mut max = 0.0f64; // the ReLU
+                                for ky in 0..kernel {
+                                    for kx in 0..kernel {
+                                        let iy = (oy * stride + ky).checked_sub(padding);
+                                        let ix = (ox * stride + kx).checked_sub(padding);
+                                        if let (Some(iy), Some(ix)) = (iy, ix) {
+                                            if iy < h && ix < w {
+                                                max = max.max(y(plane(b) + iy * w + ix));
+                                            }
+                                        }
+                                    }
+                                }
+                                let o = (b * shape.channels + c) * pooled.plane
+                                    + oy * pool.output[1]
+                                    + ox;
+                                total += max * f64::from(r[o]);
+                            }
+                        }
+                    }
+                }
+                total
+            };
+            let passed = relu_max_pool_backward(&x, &r, &gamma, &beta, &stats, eps, &pool);
+            let (mut dgamma, mut dbeta) = (vec![0.0; 2], vec![0.0; 2]);
+            let dx = normalize_backward(
+                &x,
+                &passed,
+                &gamma,
+                &beta,
+                &stats,
+                eps,
+                false,
+                shape,
+                &mut dgamma,
+                &mut dbeta,
+            );
+            let h = 1e-6;
+            let nudged = |v: &[f64], i: usize, d: f64| {
+                let mut v = v.to_vec();
+                v[i] += d;
+                v
+            };
+            for i in 0..shape.len() {
+                let numeric = (loss(&nudged(&xw, i, h), &gw, &bw)
+                    - loss(&nudged(&xw, i, -h), &gw, &bw))
+                    / (2.0 * h);
+                assert!(
+                    (f64::from(dx[i]) - numeric).abs() < 1e-3,
+                    "dx[{i}]: {} vs {numeric}",
+                    dx[i]
+                );
+            }
+            for c in 0..shape.channels {
+                let numeric = (loss(&xw, &nudged(&gw, c, h), &bw)
+                    - loss(&xw, &nudged(&gw, c, -h), &bw))
+                    / (2.0 * h);
+                assert!((f64::from(dgamma[c]) - numeric).abs() < 1e-3, "dgamma[{c}]");
+                let numeric = (loss(&xw, &gw, &nudged(&bw, c, h))
+                    - loss(&xw, &gw, &nudged(&bw, c, -h)))
+                    / (2.0 * h);
+                assert!((f64::from(dbeta[c]) - numeric).abs() < 1e-3, "dbeta[{c}]");
+            }
         }
     }
 }

@@ -2,6 +2,8 @@
 //! max and average windows with PyTorch's padding and ceil-mode rules, and adaptive
 //! average pooling.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 /// A pooling window over every plane of a `[batch, channels, height, width]` map.
@@ -43,10 +45,39 @@ impl Pool2d {
     fn check(&self, x: &[f32], out: &[f32]) {
         assert_eq!(x.len(), self.input_len(), "pool input length");
         assert_eq!(out.len(), self.output_len(), "pool output length");
+        self.check_window();
+    }
+
+    /// Panics unless the window and the stride are positive.
+    pub(crate) fn check_window(&self) {
         assert!(
             self.stride.iter().chain(&self.kernel).all(|&v| v > 0),
             "pool window and stride must be positive"
         );
+    }
+
+    /// The windows of an output plane, laid out for [`Windows::each_max`].
+    pub(crate) fn windows(&self) -> Windows {
+        let spans = |axis: usize| -> Vec<Range<usize>> {
+            (0..self.output[axis])
+                .map(|o| {
+                    let (_, first, end) = self.span(axis, o);
+                    first..end
+                })
+                .collect()
+        };
+        let [h, w] = [self.input[2], self.input[3]];
+        let [oh, ow] = self.output;
+        Windows {
+            rows: spans(0),
+            cols: spans(1),
+            width: w,
+            pairs: self.kernel == [2, 2]
+                && self.stride == [2, 2]
+                && self.padding == [0, 0]
+                && 2 * oh <= h
+                && 2 * ow <= w,
+        }
     }
 
     /// Runs `f(input plane, output plane)` for every plane, in parallel.
@@ -62,6 +93,71 @@ impl Pool2d {
     }
 }
 
+/// The windows of a pooling's output plane: each output row's input rows and each output
+/// column's input columns, clipped to the input.
+#[derive(Debug, Clone)]
+pub(crate) struct Windows {
+    rows: Vec<Range<usize>>,
+    cols: Vec<Range<usize>>,
+    /// The input plane's width.
+    width: usize,
+    /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
+    /// padding): the common case, with its own loop.
+    pairs: bool,
+}
+
+impl Windows {
+    /// Calls `f(o, window)` for each output position `o` of `plane` in row-major order,
+    /// with the window's maximum of `value(v)` over its values `v` and where it is (an
+    /// index into `plane`): the first largest in row-major order, a NaN winning (the last
+    /// NaN), as PyTorch and burn pick it, so that a backward pass routes the gradient
+    /// where theirs does. `None` for a window with no input value (padding never wins).
+    #[inline(always)]
+    pub(crate) fn each_max(
+        &self,
+        plane: &[f32],
+        value: impl Fn(f32) -> f32,
+        mut f: impl FnMut(usize, Option<(usize, f32)>),
+    ) {
+        // Selects, not a branch: which value wins is data, and a mispredicted branch per
+        // value cost more than the whole window.
+        let take = |(at, best): (usize, f32), i: usize| {
+            let v = value(plane[i]);
+            let wins = (v > best) | v.is_nan();
+            (if wins { i } else { at }, if wins { v } else { best })
+        };
+        let (w, ow) = (self.width, self.cols.len());
+        if self.pairs {
+            for oy in 0..self.rows.len() {
+                let (top, bottom) = (2 * oy * w, (2 * oy + 1) * w);
+                for ox in 0..ow {
+                    let first = top + 2 * ox;
+                    let mut max = (first, value(plane[first]));
+                    for i in [first + 1, bottom + 2 * ox, bottom + 2 * ox + 1] {
+                        max = take(max, i);
+                    }
+                    f(oy * ow + ox, Some(max));
+                }
+            }
+            return;
+        }
+        for (oy, rows) in self.rows.iter().enumerate() {
+            for (ox, cols) in self.cols.iter().enumerate() {
+                let mut max = None;
+                for y in rows.clone() {
+                    for i in y * w + cols.start..y * w + cols.end {
+                        max = Some(match max {
+                            None => (i, value(plane[i])),
+                            Some(max) => take(max, i),
+                        });
+                    }
+                }
+                f(oy * ow + ox, max);
+            }
+        }
+    }
+}
+
 /// Max pooling (padding never wins; NaN propagates, as PyTorch). A window with no input
 /// value (only possible with padding above half the window) gives 0.
 ///
@@ -69,25 +165,9 @@ impl Pool2d {
 /// If a length does not match `pool`.
 pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
     pool.check(x, out);
-    let [oh, ow] = pool.output;
-    let w = pool.input[3];
+    let windows = pool.windows();
     pool.planes(x, out, |plane, dst| {
-        for oy in 0..oh {
-            let (_, y0, y1) = pool.span(0, oy);
-            for ox in 0..ow {
-                let (_, x0, x1) = pool.span(1, ox);
-                let mut best: Option<f32> = None;
-                for y in y0..y1 {
-                    for &v in &plane[y * w + x0..y * w + x1] {
-                        best = Some(match best {
-                            Some(b) if !(v > b || v.is_nan()) => b,
-                            _ => v,
-                        });
-                    }
-                }
-                dst[oy * ow + ox] = best.unwrap_or(0.0);
-            }
-        }
+        windows.each_max(plane, |v| v, |o, max| dst[o] = max.map_or(0.0, |(_, v)| v));
     });
 }
 

@@ -39,8 +39,7 @@ pub use error::InferError;
 
 use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::{self, ConvPlan, Epilogue, PackedWeight};
-use crate::layer::dense_conv_plan;
-use crate::models::layers::window_out;
+use crate::layer::{dense_conv_plan, symmetric_padding, window_out};
 use crate::models::{ConvLayer, Forward, ImageClassifier, Model};
 
 /// An activation of the plan: the caller's input, or one computed by a step.
@@ -144,15 +143,11 @@ fn values<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>, InferError> {
 }
 
 fn symmetric(padding: &PaddingConfig2d, what: &str) -> Result<[usize; 2], InferError> {
-    match *padding {
-        PaddingConfig2d::Valid => Ok([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Ok([top, left])
-        }
-        ref other => Err(InferError::Unsupported(format!(
-            "{what} with padding {other:?} (symmetric explicit padding only)"
-        ))),
-    }
+    symmetric_padding(padding).ok_or_else(|| {
+        InferError::Unsupported(format!(
+            "{what} with padding {padding:?} (symmetric explicit padding only)"
+        ))
+    })
 }
 
 /// Builds the steps of a plan.

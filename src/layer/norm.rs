@@ -6,8 +6,12 @@
 //! copies were the largest single item of a `vgg_small` training step), and a separate
 //! ReLU (and add) costs a pass and an activation more each way.
 //!
-//! [`batch_norm_train`], [`batch_norm_relu_train`] and [`batch_norm_add_relu_train`] are
-//! what the models call; they update the module's running statistics as burn's
+//! A batch norm, its ReLU and the max pooling after them run as one operation too, which
+//! writes only the pooled activation (burn's max pooling, its indices and the
+//! full-size activation it reads were a tenth of a `vgg_small` step).
+//!
+//! [`batch_norm_train`], [`batch_norm_relu_train`], [`batch_norm_add_relu_train`] and
+//! [`batch_norm_relu_max_pool_train`] are what the models call; they update the module's running statistics as burn's
 //! `BatchNorm` does, so records and checkpoints are unchanged.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -17,12 +21,15 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Autodiff, Backend, Dispatch, Flex};
+use burn::nn::pool::MaxPool2d;
 use burn::nn::BatchNorm;
 use burn::tensor::activation::relu;
 use burn::tensor::{DType, Tensor};
 
 use super::fused::{contiguous, flex_tensor, is_flex, values};
+use super::geometry::{symmetric_padding, window_out};
 use crate::kernels::norm::{self as kernels, NormShape};
+use crate::kernels::pool::Pool2d;
 
 /// The training batch norm's steps as backend operations (on `Flex` and its `Autodiff`).
 #[backend_extension(Flex, Autodiff)]
@@ -53,6 +60,18 @@ pub trait BatchNormBackend: burn::backend::Backend {
         stats: FloatTensor<Self>,
         residual: FloatTensor<Self>,
         epsilon: f64,
+    ) -> FloatTensor<Self>;
+
+    /// `max_pool(relu(batch_norm_normalize(x, gamma, beta, stats, epsilon)))` with
+    /// `pool`'s window (`pool.input` is `x`'s shape): a convolution block's end, written
+    /// pooled; its gradient treats the statistics as functions of `x`.
+    fn batch_norm_relu_max_pool(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        pool: Pool2d,
     ) -> FloatTensor<Self>;
 }
 
@@ -97,6 +116,17 @@ impl BatchNormBackend for Flex {
         >(
             &residual
         ))
+    }
+
+    fn batch_norm_relu_max_pool(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+        pool: Pool2d,
+    ) -> FlexTensor {
+        NormalizeState::new(x, gamma, beta, stats, epsilon, false).forward_relu_max_pool(&pool)
     }
 }
 
@@ -180,6 +210,35 @@ impl NormalizeState {
             self.shape(),
         );
         self.activation(out)
+    }
+
+    /// `max_pool(relu(normalize(x)))`.
+    fn forward_relu_max_pool(&self, pool: &Pool2d) -> FlexTensor {
+        assert_eq!(
+            pool.input.to_vec(),
+            self.x.layout().shape().to_vec(),
+            "batch_norm_relu_max_pool: the window's input shape differs from the input's"
+        );
+        let (x, gamma, beta, stats) = self.values();
+        let out = kernels::normalize_relu_max_pool(x, gamma, beta, stats, self.epsilon, pool);
+        let [batch, channels, _, _] = pool.input;
+        flex_tensor(out, vec![batch, channels, pool.output[0], pool.output[1]])
+    }
+
+    /// For [`Self::forward_relu_max_pool`] and its output gradient `grad`: the gradient
+    /// at the normalisation's output (past the pooling and the ReLU).
+    fn relu_max_pool_passed(&self, grad: &FlexTensor, pool: &Pool2d) -> FlexTensor {
+        let (x, gamma, beta, stats) = self.values();
+        let passed = kernels::relu_max_pool_backward(
+            x,
+            values(&contiguous::<f32>(grad)),
+            gamma,
+            beta,
+            stats,
+            self.epsilon,
+            pool,
+        );
+        self.activation(passed)
     }
 
     /// The values of `x`, gamma, beta and the statistics.
@@ -274,6 +333,23 @@ impl Backward<Flex, 4> for AddReluBackward {
     }
 }
 
+/// The backward step of [`BatchNormBackend::batch_norm_relu_max_pool`]; parents `[x,
+/// gamma, beta]`.
+#[derive(Debug)]
+struct ReluMaxPoolBackward;
+
+impl Backward<Flex, 3> for ReluMaxPoolBackward {
+    /// The normalisation (without ReLU) and the window.
+    type State = (NormalizeState, Pool2d);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (norm, pool) = &ops.state;
+        let passed = norm.relu_max_pool_passed(&grad, pool);
+        register!(ops, norm.gradients(&passed), grads);
+    }
+}
+
 impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
     fn batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let stats = Flex::batch_norm_stats(x.primitive().clone());
@@ -337,6 +413,33 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn batch_norm_relu_max_pool(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        pool: Pool2d,
+    ) -> FloatTensor<Self> {
+        let prep = ReluMaxPoolBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let norm = NormalizeState::new(
+            x.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+            stats.into_primitive(),
+            epsilon,
+            false,
+        );
+        let out = norm.forward_relu_max_pool(&pool);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish((norm, pool), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
 }
 
 /// Whether [`batch_norm_train`] runs its own kernels on `x` (f32 on `Flex`, with
@@ -374,32 +477,110 @@ pub fn batch_norm_add_relu_train(norm: &BatchNorm, x: Tensor<4>, residual: Tenso
     normalize(norm, x, Then::AddRelu(Box::new(residual)))
 }
 
+/// `pool(relu(batch_norm_train(norm, x)))`, a convolution block's end, as one pass that
+/// writes only the pooled activation where the kernels of this module run (and `pool`
+/// has no dilation and the same padding on both sides of each axis); the gradient goes
+/// to each window's maximum, as burn's max pooling sends it.
+///
+/// # Shapes
+/// - `x`: `[batch, channels, h, w]`; output: `[batch, channels, out_h, out_w]`, as
+///   `pool` gives them.
+pub fn batch_norm_relu_max_pool_train(
+    norm: &BatchNorm,
+    pool: &MaxPool2d,
+    x: Tensor<4>,
+) -> Tensor<4> {
+    normalize(norm, x, Then::ReluMaxPool(pool))
+}
+
 /// What follows the normalisation, in the same operation.
-enum Then {
+enum Then<'a> {
     Nothing,
     Relu,
     AddRelu(Box<Tensor<4>>),
+    ReluMaxPool(&'a MaxPool2d),
+}
+
+/// What the kernels of this module run after the normalisation of `x`.
+enum Fused {
+    Normalize { relu: bool },
+    AddRelu(Tensor<4>),
+    ReluMaxPool(Pool2d),
+}
+
+impl Then<'_> {
+    /// What the kernels run for this on `x`, or `self` back where they cannot.
+    fn fused(self, x: &Tensor<4>) -> Result<Fused, Self> {
+        match self {
+            Then::Nothing => Ok(Fused::Normalize { relu: false }),
+            Then::Relu => Ok(Fused::Normalize { relu: true }),
+            Then::AddRelu(residual)
+                if residual.dims() == x.dims() && residual.dtype() == DType::F32 =>
+            {
+                Ok(Fused::AddRelu(*residual))
+            }
+            Then::ReluMaxPool(pool) => match max_pool_window(pool, x.dims()) {
+                Some(window) => Ok(Fused::ReluMaxPool(window)),
+                None => Err(self),
+            },
+            other => Err(other),
+        }
+    }
+
+    /// This after `y`, as burn's modules compute it.
+    fn after(self, y: Tensor<4>) -> Tensor<4> {
+        match self {
+            Then::Nothing => y,
+            Then::Relu => relu(y),
+            Then::AddRelu(residual) => relu(y + *residual),
+            Then::ReluMaxPool(pool) => pool.forward(relu(y)),
+        }
+    }
+}
+
+/// `pool`'s window on an input of shape `dims`, where the kernels run it: no dilation,
+/// the same padding on both sides of each axis (at most half the window, as burn
+/// requires), a non-empty output; `None` otherwise.
+fn max_pool_window(pool: &MaxPool2d, dims: [usize; 4]) -> Option<Pool2d> {
+    let padding = symmetric_padding(&pool.padding)?;
+    let (kernel, stride) = (pool.kernel_size, pool.stride);
+    let fits =
+        |axis: usize| kernel[axis] > 0 && stride[axis] > 0 && 2 * padding[axis] <= kernel[axis];
+    if pool.dilation != [1, 1] || !fits(0) || !fits(1) {
+        return None;
+    }
+    let out = |axis: usize| {
+        window_out(
+            dims[2 + axis],
+            kernel[axis],
+            stride[axis],
+            padding[axis],
+            pool.ceil_mode,
+        )
+        .filter(|&size| size > 0)
+    };
+    Some(Pool2d {
+        input: dims,
+        output: [out(0)?, out(1)?],
+        kernel,
+        stride,
+        padding,
+    })
 }
 
 fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
     let device = x.device();
     let training = device.is_autodiff() && norm.training.is_enabled();
-    let residual_fits = match &then {
-        Then::AddRelu(residual) => residual.dims() == x.dims() && residual.dtype() == DType::F32,
-        _ => true,
-    };
-    if !training
-        || !batch_norm_kernels_run(&x)
-        || norm.gamma.val().dtype() != DType::F32
-        || !residual_fits
+    let fused = if training && batch_norm_kernels_run(&x) && norm.gamma.val().dtype() == DType::F32
     {
-        let y = norm.forward(x);
-        return match then {
-            Then::Nothing => y,
-            Then::Relu => relu(y),
-            Then::AddRelu(residual) => relu(y + *residual),
-        };
-    }
+        then.fused(&x)
+    } else {
+        Err(then)
+    };
+    let fused = match fused {
+        Ok(fused) => fused,
+        Err(then) => return then.after(norm.forward(x)),
+    };
     let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
         x.clone().detach().into_dispatch(),
     ));
@@ -407,22 +588,31 @@ fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
         norm.gamma.val().into_dispatch(),
         norm.beta.val().into_dispatch(),
     );
-    let out = Tensor::<4>::from_dispatch(match then {
-        Then::Nothing | Then::Relu => <Dispatch as BatchNormBackend>::batch_norm_normalize(
-            x.into_dispatch(),
+    let (x, stats_in) = (x.into_dispatch(), stats.clone().into_dispatch());
+    let out = Tensor::<4>::from_dispatch(match fused {
+        Fused::Normalize { relu } => <Dispatch as BatchNormBackend>::batch_norm_normalize(
+            x,
             gamma,
             beta,
-            stats.clone().into_dispatch(),
+            stats_in,
             norm.epsilon,
-            matches!(then, Then::Relu),
+            relu,
         ),
-        Then::AddRelu(residual) => <Dispatch as BatchNormBackend>::batch_norm_add_relu(
-            x.into_dispatch(),
+        Fused::AddRelu(residual) => <Dispatch as BatchNormBackend>::batch_norm_add_relu(
+            x,
             gamma,
             beta,
-            stats.clone().into_dispatch(),
+            stats_in,
             residual.into_dispatch(),
             norm.epsilon,
+        ),
+        Fused::ReluMaxPool(pool) => <Dispatch as BatchNormBackend>::batch_norm_relu_max_pool(
+            x,
+            gamma,
+            beta,
+            stats_in,
+            norm.epsilon,
+            pool,
         ),
     });
     let channels = stats.dims()[1];

@@ -40,6 +40,16 @@ pub trait Forward {
         let y = self.batch_norm(norm, x)?;
         self.relu(y)
     }
+    /// Batch norm, ReLU, then max pooling (one step where an implementation fuses them).
+    fn batch_norm_relu_max_pool(
+        &mut self,
+        norm: &BatchNorm,
+        pool: &MaxPool2d,
+        x: Self::Map,
+    ) -> Result<Self::Map, Self::Error> {
+        let y = self.batch_norm_relu(norm, x)?;
+        self.max_pool(pool, y)
+    }
     /// Max pooling.
     fn max_pool(&mut self, pool: &MaxPool2d, x: Self::Map) -> Result<Self::Map, Self::Error>;
     /// Average pooling.
@@ -98,16 +108,19 @@ impl HeadLayer {
 
 impl ConvNet {
     /// The forward pass: features (a batch norm followed by a ReLU as one
-    /// [`Forward::batch_norm_relu`]), adaptive pooling, `fc6`, flatten, classifier.
+    /// [`Forward::batch_norm_relu`], or with the max pooling after them as one
+    /// [`Forward::batch_norm_relu_max_pool`]), adaptive pooling, `fc6`, flatten,
+    /// classifier.
     pub fn walk<F: Forward>(&self, f: &mut F, mut x: F::Map) -> Result<F::Vector, F::Error> {
-        let mut layers = self.features.iter().peekable();
-        while let Some(layer) = layers.next() {
-            x = match (layer, layers.peek()) {
-                (FeatureLayer::BatchNorm(norm), Some(FeatureLayer::Relu(_))) => {
-                    layers.next();
-                    f.batch_norm_relu(norm, x)?
+        use FeatureLayer::{BatchNorm, MaxPool, Relu};
+        let mut rest = self.features.as_slice();
+        while let Some((layer, tail)) = rest.split_first() {
+            (x, rest) = match (layer, tail) {
+                (BatchNorm(norm), [Relu(_), MaxPool(pool), tail @ ..]) => {
+                    (f.batch_norm_relu_max_pool(norm, pool, x)?, tail)
                 }
-                _ => layer.walk(f, x)?,
+                (BatchNorm(norm), [Relu(_), tail @ ..]) => (f.batch_norm_relu(norm, x)?, tail),
+                _ => (layer.walk(f, x)?, tail),
             };
         }
         x = f.adaptive_avg_pool(&self.avgpool, x)?;
@@ -149,8 +162,7 @@ impl ResNet {
     /// The forward pass: stem, the four stages, global pooling, classifier.
     pub fn walk<F: Forward>(&self, f: &mut F, x: F::Map) -> Result<F::Vector, F::Error> {
         let mut x = f.conv(&self.conv1, x)?;
-        x = f.batch_norm_relu(&self.bn1, x)?;
-        x = f.max_pool(&self.maxpool, x)?;
+        x = f.batch_norm_relu_max_pool(&self.bn1, &self.maxpool, x)?;
         for block in self
             .layer1
             .iter()
@@ -197,6 +209,15 @@ impl Forward for Modules {
 
     fn batch_norm_relu(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
         Ok(crate::layer::batch_norm_relu_train(norm, x))
+    }
+
+    fn batch_norm_relu_max_pool(
+        &mut self,
+        norm: &BatchNorm,
+        pool: &MaxPool2d,
+        x: Tensor<4>,
+    ) -> Result<Tensor<4>, Infallible> {
+        Ok(crate::layer::batch_norm_relu_max_pool_train(norm, pool, x))
     }
 
     fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {

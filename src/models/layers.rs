@@ -19,7 +19,9 @@ use burn::nn::{
 use burn::tensor::{Device, Tensor};
 
 use crate::cost;
-use crate::layer::{authors_initializer, conv2d_forward, Geometry, VConv2d, VConv2dConfig};
+use crate::layer::{
+    authors_initializer, conv2d_forward, window_out, Geometry, VConv2d, VConv2dConfig,
+};
 
 use super::error::ModelError;
 use super::report::{LayerReport, VersatileLayout};
@@ -116,33 +118,6 @@ fn too_small<T>(layer: &str, reason: String) -> Traced<T> {
         layer: layer.to_string(),
         reason,
     })
-}
-
-/// Output size of a sliding window along one axis (`None` when the padded input is
-/// smaller than the window). `ceil` follows PyTorch: the last window must start inside
-/// the input or its left padding.
-pub(crate) fn window_out(
-    size: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    ceil: bool,
-) -> Option<usize> {
-    let padded = size + 2 * padding;
-    if padded < kernel {
-        return None;
-    }
-    let span = padded - kernel;
-    if ceil {
-        let out = span.div_ceil(stride) + 1;
-        Some(if (out - 1) * stride >= size + padding {
-            out - 1
-        } else {
-            out
-        })
-    } else {
-        Some(span / stride + 1)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
