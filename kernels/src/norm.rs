@@ -44,7 +44,7 @@ impl NormShape {
     }
 
     /// Plane `i` of an activation: image `i / channels`, channel `i % channels`.
-    fn plane_at<'a>(&self, values: &'a [f32], i: usize) -> &'a [f32] {
+    fn plane_at<'a, T>(&self, values: &'a [T], i: usize) -> &'a [T] {
         &values[i * self.plane..][..self.plane]
     }
 
@@ -133,30 +133,73 @@ fn affine(c: usize, gamma: &[f32], beta: &[f32], stats: &[f32], epsilon: f64) ->
 
 /// A new activation of `shape` whose plane `i` (image `i / channels`, channel
 /// `i % channels`) `fill(i, plane)` writes, the planes in parallel, each handed to `fill`
-/// zeroed: a plane is zeroed in cache just before it is written, not the whole activation
-/// in a pass of its own (which cost as much as the write).
-fn fill_planes(shape: NormShape, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let len = shape.len();
-    let mut out = Vec::with_capacity(len);
-    if len == 0 {
-        return out;
+/// zeroed (`T::default()`): a plane is zeroed in cache just before it is written, not the
+/// whole activation in a pass of its own (which cost as much as the write).
+fn fill_planes<T: Copy + Default + Send>(
+    shape: NormShape,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    // `()` takes no memory: the second activation is free.
+    fill_plane_pairs::<T, ()>(shape, shape, |i, plane, _| fill(i, plane)).0
+}
+
+/// Two new activations, of shapes `a` and `b` with the same number of planes, whose
+/// planes `i` `fill(i, a_plane, b_plane)` writes, as [`fill_planes`] does.
+///
+/// # Panics
+/// If the shapes have different numbers of planes.
+fn fill_plane_pairs<A, B>(
+    a: NormShape,
+    b: NormShape,
+    fill: impl Fn(usize, &mut [A], &mut [B]) + Sync,
+) -> (Vec<A>, Vec<B>)
+where
+    A: Copy + Default + Send,
+    B: Copy + Default + Send,
+{
+    assert_eq!(
+        a.batch * a.channels,
+        b.batch * b.channels,
+        "fill_plane_pairs: planes"
+    );
+    let planes = a.batch * a.channels;
+    if a.plane == 0 || b.plane == 0 {
+        // Nothing to split into chunks on one side: no parallel pass.
+        let (mut first, mut second) = (vec![A::default(); a.len()], vec![B::default(); b.len()]);
+        for i in 0..planes {
+            fill(
+                i,
+                &mut first[i * a.plane..][..a.plane],
+                &mut second[i * b.plane..][..b.plane],
+            );
+        }
+        return (first, second);
     }
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(shape.plane)
+    let (mut first, mut second) = (Vec::with_capacity(a.len()), Vec::with_capacity(b.len()));
+    first.spare_capacity_mut()[..a.len()]
+        .par_chunks_mut(a.plane)
+        .zip(second.spare_capacity_mut()[..b.len()].par_chunks_mut(b.plane))
         .enumerate()
-        .for_each(|(i, slots)| {
-            slots.fill(MaybeUninit::new(0.0));
-            // SAFETY: every slot of `slots` was just written, and `MaybeUninit<f32>` has
-            // the size, alignment and layout of `f32`, so the slice is a valid `[f32]` of
-            // the same length, borrowed mutably from `slots` for this closure only.
-            let plane = unsafe { &mut *(slots as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            fill(i, plane);
-        });
-    // SAFETY: `Vec::with_capacity(len)` made room for `len` values; the chunks cover the
-    // first `len` spare slots exactly, and every task wrote each slot of its chunk (zeros,
-    // then `fill`'s values) before this line (a task's panic reaches this thread first).
-    unsafe { out.set_len(len) };
-    out
+        .for_each(|(i, (a_slots, b_slots))| fill(i, zeroed(a_slots), zeroed(b_slots)));
+    // SAFETY: `Vec::with_capacity` made room for `a.len()` and `b.len()` values; the
+    // chunks cover the first `a.len()` (`b.len()`) spare slots exactly (both have
+    // `a.batch * a.channels` planes), and every task wrote each slot of its chunks
+    // (`zeroed`, then `fill`) before this line (a task's panic reaches this thread
+    // first).
+    unsafe {
+        first.set_len(a.len());
+        second.set_len(b.len());
+    }
+    (first, second)
+}
+
+/// `slots` set to `T::default()`, as the initialised slice they now are.
+fn zeroed<T: Copy + Default>(slots: &mut [MaybeUninit<T>]) -> &mut [T] {
+    slots.fill(MaybeUninit::new(T::default()));
+    // SAFETY: every slot of `slots` was just written, and `MaybeUninit<T>` has the size,
+    // alignment and layout of `T`, so the slice is a valid `[T]` of the same length,
+    // borrowing `slots` mutably for as long as it lives.
+    unsafe { &mut *(slots as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// [`fill_planes`] with each plane's values from an iterator: plane `i` holds the values
@@ -319,14 +362,25 @@ pub fn add_relu_backward(
     })
 }
 
+/// Where each output of [`normalize_relu_max_pool`] took its value: an index into its
+/// input plane, or [`NOT_PASSED`].
+pub type PoolSources = Vec<u32>;
+
+/// A [`PoolSources`] entry for an output whose ReLU passes no gradient (its window's
+/// maximum is at or below zero, or the window is empty).
+pub const NOT_PASSED: u32 = u32::MAX;
+
 /// `max_pool(relu(normalize(x)))` with `pool`'s window (the input `pool.input`, the
 /// statistics as [`batch_stats`] gives them): a convolution block's batch norm, ReLU and
-/// max pooling in one pass that writes only the pooled activation. The maximum is taken
-/// before the ReLU, which gives the same value (a ReLU keeps the order); a window with no
-/// input value gives 0, as [`crate::pool::max_pool2d`].
+/// max pooling in one pass that writes only the pooled activation, and for each output
+/// where in its plane its value came from (what [`relu_max_pool_backward`] needs). The
+/// maximum is the first largest value of the window in row-major order, a NaN winning
+/// (the last NaN), as PyTorch and burn take it, so the gradient goes where theirs goes;
+/// an output whose maximum is at or below zero is 0, as after a ReLU.
 ///
 /// # Panics
-/// If a slice does not have the length `pool` gives it, or the window is empty.
+/// If a slice does not have the length `pool` gives it, the window is empty, or a plane
+/// has more than `u32::MAX - 1` values.
 pub fn normalize_relu_max_pool(
     x: &[f32],
     gamma: &[f32],
@@ -334,7 +388,7 @@ pub fn normalize_relu_max_pool(
     stats: &[f32],
     epsilon: f64,
     pool: &Pool2d,
-) -> Vec<f32> {
+) -> (Vec<f32>, PoolSources) {
     let (shape, pooled) = pool_shapes(pool);
     let per_channel = [("gamma", gamma), ("beta", beta)];
     check_lengths(
@@ -344,43 +398,55 @@ pub fn normalize_relu_max_pool(
         &per_channel,
         stats,
     );
+    assert!(
+        shape.plane < NOT_PASSED as usize,
+        "normalize_relu_max_pool: a plane of {} values",
+        shape.plane
+    );
     let windows = pool.windows();
-    fill_planes(pooled, |i, dst| {
-        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-        let plane = shape.plane_at(x, i);
-        windows.each_max(
-            plane,
-            |v| v * scale + shift,
-            // NaN passes the ReLU, as in `normalize`; an empty window stays 0.
-            |o, max| {
-                if let Some((_, max)) = max.filter(|&(_, max)| max >= 0.0 || max.is_nan()) {
-                    dst[o] = max;
-                }
-            },
-        );
-    })
+    fill_plane_pairs(
+        pooled,
+        pooled,
+        |i, values: &mut [f32], sources: &mut [u32]| {
+            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+            windows.each_max(
+                shape.plane_at(x, i),
+                |v| v * scale + shift,
+                // The ReLU passes above zero and NaN, as in `normalize`.
+                |o, max| match max {
+                    Some((at, max)) if max > 0.0 || max.is_nan() => {
+                        values[o] = max;
+                        sources[o] = at as u32;
+                    }
+                    _ => sources[o] = NOT_PASSED,
+                },
+            );
+        },
+    )
 }
 
-/// The gradient of [`normalize_relu_max_pool`] at its normalisation's output, for the
-/// pooled gradient `grad`: each output's gradient goes to its window's maximum (the one
-/// the forward pass took, recomputed to the bit) when the ReLU passed it, added up where
-/// windows overlap (in output order), zero elsewhere. [`normalize_backward`] without ReLU
-/// of it gives `dx`, `dgamma` and `dbeta`.
+/// The gradients of [`normalize_relu_max_pool`] for the pooled output gradient `grad`,
+/// with the `sources` its forward pass gave: returns `dx` and writes per channel `dgamma`
+/// and `dbeta`, the statistics' dependence on `x` included. Each output's gradient goes
+/// to its source (added up where overlapping windows share one), so the reductions visit
+/// the outputs only, and `dx` is written in one pass.
 ///
 /// # Panics
-/// If a slice does not have the length `pool` gives it, or the window is empty.
+/// If a slice does not have the length `pool` gives it, or a source is outside its plane.
 #[allow(clippy::too_many_arguments)]
 pub fn relu_max_pool_backward(
     x: &[f32],
     grad: &[f32],
+    sources: &[u32],
     gamma: &[f32],
-    beta: &[f32],
     stats: &[f32],
     epsilon: f64,
     pool: &Pool2d,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
 ) -> Vec<f32> {
     let (shape, pooled) = pool_shapes(pool);
-    let per_channel = [("gamma", gamma), ("beta", beta)];
+    let per_channel = [("gamma", gamma), ("dgamma", &*dgamma), ("dbeta", &*dbeta)];
     check_lengths(
         "relu_max_pool_backward",
         shape,
@@ -393,21 +459,44 @@ pub fn relu_max_pool_backward(
         pooled.len(),
         "relu_max_pool_backward: gradient length"
     );
-    let windows = pool.windows();
-    fill_planes(shape, |i, dst| {
-        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-        let grad = pooled.plane_at(grad, i);
-        windows.each_max(
-            shape.plane_at(x, i),
-            |v| v * scale + shift,
-            // The ReLU's gradient passes above zero (and for NaN), as in
-            // `normalize_backward`.
-            |o, max| {
-                if let Some((at, _)) = max.filter(|&(_, max)| max > 0.0 || max.is_nan()) {
-                    dst[at] += grad[o];
+    assert_eq!(
+        sources.len(),
+        pooled.len(),
+        "relu_max_pool_backward: sources length"
+    );
+    // Each passed output's gradient and its source's input value, plane `i`'s.
+    let passed = |i: usize| {
+        let plane = shape.plane_at(x, i);
+        pooled
+            .plane_at(grad, i)
+            .iter()
+            .zip(pooled.plane_at(sources, i))
+            .filter(|&(_, &at)| at != NOT_PASSED)
+            .map(move |(&g, &at)| (g, at as usize, plane[at as usize]))
+    };
+    let sums: Vec<(f64, f64)> = (0..shape.channels)
+        .into_par_iter()
+        .map(|c| {
+            let mean = stats[c];
+            let (mut sum_g, mut sum_gc) = (0f64, 0f64);
+            for b in 0..shape.batch {
+                for (g, _, v) in passed(b * shape.channels + c) {
+                    sum_g += f64::from(g);
+                    sum_gc += f64::from(g * (v - mean));
                 }
-            },
-        );
+            }
+            (sum_g, sum_gc)
+        })
+        .collect();
+    let coefficients = gradient_coefficients(&sums, gamma, stats, epsilon, shape, dgamma, dbeta);
+    fill_planes(shape, |i, dst: &mut [f32]| {
+        let (a, b, k) = coefficients[i % shape.channels];
+        for (dx, &v) in dst.iter_mut().zip(shape.plane_at(x, i)) {
+            *dx = b * v + k;
+        }
+        for (g, at, _) in passed(i) {
+            dst[at] += a * g;
+        }
     })
 }
 
@@ -512,10 +601,34 @@ fn normalize_backward_as<const RELU: bool>(
                 .fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q))
         })
         .collect();
-    // dx = a * grad + b * x + k per channel, from
-    // dx = gamma * inv_std * (grad - mean(grad) - x_hat * mean(grad * x_hat)).
-    let count = shape.count();
-    let coefficients: Vec<(f32, f32, f32)> = (0..channels)
+    let coefficients = gradient_coefficients(&sums, gamma, stats, epsilon, shape, dgamma, dbeta);
+    write_planes(shape, |i| {
+        let c = i % channels;
+        let (a, b, k) = coefficients[c];
+        let map = affine(c, gamma, beta, stats, epsilon);
+        shape
+            .plane_at(grad, i)
+            .iter()
+            .zip(shape.plane_at(x, i))
+            .map(move |(&g, &v)| a * passed(g, v, map) + b * v + k)
+    })
+}
+
+/// The batch-norm gradient `dx = a * g + b * x + k` per channel, `(a, b, k)`, from the
+/// sums over each channel of the gradient `g` at the normalisation's output and of `g`
+/// times the centred input, `sums[c]`; writes `dgamma` and `dbeta`. From
+/// `dx = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat))`.
+fn gradient_coefficients(
+    sums: &[(f64, f64)],
+    gamma: &[f32],
+    stats: &[f32],
+    epsilon: f64,
+    shape: NormShape,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<(f32, f32, f32)> {
+    let (channels, count) = (shape.channels, shape.count());
+    (0..channels)
         .map(|c| {
             let (sum_g, sum_gc) = sums[c];
             let inv = f64::from(inv_std(stats[channels + c], epsilon));
@@ -527,17 +640,7 @@ fn normalize_backward_as<const RELU: bool>(
             let k = -a * sum_g / count - b * f64::from(stats[c]);
             (a as f32, b as f32, k as f32)
         })
-        .collect();
-    write_planes(shape, |i| {
-        let c = i % channels;
-        let (a, b, k) = coefficients[c];
-        let map = affine(c, gamma, beta, stats, epsilon);
-        shape
-            .plane_at(grad, i)
-            .iter()
-            .zip(shape.plane_at(x, i))
-            .map(move |(&g, &v)| a * passed(g, v, map) + b * v + k)
-    })
+        .collect()
 }
 
 #[cfg(test)]
@@ -738,8 +841,7 @@ mod tests {
     }
 
     /// `normalize_relu_max_pool` equals `normalize` (with ReLU) then `max_pool2d` to the
-    /// bit, and its gradients (`relu_max_pool_backward`, then `normalize_backward` without
-    /// ReLU) match central differences of the f64 loss
+    /// bit, and its gradients (`relu_max_pool_backward`) match central differences of the f64 loss
     /// `sum(max_pool(relu(batch_norm(x))) * r)`, for a 2x2 window and for an overlapping,
     /// padded 3x3 one (ResNet's stem).
     #[test]
@@ -761,7 +863,7 @@ mod tests {
             let beta = [-0.4f32, 0.2];
             let mut stats = vec![0.0; 2 * shape.channels];
             batch_stats(&x, shape, &mut stats);
-            let got = normalize_relu_max_pool(&x, &gamma, &beta, &stats, eps, &pool);
+            let (got, sources) = normalize_relu_max_pool(&x, &gamma, &beta, &stats, eps, &pool);
             let mut want = vec![0.0; pooled.len()];
             let normalized = normalize(&x, &gamma, &beta, &stats, eps, true, shape);
             crate::pool::max_pool2d(&pool, &normalized, &mut want);
@@ -808,17 +910,15 @@ mod tests {
                 }
                 total
             };
-            let passed = relu_max_pool_backward(&x, &r, &gamma, &beta, &stats, eps, &pool);
             let (mut dgamma, mut dbeta) = (vec![0.0; 2], vec![0.0; 2]);
-            let dx = normalize_backward(
+            let dx = relu_max_pool_backward(
                 &x,
-                &passed,
+                &r,
+                &sources,
                 &gamma,
-                &beta,
                 &stats,
                 eps,
-                false,
-                shape,
+                &pool,
                 &mut dgamma,
                 &mut dbeta,
             );

@@ -28,7 +28,7 @@ use burn::tensor::{DType, Tensor};
 
 use super::fused::{contiguous, flex_tensor, is_flex, values};
 use super::geometry::{symmetric_padding, window_out};
-use crate::kernels::norm::{self as kernels, NormShape};
+use crate::kernels::norm::{self as kernels, NormShape, PoolSources};
 use crate::kernels::pool::Pool2d;
 
 /// The training batch norm's steps as backend operations (on `Flex` and its `Autodiff`).
@@ -126,7 +126,8 @@ impl BatchNormBackend for Flex {
         epsilon: f64,
         pool: Pool2d,
     ) -> FlexTensor {
-        NormalizeState::new(x, gamma, beta, stats, epsilon, false).forward_relu_max_pool(&pool)
+        let norm = NormalizeState::new(x, gamma, beta, stats, epsilon, false);
+        norm.forward_relu_max_pool(&pool).0
     }
 }
 
@@ -212,33 +213,50 @@ impl NormalizeState {
         self.activation(out)
     }
 
-    /// `max_pool(relu(normalize(x)))`.
-    fn forward_relu_max_pool(&self, pool: &Pool2d) -> FlexTensor {
+    /// `max_pool(relu(normalize(x)))`, and where each output came from (what
+    /// [`Self::relu_max_pool_gradients`] needs).
+    fn forward_relu_max_pool(&self, pool: &Pool2d) -> (FlexTensor, PoolSources) {
         assert_eq!(
             pool.input.to_vec(),
             self.x.layout().shape().to_vec(),
             "batch_norm_relu_max_pool: the window's input shape differs from the input's"
         );
         let (x, gamma, beta, stats) = self.values();
-        let out = kernels::normalize_relu_max_pool(x, gamma, beta, stats, self.epsilon, pool);
+        let (out, sources) =
+            kernels::normalize_relu_max_pool(x, gamma, beta, stats, self.epsilon, pool);
         let [batch, channels, _, _] = pool.input;
-        flex_tensor(out, vec![batch, channels, pool.output[0], pool.output[1]])
+        let out = flex_tensor(out, vec![batch, channels, pool.output[0], pool.output[1]]);
+        (out, sources)
     }
 
-    /// For [`Self::forward_relu_max_pool`] and its output gradient `grad`: the gradient
-    /// at the normalisation's output (past the pooling and the ReLU).
-    fn relu_max_pool_passed(&self, grad: &FlexTensor, pool: &Pool2d) -> FlexTensor {
-        let (x, gamma, beta, stats) = self.values();
-        let passed = kernels::relu_max_pool_backward(
+    /// The gradients of `x`, gamma and beta of [`Self::forward_relu_max_pool`] for its
+    /// output gradient `grad` and the `sources` it gave.
+    fn relu_max_pool_gradients(
+        &self,
+        grad: &FlexTensor,
+        pool: &Pool2d,
+        sources: &[u32],
+    ) -> [FlexTensor; 3] {
+        let shape = self.shape();
+        let (x, gamma, _, stats) = self.values();
+        let (mut dgamma, mut dbeta) = (vec![0.0; shape.channels], vec![0.0; shape.channels]);
+        let dx = kernels::relu_max_pool_backward(
             x,
             values(&contiguous::<f32>(grad)),
+            sources,
             gamma,
-            beta,
             stats,
             self.epsilon,
             pool,
+            &mut dgamma,
+            &mut dbeta,
         );
-        self.activation(passed)
+        let channels = vec![shape.channels];
+        [
+            self.activation(dx),
+            flex_tensor(dgamma, channels.clone()),
+            flex_tensor(dbeta, channels),
+        ]
     }
 
     /// The values of `x`, gamma, beta and the statistics.
@@ -339,14 +357,17 @@ impl Backward<Flex, 4> for AddReluBackward {
 struct ReluMaxPoolBackward;
 
 impl Backward<Flex, 3> for ReluMaxPoolBackward {
-    /// The normalisation (without ReLU) and the window.
-    type State = (NormalizeState, Pool2d);
+    /// The normalisation (without ReLU), the window and where each output came from.
+    type State = (NormalizeState, Pool2d, PoolSources);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = grads.consume::<Flex>(&ops.node);
-        let (norm, pool) = &ops.state;
-        let passed = norm.relu_max_pool_passed(&grad, pool);
-        register!(ops, norm.gradients(&passed), grads);
+        let (norm, pool, sources) = &ops.state;
+        register!(
+            ops,
+            norm.relu_max_pool_gradients(&grad, pool, sources),
+            grads
+        );
     }
 }
 
@@ -434,9 +455,9 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             epsilon,
             false,
         );
-        let out = norm.forward_relu_max_pool(&pool);
+        let (out, sources) = norm.forward_relu_max_pool(&pool);
         match prep {
-            OpsKind::Tracked(prep) => prep.finish((norm, pool), out),
+            OpsKind::Tracked(prep) => prep.finish((norm, pool, sources), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
