@@ -34,6 +34,7 @@ mod epilogue;
 mod im2col;
 mod nested;
 pub mod norm;
+pub mod optim;
 mod plan;
 pub mod pool;
 mod shifted;

@@ -172,7 +172,7 @@ pub trait NestedConvBackend: burn::backend::Backend {
 }
 
 /// The float types the fused kernel takes from flex tensors.
-pub(super) trait FlexReal: Real + burn::tensor::Element {
+pub(crate) trait FlexReal: Real + burn::tensor::Element {
     /// The tensor's values when it is contiguous and of this type.
     fn slice(tensor: &FlexTensor) -> Option<&[Self]>;
 }
@@ -191,7 +191,7 @@ impl FlexReal for f64 {
 
 /// `tensor` itself when its values of type `T` are contiguous, else a contiguous copy;
 /// read it with [`values`].
-pub(super) fn contiguous<T: FlexReal>(tensor: &FlexTensor) -> Cow<'_, FlexTensor> {
+pub(crate) fn contiguous<T: FlexReal>(tensor: &FlexTensor) -> Cow<'_, FlexTensor> {
     match T::slice(tensor) {
         Some(_) => Cow::Borrowed(tensor),
         None => Cow::Owned(tensor.to_contiguous()),
@@ -199,7 +199,7 @@ pub(super) fn contiguous<T: FlexReal>(tensor: &FlexTensor) -> Cow<'_, FlexTensor
 }
 
 /// The values of a contiguous tensor of type `T` (one [`contiguous`] returned).
-pub(super) fn values<T: FlexReal>(tensor: &FlexTensor) -> &[T] {
+pub(crate) fn values<T: FlexReal>(tensor: &FlexTensor) -> &[T] {
     T::slice(tensor).expect("a contiguous tensor of the checked dtype")
 }
 
