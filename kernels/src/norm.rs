@@ -928,14 +928,13 @@ mod tests {
                 v[i] += d;
                 v
             };
-            for i in 0..shape.len() {
+            for (i, &dx) in dx.iter().enumerate() {
                 let numeric = (loss(&nudged(&xw, i, h), &gw, &bw)
                     - loss(&nudged(&xw, i, -h), &gw, &bw))
                     / (2.0 * h);
                 assert!(
-                    (f64::from(dx[i]) - numeric).abs() < 1e-3,
-                    "dx[{i}]: {} vs {numeric}",
-                    dx[i]
+                    (f64::from(dx) - numeric).abs() < 1e-3,
+                    "dx[{i}]: {dx} vs {numeric}"
                 );
             }
             for c in 0..shape.channels {

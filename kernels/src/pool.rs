@@ -121,8 +121,8 @@ impl Windows {
     ) {
         // Selects, not a branch: which value wins is data, and a mispredicted branch per
         // value cost more than the whole window.
-        let take = |(at, best): (usize, f32), i: usize| {
-            let v = value(plane[i]);
+        let take = |(at, best): (usize, f32), i: usize, v: f32| {
+            let v = value(v);
             let wins = (v > best) | v.is_nan();
             (if wins { i } else { at }, if wins { v } else { best })
         };
@@ -134,7 +134,7 @@ impl Windows {
                     let first = top + 2 * ox;
                     let mut max = (first, value(plane[first]));
                     for i in [first + 1, bottom + 2 * ox, bottom + 2 * ox + 1] {
-                        max = take(max, i);
+                        max = take(max, i, plane[i]);
                     }
                     f(oy * ow + ox, Some(max));
                 }
@@ -145,11 +145,9 @@ impl Windows {
             for (ox, cols) in self.cols.iter().enumerate() {
                 let mut max = None;
                 for y in rows.clone() {
-                    for i in y * w + cols.start..y * w + cols.end {
-                        max = Some(match max {
-                            None => (i, value(plane[i])),
-                            Some(max) => take(max, i),
-                        });
+                    let row = y * w + cols.start;
+                    for (i, &v) in (row..).zip(&plane[row..row + cols.len()]) {
+                        max = Some(max.map_or_else(|| (i, value(v)), |max| take(max, i, v)));
                     }
                 }
                 f(oy * ow + ox, max);

@@ -422,6 +422,45 @@ pub(crate) fn same_padding(kernel: usize, stride: usize, size: usize) -> (usize,
     (total / 2, total - total / 2)
 }
 
+/// Output size of a sliding window along one axis (`None` when the padded input is
+/// smaller than the window). `ceil` follows PyTorch: the last window must start inside
+/// the input or its left padding.
+pub(crate) fn window_out(
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+) -> Option<usize> {
+    let padded = size + 2 * padding;
+    if padded < kernel {
+        return None;
+    }
+    let span = padded - kernel;
+    if ceil {
+        let out = span.div_ceil(stride) + 1;
+        Some(if (out - 1) * stride >= size + padding {
+            out - 1
+        } else {
+            out
+        })
+    } else {
+        Some(span / stride + 1)
+    }
+}
+
+/// A padding as `[rows, columns]` when each axis has the same padding on both sides
+/// (`Valid`, or an `Explicit` one that is symmetric); `None` otherwise.
+pub(crate) fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
+    match *padding {
+        PaddingConfig2d::Valid => Some([0, 0]),
+        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+            Some([top, left])
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,44 +528,5 @@ mod tests {
         let pads = g.resolve_padding(&PaddingConfig2d::Same, 9, 7);
         assert_eq!(pads, [(1, 2), (1, 2)]);
         assert_eq!(g.output_size(9, 7, pads).unwrap(), [9, 7]);
-    }
-}
-
-/// Output size of a sliding window along one axis (`None` when the padded input is
-/// smaller than the window). `ceil` follows PyTorch: the last window must start inside
-/// the input or its left padding.
-pub(crate) fn window_out(
-    size: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    ceil: bool,
-) -> Option<usize> {
-    let padded = size + 2 * padding;
-    if padded < kernel {
-        return None;
-    }
-    let span = padded - kernel;
-    if ceil {
-        let out = span.div_ceil(stride) + 1;
-        Some(if (out - 1) * stride >= size + padding {
-            out - 1
-        } else {
-            out
-        })
-    } else {
-        Some(span / stride + 1)
-    }
-}
-
-/// A padding as `[rows, columns]` when each axis has the same padding on both sides
-/// (`Valid`, or an `Explicit` one that is symmetric); `None` otherwise.
-pub(crate) fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
-    match *padding {
-        PaddingConfig2d::Valid => Some([0, 0]),
-        PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
-            Some([top, left])
-        }
-        _ => None,
     }
 }

@@ -525,7 +525,7 @@ enum Then<'a> {
 /// What the kernels of this module run after the normalisation of `x`.
 enum Fused {
     Normalize { relu: bool },
-    AddRelu(Tensor<4>),
+    AddRelu(Box<Tensor<4>>),
     ReluMaxPool(Pool2d),
 }
 
@@ -538,7 +538,7 @@ impl Then<'_> {
             Then::AddRelu(residual)
                 if residual.dims() == x.dims() && residual.dtype() == DType::F32 =>
             {
-                Ok(Fused::AddRelu(*residual))
+                Ok(Fused::AddRelu(residual))
             }
             Then::ReluMaxPool(pool) => match max_pool_window(pool, x.dims()) {
                 Some(window) => Ok(Fused::ReluMaxPool(window)),
@@ -624,7 +624,7 @@ fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
             gamma,
             beta,
             stats_in,
-            residual.into_dispatch(),
+            (*residual).into_dispatch(),
             norm.epsilon,
         ),
         Fused::ReluMaxPool(pool) => <Dispatch as BatchNormBackend>::batch_norm_relu_max_pool(
