@@ -52,7 +52,7 @@ pub use distributed::MpiGroup;
 pub use distributed::{launched_by_mpirun, Collective};
 pub use error::TrainError;
 pub use metrics::{EpochMetrics, Tally};
-pub use optim::build_optimizer;
+pub use optim::{build_optimizer, FusedSgd, SgdBackend, SgdVelocity};
 pub use progress::{Observer, ProgressBars, Silent, StepProgress};
 pub use schedule::LrSchedule;
 pub use trainer::{

@@ -1,0 +1,365 @@
+//! The nested forward and backward passes over tiles of output columns: the choice of
+//! path (shifted views, im2col or the streaming kernel) and the public entry points here;
+//! the shared primitives in [`primitives`], the tile tasks in [`tasks`].
+
+mod primitives;
+mod tasks;
+
+pub(crate) use primitives::{
+    accumulator_strides, add_in_order, gemm, windows_partition_channels, BackwardArgs, SharedMut,
+    TaskInput,
+};
+use primitives::{from_ring_layout, split, to_ring_layout, Layout};
+use tasks::{backward_tasks, bias_gradient, forward_task};
+
+use rayon::prelude::*;
+
+use super::epilogue::Epilogue;
+use super::plan::ConvPlan;
+use super::shifted;
+use super::streaming::{self, StreamWeight};
+use super::trace::{self, Layout as Traced, Pass};
+use super::tuning::{self, Strategy};
+use super::workspace::{self, grow, Slot};
+use super::Real;
+
+/// Which gradients a backward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Input gradient.
+    pub x: bool,
+    /// Weight gradient.
+    pub weight: bool,
+    /// Bias gradient.
+    pub bias: bool,
+}
+
+/// Gradients of a backward pass, each present when it was asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    /// Input gradient `[batch, c, h, w]`.
+    pub x: Option<Vec<T>>,
+    /// Weight gradient `[m, depth, kh, kw]`.
+    pub weight: Option<Vec<T>>,
+    /// Bias gradient `[n]`.
+    pub bias: Option<Vec<T>>,
+}
+
+/// Whether the plan's single window covers the whole weight, so that the first write of
+/// a weight-gradient buffer can overwrite instead of accumulating.
+fn weight_covered(plan: &ConvPlan) -> bool {
+    plan.windows.len() == 1
+        && plan.windows[0].first_primary == 0
+        && plan.windows[0].weight_offset == 0
+        && plan.windows[0].rows == plan.primaries
+        && plan.window_depth == plan.weight_depth
+}
+
+/// Whether this plan runs through the shifted views (else im2col).
+fn use_shifted(plan: &ConvPlan) -> bool {
+    match plan.tuning.strategy {
+        Strategy::Auto => shifted::suits(plan),
+        Strategy::Shifted => plan.stride == [1, 1],
+        Strategy::Im2col | Strategy::Stream => false,
+    }
+}
+
+/// Whether this plan streams its weight (see [`streaming`]).
+fn use_streaming(plan: &ConvPlan) -> bool {
+    match plan.tuning.strategy {
+        Strategy::Stream => streaming::suits(plan, true),
+        Strategy::Auto => streaming::suits(plan, false),
+        Strategy::Im2col | Strategy::Shifted => false,
+    }
+}
+
+/// Columns per tile for this plan: the tile's column matrix (im2col) or one position's
+/// view of a window (shifted) holds about `TILE_VALUES` values.
+fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
+    if let Some(columns) = plan.tuning.tile_columns {
+        return columns.max(1);
+    }
+    let rows = if shifted {
+        plan.window_depth
+    } else {
+        plan.col_rows()
+    };
+    let tile = (tuning::TILE_VALUES / rows.max(1)).max(32);
+    tile.div_ceil(16) * 16
+}
+
+/// Number of parallel tasks for `columns` output columns of `plan`.
+fn task_count(plan: &ConvPlan, columns: usize) -> usize {
+    let threads = crate::threads();
+    if threads <= 1 || columns < threads.saturating_mul(plan.tuning.min_task_columns) {
+        1
+    } else {
+        threads
+    }
+}
+
+/// gemm parallelism for a call that runs `tasks` tasks.
+fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
+    let threads = crate::threads();
+    if tasks == 1 && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// The forward pass: `[batch, n, out_h, out_w]` from the input `[batch, c, h, w]`, the
+/// primary weight `[m, depth, kh, kw]` and the bias `[n]`.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    let epilogue = Epilogue::bias(bias);
+    check_forward(plan, x, &epilogue);
+    let len = plan.output_len();
+    // Every output value is written exactly once (each channel comes from one crop,
+    // window and primary; each pixel from one tile), so the buffer starts uninitialized
+    // and is only written through raw pointers.
+    let mut out = workspace::uninit(len);
+    forward_core(
+        plan,
+        x,
+        Weight::Plain(weight),
+        &epilogue,
+        SharedMut(out.as_mut_ptr()),
+    );
+    // SAFETY: forward_core wrote all `len` values.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// A weight laid out once for many forward passes ([`forward_packed`]): the ring layout
+/// the gemm calls read, or the plain layout where the plan streams its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight<T> {
+    values: Vec<T>,
+    /// Ring layout (else the streaming kernel's chunk layout).
+    ringed: bool,
+    shape: [usize; 4],
+    rings: Vec<Vec<(usize, usize)>>,
+}
+
+impl<T: Real> PackedWeight<T> {
+    /// Lays out `weight` (`[m, depth, kh, kw]`) for the plans that share `plan`'s weight
+    /// shape, rings and layout choice: the ring layout, or the streaming kernel's chunks.
+    ///
+    /// # Panics
+    /// If the weight's length does not match the plan.
+    pub fn new(plan: &ConvPlan, weight: &[T]) -> Self {
+        assert_eq!(weight.len(), plan.weight_len(), "weight length");
+        let ringed = !streams(plan);
+        let values = if ringed {
+            let mut values = vec![T::ZERO; plan.weight_len()];
+            to_ring_layout(plan, &Layout::new(plan), weight, &mut values);
+            values
+        } else {
+            streaming::pack_chunks(plan, weight)
+        };
+        Self {
+            values,
+            ringed,
+            shape: plan.weight_shape(),
+            rings: plan.rings.clone(),
+        }
+    }
+
+    /// Whether `plan` reads this weight as it is laid out.
+    pub fn fits(&self, plan: &ConvPlan) -> bool {
+        self.shape == plan.weight_shape()
+            && self.rings == plan.rings
+            && self.ringed != streams(plan)
+    }
+
+    /// Bytes of the values.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.values.as_slice())
+    }
+}
+
+/// The forward pass with a packed weight and an [`Epilogue`], into `out`
+/// (`[batch, n, out_h, out_w]`, every value overwritten).
+///
+/// # Panics
+/// If a slice length does not match the plan, or `weight` does not
+/// [fit](PackedWeight::fits) it.
+pub fn forward_packed<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &PackedWeight<T>,
+    epilogue: &Epilogue<'_, T>,
+    out: &mut [T],
+) {
+    assert!(weight.fits(plan), "packed weight laid out for another plan");
+    check_forward(plan, x, epilogue);
+    assert_eq!(out.len(), plan.output_len(), "output length");
+    let source = if weight.ringed {
+        Weight::Ringed(&weight.values)
+    } else {
+        Weight::Chunked(&weight.values)
+    };
+    forward_core(plan, x, source, epilogue, SharedMut(out.as_mut_ptr()));
+}
+
+fn check_forward<T: Real>(plan: &ConvPlan, x: &[T], epilogue: &Epilogue<'_, T>) {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    epilogue.check(plan);
+}
+
+/// Whether the forward pass of `plan` streams its weight (else it reads the ring layout).
+fn streams(plan: &ConvPlan) -> bool {
+    !use_shifted(plan) && use_streaming(plan)
+}
+
+/// A forward pass's weight as given.
+#[derive(Clone, Copy)]
+enum Weight<'a, T> {
+    /// `[m, depth, kh, kw]`.
+    Plain(&'a [T]),
+    /// Already in ring layout (never for a streaming plan).
+    Ringed(&'a [T]),
+    /// Already in the streaming kernel's chunk layout (only for a streaming plan).
+    Chunked(&'a [T]),
+}
+
+/// The forward pass into `out`, which must hold `plan.output_len()` values (lengths
+/// checked by the callers); writes every one of them.
+fn forward_core<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: Weight<'_, T>,
+    epilogue: &Epilogue<'_, T>,
+    out: SharedMut<T>,
+) {
+    if plan.output_len() == 0 {
+        return;
+    }
+    let layout = Layout::new(plan);
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
+    if streams(plan) {
+        let weight = match weight {
+            Weight::Plain(weight) => StreamWeight::Plain(weight),
+            Weight::Chunked(packed) => StreamWeight::Chunked(packed),
+            Weight::Ringed(_) => {
+                unreachable!("a streaming plan's weight is never packed in ring layout")
+            }
+        };
+        let tasks = streaming::forward(plan, x, weight, epilogue, out);
+        trace::note(Pass::Forward, Traced::Streaming, tasks);
+        return;
+    }
+    workspace::with::<T, _>(Slot::Call, |call| {
+        let ringed: &[T] = match weight {
+            Weight::Ringed(ringed) => ringed,
+            Weight::Plain(weight) => {
+                let ringed = grow(&mut call.weight, plan.weight_len());
+                to_ring_layout(plan, &layout, weight, ringed);
+                ringed
+            }
+            Weight::Chunked(_) => {
+                unreachable!("only a streaming plan's weight is packed in chunks")
+            }
+        };
+        let columns = if shifted {
+            plan.batch * shifted::Padded::new(plan).wide_columns(plan)
+        } else {
+            plan.columns()
+        };
+        let tasks = split(columns, task_count(plan, columns));
+        let traced = if shifted {
+            Traced::Shifted
+        } else {
+            Traced::Im2col
+        };
+        trace::note(Pass::Forward, traced, tasks.len());
+        let parallelism = gemm_parallelism(tasks.len());
+        let run = |&range: &(usize, usize)| {
+            workspace::with::<T, _>(Slot::Task, |ws| {
+                let task = (plan, &layout, x, ringed);
+                if shifted {
+                    shifted::forward_task(task, ws, epilogue, out, range, tile, parallelism)
+                } else {
+                    forward_task(task, ws, epilogue, out, range, tile, parallelism)
+                }
+            })
+        };
+        if tasks.len() == 1 {
+            run(&tasks[0]);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+    });
+}
+
+/// The backward pass: the gradients `needs` asks for, from the forward's input and
+/// weight and the output gradient `[batch, n, out_h, out_w]`.
+///
+/// The result depends on the plan and the thread count only, never on timing: parallel
+/// partial sums are added in task order.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn backward<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &[T],
+    grad_out: &[T],
+    needs: Needs,
+) -> Gradients<T> {
+    assert_eq!(x.len(), plan.input_len(), "input length");
+    assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
+    let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
+    let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
+    let mut dw = None;
+    let shifted = use_shifted(plan);
+    if (needs.x || needs.weight) && plan.columns() > 0 && !shifted && use_streaming(plan) {
+        let (dw, tasks) =
+            streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
+        trace::note(Pass::Backward, Traced::Streaming, tasks);
+        return Gradients {
+            x: dx,
+            weight: dw,
+            bias,
+        };
+    }
+    if (needs.x || needs.weight) && plan.columns() > 0 {
+        let layout = Layout::new(plan);
+        workspace::with::<T, _>(Slot::Call, |call| {
+            let weight_len = plan.weight_len();
+            let dw_len = if needs.weight { weight_len } else { 0 };
+            let buffer = grow(&mut call.weight, weight_len + dw_len);
+            let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
+            to_ring_layout(plan, &layout, weight, ringed);
+            let tasks = backward_tasks(
+                (plan, &layout, x, ringed),
+                grad_out,
+                dx.as_deref_mut(),
+                needs.weight.then_some(&mut *dw_ringed),
+                &mut call.partials,
+            );
+            let traced = if shifted {
+                Traced::Shifted
+            } else {
+                Traced::Im2col
+            };
+            trace::note(Pass::Backward, traced, tasks);
+            if needs.weight {
+                dw = Some(from_ring_layout(plan, &layout, dw_ringed));
+            }
+        });
+    } else if needs.weight {
+        dw = Some(vec![T::ZERO; plan.weight_len()]);
+    }
+    Gradients {
+        x: dx,
+        weight: dw,
+        bias,
+    }
+}

@@ -1,0 +1,299 @@
+//! What the nested passes share: the ring layout of the weight and the column matrix,
+//! the strided gemm call, the pointer tasks write disjoint parts of one buffer through,
+//! and the fixed-order sum of per-task partials.
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+use crate::im2col::segment_rows;
+use crate::plan::{ConvPlan, Window};
+use crate::workspace;
+use crate::Real;
+
+/// A raw pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut<T>(pub(crate) *mut T);
+
+// SAFETY: every user writes a range of the buffer no other task touches (disjoint output
+// columns), and the buffer outlives the parallel section.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn ptr(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
+/// offsets and each ring's kernel positions.
+pub(crate) struct Layout {
+    segment: Vec<usize>,
+    weight: Vec<usize>,
+    pub(crate) positions: Vec<usize>,
+}
+
+impl Layout {
+    pub(crate) fn new(plan: &ConvPlan) -> Self {
+        let positions: Vec<usize> = plan.rings.iter().map(Vec::len).collect();
+        let mut offset = 0;
+        let weight = positions
+            .iter()
+            .map(|&npos| {
+                let here = offset;
+                offset += plan.primaries * plan.weight_depth * npos;
+                here
+            })
+            .collect();
+        Self {
+            segment: segment_rows(plan),
+            weight,
+            positions,
+        }
+    }
+
+    /// Leading dimension of ring `r`'s weight matrix `[m, depth * npos_r]`.
+    pub(crate) fn weight_ld(&self, plan: &ConvPlan, r: usize) -> usize {
+        plan.weight_depth * self.positions[r]
+    }
+
+    /// Offset of window `w`'s block (its first primary, first weight channel) in ring
+    /// `r`'s weight matrix.
+    pub(crate) fn weight_block(&self, plan: &ConvPlan, r: usize, w: &Window) -> usize {
+        self.weight[r]
+            + w.first_primary * self.weight_ld(plan, r)
+            + w.weight_offset * self.positions[r]
+    }
+
+    /// First column-matrix row of window `w` in ring `r`'s segment.
+    pub(crate) fn col_block(&self, r: usize, w: &Window) -> usize {
+        self.segment[r] + w.in_offset * self.positions[r]
+    }
+}
+
+/// Weights from this many values on are transformed by all threads.
+pub(crate) const PARALLEL_WEIGHT: usize = 1 << 20;
+
+/// Per ring of the ring layout: its offset, leading dimension and the patch index
+/// (`ky * kw + kx`) of each of its positions.
+pub(crate) fn ring_columns(plan: &ConvPlan, layout: &Layout) -> Vec<(usize, usize, Vec<usize>)> {
+    let kw = plan.kernel[1];
+    plan.rings
+        .iter()
+        .enumerate()
+        .map(|(r, ring)| {
+            let index = ring.iter().map(|&(ky, kx)| ky * kw + kx).collect();
+            (layout.weight[r], layout.weight_ld(plan, r), index)
+        })
+        .collect()
+}
+
+/// Copies the weight `[m, depth, kh, kw]` into ring layout: ring `r` is a row-major
+/// `[m, depth * npos_r]` matrix, column `ch * npos_r + pos`. One pass, parallel over
+/// primaries for large weights.
+pub(crate) fn to_ring_layout<T: Real>(
+    plan: &ConvPlan,
+    layout: &Layout,
+    weight: &[T],
+    out: &mut [T],
+) {
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
+    let depth = plan.weight_depth;
+    let rings = ring_columns(plan, layout);
+    let dst = SharedMut(out.as_mut_ptr());
+    let primary = |p: usize| {
+        let patches = &weight[p * depth * area..(p + 1) * depth * area];
+        for (offset, ld, index) in &rings {
+            let npos = index.len();
+            // SAFETY: primary p's row of ring r, [offset + p * ld, + depth * npos), lies
+            // inside the ring layout (len weight_len) and only this call writes it.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(dst.ptr().add(offset + p * ld), *ld) };
+            for (patch, dst) in patches.chunks_exact(area).zip(row.chunks_exact_mut(npos)) {
+                for (d, &i) in dst.iter_mut().zip(index) {
+                    *d = patch[i];
+                }
+            }
+        }
+    };
+    if plan.weight_len() >= PARALLEL_WEIGHT {
+        (0..plan.primaries).into_par_iter().for_each(primary);
+    } else {
+        (0..plan.primaries).for_each(primary);
+    }
+}
+
+/// Inverse of [`to_ring_layout`]: a new `[m, depth, kh, kw]` weight.
+pub(crate) fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Vec<T> {
+    let kw = plan.kernel[1];
+    let area = plan.kernel[0] * kw;
+    let depth = plan.weight_depth;
+    let rings = ring_columns(plan, layout);
+    let len = plan.weight_len();
+    let mut out = workspace::uninit(len);
+    let primary = |(p, patches): (usize, &mut [MaybeUninit<T>])| {
+        for (offset, ld, index) in &rings {
+            let row = &ringed[offset + p * ld..offset + (p + 1) * ld];
+            for (patch, src) in patches
+                .chunks_exact_mut(area)
+                .zip(row.chunks_exact(index.len()))
+            {
+                for (&v, &i) in src.iter().zip(index) {
+                    patch[i].write(v);
+                }
+            }
+        }
+    };
+    let chunk = (depth * area).max(1);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    if len >= PARALLEL_WEIGHT {
+        spare.par_chunks_mut(chunk).enumerate().for_each(primary);
+    } else {
+        spare.chunks_mut(chunk).enumerate().for_each(primary);
+    }
+    // SAFETY: the rings partition the kernel positions, so every value of every patch
+    // of every primary was written.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`.
+///
+/// # Safety
+/// Every pointer with its strides must address `m x n`, `m x k`, `k x n` valid values, and
+/// `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn gemm<T: Real>(
+    [m, n, k]: [usize; 3],
+    dst: *mut T,
+    [dst_cs, dst_rs]: [usize; 2],
+    accumulate: bool,
+    lhs: *const T,
+    [lhs_cs, lhs_rs]: [usize; 2],
+    rhs: *const T,
+    [rhs_cs, rhs_rs]: [usize; 2],
+    parallelism: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+}
+
+/// Splits `[0, total)` into `parts` nearly equal contiguous ranges.
+pub(crate) fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
+    (0..parts)
+        .map(|i| (total * i / parts, total * (i + 1) / parts))
+        .filter(|(a, b)| b > a)
+        .collect()
+}
+
+/// What every task reads: the plan, the ring offsets, the input and the ring-layout weight.
+pub(crate) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
+
+/// Windows of at most this many primaries accumulate pixel-major in the forward pass:
+/// gemm's micro-kernel rows then run over the primaries (16 or 32 of them fill its
+/// 16-row blocks exactly), with no ragged edge of its 6-wide column blocks.
+pub(crate) const PIXEL_MAJOR_ROWS: usize = 32;
+
+/// Strides `(row, column)` of a forward accumulator of `rows` primaries by `width`
+/// pixels.
+pub(crate) fn accumulator_strides(rows: usize, width: usize) -> (usize, usize) {
+    if rows <= PIXEL_MAJOR_ROWS {
+        (1, rows)
+    } else {
+        (width, 1)
+    }
+}
+
+/// Adds each of `partials` (in their order) into `sum`: `sum[i] + p0[i] + p1[i] + ...`,
+/// element by element, the same association whatever the thread count; in parallel over
+/// blocks of elements for large sums.
+pub(crate) fn add_in_order<T: Real, P: AsRef<[T]> + Sync>(sum: &mut [T], partials: &[P]) {
+    if partials.is_empty() {
+        return;
+    }
+    const BLOCK: usize = 1 << 14;
+    let add_block = |(b, block): (usize, &mut [T])| {
+        for partial in partials {
+            let part = &partial.as_ref()[b * BLOCK..b * BLOCK + block.len()];
+            for (s, &v) in block.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+    };
+    if sum.len() >= PARALLEL_WEIGHT {
+        sum.par_chunks_mut(BLOCK).enumerate().for_each(add_block);
+    } else {
+        sum.chunks_mut(BLOCK).enumerate().for_each(add_block);
+    }
+}
+
+/// Whether the windows read disjoint input channels that cover all of them (then each
+/// column-matrix row of the input gradient is written exactly once).
+pub(crate) fn windows_partition_channels(plan: &ConvPlan) -> bool {
+    let mut ranges: Vec<(usize, usize)> = plan
+        .windows
+        .iter()
+        .filter(|w| w.rows > 0)
+        .map(|w| (w.in_offset, w.in_offset + plan.window_depth))
+        .collect();
+    ranges.sort_unstable();
+    let mut next = 0;
+    for (a, b) in ranges {
+        if a != next {
+            return false;
+        }
+        next = b;
+    }
+    next == plan.in_channels
+}
+
+/// What a backward task works on besides the [`TaskInput`]: the output gradient, its
+/// images `[first, last)`, the input gradient of those images, the weight-gradient buffer
+/// (ring layout; `fresh`: its first write overwrites), the tile width and gemm's
+/// parallelism.
+pub(crate) type BackwardArgs<'a, T> = (
+    &'a [T],
+    (usize, usize),
+    Option<&'a mut [T]>,
+    Option<&'a mut [T]>,
+    bool,
+    usize,
+    gemm::Parallelism,
+);

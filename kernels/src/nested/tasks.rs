@@ -1,0 +1,302 @@
+//! The tile tasks of the nested passes: each task takes tiles of output columns, builds
+//! their column matrix (im2col) or shifted views, runs one gemm per ring and window, and
+//! writes the crops it completes (forward), or the input and weight gradients (backward).
+
+use rayon::prelude::*;
+
+use crate::epilogue::Epilogue;
+use crate::im2col::{col2im, im2col, runs, Run};
+use crate::plan::{ConvPlan, Window};
+use crate::shifted;
+use crate::workspace::{self, grow, Slot, Workspace};
+use crate::Real;
+
+use super::*;
+
+/// Forward pass of the output columns `[start, end)`, tile by tile.
+pub(super) fn forward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    epilogue: &Epilogue<'_, T>,
+    out: SharedMut<T>,
+    (start, end): (usize, usize),
+    tile: usize,
+    parallelism: gemm::Parallelism,
+) {
+    let rings = plan.rings_count();
+    let mut t0 = start;
+    while t0 < end {
+        let t1 = (t0 + tile).min(end);
+        let width = t1 - t0;
+        runs(plan, t0, t1, &mut ws.runs);
+        let cols = grow(&mut ws.cols, plan.col_rows() * width);
+        im2col(plan, x, &ws.runs, width, cols);
+        for window in &plan.windows {
+            if window.rows == 0 {
+                continue;
+            }
+            let acc = grow(&mut ws.acc, window.rows * width);
+            let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
+            for r in (0..rings).rev() {
+                let k = plan.window_depth * layout.positions[r];
+                // SAFETY: acc is rows x width; the weight block starts inside ring r's
+                // [m, ld] matrix with rows <= m - first_primary and
+                // weight_offset + window_depth <= weight_depth; the column block is
+                // k rows of width inside the tile's column matrix.
+                unsafe {
+                    gemm(
+                        [window.rows, width, k],
+                        acc.as_mut_ptr(),
+                        [acc_cs, acc_rs],
+                        r + 1 < rings,
+                        ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                        [1, layout.weight_ld(plan, r)],
+                        cols.as_ptr().add(layout.col_block(r, window) * width),
+                        [1, width],
+                        parallelism,
+                    );
+                }
+                let acc = (&*acc, acc_rs, acc_cs);
+                emit(plan, window, r, acc, &ws.runs, epilogue, out);
+            }
+        }
+        t0 = t1;
+    }
+}
+
+/// Writes crop `crop` of a window (the accumulator's emitted rows, through the epilogue) into the
+/// output columns of the tile.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn emit<T: Real>(
+    plan: &ConvPlan,
+    window: &Window,
+    crop: usize,
+    (acc, acc_rs, acc_cs): (&[T], usize, usize),
+    runs: &[Run],
+    epilogue: &Epilogue<'_, T>,
+    out: SharedMut<T>,
+) {
+    let base = plan.channel_base(crop, window);
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    for p in 0..plan.emitted(crop, window) {
+        let ch = base + p;
+        let factors = epilogue.channel(ch);
+        for run in runs {
+            let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
+            let first = p * acc_rs + run.col * acc_cs;
+            for i in 0..run.len {
+                let value = epilogue.apply(acc[first + i * acc_cs], factors, offset + i);
+                // SAFETY: the run's pixels lie inside the output's allocation and belong
+                // to this task's columns only.
+                unsafe { out.ptr().add(offset + i).write(value) };
+            }
+        }
+    }
+}
+
+/// Splits the backward pass into tasks of whole images (each owns its part of the input
+/// gradient) and runs them; returns the number of tasks. The first task accumulates the
+/// weight gradient into `dw` (ring layout), each other task into a buffer of `partials`;
+/// the partials are then added into `dw` in task order, so the sum is the same whatever
+/// order the tasks finish in.
+pub(super) fn backward_tasks<T: Real>(
+    task: TaskInput<'_, T>,
+    grad_out: &[T],
+    dx: Option<&mut [T]>,
+    mut dw: Option<&mut [T]>,
+    partials: &mut Vec<Vec<T>>,
+) -> usize {
+    let plan = task.0;
+    let tasks = if plan.batch >= crate::threads() {
+        task_count(plan, plan.columns()).min(plan.batch)
+    } else {
+        1
+    };
+    let shifted = use_shifted(plan);
+    let tile = tile_columns(plan, shifted);
+    let parallelism = gemm_parallelism(tasks);
+    let image_len = plan.in_channels * plan.input[0] * plan.input[1];
+    let ranges = split(plan.batch, tasks);
+    let mut dx_chunks: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    match dx {
+        Some(mut rest) => {
+            for &(a, b) in &ranges {
+                let (head, tail) = rest.split_at_mut((b - a) * image_len);
+                dx_chunks.push(Some(head));
+                rest = tail;
+            }
+        }
+        None => dx_chunks.extend(ranges.iter().map(|_| None)),
+    }
+    // The first write of a weight-gradient buffer overwrites it when one window covers
+    // the whole weight; otherwise buffers start from zero.
+    let fresh = weight_covered(plan);
+    let need_w = dw.is_some();
+    let partial_len = if need_w { plan.weight_len() } else { 0 };
+    if partials.len() < ranges.len() - 1 {
+        partials.resize_with(ranges.len() - 1, Vec::new);
+    }
+    let mut dw_targets: Vec<Option<&mut [T]>> = Vec::with_capacity(ranges.len());
+    dw_targets.push(dw.as_deref_mut());
+    for partial in partials.iter_mut().take(ranges.len() - 1) {
+        dw_targets.push(need_w.then(|| grow(partial, partial_len)));
+    }
+    if !fresh {
+        for target in dw_targets.iter_mut().flatten() {
+            target.fill(T::ZERO);
+        }
+    }
+    let run = |((images, dx), dw): BackwardJob<'_, T>| {
+        workspace::with::<T, _>(Slot::Task, |ws| {
+            let task_args = (grad_out, images, dx, dw, fresh, tile, parallelism);
+            if shifted {
+                shifted::backward_task(task, ws, task_args);
+            } else {
+                backward_task(task, ws, task_args);
+            }
+        })
+    };
+    let jobs = ranges.into_iter().zip(dx_chunks).zip(dw_targets);
+    if tasks == 1 {
+        jobs.for_each(run);
+    } else {
+        jobs.collect::<Vec<_>>().into_par_iter().for_each(run);
+    }
+    if let Some(sum) = dw {
+        add_in_order(sum, &partials[..tasks - 1]);
+    }
+    tasks
+}
+
+/// One backward task's images, its input-gradient chunk and its weight-gradient target.
+pub(super) type BackwardJob<'a, T> = (((usize, usize), Option<&'a mut [T]>), Option<&'a mut [T]>);
+
+/// Backward pass of images `[first, last)` through im2col: their input gradient into
+/// `dx` (those images only), their weight-gradient contribution added into `dw` (ring
+/// layout).
+pub(super) fn backward_task<T: Real>(
+    (plan, layout, x, ringed): TaskInput<'_, T>,
+    ws: &mut Workspace<T>,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
+) {
+    let mut overwrite = fresh;
+    let need_w = dw.is_some();
+    let need_x = dx.is_some();
+    let rings = plan.rings_count();
+    let pixels = plan.out_pixels();
+    let ow = plan.output[1];
+    let exclusive_rows = windows_partition_channels(plan);
+    let (start, end) = (first * pixels, last * pixels);
+    {
+        let mut t0 = start;
+        while t0 < end {
+            let t1 = (t0 + tile).min(end);
+            let width = t1 - t0;
+            runs(plan, t0, t1, &mut ws.runs);
+            let cols = grow(
+                &mut ws.cols,
+                if need_w { plan.col_rows() * width } else { 0 },
+            );
+            if need_w {
+                im2col(plan, x, &ws.runs, width, cols);
+            }
+            let dcols = grow(
+                &mut ws.dcols,
+                if need_x { plan.col_rows() * width } else { 0 },
+            );
+            if need_x && !exclusive_rows {
+                dcols.fill(T::ZERO);
+            }
+            for window in &plan.windows {
+                if window.rows == 0 {
+                    continue;
+                }
+                let sums = grow(&mut ws.acc, window.rows * width);
+                for r in 0..rings {
+                    // Running sum S_r = S_{r-1} + G_r over the emitted rows of crop r.
+                    let base = plan.channel_base(r, window);
+                    for p in 0..plan.emitted(r, window) {
+                        let row = &mut sums[p * width..(p + 1) * width];
+                        for run in &ws.runs {
+                            let offset = (run.image * plan.out_channels + base + p) * pixels
+                                + run.oy * ow
+                                + run.ox;
+                            let g = &grad_out[offset..offset + run.len];
+                            let s = &mut row[run.col..run.col + run.len];
+                            if r == 0 {
+                                s.copy_from_slice(g);
+                            } else {
+                                for (s, &g) in s.iter_mut().zip(g) {
+                                    *s += g;
+                                }
+                            }
+                        }
+                    }
+                    let k = plan.window_depth * layout.positions[r];
+                    let ld = layout.weight_ld(plan, r);
+                    let col_block = layout.col_block(r, window) * width;
+                    let weight_block = layout.weight_block(plan, r, window);
+                    if let Some(dw) = dw.as_deref_mut() {
+                        // dW_r[rows, k] += S_r[rows, width] * X_r[k, width]^T
+                        // SAFETY: as in the forward; the weight-gradient partial has the
+                        // ring layout of the weight.
+                        unsafe {
+                            gemm(
+                                [window.rows, k, width],
+                                dw.as_mut_ptr().add(weight_block),
+                                [1, ld],
+                                !overwrite,
+                                sums.as_ptr(),
+                                [1, width],
+                                cols.as_ptr().add(col_block),
+                                [width, 1],
+                                parallelism,
+                            );
+                        }
+                    }
+                    if need_x {
+                        // dX_r[k, width] (+)= W_r[rows, k]^T * S_r[rows, width]
+                        // SAFETY: as above; dcols has the shape of cols.
+                        unsafe {
+                            gemm(
+                                [k, width, window.rows],
+                                dcols.as_mut_ptr().add(col_block),
+                                [1, width],
+                                !exclusive_rows,
+                                ringed.as_ptr().add(weight_block),
+                                [ld, 1],
+                                sums.as_ptr(),
+                                [1, width],
+                                parallelism,
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                col2im(plan, dcols, &ws.runs, width, first, dx);
+            }
+            overwrite = false;
+            t0 = t1;
+        }
+    }
+}
+
+/// Bias gradient: the output gradient summed over images and pixels, per channel.
+pub(super) fn bias_gradient<T: Real>(plan: &ConvPlan, grad_out: &[T]) -> Vec<T> {
+    let pixels = plan.out_pixels();
+    (0..plan.out_channels)
+        .into_par_iter()
+        .map(|ch| {
+            let mut total = T::ZERO;
+            for b in 0..plan.batch {
+                let offset = (b * plan.out_channels + ch) * pixels;
+                for &v in &grad_out[offset..offset + pixels] {
+                    total += v;
+                }
+            }
+            total
+        })
+        .collect()
+}
