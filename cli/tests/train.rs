@@ -216,3 +216,44 @@ fn bench_steps_report_the_memory_of_a_step() {
         assert!(rise > 0 && peak > rise, "{memory}");
     }
 }
+
+/// `bench --model M --json` times a training step beside the compiled plan and the module
+/// forward: three rows with positive times, the step's rate counting three times the
+/// forward's multiply-adds (forward, input gradient, weight gradient).
+#[test]
+fn bench_model_times_a_training_step() {
+    let dir = scratch("bench-model");
+    let out = versatile(
+        &[
+            "bench",
+            "--model",
+            "vgg_small",
+            "--variant",
+            "spatial",
+            "--batch",
+            "4",
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+            "--peak-size",
+            "0",
+            "--json",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let impls: Vec<&str> = rows.iter().map(|r| r["impl"].as_str().unwrap()).collect();
+    assert_eq!(impls, ["plan", "module", "train step"]);
+    for row in &rows {
+        assert!(row["ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let work =
+        |row: &serde_json::Value| row["gflops"].as_f64().unwrap() * row["ms"].as_f64().unwrap();
+    let ratio = work(&rows[2]) / work(&rows[0]);
+    assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
+}

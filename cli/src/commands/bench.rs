@@ -52,8 +52,9 @@ pub struct BenchArgs {
     /// One JSON object per row (JSON lines) instead of a table.
     #[arg(long)]
     pub(super) json: bool,
-    /// Time a whole model's inference instead of layers: the compiled plan
-    /// (`versatile::infer`) against burn's module forward, random weights.
+    /// Time a whole model instead of layers: inference on the compiled plan
+    /// (`versatile::infer`) and on burn's module forward, and a training step (forward
+    /// and backward of the model in training); random weights.
     #[arg(long, value_name = "NAME")]
     pub(super) model: Option<String>,
     /// The model's variant (with `--model`).
@@ -434,6 +435,11 @@ pub(super) fn model_and_input(name: &str, args: &BenchArgs) -> Result<(ModelConf
 }
 
 /// `versatile bench --model`: the compiled plan against the module forward.
+/// The `impl` of `--model`'s training-step row.
+const TRAIN_STEP: &str = "train step";
+
+/// `--model` on the CPU: the compiled inference plan, burn's module forward, and a
+/// training step (forward and backward, no optimizer) of the model in training.
 fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     let (config, shape) = model_and_input(name, args)?;
     let [h, w] = [shape[2], shape[3]];
@@ -465,9 +471,28 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
         let _ = model.try_forward(input.clone())?.into_data();
         Ok(())
     })?;
-    let flops = 2.0 * plan.macs() as f64;
-    let gflops = |t: &Timing| flops / (t.median_ms * 1e-3) / 1e9;
-    let share = |t: &Timing| peak.map(|p| gflops(t) / p);
+    // A training step: the forward (batch norm on the batch's statistics) and backward
+    // of the model in training, on the autodiff device, without the optimizer (`train
+    // --bench-steps` times whole steps on real data).
+    let autodiff = device.clone().autodiff();
+    let trained = config.init(&autodiff)?;
+    let x_train = input.clone().to_device(&autodiff);
+    let step = median_ms(args.warmup, args.reps, || {
+        let _grads = trained.try_forward(x_train.clone())?.sum().backward();
+        Ok(())
+    })?;
+    // Multiply-adds: the forward's, and twice as many backward (input and weight
+    // gradients).
+    let forward_flops = 2.0 * plan.macs() as f64;
+    let flops = |what: &str| {
+        if what == TRAIN_STEP {
+            3.0 * forward_flops
+        } else {
+            forward_flops
+        }
+    };
+    let gflops = |what: &str, t: &Timing| flops(what) / (t.median_ms * 1e-3) / 1e9;
+    let share = |what: &str, t: &Timing| peak.map(|p| gflops(what, t) / p);
     let memory =
         plan.weight_bytes() + plan.activation_bytes() + kernels::workspace::retained_bytes();
     let row = |what: &str, t: &Timing| {
@@ -479,12 +504,12 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
             "impl": what,
             "ms": t.median_ms,
             "images_per_s": args.batch as f64 / (t.median_ms * 1e-3),
-            "gflops": gflops(t),
+            "gflops": gflops(what, t),
             "peak_gflops": peak,
-            "share_of_peak": share(t),
+            "share_of_peak": share(what, t),
         })
     };
-    let rows = [("plan", &planned), ("module", &module)];
+    let rows = [("plan", &planned), ("module", &module), (TRAIN_STEP, &step)];
     if args.json {
         for (what, t) in rows {
             let mut value = row(what, t);
@@ -520,16 +545,16 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     println!("load average at start: {}", load_average());
     println!();
     println!(
-        "{:<8} {:>10} {:>10} {:>9} {:>8}",
+        "{:<10} {:>10} {:>10} {:>9} {:>8}",
         "impl", "ms", "images/s", "GFLOP/s", "peak"
     );
     for (what, t) in rows {
         println!(
-            "{what:<8} {:>10.2} {:>10.1} {:>9.1} {:>8}",
+            "{what:<10} {:>10.2} {:>10.1} {:>9.1} {:>8}",
             t.median_ms,
             args.batch as f64 / (t.median_ms * 1e-3),
-            gflops(t),
-            share(t).map_or("-".into(), |s| format!("{:.0} %", s * 100.0))
+            gflops(what, t),
+            share(what, t).map_or("-".into(), |s| format!("{:.0} %", s * 100.0))
         );
     }
     println!(
