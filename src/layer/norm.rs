@@ -371,6 +371,22 @@ impl Backward<Flex, 3> for ReluMaxPoolBackward {
     }
 }
 
+impl NormalizeState {
+    /// The state of a normalisation on the autodiff backend, from its inputs' values
+    /// (after their nodes went to the operation's preparation).
+    fn tracked<C: CheckpointStrategy>(
+        x: FloatTensor<Autodiff<Flex, C>>,
+        gamma: FloatTensor<Autodiff<Flex, C>>,
+        beta: FloatTensor<Autodiff<Flex, C>>,
+        stats: FloatTensor<Autodiff<Flex, C>>,
+        epsilon: f64,
+        relu: bool,
+    ) -> Self {
+        let [x, gamma, beta, stats] = [x, gamma, beta, stats].map(|t| t.into_primitive());
+        NormalizeState::new(x, gamma, beta, stats, epsilon, relu)
+    }
+}
+
 impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
     fn batch_norm_stats(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let stats = Flex::batch_norm_stats(x.primitive().clone());
@@ -392,14 +408,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
             .stateful();
-        let state = NormalizeState::new(
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-            stats.into_primitive(),
-            epsilon,
-            relu,
-        );
+        let state = NormalizeState::tracked::<C>(x, gamma, beta, stats, epsilon, relu);
         let out = state.forward();
         match prep {
             OpsKind::Tracked(prep) => prep.finish(state, out),
@@ -419,14 +428,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             .prepare::<C>([x.node(), gamma.node(), beta.node(), residual.node()])
             .compute_bound()
             .stateful();
-        let norm = NormalizeState::new(
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-            stats.into_primitive(),
-            epsilon,
-            false,
-        );
+        let norm = NormalizeState::tracked::<C>(x, gamma, beta, stats, epsilon, false);
         let residual = contiguous::<f32>(&residual.into_primitive()).into_owned();
         let out = norm.forward_add_relu(&residual);
         match prep {
@@ -447,14 +449,7 @@ impl<C: CheckpointStrategy> BatchNormBackend for Autodiff<Flex, C> {
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
             .compute_bound()
             .stateful();
-        let norm = NormalizeState::new(
-            x.into_primitive(),
-            gamma.into_primitive(),
-            beta.into_primitive(),
-            stats.into_primitive(),
-            epsilon,
-            false,
-        );
+        let norm = NormalizeState::tracked::<C>(x, gamma, beta, stats, epsilon, false);
         let (out, sources) = norm.forward_relu_max_pool(&pool);
         match prep {
             OpsKind::Tracked(prep) => prep.finish((norm, pool, sources), out),
