@@ -8,9 +8,11 @@
 //! of each ring.
 //!
 //! The work is im2col on tiles of output columns (`batch * out_h * out_w` flattened), the
-//! column matrix ordered ring by ring, then gemm (the `gemm` crate burn-flex uses, with
-//! its AVX-512 kernels where burn's `x86-v4` feature is on and the CPU has them) on ring
-//! segments. Threads (rayon) take contiguous ranges of columns, each with its own
+//! column matrix ordered ring by ring, then a matrix product on ring segments: in `f32`
+//! on AVX-512 or AVX2 + FMA, the project's own [`sgemm`] (packed panels, register-tiled
+//! micro-kernels, bits independent of the thread count), with the forward pass's weight
+//! blocks laid out in its panels once per call (once per plan in a [`PackedWeight`]);
+//! elsewhere the `gemm` crate burn-flex uses. Threads (rayon) take contiguous ranges of columns, each with its own
 //! thread-local [workspace] of one tile; calls with few columns run one task and let
 //! gemm split its matrices instead.
 //!
@@ -37,6 +39,7 @@ pub mod norm;
 pub mod optim;
 mod plan;
 pub mod pool;
+pub mod sgemm;
 mod shifted;
 mod streaming;
 pub mod trace;
@@ -182,7 +185,7 @@ pub fn threads() -> usize {
 
 /// Measures the single-precision multiply-add throughput of this machine: the median
 /// GFLOP/s (2 per multiply-add) of `reps` square SGEMMs of side `size` on all threads,
-/// through the same gemm crate the kernels use.
+/// through the same matrix product the kernels use ([`sgemm::matmul`]).
 ///
 /// # Panics
 /// If `size * size` overflows.
@@ -196,30 +199,7 @@ pub fn sgemm_gflops(size: usize, reps: usize) -> f64 {
     let mut times: Vec<f64> = (0..reps.max(1) + 1)
         .map(|_| {
             let start = std::time::Instant::now();
-            // SAFETY: all three matrices are size x size, row-major, in bounds.
-            unsafe {
-                gemm::gemm(
-                    size,
-                    size,
-                    size,
-                    c.as_mut_ptr(),
-                    1,
-                    size as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    size as isize,
-                    b.as_ptr(),
-                    1,
-                    size as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(threads()),
-                );
-            }
+            sgemm::matmul([size, size, size], &a, &b, &mut c);
             start.elapsed().as_secs_f64()
         })
         .skip(1)

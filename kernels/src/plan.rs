@@ -324,7 +324,7 @@ impl ConvPlan {
     ) -> Result<Self, PlanError> {
         at_least_one("the group count", groups)?;
         let in_channels = input[1];
-        if in_channels % groups != 0 || out_channels % groups != 0 {
+        if !in_channels.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) {
             return Err(PlanError::Groups {
                 groups,
                 in_channels,

@@ -12,7 +12,8 @@
 
 use super::epilogue::Epilogue;
 use super::nested::{
-    accumulator_strides, gemm, windows_partition_channels, BackwardArgs, SharedMut, TaskInput,
+    accumulator_strides, gemm, gemm_panels, windows_partition_channels, BackwardArgs,
+    ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
@@ -161,12 +162,11 @@ fn valid_segments(
 /// range.
 pub fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
+    panels: Option<&ForwardPanels>,
     ws: &mut Workspace<T>,
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
-    (start, end): (usize, usize),
-    tile: usize,
-    parallelism: gemm::Parallelism,
+    ((start, end), tile, parallelism): ForwardTiles,
 ) {
     let padded = Padded::new(plan);
     let wide = padded.wide_columns(plan);
@@ -184,7 +184,7 @@ pub fn forward_task<T: Real>(
             while q0 < q_end {
                 let q1 = (q0 + tile).min(q_end);
                 let width = q1 - q0;
-                for window in &plan.windows {
+                for (w, window) in plan.windows.iter().enumerate() {
                     if window.rows == 0 {
                         continue;
                     }
@@ -202,17 +202,20 @@ pub fn forward_task<T: Real>(
                             // rows x window_depth values of ring r's matrix (column stride
                             // npos); the view reads window_depth planes of the padded image
                             // from column q0 + shift, at most plane + wp + kw * dw values
-                            // past each plane start, inside image_len.
+                            // past each plane start, inside image_len. The panels, where
+                            // given, hold that weight block (laid out for this plan and path).
                             unsafe {
-                                gemm(
+                                gemm_panels(
                                     [window.rows, width, plan.window_depth],
                                     acc.as_mut_ptr(),
                                     [acc_cs, acc_rs],
                                     !first,
-                                    ringed.as_ptr().add(block + pos),
-                                    [npos, layout.weight_ld(plan, r)],
-                                    image_buf.as_ptr().add(view),
-                                    [1, plane],
+                                    (
+                                        ringed.as_ptr().add(block + pos),
+                                        [npos, layout.weight_ld(plan, r)],
+                                        panels.and_then(|p| p.get(w, r, pos)),
+                                    ),
+                                    (image_buf.as_ptr().add(view), [1, plane], None),
                                     parallelism,
                                 );
                             }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
-use super::nested::{add_in_order, gemm, SharedMut};
+use super::nested::{add_in_order, gemm, gemm_panels, rhs_panels, SharedMut};
 use super::plan::ConvPlan;
 use super::workspace::{self, grow, Slot};
 use super::Real;
@@ -180,6 +180,13 @@ pub fn forward<T: Real>(
         let cols = grow(&mut call.cols, plan.col_rows() * width);
         im2col(plan, x, &call.runs, width, cols);
         let (cols, run_list): (&[T], &[Run]) = (cols, &call.runs);
+        // Each ring's column segment in panels once: every chunk multiplies it.
+        let segments: Vec<_> = (0..rings)
+            .map(|r| {
+                let k = plan.window_depth * layout.rings[r].2.len();
+                rhs_panels(cols, segment[r] * width, [k, width])
+            })
+            .collect();
         let items = vec![(); groups.len()];
         for_each_group(&groups, items, |(), first, last| {
             workspace::with::<T, _>(Slot::Task, |ws| {
@@ -206,17 +213,20 @@ pub fn forward<T: Real>(
                         let (_, ld, ref index) = layout.rings[r];
                         let k = plan.window_depth * index.len();
                         // SAFETY: acc is rows x width; ring r of the chunk buffer is
-                        // rows x ld; its column segment is k rows of width values.
+                        // rows x ld; its column segment is k rows of width values, and
+                        // its panels (where made) hold that segment.
                         unsafe {
-                            gemm(
+                            gemm_panels(
                                 [rows, width, k],
                                 acc.as_mut_ptr(),
                                 [acc_cs, acc_rs],
                                 r + 1 < rings,
-                                buf.as_ptr().add(layout.offset(r, rows)),
-                                [1, ld],
-                                cols.as_ptr().add(segment[r] * width),
-                                [1, width],
+                                (buf.as_ptr().add(layout.offset(r, rows)), [1, ld], None),
+                                (
+                                    cols.as_ptr().add(segment[r] * width),
+                                    [1, width],
+                                    segments[r].as_ref().map(|panels| (panels, 0)),
+                                ),
                                 gemm::Parallelism::None,
                             );
                         }

@@ -329,7 +329,7 @@ fn header(magic: u32, dims: &[usize]) -> Vec<u8> {
 /// ends in `.gz`).
 pub fn write_images(path: &Path, rows: usize, cols: usize, pixels: &[u8]) -> Result<(), DataError> {
     let image = rows * cols;
-    if image == 0 || pixels.len() % image != 0 {
+    if image == 0 || !pixels.len().is_multiple_of(image) {
         return Err(DataError::InvalidConfig(format!(
             "{} bytes are not a whole number of {rows}x{cols} images",
             pixels.len()

@@ -138,7 +138,7 @@ impl Observer for ProgressBars {
             bar.set_message(msg.clone());
             if !self.terminal {
                 let tenth = (p.batches / 10).max(1);
-                if (p.batch + 1) % tenth == 0 && p.batch + 1 < p.batches {
+                if (p.batch + 1).is_multiple_of(tenth) && p.batch + 1 < p.batches {
                     let eta = bar.eta().as_secs();
                     eprintln!(
                         "{} epoch {}/{} batch {}/{} {msg} ETA {}:{:02}",

@@ -892,7 +892,8 @@ impl Trainer {
                 });
                 let every = self.state.config.checkpoint_every as u64;
                 // Not after the epoch's last batch: its checkpoint follows the evaluation.
-                if every > 0 && self.state.global_step % every == 0 && next.epoch == epoch {
+                if every > 0 && self.state.global_step.is_multiple_of(every) && next.epoch == epoch
+                {
                     seconds += clock.elapsed().as_secs_f64();
                     self.state.partial = tally;
                     self.state.partial_seconds = seconds;

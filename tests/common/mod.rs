@@ -274,7 +274,7 @@ pub fn random_case(rng: &mut Rng) -> (VConv2dConfig, [usize; 4]) {
             groups = 1;
             if c > 1 && (d == 1 || rng.chance(45)) {
                 let dl = rng.range(1, c - 1);
-                let divisors: Vec<usize> = (1..=dl).filter(|v| dl % v == 0).collect();
+                let divisors: Vec<usize> = (1..=dl).filter(|v| dl.is_multiple_of(*v)).collect();
                 delta = dl;
                 g = rng.pick(&divisors);
             } else {

@@ -6,8 +6,8 @@ mod primitives;
 mod tasks;
 
 pub(crate) use primitives::{
-    accumulator_strides, add_in_order, gemm, windows_partition_channels, BackwardArgs, SharedMut,
-    TaskInput,
+    accumulator_strides, add_in_order, gemm, gemm_panels, rhs_panels, windows_partition_channels,
+    BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
@@ -141,6 +141,8 @@ pub struct PackedWeight<T> {
     values: Vec<T>,
     /// Ring layout (else the streaming kernel's chunk layout).
     ringed: bool,
+    /// The ring layout's blocks in sgemm's panels (`f32` on a CPU with a micro-kernel).
+    panels: Option<ForwardPanels>,
     shape: [usize; 4],
     rings: Vec<Vec<(usize, usize)>>,
 }
@@ -154,9 +156,12 @@ impl<T: Real> PackedWeight<T> {
     pub fn new(plan: &ConvPlan, weight: &[T]) -> Self {
         assert_eq!(weight.len(), plan.weight_len(), "weight length");
         let ringed = !streams(plan);
+        let mut panels = None;
         let values = if ringed {
+            let layout = Layout::new(plan);
             let mut values = vec![T::ZERO; plan.weight_len()];
-            to_ring_layout(plan, &Layout::new(plan), weight, &mut values);
+            to_ring_layout(plan, &layout, weight, &mut values);
+            panels = ForwardPanels::new(plan, &layout, &values, use_shifted(plan));
             values
         } else {
             streaming::pack_chunks(plan, weight)
@@ -164,6 +169,7 @@ impl<T: Real> PackedWeight<T> {
         Self {
             values,
             ringed,
+            panels,
             shape: plan.weight_shape(),
             rings: plan.rings.clone(),
         }
@@ -176,9 +182,10 @@ impl<T: Real> PackedWeight<T> {
             && self.ringed != streams(plan)
     }
 
-    /// Bytes of the values.
+    /// Bytes of the values (and of their panels, where the forward pass has them).
     pub fn bytes(&self) -> usize {
         std::mem::size_of_val(self.values.as_slice())
+            + self.panels.as_ref().map_or(0, ForwardPanels::bytes)
     }
 }
 
@@ -199,7 +206,7 @@ pub fn forward_packed<T: Real>(
     check_forward(plan, x, epilogue);
     assert_eq!(out.len(), plan.output_len(), "output length");
     let source = if weight.ringed {
-        Weight::Ringed(&weight.values)
+        Weight::Ringed(&weight.values, weight.panels.as_ref())
     } else {
         Weight::Chunked(&weight.values)
     };
@@ -221,8 +228,9 @@ fn streams(plan: &ConvPlan) -> bool {
 enum Weight<'a, T> {
     /// `[m, depth, kh, kw]`.
     Plain(&'a [T]),
-    /// Already in ring layout (never for a streaming plan).
-    Ringed(&'a [T]),
+    /// Already in ring layout (never for a streaming plan), with its blocks in panels
+    /// where they were made.
+    Ringed(&'a [T], Option<&'a ForwardPanels>),
     /// Already in the streaming kernel's chunk layout (only for a streaming plan).
     Chunked(&'a [T]),
 }
@@ -246,7 +254,7 @@ fn forward_core<T: Real>(
         let weight = match weight {
             Weight::Plain(weight) => StreamWeight::Plain(weight),
             Weight::Chunked(packed) => StreamWeight::Chunked(packed),
-            Weight::Ringed(_) => {
+            Weight::Ringed(..) => {
                 unreachable!("a streaming plan's weight is never packed in ring layout")
             }
         };
@@ -255,15 +263,25 @@ fn forward_core<T: Real>(
         return;
     }
     workspace::with::<T, _>(Slot::Call, |call| {
-        let ringed: &[T] = match weight {
-            Weight::Ringed(ringed) => ringed,
+        let (ringed, prepared): (&[T], _) = match weight {
+            Weight::Ringed(ringed, panels) => (ringed, panels),
             Weight::Plain(weight) => {
                 let ringed = grow(&mut call.weight, plan.weight_len());
                 to_ring_layout(plan, &layout, weight, ringed);
-                ringed
+                (ringed, None)
             }
             Weight::Chunked(_) => {
                 unreachable!("only a streaming plan's weight is packed in chunks")
+            }
+        };
+        // The weight blocks in panels: the packed weight's, or laid out now (once for all
+        // the tiles that read them).
+        let made;
+        let panels = match prepared {
+            Some(panels) if panels.fits(plan, shifted) => Some(panels),
+            _ => {
+                made = ForwardPanels::new(plan, &layout, ringed, shifted);
+                made.as_ref()
             }
         };
         let columns = if shifted {
@@ -282,10 +300,11 @@ fn forward_core<T: Real>(
         let run = |&range: &(usize, usize)| {
             workspace::with::<T, _>(Slot::Task, |ws| {
                 let task = (plan, &layout, x, ringed);
+                let tiles = (range, tile, parallelism);
                 if shifted {
-                    shifted::forward_task(task, ws, epilogue, out, range, tile, parallelism)
+                    shifted::forward_task(task, panels, ws, epilogue, out, tiles)
                 } else {
-                    forward_task(task, ws, epilogue, out, range, tile, parallelism)
+                    forward_task(task, panels, ws, epilogue, out, tiles)
                 }
             })
         };

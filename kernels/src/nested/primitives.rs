@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::im2col::segment_rows;
 use crate::plan::{ConvPlan, Window};
+use crate::sgemm::{self, Operand, Panels, Strided};
 use crate::workspace;
 use crate::Real;
 
@@ -169,14 +170,47 @@ pub(crate) fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) unsafe fn gemm<T: Real>(
+    dims: [usize; 3],
+    dst: *mut T,
+    dst_strides: [usize; 2],
+    accumulate: bool,
+    lhs: *const T,
+    lhs_strides: [usize; 2],
+    rhs: *const T,
+    rhs_strides: [usize; 2],
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm_panels(
+            dims,
+            dst,
+            dst_strides,
+            accumulate,
+            (lhs, lhs_strides, None),
+            (rhs, rhs_strides, None),
+            parallelism,
+        )
+    }
+}
+
+/// A gemm operand: the matrix, its `[column, row]` strides and, for `f32`, the same
+/// matrix laid out ahead for [`sgemm`] (with the panel row it starts at).
+pub(crate) type GemmOperand<'a, T> = (*const T, [usize; 2], Option<(&'a Panels, usize)>);
+
+/// [`gemm`] with operands that may come with their panels (`f32` on a CPU with a
+/// micro-kernel: [`sgemm`]; else the `gemm` crate on the strided form).
+///
+/// # Safety
+/// As [`gemm`]; panels must hold the operand they come with.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_panels<T: Real>(
     [m, n, k]: [usize; 3],
     dst: *mut T,
     [dst_cs, dst_rs]: [usize; 2],
     accumulate: bool,
-    lhs: *const T,
-    [lhs_cs, lhs_rs]: [usize; 2],
-    rhs: *const T,
-    [rhs_cs, rhs_rs]: [usize; 2],
+    (lhs, [lhs_cs, lhs_rs], lhs_panels): GemmOperand<'_, T>,
+    (rhs, [rhs_cs, rhs_rs], rhs_panels): GemmOperand<'_, T>,
     parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
@@ -191,6 +225,46 @@ pub(crate) unsafe fn gemm<T: Real>(
             }
         }
         return;
+    }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        let threads = match parallelism {
+            gemm::Parallelism::None => 1,
+            gemm::Parallelism::Rayon(0) => crate::threads(),
+            gemm::Parallelism::Rayon(threads) => threads,
+        };
+        // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
+        // caller's promises are sgemm's.
+        let done = unsafe {
+            sgemm::sgemm(
+                [m, n, k],
+                Strided {
+                    ptr: dst.cast::<f32>(),
+                    rs: dst_rs,
+                    cs: dst_cs,
+                },
+                accumulate,
+                Operand {
+                    strided: Strided {
+                        ptr: lhs.cast::<f32>(),
+                        rs: lhs_rs,
+                        cs: lhs_cs,
+                    },
+                    panels: lhs_panels,
+                },
+                Operand {
+                    strided: Strided {
+                        ptr: rhs.cast::<f32>(),
+                        rs: rhs_rs,
+                        cs: rhs_cs,
+                    },
+                    panels: rhs_panels,
+                },
+                threads,
+            )
+        };
+        if done {
+            return;
+        }
     }
     gemm::gemm(
         m,
@@ -215,6 +289,148 @@ pub(crate) unsafe fn gemm<T: Real>(
     );
 }
 
+/// The weight blocks the forward pass multiplies, laid out ahead for [`sgemm`] (`f32` on
+/// a CPU with a micro-kernel): per window and ring, the block of the ring-layout weight
+/// (im2col: all the ring's positions; shifted views: one block per position), in the
+/// panels of the side it lands on (pixel-major accumulators put it on the `rhs` side).
+/// Made once per forward call, or once for many in a [`super::PackedWeight`]; without
+/// it every tile would lay the same blocks out again.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ForwardPanels {
+    /// `[window * rings + ring][position]` (one position on the im2col path).
+    blocks: Vec<Vec<Panels>>,
+    rings: usize,
+    /// The path and windows they were laid out for.
+    shifted: bool,
+    windows: Vec<Window>,
+}
+
+impl ForwardPanels {
+    /// The panels of `ringed` (ring layout of `plan`'s weight) for the forward path
+    /// `shifted`; `None` where sgemm does not run (`f64`, or no micro-kernel).
+    pub(crate) fn new<T: Real>(
+        plan: &ConvPlan,
+        layout: &Layout,
+        ringed: &[T],
+        shifted: bool,
+    ) -> Option<Self> {
+        if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+            return None;
+        }
+        sgemm::micro_kernel()?;
+        assert_eq!(ringed.len(), plan.weight_len(), "ring-layout weight length");
+        let rings = plan.rings_count();
+        let jobs: Vec<(usize, usize)> = (0..plan.windows.len())
+            .flat_map(|w| (0..rings).map(move |r| (w, r)))
+            .collect();
+        let block = |&(w, r): &(usize, usize)| -> Vec<Panels> {
+            let window = &plan.windows[w];
+            if window.rows == 0 {
+                return Vec::new();
+            }
+            let (_, acc_cs) = accumulator_strides(window.rows, 2);
+            let as_rhs = acc_cs != 1;
+            let npos = layout.positions[r];
+            let start = layout.weight_block(plan, r, window);
+            let ld = layout.weight_ld(plan, r);
+            let views: Vec<(usize, Strided<*const f32>, usize)> = if shifted {
+                (0..npos)
+                    .map(|pos| {
+                        let view = Strided {
+                            ptr: std::ptr::null(),
+                            rs: ld,
+                            cs: npos,
+                        };
+                        (start + pos, view, plan.window_depth)
+                    })
+                    .collect()
+            } else {
+                let view = Strided {
+                    ptr: std::ptr::null(),
+                    rs: ld,
+                    cs: 1,
+                };
+                vec![(start, view, plan.window_depth * npos)]
+            };
+            views
+                .into_iter()
+                .map(|(offset, view, depth)| {
+                    // SAFETY: T is f32 (checked above). The block starts inside ring r's
+                    // [m, ld] matrix with rows <= m - first_primary and (shifted) one
+                    // position's window_depth columns at stride npos, or (im2col) the
+                    // window's window_depth * npos columns from weight_offset * npos: the
+                    // same blocks the forward tasks read, inside `ringed` (length checked).
+                    unsafe {
+                        let view = Strided {
+                            ptr: ringed.as_ptr().cast::<f32>().add(offset),
+                            ..view
+                        };
+                        Panels::for_side(view, [window.rows, depth], as_rhs)
+                            .expect("a micro-kernel (checked above)")
+                    }
+                })
+                .collect()
+        };
+        let blocks = if plan.weight_len() >= PARALLEL_WEIGHT {
+            jobs.par_iter().map(block).collect()
+        } else {
+            jobs.iter().map(block).collect()
+        };
+        Some(Self {
+            blocks,
+            rings,
+            shifted,
+            windows: plan.windows.clone(),
+        })
+    }
+
+    /// Whether these panels were laid out for `plan`'s windows on path `shifted`.
+    pub(crate) fn fits(&self, plan: &ConvPlan, shifted: bool) -> bool {
+        self.shifted == shifted && self.windows == plan.windows && self.rings == plan.rings_count()
+    }
+
+    /// The panels of window `w`, ring `r`, position `pos` (0 on the im2col path), with
+    /// the panel row they start at.
+    pub(crate) fn get(&self, w: usize, r: usize, pos: usize) -> Option<(&Panels, usize)> {
+        self.blocks
+            .get(w * self.rings + r)
+            .and_then(|positions| positions.get(pos))
+            .map(|panels| (panels, 0))
+    }
+
+    /// Bytes of the values.
+    pub(crate) fn bytes(&self) -> usize {
+        self.blocks.iter().flatten().map(Panels::bytes).sum()
+    }
+}
+
+/// The row-major matrix `values[start..][..k * n]` (`k x n`) in the panels [`sgemm`]
+/// reads as its `rhs`, for products that multiply it many times (`None` where sgemm does
+/// not run: `f64`, or no micro-kernel).
+///
+/// # Panics
+/// If the matrix is not inside `values`.
+pub(crate) fn rhs_panels<T: Real>(
+    values: &[T],
+    start: usize,
+    [k, n]: [usize; 2],
+) -> Option<Panels> {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return None;
+    }
+    assert!(start + k * n <= values.len(), "rhs_panels bounds");
+    // SAFETY: T is f32 (checked above); the transposed view (n x k, rows unit-stride,
+    // columns n apart) addresses values[start..start + k * n], inside the slice.
+    unsafe {
+        let view = Strided {
+            ptr: values.as_ptr().cast::<f32>().add(start),
+            rs: 1,
+            cs: n,
+        };
+        Panels::for_side(view, [n, k], true)
+    }
+}
+
 /// Splits `[0, total)` into `parts` nearly equal contiguous ranges.
 pub(crate) fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
     (0..parts)
@@ -225,6 +441,10 @@ pub(crate) fn split(total: usize, parts: usize) -> Vec<(usize, usize)> {
 
 /// What every task reads: the plan, the ring offsets, the input and the ring-layout weight.
 pub(crate) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
+
+/// A forward task's share: its range of columns, the columns per tile, and the gemm
+/// parallelism inside it.
+pub(crate) type ForwardTiles = ((usize, usize), usize, gemm::Parallelism);
 
 /// Windows of at most this many primaries accumulate pixel-major in the forward pass:
 /// gemm's micro-kernel rows then run over the primaries (16 or 32 of them fill its

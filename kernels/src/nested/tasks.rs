@@ -16,12 +16,11 @@ use super::*;
 /// Forward pass of the output columns `[start, end)`, tile by tile.
 pub(super) fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
+    panels: Option<&ForwardPanels>,
     ws: &mut Workspace<T>,
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
-    (start, end): (usize, usize),
-    tile: usize,
-    parallelism: gemm::Parallelism,
+    ((start, end), tile, parallelism): ForwardTiles,
 ) {
     let rings = plan.rings_count();
     let mut t0 = start;
@@ -31,7 +30,7 @@ pub(super) fn forward_task<T: Real>(
         runs(plan, t0, t1, &mut ws.runs);
         let cols = grow(&mut ws.cols, plan.col_rows() * width);
         im2col(plan, x, &ws.runs, width, cols);
-        for window in &plan.windows {
+        for (w, window) in plan.windows.iter().enumerate() {
             if window.rows == 0 {
                 continue;
             }
@@ -42,17 +41,24 @@ pub(super) fn forward_task<T: Real>(
                 // SAFETY: acc is rows x width; the weight block starts inside ring r's
                 // [m, ld] matrix with rows <= m - first_primary and
                 // weight_offset + window_depth <= weight_depth; the column block is
-                // k rows of width inside the tile's column matrix.
+                // k rows of width inside the tile's column matrix; the panels, where
+                // given, hold that weight block (laid out for this plan and path).
                 unsafe {
-                    gemm(
+                    gemm_panels(
                         [window.rows, width, k],
                         acc.as_mut_ptr(),
                         [acc_cs, acc_rs],
                         r + 1 < rings,
-                        ringed.as_ptr().add(layout.weight_block(plan, r, window)),
-                        [1, layout.weight_ld(plan, r)],
-                        cols.as_ptr().add(layout.col_block(r, window) * width),
-                        [1, width],
+                        (
+                            ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                            [1, layout.weight_ld(plan, r)],
+                            panels.and_then(|p| p.get(w, r, 0)),
+                        ),
+                        (
+                            cols.as_ptr().add(layout.col_block(r, window) * width),
+                            [1, width],
+                            None,
+                        ),
                         parallelism,
                     );
                 }

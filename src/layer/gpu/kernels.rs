@@ -173,12 +173,12 @@ pub fn nested_input_grad<F: Float>(
             let g_channel = b * grad.stride(0) + o * grad.stride(1);
             for ky in crop..a.kernel_h - crop {
                 let reach_y = ky * a.dilation_h;
-                if ty >= reach_y && (ty - reach_y) % a.stride_h == 0 {
+                if ty >= reach_y && (ty - reach_y).is_multiple_of(a.stride_h) {
                     let oy = (ty - reach_y) / a.stride_h;
                     if oy < a.out_h {
                         for kx in crop..a.kernel_w - crop {
                             let reach_x = kx * a.dilation_w;
-                            if tx >= reach_x && (tx - reach_x) % a.stride_w == 0 {
+                            if tx >= reach_x && (tx - reach_x).is_multiple_of(a.stride_w) {
                                 let ox = (tx - reach_x) / a.stride_w;
                                 if ox < a.out_w {
                                     sum += grad

@@ -1,0 +1,56 @@
+//! The AVX-512 micro-kernel: an 8 x 32 tile of `dst` in 16 zmm accumulators; per `k`,
+//! two loads of `rhs` and eight broadcasts of `lhs` feed sixteen fused multiply-adds.
+
+use std::arch::x86_64::*;
+
+use super::Micro;
+
+/// Rows of the tile.
+const MR: usize = 8;
+/// Columns of the tile (two vectors).
+const NR: usize = 32;
+
+pub(super) const MICRO: Micro = Micro {
+    kernel: entry,
+    mr: MR,
+    nr: NR,
+};
+
+/// # Safety
+/// The [`super::Kernel`] contract, on a CPU with AVX-512F ([`super::detect`] picks this
+/// kernel only there).
+unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool) {
+    // SAFETY: forwarded; the CPU has AVX-512F.
+    unsafe { kernel(kc, a, b, dst, rs, add) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        // SAFETY: p < kc, so a[p * MR..][..MR] and b[p * NR..][..NR] are in the panels.
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            let a = a.add(p * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*a.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: dst + i * rs + [0, 32) is in the tile the contract grants.
+        unsafe {
+            let d = dst.add(i * rs);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if add {
+                v0 = _mm512_add_ps(_mm512_loadu_ps(d), v0);
+                v1 = _mm512_add_ps(_mm512_loadu_ps(d.add(16)), v1);
+            }
+            _mm512_storeu_ps(d, v0);
+            _mm512_storeu_ps(d.add(16), v1);
+        }
+    }
+}

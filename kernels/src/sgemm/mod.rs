@@ -1,0 +1,593 @@
+//! Single-precision matrix products for the convolution kernels:
+//! `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, every operand strided.
+//!
+//! The layout follows the classic packed design (BLIS, MLAS): both operands are copied
+//! into panels the micro-kernel reads in order (`lhs` as `MR` rows interleaved per `k`,
+//! `rhs` as `NR` columns per `k`, zero-padded at the edges); `k` is cut in blocks of
+//! [`KC`] so that one `rhs` panel stays in L1 while the `lhs` panels of a block of
+//! [`MC`] rows stream from L2; the micro-kernel keeps an `MR x NR` tile of `dst` in
+//! registers ([`avx512`]: 8 x 32, [`avx2`]: 6 x 16, chosen at run time).
+//!
+//! Every value of `dst` is its `k` products summed in increasing `k`, one fused
+//! multiply-add at a time, block by block, each block's sum added to `dst` in order. So
+//! the bits do not depend on the split over threads, on the tile a value falls in, or on
+//! which micro-kernel ran: a run is reproducible on any machine with FMA.
+//!
+//! [`sgemm`] declines (returns `false`) where the CPU has neither AVX-512 nor AVX2 + FMA,
+//! where `dst` has no unit stride, or where the product is too skinny to fill half of
+//! the micro-kernel's tiles; the caller then uses the `gemm` crate.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::workspace::grow;
+
+/// Depth of one block of `k`: an AVX-512 `rhs` panel (`KC x 32` values) is 32 KiB.
+pub(crate) const KC: usize = 256;
+/// Rows of `lhs` packed at a time (a multiple of both micro-kernels' `MR`): 192 KiB.
+pub(crate) const MC: usize = 192;
+/// Columns of `rhs` packed at a time (a multiple of both micro-kernels' `NR`): 480 KiB.
+pub(crate) const NC: usize = 480;
+
+/// Products below this many multiply-adds run on one thread even when more are offered.
+const PARALLEL_MACS: usize = 1 << 18;
+
+/// A micro-kernel: `tile = sum_{p < kc} a[p * MR + i] * b[p * NR + j]`, then
+/// `dst[i * rs + j] = tile` or, with `add`, `dst[i * rs + j] += tile`, for the full
+/// `MR x NR` tile.
+///
+/// Safety contract: `a` holds `kc * MR` values, `b` holds `kc * NR` values, and
+/// `dst + i * rs + j` is valid for reads and writes for every `i < MR`, `j < NR`.
+type Kernel =
+    unsafe fn(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool);
+
+/// The micro-kernel this CPU runs, with its tile.
+#[derive(Clone, Copy)]
+struct Micro {
+    kernel: Kernel,
+    mr: usize,
+    nr: usize,
+}
+
+/// The best micro-kernel of this CPU, if any.
+fn micro() -> Option<Micro> {
+    static MICRO: OnceLock<Option<Micro>> = OnceLock::new();
+    *MICRO.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Option<Micro> {
+    if std::env::var_os("VERSATILE_SGEMM").is_some_and(|v| v == "gemm") {
+        return None;
+    }
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    if is_x86_feature_detected!("avx512f")
+        && std::env::var_os("VERSATILE_SGEMM").is_none_or(|v| v != "avx2")
+    {
+        Some(avx512::MICRO)
+    } else if avx2 {
+        Some(avx2::MICRO)
+    } else {
+        None
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Option<Micro> {
+    None
+}
+
+/// Which micro-kernel [`sgemm`] runs on this CPU: `"avx512"`, `"avx2"` or `None` (the
+/// `gemm` crate). `VERSATILE_SGEMM=avx2` or `=gemm` in the environment picks a lesser one
+/// (for benchmarks and tests).
+pub fn micro_kernel() -> Option<&'static str> {
+    micro().map(|m| if m.nr == 32 { "avx512" } else { "avx2" })
+}
+
+/// A strided matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Strided<P> {
+    pub ptr: P,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+// SAFETY: a Strided is a raw address and strides; the callers of `sgemm` promise that the
+// addressed values are valid and that `dst` is written by one task per element (the
+// parallel split hands disjoint tiles to the tasks).
+unsafe impl<P> Send for Strided<P> {}
+// SAFETY: as above.
+unsafe impl<P> Sync for Strided<P> {}
+
+/// An operand of [`sgemm`]: a strided matrix, possibly also laid out ahead in
+/// [`Panels`] (used where their width fits the side the operand lands on, else the
+/// strided form is packed on the fly).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub strided: Strided<*const f32>,
+    /// The operand's panels (of the operand as given for `lhs`, of its transpose for
+    /// `rhs`) and the panel row of its first row.
+    pub panels: Option<(&'a Panels, usize)>,
+}
+
+impl<'a> Operand<'a> {
+    /// The transposed operand: the same panels (they describe the matrix as `rows x k`,
+    /// whichever side it lands on).
+    fn transposed(self) -> Self {
+        Self {
+            strided: Strided {
+                ptr: self.strided.ptr,
+                rs: self.strided.cs,
+                cs: self.strided.rs,
+            },
+            ..self
+        }
+    }
+
+    /// The panels, if they have `width` rows each.
+    fn panels_of(self, width: usize) -> Option<(&'a Panels, usize)> {
+        self.panels.filter(|(panels, _)| panels.width == width)
+    }
+}
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` (`accumulate` keeps `dst`), on up to
+/// `threads` rayon tasks; `false` (and nothing written) where this CPU or `dst`'s layout
+/// has no micro-kernel here, or the product would not fill half of its tiles.
+///
+/// # Safety
+/// Every matrix with its strides must address valid values (`m x n`, `m x k`, `k x n`),
+/// `dst` must not overlap `lhs` or `rhs`, distinct `(i, j)` of `dst` must be distinct
+/// addresses, and an operand's panels must hold the same matrix (`lhs`'s rows, `rhs`'s
+/// columns, from the given panel row on).
+pub(crate) unsafe fn sgemm(
+    [m, n, k]: [usize; 3],
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Operand<'_>,
+    rhs: Operand<'_>,
+    threads: usize,
+) -> bool {
+    let Some(micro) = micro() else {
+        return false;
+    };
+    // The micro-kernels store along unit-stride rows; a column-major `dst` is the
+    // transposed product `dst^T = rhs^T * lhs^T`.
+    let (m, n, dst, lhs, rhs) = if dst.cs == 1 {
+        (m, n, dst, lhs, rhs)
+    } else if dst.rs == 1 {
+        let dst = Strided {
+            ptr: dst.ptr,
+            rs: dst.cs,
+            cs: 1,
+        };
+        (n, m, dst, rhs.transposed(), lhs.transposed())
+    } else {
+        return false;
+    };
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if !fills_tiles(micro, m, n) {
+        return false;
+    }
+    let threads = if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MACS {
+        1
+    } else {
+        threads.max(1)
+    };
+    let lhs = Side::new(lhs, micro.mr);
+    let rhs = Side::new(rhs.transposed(), micro.nr);
+    // Split the longer side in whole tiles; each task owns its rows or columns of dst.
+    let (n_tiles, m_tiles) = (n.div_ceil(micro.nr), m.div_ceil(micro.mr));
+    if threads > 1 && (n_tiles >= threads || m_tiles >= threads) {
+        let by_columns = n_tiles >= m_tiles;
+        let (tiles, tile) = if by_columns {
+            (n_tiles, micro.nr)
+        } else {
+            (m_tiles, micro.mr)
+        };
+        let parts = threads.min(tiles);
+        (0..parts).into_par_iter().for_each(|part| {
+            let begin = tiles * part / parts * tile;
+            let end = (tiles * (part + 1) / parts * tile).min(if by_columns { n } else { m });
+            // SAFETY: the task's block lies inside the caller's matrices (begin < end <=
+            // n or m, a whole number of tiles from the start), and the tasks' blocks of
+            // dst are disjoint.
+            unsafe {
+                if by_columns {
+                    serial(
+                        micro,
+                        [m, end - begin, k],
+                        offset(dst, 0, begin),
+                        accumulate,
+                        lhs,
+                        rhs.rows_from(begin),
+                    );
+                } else {
+                    serial(
+                        micro,
+                        [end - begin, n, k],
+                        offset(dst, begin, 0),
+                        accumulate,
+                        lhs.rows_from(begin),
+                        rhs,
+                    );
+                }
+            }
+        });
+    } else {
+        serial(micro, [m, n, k], dst, accumulate, lhs, rhs);
+    }
+    true
+}
+
+/// Whether a row-major `m x n` product keeps at least half of each micro-kernel tile's
+/// values: a skinny one (a matrix-vector product, few rows or columns) would compute
+/// mostly padding, and the `gemm` crate's dedicated paths do it better.
+fn fills_tiles(micro: Micro, m: usize, n: usize) -> bool {
+    let padded = m.div_ceil(micro.mr) * micro.mr * n.div_ceil(micro.nr) * micro.nr;
+    2 * m * n >= padded
+}
+
+/// One side of a product as the driver reads it: a matrix `rows x k` (`lhs`, or `rhs`
+/// transposed) to cut in panels of `width` rows, strided or already in panels.
+#[derive(Clone, Copy)]
+struct Side<'a> {
+    strided: Strided<*const f32>,
+    panels: Option<(&'a Panels, usize)>,
+}
+
+impl<'a> Side<'a> {
+    fn new(operand: Operand<'a>, width: usize) -> Self {
+        Self {
+            strided: operand.strided,
+            panels: operand.panels_of(width),
+        }
+    }
+
+    /// The rows from `first` on (a multiple of the panel width).
+    ///
+    /// # Safety
+    /// `first` must be a row of the matrix.
+    unsafe fn rows_from(self, first: usize) -> Self {
+        Self {
+            // SAFETY: forwarded to the caller.
+            strided: unsafe { offset(self.strided, first, 0) },
+            panels: self.panels.map(|(panels, row)| (panels, row + first)),
+        }
+    }
+
+    /// The panels of rows `[row, row + rows)` and depth `[pc, pc + kc)`: the prepared
+    /// ones, or `buffer` packed now.
+    ///
+    /// # Safety
+    /// The block must be inside the matrix, `buffer` must hold
+    /// `ceil(rows / width) * width * kc` values, and `row` must be a multiple of `width`.
+    unsafe fn block(
+        self,
+        [row, rows]: [usize; 2],
+        [pc, kc]: [usize; 2],
+        width: usize,
+        buffer: *mut f32,
+    ) -> *const f32 {
+        match self.panels {
+            // SAFETY: the panels hold the matrix from panel row `first` on (sgemm's
+            // contract), so the block is inside them.
+            Some((panels, first)) => unsafe { panels.block(pc, first + row, kc) },
+            None => {
+                // SAFETY: forwarded to the caller.
+                unsafe { pack(offset(self.strided, row, pc), [rows, kc], width, buffer) };
+                buffer
+            }
+        }
+    }
+}
+
+/// A matrix `rows x k` laid out ahead in the panels [`sgemm`] reads: per block of [`KC`]
+/// of `k`, panels of `width` rows (zero-padded), each `kc x width` values `k`-major.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Panels {
+    values: Vec<Line>,
+    /// Rows rounded up to whole panels.
+    padded: usize,
+    width: usize,
+}
+
+impl Panels {
+    /// `x` (`rows x k`) in panels of `width` rows.
+    ///
+    /// # Safety
+    /// `x` must address `rows x k` valid values.
+    pub(crate) unsafe fn new(x: Strided<*const f32>, [rows, k]: [usize; 2], width: usize) -> Self {
+        let padded = rows.div_ceil(width) * width;
+        let mut values = vec![Line::default(); (padded * k).div_ceil(16)];
+        let base: *mut f32 = values.as_mut_ptr().cast();
+        for pc in (0..k).step_by(KC) {
+            let kc = (k - pc).min(KC);
+            // SAFETY: block pc of x is inside it; its panels start at pc * padded and
+            // take padded * kc <= padded * k - pc * padded values.
+            unsafe { pack(offset(x, 0, pc), [rows, kc], width, base.add(pc * padded)) };
+        }
+        Self {
+            values,
+            padded,
+            width,
+        }
+    }
+
+    /// `x` (`rows x k`) in the panels `sgemm` reads as its `lhs` (`as_rhs` false) or, as
+    /// `x = rhs^T`, as its `rhs`, on this CPU (`None` where it has no micro-kernel).
+    ///
+    /// # Safety
+    /// As [`Panels::new`].
+    pub(crate) unsafe fn for_side(
+        x: Strided<*const f32>,
+        dims: [usize; 2],
+        as_rhs: bool,
+    ) -> Option<Self> {
+        let micro = micro()?;
+        let width = if as_rhs { micro.nr } else { micro.mr };
+        // SAFETY: forwarded to the caller.
+        Some(unsafe { Self::new(x, dims, width) })
+    }
+
+    /// The panels of block `pc` (a multiple of KC, of depth `kc`) from row `row` (a
+    /// multiple of the width).
+    ///
+    /// # Safety
+    /// The block must be inside the packed matrix.
+    unsafe fn block(&self, pc: usize, row: usize, kc: usize) -> *const f32 {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            self.values
+                .as_ptr()
+                .cast::<f32>()
+                .add(pc * self.padded + row * kc)
+        }
+    }
+
+    /// Bytes of the values.
+    pub(crate) fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.values.as_slice())
+    }
+}
+
+/// The block of `s` from row `i`, column `j`.
+///
+/// # Safety
+/// `(i, j)` must be inside the matrix `s` addresses.
+unsafe fn offset<P: Copy + PtrAdd>(s: Strided<P>, i: usize, j: usize) -> Strided<P> {
+    Strided {
+        ptr: s.ptr.add_values(i * s.rs + j * s.cs),
+        rs: s.rs,
+        cs: s.cs,
+    }
+}
+
+/// Pointer arithmetic for both pointer kinds of [`Strided`].
+trait PtrAdd {
+    /// # Safety
+    /// As `pointer::add`.
+    unsafe fn add_values(self, count: usize) -> Self;
+}
+
+impl PtrAdd for *const f32 {
+    unsafe fn add_values(self, count: usize) -> Self {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.add(count) }
+    }
+}
+
+impl PtrAdd for *mut f32 {
+    unsafe fn add_values(self, count: usize) -> Self {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.add(count) }
+    }
+}
+
+/// 64 bytes, so that packed panels start on a cache line.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// One thread's packing buffers.
+#[derive(Default)]
+struct Buffers {
+    lhs: Vec<Line>,
+    rhs: Vec<Line>,
+    tile: Vec<Line>,
+}
+
+thread_local! {
+    static BUFFERS: Cell<Option<Box<Buffers>>> = const { Cell::new(None) };
+}
+
+/// The first `len` values of `buf`, grown as needed, as a pointer to 64-byte aligned
+/// storage.
+fn lines(buf: &mut Vec<Line>, len: usize) -> *mut f32 {
+    grow(buf, len.div_ceil(16)).as_mut_ptr().cast()
+}
+
+/// The product on the calling thread.
+///
+/// # Safety
+/// As [`sgemm`], with `dst.cs == 1`, `lhs` of `m` rows and `rhs` (transposed) of `n`.
+unsafe fn serial(
+    micro: Micro,
+    [m, n, k]: [usize; 3],
+    dst: Strided<*mut f32>,
+    accumulate: bool,
+    lhs: Side<'_>,
+    rhs: Side<'_>,
+) {
+    let Micro { kernel, mr, nr } = micro;
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                // SAFETY: row i < m of dst, n unit-stride values.
+                unsafe { std::ptr::write_bytes(dst.ptr.add(i * dst.rs), 0, n) };
+            }
+        }
+        return;
+    }
+    // Taken out of the thread's slot for this call: a nested call on this thread (none
+    // today; rayon could steal work into one) would find it empty and allocate.
+    let mut buffers = BUFFERS.with(Cell::take).unwrap_or_default();
+    let kc_max = k.min(KC);
+    let lhs_buffer = lines(&mut buffers.lhs, MC.min(m.div_ceil(mr) * mr) * kc_max);
+    let rhs_buffer = lines(&mut buffers.rhs, NC.min(n.div_ceil(nr) * nr) * kc_max);
+    let tile = lines(&mut buffers.tile, mr * nr);
+    for jc in (0..n).step_by(NC) {
+        let nc = (n - jc).min(NC);
+        for pc in (0..k).step_by(KC) {
+            let kc = (k - pc).min(KC);
+            let add = accumulate || pc > 0;
+            // SAFETY: columns [jc, jc + nc) and depth [pc, pc + kc) are inside rhs; the
+            // buffer holds ceil(nc / nr) * nr * kc values; jc is a multiple of NC, so of nr.
+            let packed_rhs = unsafe { rhs.block([jc, nc], [pc, kc], nr, rhs_buffer) };
+            for ic in (0..m).step_by(MC) {
+                let mc = (m - ic).min(MC);
+                // SAFETY: as for rhs, with rows [ic, ic + mc) and mr.
+                let packed_lhs = unsafe { lhs.block([ic, mc], [pc, kc], mr, lhs_buffer) };
+                for jr in (0..nc).step_by(nr) {
+                    let cols = (nc - jr).min(nr);
+                    // SAFETY: panel jr / nr of the rhs block: kc * nr values.
+                    let b = unsafe { packed_rhs.add(jr * kc) };
+                    for ir in (0..mc).step_by(mr) {
+                        let rows = (mc - ir).min(mr);
+                        // SAFETY: panel ir / mr of the lhs block: kc * mr values; the tile
+                        // (ic + ir, jc + jr) of dst has `rows x cols` values inside it.
+                        unsafe {
+                            let a = packed_lhs.add(ir * kc);
+                            let d = dst.ptr.add((ic + ir) * dst.rs + jc + jr);
+                            if rows == mr && cols == nr {
+                                kernel(kc, a, b, d, dst.rs, add);
+                            } else {
+                                kernel(kc, a, b, tile, nr, false);
+                                for i in 0..rows {
+                                    for j in 0..cols {
+                                        let v = *tile.add(i * nr + j);
+                                        let d = d.add(i * dst.rs + j);
+                                        *d = if add { *d + v } else { v };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    BUFFERS.with(|slot| slot.set(Some(buffers)));
+}
+
+/// Copies `x[rows x kc]` into panels of `width` rows: `out[(panel * kc + p) * width + i]
+/// = x[panel * width + i, p]`, rows past the end zero. (For `lhs`, `x` is `lhs`; for
+/// `rhs`, its transpose: the same layout then puts `width` columns of a row side by side.)
+///
+/// # Safety
+/// `x` must address `rows x kc` valid values; `out` must hold
+/// `ceil(rows / width) * width * kc` values.
+unsafe fn pack(x: Strided<*const f32>, [rows, kc]: [usize; 2], width: usize, out: *mut f32) {
+    for panel in 0..rows.div_ceil(width) {
+        let first = panel * width;
+        let valid = (rows - first).min(width);
+        // SAFETY: panel < ceil(rows / width), so its kc * width values are in `out`.
+        let base = unsafe { out.add(panel * kc * width) };
+        if x.rs == 1 {
+            // The panel's rows are side by side in memory: one run per p.
+            for p in 0..kc {
+                // SAFETY: (first + i, p) for i < valid is inside x; the run p * width..
+                // of the panel holds width >= valid values.
+                unsafe {
+                    copy_run(
+                        x.ptr.add(first + p * x.cs),
+                        base.add(p * width),
+                        valid,
+                        width,
+                    )
+                };
+            }
+        } else {
+            for i in 0..width {
+                let row = first + i;
+                for p in 0..kc {
+                    // SAFETY: p * width + i < kc * width inside the panel; (row, p) is
+                    // inside x when i < valid.
+                    unsafe {
+                        *base.add(p * width + i) = if i < valid {
+                            *x.ptr.add(row * x.rs + p * x.cs)
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[..valid] = src[..valid]`, `dst[valid..width] = 0`, in 16-value moves where it can
+/// (a `memcpy` call per short run cost more than the copy).
+///
+/// # Safety
+/// `src` must be valid for `valid` reads, `dst` for `width >= valid` writes.
+#[inline(always)]
+unsafe fn copy_run(src: *const f32, dst: *mut f32, valid: usize, width: usize) {
+    let mut j = 0;
+    while j + 16 <= valid {
+        // SAFETY: j + 16 <= valid <= width: in bounds of both.
+        unsafe {
+            dst.add(j)
+                .cast::<[f32; 16]>()
+                .write_unaligned(src.add(j).cast::<[f32; 16]>().read_unaligned());
+        }
+        j += 16;
+    }
+    while j < valid {
+        // SAFETY: j < valid.
+        unsafe { *dst.add(j) = *src.add(j) };
+        j += 1;
+    }
+    while j < width {
+        // SAFETY: j < width.
+        unsafe { *dst.add(j) = 0.0 };
+        j += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// `dst = lhs * rhs` for row-major `lhs[m x k]`, `rhs[k x n]` and `dst[m x n]`, on the
+/// rayon pool's threads (the `gemm` crate where this CPU has no micro-kernel here).
+///
+/// # Panics
+/// If a slice's length is not its matrix's.
+pub fn matmul([m, n, k]: [usize; 3], lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
+    assert_eq!(lhs.len(), m * k, "lhs length");
+    assert_eq!(rhs.len(), k * n, "rhs length");
+    assert_eq!(dst.len(), m * n, "dst length");
+    // SAFETY: the three slices hold their row-major matrices (asserted above) and dst,
+    // borrowed mutably, overlaps neither.
+    unsafe {
+        crate::nested::gemm(
+            [m, n, k],
+            dst.as_mut_ptr(),
+            [1, n],
+            false,
+            lhs.as_ptr(),
+            [1, k],
+            rhs.as_ptr(),
+            [1, n],
+            gemm::Parallelism::Rayon(crate::threads()),
+        );
+    }
+}

@@ -1,0 +1,317 @@
+use super::*;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A matrix stored row-major (`rs = cols`) or column-major (`cs = rows`).
+struct Matrix {
+    values: Vec<f32>,
+    rs: usize,
+    cs: usize,
+}
+
+impl Matrix {
+    fn new(rows: usize, cols: usize, column_major: bool, seed: u64) -> Self {
+        let (rs, cs) = if column_major { (1, rows) } else { (cols, 1) };
+        Self {
+            values: values(rows * cols, seed),
+            rs,
+            cs,
+        }
+    }
+
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.values[i * self.rs + j * self.cs]
+    }
+
+    fn strided(&self) -> Strided<*const f32> {
+        Strided {
+            ptr: self.values.as_ptr(),
+            rs: self.rs,
+            cs: self.cs,
+        }
+    }
+
+    fn operand(&self) -> Operand<'_> {
+        Operand {
+            strided: self.strided(),
+            panels: None,
+        }
+    }
+
+    /// The matrix transposed, as a strided view of the same values.
+    fn transposed(&self) -> Strided<*const f32> {
+        Strided {
+            ptr: self.values.as_ptr(),
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// The module's definition, one value at a time: the products summed in increasing `k`
+/// by fused multiply-adds, per block of `KC`, each block's sum added to `dst` in order.
+fn reference(
+    lhs: &Matrix,
+    rhs: &Matrix,
+    dst: &mut Matrix,
+    [m, n, k]: [usize; 3],
+    accumulate: bool,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut value = dst.at(i, j);
+            for block in (0..k).step_by(KC) {
+                let mut sum = 0.0f32;
+                for p in block..(block + KC).min(k) {
+                    sum = lhs.at(i, p).mul_add(rhs.at(p, j), sum);
+                }
+                value = if block == 0 && !accumulate {
+                    sum
+                } else {
+                    value + sum
+                };
+            }
+            if k == 0 && !accumulate {
+                value = 0.0;
+            }
+            dst.values[i * dst.rs + j * dst.cs] = value;
+        }
+    }
+}
+
+fn product(
+    micro: Option<Micro>,
+    lhs: &Matrix,
+    rhs: &Matrix,
+    dst: &mut Matrix,
+    dims: [usize; 3],
+    accumulate: bool,
+    threads: usize,
+) -> bool {
+    let out = Strided {
+        ptr: dst.values.as_mut_ptr(),
+        rs: dst.rs,
+        cs: dst.cs,
+    };
+    // SAFETY: the matrices were made with these dimensions and strides, and dst is
+    // its own allocation.
+    unsafe {
+        match micro {
+            None => sgemm(dims, out, accumulate, lhs.operand(), rhs.operand(), threads),
+            Some(micro) if out.cs == 1 => {
+                let lhs = Side::new(lhs.operand(), micro.mr);
+                let rhs = Side::new(rhs.operand().transposed(), micro.nr);
+                serial(micro, dims, out, accumulate, lhs, rhs);
+                true
+            }
+            Some(_) => unreachable!("direct micro-kernel runs use a row-major dst"),
+        }
+    }
+}
+
+const SHAPES: [[usize; 3]; 10] = [
+    [1, 1, 1],
+    [8, 32, 16],
+    [7, 33, 5],
+    [13, 50, 300],
+    [64, 49, 576],
+    [200, 17, 64],
+    [3, 500, 40],
+    [33, 97, 513],
+    [48, 48, 0],
+    [96, 112, 40],
+];
+
+#[test]
+fn products_match_the_definition_bit_for_bit_in_every_layout() {
+    if micro().is_none() {
+        return; // no micro-kernel on this CPU: the caller uses the gemm crate
+    }
+    let mut ran = 0;
+    for (s, &[m, n, k]) in SHAPES.iter().enumerate() {
+        for layout in 0..8 {
+            for accumulate in [false, true] {
+                let seed = (s * 16 + layout) as u64;
+                let lhs = Matrix::new(m, k, layout & 1 != 0, seed);
+                let rhs = Matrix::new(k, n, layout & 2 != 0, seed + 100);
+                let mut expected = Matrix::new(m, n, layout & 4 != 0, seed + 200);
+                let mut got = Matrix::new(m, n, layout & 4 != 0, seed + 200);
+                reference(&lhs, &rhs, &mut expected, [m, n, k], accumulate);
+                // A skinny product is declined (the caller uses the gemm crate).
+                if !product(None, &lhs, &rhs, &mut got, [m, n, k], accumulate, 1) {
+                    continue;
+                }
+                ran += 1;
+                assert!(
+                    got.values
+                        .iter()
+                        .zip(&expected.values)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{n}x{k}, layout {layout}, accumulate {accumulate}"
+                );
+            }
+        }
+    }
+    assert!(ran >= SHAPES.len() * 8, "most products ran ({ran})");
+}
+
+#[test]
+fn skinny_products_are_declined() {
+    let Some(micro) = micro() else {
+        return;
+    };
+    assert!(!fills_tiles(micro, 4096, 1), "a matrix-vector product");
+    assert!(
+        fills_tiles(micro, 8 * micro.mr, 8 * micro.nr),
+        "whole tiles"
+    );
+    let lhs = Matrix::new(300, 40, false, 1);
+    let rhs = Matrix::new(40, 1, false, 2);
+    let mut dst = Matrix::new(300, 1, false, 3);
+    let before = dst.values.clone();
+    assert!(!product(None, &lhs, &rhs, &mut dst, [300, 1, 40], false, 1));
+    assert_eq!(dst.values, before, "nothing written");
+}
+
+#[test]
+fn the_bits_do_not_depend_on_threads_or_micro_kernel() {
+    if micro().is_none() {
+        return;
+    }
+    for &[m, n, k] in &[[96, 700, 300], [300, 40, 270], [64, 1100, 64]] {
+        let lhs = Matrix::new(m, k, false, 1);
+        let rhs = Matrix::new(k, n, false, 2);
+        let mut one = Matrix::new(m, n, false, 3);
+        assert!(product(None, &lhs, &rhs, &mut one, [m, n, k], false, 1));
+        for threads in [2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            let mut many = Matrix::new(m, n, false, 3);
+            pool.install(|| {
+                assert!(product(
+                    None,
+                    &lhs,
+                    &rhs,
+                    &mut many,
+                    [m, n, k],
+                    false,
+                    threads
+                ))
+            });
+            assert!(
+                one.values
+                    .iter()
+                    .zip(&many.values)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{m}x{n}x{k} on {threads} threads"
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let mut narrow = Matrix::new(m, n, false, 3);
+            product(
+                Some(avx2::MICRO),
+                &lhs,
+                &rhs,
+                &mut narrow,
+                [m, n, k],
+                false,
+                1,
+            );
+            assert!(
+                one.values
+                    .iter()
+                    .zip(&narrow.values)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{m}x{n}x{k}: the AVX2 kernel"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dst_without_unit_stride_is_declined() {
+    let lhs = Matrix::new(2, 2, false, 1);
+    let rhs = Matrix::new(2, 2, false, 2);
+    let mut dst = vec![7.0f32; 9];
+    let out = Strided {
+        ptr: dst.as_mut_ptr(),
+        rs: 3,
+        cs: 2,
+    };
+    // SAFETY: (i, j) of a 2 x 2 dst at 3i + 2j < 9.
+    let done = unsafe { sgemm([2, 2, 2], out, false, lhs.operand(), rhs.operand(), 1) };
+    assert!(!done);
+    assert!(dst.iter().all(|&v| v == 7.0), "nothing written");
+}
+
+#[test]
+fn operands_laid_out_ahead_give_the_same_bits() {
+    if micro().is_none() {
+        return;
+    }
+    for &[m, n, k] in &[[40, 70, 300], [40, 60, 20], [96, 33, 64]] {
+        for layout in 0..8 {
+            let lhs = Matrix::new(m, k, layout & 1 != 0, 5);
+            let rhs = Matrix::new(k, n, layout & 2 != 0, 6);
+            let mut expected = Matrix::new(m, n, layout & 4 != 0, 7);
+            reference(&lhs, &rhs, &mut expected, [m, n, k], true);
+            // Both operands in panels for either side they may land on (a column-major
+            // dst swaps them); sgemm uses the ones whose width fits.
+            for as_rhs in [false, true] {
+                // SAFETY: the views address the matrices they were made from.
+                let (lhs_panels, rhs_panels) = unsafe {
+                    (
+                        Panels::for_side(lhs.strided(), [m, k], as_rhs).expect("a micro-kernel"),
+                        Panels::for_side(rhs.transposed(), [n, k], !as_rhs)
+                            .expect("a micro-kernel"),
+                    )
+                };
+                let mut got = Matrix::new(m, n, layout & 4 != 0, 7);
+                let out = Strided {
+                    ptr: got.values.as_mut_ptr(),
+                    rs: got.rs,
+                    cs: got.cs,
+                };
+                let lhs_operand = Operand {
+                    strided: lhs.strided(),
+                    panels: Some((&lhs_panels, 0)),
+                };
+                let rhs_operand = Operand {
+                    strided: rhs.strided(),
+                    panels: Some((&rhs_panels, 0)),
+                };
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(2)
+                    .build()
+                    .expect("a thread pool");
+                // SAFETY: as in `product`; the panels hold these operands.
+                let done = pool.install(|| unsafe {
+                    sgemm([m, n, k], out, true, lhs_operand, rhs_operand, 2)
+                });
+                assert!(done);
+                assert!(
+                    got.values
+                        .iter()
+                        .zip(&expected.values)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{m}x{n}x{k}, layout {layout}, panels for the {} side",
+                    if as_rhs { "rhs" } else { "lhs" }
+                );
+            }
+        }
+    }
+}
