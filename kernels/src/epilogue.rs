@@ -86,4 +86,61 @@ impl<'a, T: Real> Epilogue<'a, T> {
             y
         }
     }
+
+    /// Writes the `len` output values from index `at` on, from the accumulated values
+    /// `acc[first + i * acc_cs]` of a channel with factors `(scale, shift)`: the same
+    /// values as [`apply`](Self::apply) one by one, with the branches taken once per run
+    /// so that a unit-stride run vectorizes.
+    ///
+    /// # Safety
+    /// `out + at + [0, len)` must be valid for writes and not accessed by anyone else
+    /// meanwhile; `at + len` must not exceed the residual's length.
+    ///
+    /// # Panics
+    /// If `acc` has no value `first + (len - 1) * acc_cs`.
+    #[inline]
+    pub(super) unsafe fn write_run(
+        &self,
+        (acc, first, acc_cs): (&[T], usize, usize),
+        (scale, shift): (T, T),
+        out: *mut T,
+        at: usize,
+        len: usize,
+    ) {
+        if len == 0 {
+            return;
+        }
+        // SAFETY: the caller grants exclusive access to out[at..at + len].
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(at), len) };
+        if acc_cs != 1 {
+            for (i, d) in dst.iter_mut().enumerate() {
+                *d = self.apply(acc[first + i * acc_cs], (scale, shift), at + i);
+            }
+            return;
+        }
+        let src = &acc[first..first + len];
+        let relu = |y: T| if y <= T::ZERO { T::ZERO } else { y };
+        match (self.residual.map(|r| &r[at..at + len]), self.relu) {
+            (None, false) => {
+                for (d, &a) in dst.iter_mut().zip(src) {
+                    *d = a * scale + shift;
+                }
+            }
+            (None, true) => {
+                for (d, &a) in dst.iter_mut().zip(src) {
+                    *d = relu(a * scale + shift);
+                }
+            }
+            (Some(residual), false) => {
+                for ((d, &a), &r) in dst.iter_mut().zip(src).zip(residual) {
+                    *d = a * scale + shift + r;
+                }
+            }
+            (Some(residual), true) => {
+                for ((d, &a), &r) in dst.iter_mut().zip(src).zip(residual) {
+                    *d = relu(a * scale + shift + r);
+                }
+            }
+        }
+    }
 }

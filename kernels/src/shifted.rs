@@ -190,7 +190,7 @@ pub fn forward_task<T: Real>(
                     }
                     let acc = grow(&mut ws.acc, window.rows * width);
                     // acc[p, q] at p * acc_rs + q * acc_cs (pixel-major for narrow windows).
-                    let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
+                    let (acc_rs, acc_cs) = accumulator_strides::<T>(window.rows, width);
                     let mut first = true;
                     for r in (0..rings).rev() {
                         let npos = layout.positions[r];
@@ -254,14 +254,10 @@ fn emit<T: Real>(
         let factors = epilogue.channel(ch);
         valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
             let at = (image * plan.out_channels + ch) * pixels + oy * ow + ox;
-            let dst = out.ptr().wrapping_add(at);
             let first = p * acc_rs + col * acc_cs;
-            for i in 0..len {
-                let value = epilogue.apply(acc[first + i * acc_cs], factors, at + i);
-                // SAFETY: the pixels lie inside the output's allocation and belong to this
-                // task only.
-                unsafe { dst.add(i).write(value) };
-            }
+            // SAFETY: the pixels lie inside the output's allocation (the residual has the
+            // output's length) and belong to this task only.
+            unsafe { epilogue.write_run((acc, first, acc_cs), factors, out.ptr(), at, len) };
         });
     }
 }

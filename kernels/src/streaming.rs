@@ -14,8 +14,9 @@ use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
-use super::nested::{add_in_order, gemm, gemm_panels, rhs_panels, SharedMut};
+use super::nested::{add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels, SharedMut};
 use super::plan::ConvPlan;
+use super::sgemm::{self, Panels};
 use super::workspace::{self, grow, Slot};
 use super::Real;
 
@@ -113,8 +114,9 @@ fn load_chunk<T: Real>(
 pub enum StreamWeight<'a, T> {
     /// `[m, depth, kh, kw]`: each chunk is copied into ring layout as it is used.
     Plain(&'a [T]),
-    /// Already in chunk layout ([`pack_chunks`]).
-    Chunked(&'a [T]),
+    /// Already in chunk layout ([`pack_chunks`]), with each chunk's rings in sgemm's
+    /// panels where they were made ([`chunk_panels`]).
+    Chunked(&'a [T], Option<&'a [Panels]>),
 }
 
 /// The weight `[m, depth, kh, kw]` in the forward pass's chunk layout: the chunk of
@@ -130,6 +132,45 @@ pub fn pack_chunks<T: Real>(plan: &ConvPlan, weight: &[T]) -> Vec<T> {
     }
     packed
 }
+
+/// The rings of each chunk of `packed` ([`pack_chunks`]) in the panels sgemm reads as its
+/// `lhs`, `[chunk * rings + ring]`: a forward pass then multiplies them in place instead
+/// of laying each chunk out again. `None` where sgemm would not run the forward products
+/// (`f64`, no micro-kernel, or too few output columns to fill its tiles: the panels would
+/// only cost memory).
+///
+/// # Panics
+/// If `packed` is not the plan's chunk layout length.
+pub(crate) fn chunk_panels<T: Real>(plan: &ConvPlan, packed: &[T]) -> Option<Vec<Panels>> {
+    if !sgemm::fills::<T>(CHUNK_FORWARD.min(plan.primaries), plan.columns()) {
+        return None;
+    }
+    let layout = ChunkLayout::new(plan);
+    assert_eq!(
+        packed.len(),
+        plan.primaries * layout.len_per_row,
+        "chunk layout length"
+    );
+    let chunks: Vec<(usize, usize)> = (0..plan.primaries.div_ceil(CHUNK_FORWARD))
+        .flat_map(|chunk| (0..plan.rings_count()).map(move |r| (chunk, r)))
+        .collect();
+    let panels = |&(chunk, r): &(usize, usize)| {
+        let p0 = chunk * CHUNK_FORWARD;
+        let rows = CHUNK_FORWARD.min(plan.primaries - p0);
+        let (_, ld, ref index) = layout.rings[r];
+        let k = plan.window_depth * index.len();
+        let start = p0 * layout.len_per_row + layout.offset(r, rows);
+        lhs_panels(packed, start, [rows, k], ld).expect("sgemm runs (checked above)")
+    };
+    Some(if packed.len() >= PARALLEL_VALUES {
+        chunks.par_iter().map(panels).collect()
+    } else {
+        chunks.iter().map(panels).collect()
+    })
+}
+
+/// Weights from this many values on are laid out in panels by all threads.
+const PARALLEL_VALUES: usize = 1 << 20;
 
 /// Chunks of `chunk` primaries, grouped into one contiguous range per thread.
 fn chunk_groups(plan: &ConvPlan, chunk: usize) -> Vec<(usize, usize)> {
@@ -187,6 +228,10 @@ pub fn forward<T: Real>(
                 rhs_panels(cols, segment[r] * width, [k, width])
             })
             .collect();
+        let chunk_panels = match weight {
+            StreamWeight::Chunked(_, panels) => panels,
+            StreamWeight::Plain(_) => None,
+        };
         let items = vec![(); groups.len()];
         for_each_group(&groups, items, |(), first, last| {
             workspace::with::<T, _>(Slot::Task, |ws| {
@@ -200,7 +245,7 @@ pub fn forward<T: Real>(
                             load_chunk(plan, &layout, weight, p0, rows, buf);
                             buf
                         }
-                        StreamWeight::Chunked(packed) => {
+                        StreamWeight::Chunked(packed, _) => {
                             let start = p0 * layout.len_per_row;
                             &packed[start..start + chunk_len]
                         }
@@ -221,7 +266,11 @@ pub fn forward<T: Real>(
                                 acc.as_mut_ptr(),
                                 [acc_cs, acc_rs],
                                 r + 1 < rings,
-                                (buf.as_ptr().add(layout.offset(r, rows)), [1, ld], None),
+                                (
+                                    buf.as_ptr().add(layout.offset(r, rows)),
+                                    [1, ld],
+                                    chunk_panels.map(|panels| (&panels[chunk * rings + r], 0)),
+                                ),
                                 (
                                     cols.as_ptr().add(segment[r] * width),
                                     [1, width],
@@ -240,15 +289,17 @@ pub fn forward<T: Real>(
                                 let at = (run.image * plan.out_channels + ch) * pixels
                                     + run.oy * ow
                                     + run.ox;
-                                for i in 0..run.len {
-                                    let v = epilogue.apply(
-                                        acc[p * acc_rs + (run.col + i) * acc_cs],
+                                let first = p * acc_rs + run.col * acc_cs;
+                                // SAFETY: inside the output (the residual has the
+                                // output's length); channel ch belongs to this chunk only.
+                                unsafe {
+                                    epilogue.write_run(
+                                        (acc, first, acc_cs),
                                         factors,
-                                        at + i,
+                                        out.ptr(),
+                                        at,
+                                        run.len,
                                     );
-                                    // SAFETY: inside the output; channel ch belongs to
-                                    // this chunk only.
-                                    unsafe { out.ptr().add(at + i).write(v) };
                                 }
                             }
                         }

@@ -6,8 +6,8 @@ mod primitives;
 mod tasks;
 
 pub(crate) use primitives::{
-    accumulator_strides, add_in_order, gemm, gemm_panels, rhs_panels, windows_partition_channels,
-    BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
+    accumulator_strides, add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels,
+    windows_partition_channels, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::plan::ConvPlan;
+use super::sgemm;
 use super::shifted;
 use super::streaming::{self, StreamWeight};
 use super::trace::{self, Layout as Traced, Pass};
@@ -143,6 +144,8 @@ pub struct PackedWeight<T> {
     ringed: bool,
     /// The ring layout's blocks in sgemm's panels (`f32` on a CPU with a micro-kernel).
     panels: Option<ForwardPanels>,
+    /// The chunks' rings in sgemm's panels (chunk layout, where sgemm runs its products).
+    chunks: Option<Vec<sgemm::Panels>>,
     shape: [usize; 4],
     rings: Vec<Vec<(usize, usize)>>,
 }
@@ -157,6 +160,7 @@ impl<T: Real> PackedWeight<T> {
         assert_eq!(weight.len(), plan.weight_len(), "weight length");
         let ringed = !streams(plan);
         let mut panels = None;
+        let mut chunks = None;
         let values = if ringed {
             let layout = Layout::new(plan);
             let mut values = vec![T::ZERO; plan.weight_len()];
@@ -164,12 +168,15 @@ impl<T: Real> PackedWeight<T> {
             panels = ForwardPanels::new(plan, &layout, &values, use_shifted(plan));
             values
         } else {
-            streaming::pack_chunks(plan, weight)
+            let values = streaming::pack_chunks(plan, weight);
+            chunks = streaming::chunk_panels(plan, &values);
+            values
         };
         Self {
             values,
             ringed,
             panels,
+            chunks,
             shape: plan.weight_shape(),
             rings: plan.rings.clone(),
         }
@@ -186,6 +193,12 @@ impl<T: Real> PackedWeight<T> {
     pub fn bytes(&self) -> usize {
         std::mem::size_of_val(self.values.as_slice())
             + self.panels.as_ref().map_or(0, ForwardPanels::bytes)
+            + self
+                .chunks
+                .iter()
+                .flatten()
+                .map(sgemm::Panels::bytes)
+                .sum::<usize>()
     }
 }
 
@@ -208,7 +221,7 @@ pub fn forward_packed<T: Real>(
     let source = if weight.ringed {
         Weight::Ringed(&weight.values, weight.panels.as_ref())
     } else {
-        Weight::Chunked(&weight.values)
+        Weight::Chunked(&weight.values, weight.chunks.as_deref())
     };
     forward_core(plan, x, source, epilogue, SharedMut(out.as_mut_ptr()));
 }
@@ -232,7 +245,7 @@ enum Weight<'a, T> {
     /// where they were made.
     Ringed(&'a [T], Option<&'a ForwardPanels>),
     /// Already in the streaming kernel's chunk layout (only for a streaming plan).
-    Chunked(&'a [T]),
+    Chunked(&'a [T], Option<&'a [sgemm::Panels]>),
 }
 
 /// The forward pass into `out`, which must hold `plan.output_len()` values (lengths
@@ -253,7 +266,7 @@ fn forward_core<T: Real>(
     if streams(plan) {
         let weight = match weight {
             Weight::Plain(weight) => StreamWeight::Plain(weight),
-            Weight::Chunked(packed) => StreamWeight::Chunked(packed),
+            Weight::Chunked(packed, panels) => StreamWeight::Chunked(packed, panels),
             Weight::Ringed(..) => {
                 unreachable!("a streaming plan's weight is never packed in ring layout")
             }
@@ -270,7 +283,7 @@ fn forward_core<T: Real>(
                 to_ring_layout(plan, &layout, weight, ringed);
                 (ringed, None)
             }
-            Weight::Chunked(_) => {
+            Weight::Chunked(..) => {
                 unreachable!("only a streaming plan's weight is packed in chunks")
             }
         };

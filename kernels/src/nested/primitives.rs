@@ -162,7 +162,10 @@ pub(crate) fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed
     out
 }
 
-/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`.
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`:
+/// the `gemm` crate. (The backward passes' products, whose operands are mostly
+/// transposed views: laying them out for [`sgemm`] on every call measured slower than the
+/// gemm crate there. The forward passes call [`gemm_panels`].)
 ///
 /// # Safety
 /// Every pointer with its strides must address `m x n`, `m x k`, `k x n` valid values, and
@@ -170,36 +173,59 @@ pub(crate) fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(crate) unsafe fn gemm<T: Real>(
-    dims: [usize; 3],
+    [m, n, k]: [usize; 3],
     dst: *mut T,
-    dst_strides: [usize; 2],
+    [dst_cs, dst_rs]: [usize; 2],
     accumulate: bool,
     lhs: *const T,
-    lhs_strides: [usize; 2],
+    [lhs_cs, lhs_rs]: [usize; 2],
     rhs: *const T,
-    rhs_strides: [usize; 2],
+    [rhs_cs, rhs_rs]: [usize; 2],
     parallelism: gemm::Parallelism,
 ) {
-    // SAFETY: forwarded to the caller.
-    unsafe {
-        gemm_panels(
-            dims,
-            dst,
-            dst_strides,
-            accumulate,
-            (lhs, lhs_strides, None),
-            (rhs, rhs_strides, None),
-            parallelism,
-        )
+    if m == 0 || n == 0 {
+        return;
     }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::ONE,
+        T::ONE,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// A gemm operand: the matrix, its `[column, row]` strides and, for `f32`, the same
 /// matrix laid out ahead for [`sgemm`] (with the panel row it starts at).
 pub(crate) type GemmOperand<'a, T> = (*const T, [usize; 2], Option<(&'a Panels, usize)>);
 
-/// [`gemm`] with operands that may come with their panels (`f32` on a CPU with a
-/// micro-kernel: [`sgemm`]; else the `gemm` crate on the strided form).
+/// [`gemm`] on [`sgemm`] where it runs (`f32` on a CPU with a micro-kernel, a product that
+/// fills its tiles), with operands that may come laid out ahead in its panels: the
+/// forward passes' products. Elsewhere the `gemm` crate on the strided form.
 ///
 /// # Safety
 /// As [`gemm`]; panels must hold the operand they come with.
@@ -266,27 +292,20 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
             return;
         }
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_cs as isize,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm(
+            [m, n, k],
+            dst,
+            [dst_cs, dst_rs],
+            accumulate,
+            lhs,
+            [lhs_cs, lhs_rs],
+            rhs,
+            [rhs_cs, rhs_rs],
+            parallelism,
+        )
+    }
 }
 
 /// The weight blocks the forward pass multiplies, laid out ahead for [`sgemm`] (`f32` on
@@ -328,7 +347,7 @@ impl ForwardPanels {
             if window.rows == 0 {
                 return Vec::new();
             }
-            let (_, acc_cs) = accumulator_strides(window.rows, 2);
+            let (_, acc_cs) = accumulator_strides::<T>(window.rows, 2);
             let as_rhs = acc_cs != 1;
             let npos = layout.positions[r];
             let start = layout.weight_block(plan, r, window);
@@ -404,6 +423,39 @@ impl ForwardPanels {
     }
 }
 
+/// The matrix `values[start..]` (`rows x k`, rows `ld` apart, unit-stride columns) in the
+/// panels [`sgemm`] reads as its `lhs` (`None` where sgemm does not run: `f64`, or no
+/// micro-kernel).
+///
+/// # Panics
+/// If the matrix is not inside `values`.
+pub(crate) fn lhs_panels<T: Real>(
+    values: &[T],
+    start: usize,
+    [rows, k]: [usize; 2],
+    ld: usize,
+) -> Option<Panels> {
+    if !on_sgemm::<T>() {
+        return None;
+    }
+    if rows > 0 && k > 0 {
+        assert!(
+            k <= ld && start + (rows - 1) * ld + k <= values.len(),
+            "lhs_panels bounds"
+        );
+    }
+    // SAFETY: T is f32 (checked above); element (i, p) for i < rows, p < k is at
+    // start + i * ld + p <= start + (rows - 1) * ld + k - 1, inside the slice.
+    unsafe {
+        let view = Strided {
+            ptr: values.as_ptr().cast::<f32>().add(start),
+            rs: ld,
+            cs: 1,
+        };
+        Panels::for_side(view, [rows, k], false)
+    }
+}
+
 /// The row-major matrix `values[start..][..k * n]` (`k x n`) in the panels [`sgemm`]
 /// reads as its `rhs`, for products that multiply it many times (`None` where sgemm does
 /// not run: `f64`, or no micro-kernel).
@@ -446,15 +498,23 @@ pub(crate) type TaskInput<'a, T> = (&'a ConvPlan, &'a Layout, &'a [T], &'a [T]);
 /// parallelism inside it.
 pub(crate) type ForwardTiles = ((usize, usize), usize, gemm::Parallelism);
 
-/// Windows of at most this many primaries accumulate pixel-major in the forward pass:
-/// gemm's micro-kernel rows then run over the primaries (16 or 32 of them fill its
-/// 16-row blocks exactly), with no ragged edge of its 6-wide column blocks.
+/// Windows of at most this many primaries accumulate pixel-major in the forward pass on
+/// the `gemm` crate: its micro-kernel rows then run over the primaries (16 or 32 of them
+/// fill its 16-row blocks exactly), with no ragged edge of its 6-wide column blocks.
+/// [`sgemm`] wants them primary-major: its 8-row tiles run over the primaries and its
+/// 32-wide tiles over the pixels, where pixel-major would leave half of each tile empty
+/// for 16 primaries.
 pub(crate) const PIXEL_MAJOR_ROWS: usize = 32;
 
+/// Whether `f32`-sized products of `T` run on [`sgemm`]'s micro-kernels.
+fn on_sgemm<T: Real>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && sgemm::micro_kernel().is_some()
+}
+
 /// Strides `(row, column)` of a forward accumulator of `rows` primaries by `width`
-/// pixels.
-pub(crate) fn accumulator_strides(rows: usize, width: usize) -> (usize, usize) {
-    if rows <= PIXEL_MAJOR_ROWS {
+/// pixels, for products of `T`.
+pub(crate) fn accumulator_strides<T: Real>(rows: usize, width: usize) -> (usize, usize) {
+    if rows <= PIXEL_MAJOR_ROWS && !on_sgemm::<T>() {
         (1, rows)
     } else {
         (width, 1)

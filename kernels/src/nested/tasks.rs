@@ -35,7 +35,7 @@ pub(super) fn forward_task<T: Real>(
                 continue;
             }
             let acc = grow(&mut ws.acc, window.rows * width);
-            let (acc_rs, acc_cs) = accumulator_strides(window.rows, width);
+            let (acc_rs, acc_cs) = accumulator_strides::<T>(window.rows, width);
             for r in (0..rings).rev() {
                 let k = plan.window_depth * layout.positions[r];
                 // SAFETY: acc is rows x width; the weight block starts inside ring r's
@@ -91,11 +91,10 @@ pub(super) fn emit<T: Real>(
         for run in runs {
             let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
             let first = p * acc_rs + run.col * acc_cs;
-            for i in 0..run.len {
-                let value = epilogue.apply(acc[first + i * acc_cs], factors, offset + i);
-                // SAFETY: the run's pixels lie inside the output's allocation and belong
-                // to this task's columns only.
-                unsafe { out.ptr().add(offset + i).write(value) };
+            // SAFETY: the run's pixels lie inside the output's allocation (the residual
+            // has the output's length) and belong to this task's columns only.
+            unsafe {
+                epilogue.write_run((acc, first, acc_cs), factors, out.ptr(), offset, run.len);
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::Micro;
+use super::{Micro, Tile};
 
 /// Rows of the tile.
 const MR: usize = 8;
@@ -19,13 +19,13 @@ pub(super) const MICRO: Micro = Micro {
 /// # Safety
 /// The [`super::Kernel`] contract, on a CPU with AVX-512F ([`super::detect`] picks this
 /// kernel only there).
-unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool) {
+unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     // SAFETY: forwarded; the CPU has AVX-512F.
-    unsafe { kernel(kc, a, b, dst, rs, add) }
+    unsafe { kernel(kc, a, b, dst, add) }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool) {
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kc {
         // SAFETY: p < kc, so a[p * MR..][..MR] and b[p * NR..][..NR] are in the panels.
@@ -40,17 +40,25 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usi
             }
         }
     }
-    for (i, row) in acc.iter().enumerate() {
-        // SAFETY: dst + i * rs + [0, 32) is in the tile the contract grants.
+    // Lanes of the two vectors inside the tile's `cols` columns (masked lanes are neither
+    // read nor written).
+    let lanes = |first: usize| -> __mmask16 {
+        let n = dst.cols.saturating_sub(first).min(16);
+        ((1u32 << n) - 1) as __mmask16
+    };
+    let (m0, m1) = (lanes(0), lanes(16));
+    for (i, row) in acc.iter().enumerate().take(dst.rows) {
+        // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in the
+        // tile the contract grants; the masks keep every access among them.
         unsafe {
-            let d = dst.add(i * rs);
+            let d = dst.ptr.add(i * dst.rs);
             let (mut v0, mut v1) = (row[0], row[1]);
             if add {
-                v0 = _mm512_add_ps(_mm512_loadu_ps(d), v0);
-                v1 = _mm512_add_ps(_mm512_loadu_ps(d.add(16)), v1);
+                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), v0);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d.add(16)), v1);
             }
-            _mm512_storeu_ps(d, v0);
-            _mm512_storeu_ps(d.add(16), v1);
+            _mm512_mask_storeu_ps(d, m0, v0);
+            _mm512_mask_storeu_ps(d.add(16), m1, v1);
         }
     }
 }

@@ -39,14 +39,24 @@ pub(crate) const NC: usize = 480;
 /// Products below this many multiply-adds run on one thread even when more are offered.
 const PARALLEL_MACS: usize = 1 << 18;
 
-/// A micro-kernel: `tile = sum_{p < kc} a[p * MR + i] * b[p * NR + j]`, then
-/// `dst[i * rs + j] = tile` or, with `add`, `dst[i * rs + j] += tile`, for the full
-/// `MR x NR` tile.
+/// The part of `dst` a micro-kernel call writes: `rows <= MR` rows `rs` apart of
+/// `cols <= NR` unit-stride columns from `ptr`.
+#[derive(Clone, Copy)]
+struct Tile {
+    ptr: *mut f32,
+    rs: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// A micro-kernel: `t = sum_{p < kc} a[p * MR + i] * b[p * NR + j]` (fused multiply-adds
+/// in increasing `p`), then `dst[i, j] = t` or, with `add`, `dst[i, j] += t`, for the
+/// tile's `rows x cols` values (the rest of the `MR x NR` sums are dropped).
 ///
 /// Safety contract: `a` holds `kc * MR` values, `b` holds `kc * NR` values, and
-/// `dst + i * rs + j` is valid for reads and writes for every `i < MR`, `j < NR`.
-type Kernel =
-    unsafe fn(kc: usize, a: *const f32, b: *const f32, dst: *mut f32, rs: usize, add: bool);
+/// `dst.ptr + i * dst.rs + j` is valid for reads and writes for every `i < dst.rows <= MR`,
+/// `j < dst.cols <= NR`.
+type Kernel = unsafe fn(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool);
 
 /// The micro-kernel this CPU runs, with its tile.
 #[derive(Clone, Copy)]
@@ -236,6 +246,14 @@ fn fills_tiles(micro: Micro, m: usize, n: usize) -> bool {
     2 * m * n >= padded
 }
 
+/// Whether an `m x n` product of `T` values runs on a micro-kernel here (`T` is `f32`,
+/// the CPU has one, and the product fills half of its tiles): where it does not, panels
+/// laid out ahead for it would never be read.
+pub(crate) fn fills<T: 'static>(m: usize, n: usize) -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && micro().is_some_and(|micro| fills_tiles(micro, m, n))
+}
+
 /// One side of a product as the driver reads it: a matrix `rows x k` (`lhs`, or `rhs`
 /// transposed) to cut in panels of `width` rows, strided or already in panels.
 #[derive(Clone, Copy)]
@@ -402,7 +420,6 @@ struct Line([f32; 16]);
 struct Buffers {
     lhs: Vec<Line>,
     rhs: Vec<Line>,
-    tile: Vec<Line>,
 }
 
 thread_local! {
@@ -443,7 +460,6 @@ unsafe fn serial(
     let kc_max = k.min(KC);
     let lhs_buffer = lines(&mut buffers.lhs, MC.min(m.div_ceil(mr) * mr) * kc_max);
     let rhs_buffer = lines(&mut buffers.rhs, NC.min(n.div_ceil(nr) * nr) * kc_max);
-    let tile = lines(&mut buffers.tile, mr * nr);
     for jc in (0..n).step_by(NC) {
         let nc = (n - jc).min(NC);
         for pc in (0..k).step_by(KC) {
@@ -465,20 +481,13 @@ unsafe fn serial(
                         // SAFETY: panel ir / mr of the lhs block: kc * mr values; the tile
                         // (ic + ir, jc + jr) of dst has `rows x cols` values inside it.
                         unsafe {
-                            let a = packed_lhs.add(ir * kc);
-                            let d = dst.ptr.add((ic + ir) * dst.rs + jc + jr);
-                            if rows == mr && cols == nr {
-                                kernel(kc, a, b, d, dst.rs, add);
-                            } else {
-                                kernel(kc, a, b, tile, nr, false);
-                                for i in 0..rows {
-                                    for j in 0..cols {
-                                        let v = *tile.add(i * nr + j);
-                                        let d = d.add(i * dst.rs + j);
-                                        *d = if add { *d + v } else { v };
-                                    }
-                                }
-                            }
+                            let tile = Tile {
+                                ptr: dst.ptr.add((ic + ir) * dst.rs + jc + jr),
+                                rs: dst.rs,
+                                rows,
+                                cols,
+                            };
+                            kernel(kc, packed_lhs.add(ir * kc), b, tile, add);
                         }
                     }
                 }
@@ -516,9 +525,22 @@ unsafe fn pack(x: Strided<*const f32>, [rows, kc]: [usize; 2], width: usize, out
                 };
             }
         } else {
+            // Rows with unit-stride `k` (a transposed product's operand): 8 x 8 blocks
+            // through AVX transposes, the ragged rest one value at a time.
+            #[cfg(target_arch = "x86_64")]
+            let done = if x.cs == 1 && valid == width && width.is_multiple_of(8) {
+                // SAFETY: every micro-kernel CPU has AVX (micro() chose one); the panel
+                // is whole (valid == width), so rows first..first + width and
+                // p < kc are inside x, and the panel holds kc * width values.
+                unsafe { avx2::transpose_rows(x.ptr.add(first * x.rs), x.rs, [width, kc], base) }
+            } else {
+                0
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = 0;
             for i in 0..width {
                 let row = first + i;
-                for p in 0..kc {
+                for p in done..kc {
                     // SAFETY: p * width + i < kc * width inside the panel; (row, p) is
                     // inside x when i < valid.
                     unsafe {
@@ -578,15 +600,13 @@ pub fn matmul([m, n, k]: [usize; 3], lhs: &[f32], rhs: &[f32], dst: &mut [f32]) 
     // SAFETY: the three slices hold their row-major matrices (asserted above) and dst,
     // borrowed mutably, overlaps neither.
     unsafe {
-        crate::nested::gemm(
+        crate::nested::gemm_panels(
             [m, n, k],
             dst.as_mut_ptr(),
             [1, n],
             false,
-            lhs.as_ptr(),
-            [1, k],
-            rhs.as_ptr(),
-            [1, n],
+            (lhs.as_ptr(), [1, k], None),
+            (rhs.as_ptr(), [1, n], None),
             gemm::Parallelism::Rayon(crate::threads()),
         );
     }
