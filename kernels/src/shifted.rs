@@ -12,7 +12,7 @@
 
 use super::epilogue::Epilogue;
 use super::nested::{
-    accumulator_strides, gemm, gemm_panels, windows_partition_channels, BackwardArgs,
+    accumulator_strides, gemm, gemm_gathered, windows_partition_channels, BackwardArgs,
     ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use super::plan::{ConvPlan, Window};
@@ -172,13 +172,45 @@ pub fn forward_task<T: Real>(
     let wide = padded.wide_columns(plan);
     let plane = padded.plane();
     let rings = plan.rings_count();
+    // Per ring, each position's shift in the padded image, and where the gathered
+    // product finds row (channel, position) of the ring's column matrix.
+    let shifts: Vec<Vec<usize>> = plan
+        .rings
+        .iter()
+        .map(|ring| {
+            ring.iter()
+                .map(|&(ky, kx)| ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1])
+                .collect()
+        })
+        .collect();
+    let gathers: Vec<Vec<usize>> = if panels.is_some() {
+        shifts
+            .iter()
+            .map(|ring| {
+                (0..plan.window_depth)
+                    .flat_map(|ch| ring.iter().map(move |&shift| ch * plane + shift))
+                    .collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     {
         let mut t = start;
         while t < end {
             let image = t / wide;
             let stop = end.min((image + 1) * wide);
-            let image_buf = grow(&mut ws.cols, padded.image_len(plan));
-            pad_image(plan, padded, x, image, image_buf);
+            // A 1 x 1 kernel without padding reads the image in place: its view of each
+            // plane is the plane itself (no shift, no junk columns, no read past it).
+            let in_place = plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output;
+            let image_buf: &[T] = if in_place {
+                let len = plan.in_channels * plane;
+                &x[image * len..(image + 1) * len]
+            } else {
+                let image_buf = grow(&mut ws.cols, padded.image_len(plan));
+                pad_image(plan, padded, x, image, image_buf);
+                image_buf
+            };
             let mut q0 = t - image * wide;
             let q_end = stop - image * wide;
             while q0 < q_end {
@@ -193,33 +225,53 @@ pub fn forward_task<T: Real>(
                     let (acc_rs, acc_cs) = accumulator_strides::<T>(window.rows, width);
                     let mut first = true;
                     for r in (0..rings).rev() {
-                        let npos = layout.positions[r];
-                        let block = layout.weight_block(plan, r, window);
-                        for (pos, &(ky, kx)) in plan.rings[r].iter().enumerate() {
-                            let shift = ky * plan.dilation[0] * padded.wp + kx * plan.dilation[1];
-                            let view = window.in_offset * plane + q0 + shift;
-                            // SAFETY: acc is rows x width; the weight block addresses
-                            // rows x window_depth values of ring r's matrix (column stride
-                            // npos); the view reads window_depth planes of the padded image
-                            // from column q0 + shift, at most plane + wp + kw * dw values
-                            // past each plane start, inside image_len. The panels, where
-                            // given, hold that weight block (laid out for this plan and path).
+                        let view = window.in_offset * plane + q0;
+                        if let Some(lhs) = panels.and_then(|p| p.get(w, r)) {
+                            // One product for the ring: its column matrix's rows
+                            // (channel, position) are gathered from the views while sgemm
+                            // packs them.
+                            // SAFETY: acc is rows x width, primary-major (unit column
+                            // stride: accumulator_strides on sgemm, where panels exist);
+                            // the panels hold the ring's weight block; row (ch, pos) reads
+                            // the plane of channel in_offset + ch from column q0 + shift,
+                            // the same values as the per-position views below, inside
+                            // image_len.
                             unsafe {
-                                gemm_panels(
-                                    [window.rows, width, plan.window_depth],
-                                    acc.as_mut_ptr(),
-                                    [acc_cs, acc_rs],
+                                gemm_gathered(
+                                    [window.rows, width, gathers[r].len()],
+                                    (acc.as_mut_ptr(), acc_rs),
                                     !first,
-                                    (
-                                        ringed.as_ptr().add(block + pos),
-                                        [npos, layout.weight_ld(plan, r)],
-                                        panels.and_then(|p| p.get(w, r, pos)),
-                                    ),
-                                    (image_buf.as_ptr().add(view), [1, plane], None),
+                                    lhs,
+                                    (image_buf.as_ptr().add(view), &gathers[r]),
                                     parallelism,
                                 );
                             }
                             first = false;
+                        } else {
+                            let npos = layout.positions[r];
+                            let block = layout.weight_block(plan, r, window);
+                            for (pos, &shift) in shifts[r].iter().enumerate() {
+                                // SAFETY: acc is rows x width; the weight block addresses
+                                // rows x window_depth values of ring r's matrix (column
+                                // stride npos); the view reads window_depth planes of the
+                                // padded image from column q0 + shift, at most
+                                // plane + wp + kw * dw values past each plane start,
+                                // inside image_len.
+                                unsafe {
+                                    gemm(
+                                        [window.rows, width, plan.window_depth],
+                                        acc.as_mut_ptr(),
+                                        [acc_cs, acc_rs],
+                                        !first,
+                                        ringed.as_ptr().add(block + pos),
+                                        [npos, layout.weight_ld(plan, r)],
+                                        image_buf.as_ptr().add(view + shift),
+                                        [1, plane],
+                                        parallelism,
+                                    );
+                                }
+                                first = false;
+                            }
                         }
                         let acc = (&*acc, acc_rs, acc_cs);
                         emit(plan, padded, window, r, acc, image, (q0, q1), epilogue, out);

@@ -6,7 +6,7 @@ mod primitives;
 mod tasks;
 
 pub(crate) use primitives::{
-    accumulator_strides, add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels,
+    accumulator_strides, add_in_order, gemm, gemm_gathered, gemm_panels, lhs_panels, rhs_panels,
     windows_partition_channels, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
@@ -165,7 +165,7 @@ impl<T: Real> PackedWeight<T> {
             let layout = Layout::new(plan);
             let mut values = vec![T::ZERO; plan.weight_len()];
             to_ring_layout(plan, &layout, weight, &mut values);
-            panels = ForwardPanels::new(plan, &layout, &values, use_shifted(plan));
+            panels = ForwardPanels::new(plan, &layout, &values);
             values
         } else {
             let values = streaming::pack_chunks(plan, weight);
@@ -291,9 +291,9 @@ fn forward_core<T: Real>(
         // the tiles that read them).
         let made;
         let panels = match prepared {
-            Some(panels) if panels.fits(plan, shifted) => Some(panels),
+            Some(panels) if panels.fits(plan) => Some(panels),
             _ => {
-                made = ForwardPanels::new(plan, &layout, ringed, shifted);
+                made = ForwardPanels::new(plan, &layout, ringed);
                 made.as_ref()
             }
         };

@@ -270,20 +270,20 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
                 },
                 accumulate,
                 Operand {
-                    strided: Strided {
+                    panels: lhs_panels,
+                    ..Operand::strided(Strided {
                         ptr: lhs.cast::<f32>(),
                         rs: lhs_rs,
                         cs: lhs_cs,
-                    },
-                    panels: lhs_panels,
+                    })
                 },
                 Operand {
-                    strided: Strided {
+                    panels: rhs_panels,
+                    ..Operand::strided(Strided {
                         ptr: rhs.cast::<f32>(),
                         rs: rhs_rs,
                         cs: rhs_cs,
-                    },
-                    panels: rhs_panels,
+                    })
                 },
                 threads,
             )
@@ -308,87 +308,115 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
     }
 }
 
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` on [`sgemm`] with `lhs` in its panels and
+/// `rhs` gathered while packing: element `(p, j)` at `rhs + k_offsets[p] + j`. For a
+/// primary-major (unit column stride) `f32` accumulator whose `lhs` panels exist, which
+/// [`ForwardPanels`] only do where sgemm runs.
+///
+/// # Safety
+/// `dst` must address `m x n` values (columns unit-stride, rows `dst_rs` apart), the panels
+/// must hold `lhs` (`m x k`) from their first row, and `rhs + k_offsets[p] + j` must be a
+/// valid value for every `p < k`, `j < n`; `dst` must overlap neither.
+///
+/// # Panics
+/// If `T` is not `f32`, or sgemm declines (no micro-kernel).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_gathered<T: Real>(
+    [m, n, k]: [usize; 3],
+    (dst, dst_rs): (*mut T, usize),
+    accumulate: bool,
+    lhs: &Panels,
+    (rhs, k_offsets): (*const T, &[usize]),
+    parallelism: gemm::Parallelism,
+) {
+    assert!(on_sgemm::<T>(), "a gathered product runs on sgemm only");
+    assert_eq!(k_offsets.len(), k, "one offset per k");
+    assert!(
+        lhs.fits_lhs([m, k]),
+        "lhs panels of the product's shape and side"
+    );
+    let threads = match parallelism {
+        gemm::Parallelism::None => 1,
+        gemm::Parallelism::Rayon(0) => crate::threads(),
+        gemm::Parallelism::Rayon(threads) => threads,
+    };
+    // SAFETY: T is f32 (asserted above); the caller's promises are sgemm's, and the
+    // panels' strided form is never read (panels of the lhs width, no transposition:
+    // dst has unit column stride).
+    let done = unsafe {
+        sgemm::sgemm(
+            [m, n, k],
+            Strided {
+                ptr: dst.cast::<f32>(),
+                rs: dst_rs,
+                cs: 1,
+            },
+            accumulate,
+            Operand {
+                strided: Strided {
+                    ptr: std::ptr::null(),
+                    rs: 0,
+                    cs: 0,
+                },
+                panels: Some((lhs, 0)),
+                k_offsets: None,
+            },
+            Operand {
+                strided: Strided {
+                    ptr: rhs.cast::<f32>(),
+                    rs: 0,
+                    cs: 1,
+                },
+                panels: None,
+                k_offsets: Some(k_offsets),
+            },
+            threads,
+        )
+    };
+    assert!(done, "sgemm runs every gathered product");
+}
+
 /// The weight blocks the forward pass multiplies, laid out ahead for [`sgemm`] (`f32` on
 /// a CPU with a micro-kernel): per window and ring, the block of the ring-layout weight
-/// (im2col: all the ring's positions; shifted views: one block per position), in the
-/// panels of the side it lands on (pixel-major accumulators put it on the `rhs` side).
-/// Made once per forward call, or once for many in a [`super::PackedWeight`]; without
-/// it every tile would lay the same blocks out again.
+/// (`rows x depth * npos`, the column matrix's row order) in `lhs` panels. The im2col path
+/// multiplies it with the tile's column matrix; the shifted path with the shifted views of
+/// the image, gathered while sgemm packs them (one product per ring, not one per kernel
+/// position). Made once per forward call, or once for many in a
+/// [`super::PackedWeight`]; without it every tile would lay the same blocks out again.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ForwardPanels {
-    /// `[window * rings + ring][position]` (one position on the im2col path).
-    blocks: Vec<Vec<Panels>>,
+    /// `[window * rings + ring]` (empty panels for an empty window).
+    blocks: Vec<Option<Panels>>,
     rings: usize,
-    /// The path and windows they were laid out for.
-    shifted: bool,
+    /// The windows they were laid out for.
     windows: Vec<Window>,
 }
 
 impl ForwardPanels {
-    /// The panels of `ringed` (ring layout of `plan`'s weight) for the forward path
-    /// `shifted`; `None` where sgemm does not run (`f64`, or no micro-kernel).
-    pub(crate) fn new<T: Real>(
-        plan: &ConvPlan,
-        layout: &Layout,
-        ringed: &[T],
-        shifted: bool,
-    ) -> Option<Self> {
-        if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+    /// The panels of `ringed` (ring layout of `plan`'s weight); `None` where sgemm does not
+    /// run (`f64`, or no micro-kernel).
+    pub(crate) fn new<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Option<Self> {
+        if !on_sgemm::<T>() {
             return None;
         }
-        sgemm::micro_kernel()?;
         assert_eq!(ringed.len(), plan.weight_len(), "ring-layout weight length");
         let rings = plan.rings_count();
         let jobs: Vec<(usize, usize)> = (0..plan.windows.len())
             .flat_map(|w| (0..rings).map(move |r| (w, r)))
             .collect();
-        let block = |&(w, r): &(usize, usize)| -> Vec<Panels> {
+        let block = |&(w, r): &(usize, usize)| -> Option<Panels> {
             let window = &plan.windows[w];
             if window.rows == 0 {
-                return Vec::new();
+                return None;
             }
-            let (_, acc_cs) = accumulator_strides::<T>(window.rows, 2);
-            let as_rhs = acc_cs != 1;
-            let npos = layout.positions[r];
+            let depth = plan.window_depth * layout.positions[r];
             let start = layout.weight_block(plan, r, window);
-            let ld = layout.weight_ld(plan, r);
-            let views: Vec<(usize, Strided<*const f32>, usize)> = if shifted {
-                (0..npos)
-                    .map(|pos| {
-                        let view = Strided {
-                            ptr: std::ptr::null(),
-                            rs: ld,
-                            cs: npos,
-                        };
-                        (start + pos, view, plan.window_depth)
-                    })
-                    .collect()
-            } else {
-                let view = Strided {
-                    ptr: std::ptr::null(),
-                    rs: ld,
-                    cs: 1,
-                };
-                vec![(start, view, plan.window_depth * npos)]
-            };
-            views
-                .into_iter()
-                .map(|(offset, view, depth)| {
-                    // SAFETY: T is f32 (checked above). The block starts inside ring r's
-                    // [m, ld] matrix with rows <= m - first_primary and (shifted) one
-                    // position's window_depth columns at stride npos, or (im2col) the
-                    // window's window_depth * npos columns from weight_offset * npos: the
-                    // same blocks the forward tasks read, inside `ringed` (length checked).
-                    unsafe {
-                        let view = Strided {
-                            ptr: ringed.as_ptr().cast::<f32>().add(offset),
-                            ..view
-                        };
-                        Panels::for_side(view, [window.rows, depth], as_rhs)
-                            .expect("a micro-kernel (checked above)")
-                    }
-                })
-                .collect()
+            lhs_panels(
+                ringed,
+                start,
+                [window.rows, depth],
+                layout.weight_ld(plan, r),
+            )
         };
         let blocks = if plan.weight_len() >= PARALLEL_WEIGHT {
             jobs.par_iter().map(block).collect()
@@ -398,23 +426,18 @@ impl ForwardPanels {
         Some(Self {
             blocks,
             rings,
-            shifted,
             windows: plan.windows.clone(),
         })
     }
 
-    /// Whether these panels were laid out for `plan`'s windows on path `shifted`.
-    pub(crate) fn fits(&self, plan: &ConvPlan, shifted: bool) -> bool {
-        self.shifted == shifted && self.windows == plan.windows && self.rings == plan.rings_count()
+    /// Whether these panels were laid out for `plan`'s windows.
+    pub(crate) fn fits(&self, plan: &ConvPlan) -> bool {
+        self.windows == plan.windows && self.rings == plan.rings_count()
     }
 
-    /// The panels of window `w`, ring `r`, position `pos` (0 on the im2col path), with
-    /// the panel row they start at.
-    pub(crate) fn get(&self, w: usize, r: usize, pos: usize) -> Option<(&Panels, usize)> {
-        self.blocks
-            .get(w * self.rings + r)
-            .and_then(|positions| positions.get(pos))
-            .map(|panels| (panels, 0))
+    /// The panels of window `w`, ring `r`.
+    pub(crate) fn get(&self, w: usize, r: usize) -> Option<&Panels> {
+        self.blocks.get(w * self.rings + r).and_then(Option::as_ref)
     }
 
     /// Bytes of the values.

@@ -52,7 +52,7 @@ pub(super) fn forward_task<T: Real>(
                         (
                             ringed.as_ptr().add(layout.weight_block(plan, r, window)),
                             [1, layout.weight_ld(plan, r)],
-                            panels.and_then(|p| p.get(w, r, 0)),
+                            panels.and_then(|p| p.get(w, r)).map(|p| (p, 0)),
                         ),
                         (
                             cols.as_ptr().add(layout.col_block(r, window) * width),

@@ -125,6 +125,11 @@ pub(crate) struct Operand<'a> {
     /// The operand's panels (of the operand as given for `lhs`, of its transpose for
     /// `rhs`) and the panel row of its first row.
     pub panels: Option<(&'a Panels, usize)>,
+    /// Where each index `p` of the shared dimension `k` lies, in values from `ptr`, in
+    /// place of `p` times its stride (an im2col done while packing: the rows of a
+    /// convolution's column matrix are shifted views of one image). Such an operand is
+    /// never declined for filling few tiles: the caller has no other way to multiply it.
+    pub k_offsets: Option<&'a [usize]>,
 }
 
 impl<'a> Operand<'a> {
@@ -138,6 +143,15 @@ impl<'a> Operand<'a> {
                 cs: self.strided.rs,
             },
             ..self
+        }
+    }
+
+    /// An operand read through its strides only.
+    pub(crate) fn strided(strided: Strided<*const f32>) -> Self {
+        Self {
+            strided,
+            panels: None,
+            k_offsets: None,
         }
     }
 
@@ -184,7 +198,8 @@ pub(crate) unsafe fn sgemm(
     if m == 0 || n == 0 {
         return true;
     }
-    if !fills_tiles(micro, m, n) {
+    let gathered = lhs.k_offsets.is_some() || rhs.k_offsets.is_some();
+    if !gathered && !fills_tiles(micro, m, n) {
         return false;
     }
     let threads = if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MACS {
@@ -260,6 +275,7 @@ pub(crate) fn fills<T: 'static>(m: usize, n: usize) -> bool {
 struct Side<'a> {
     strided: Strided<*const f32>,
     panels: Option<(&'a Panels, usize)>,
+    k_offsets: Option<&'a [usize]>,
 }
 
 impl<'a> Side<'a> {
@@ -267,6 +283,7 @@ impl<'a> Side<'a> {
         Self {
             strided: operand.strided,
             panels: operand.panels_of(width),
+            k_offsets: operand.k_offsets,
         }
     }
 
@@ -279,6 +296,7 @@ impl<'a> Side<'a> {
             // SAFETY: forwarded to the caller.
             strided: unsafe { offset(self.strided, first, 0) },
             panels: self.panels.map(|(panels, row)| (panels, row + first)),
+            k_offsets: self.k_offsets,
         }
     }
 
@@ -300,8 +318,26 @@ impl<'a> Side<'a> {
             // contract), so the block is inside them.
             Some((panels, first)) => unsafe { panels.block(pc, first + row, kc) },
             None => {
-                // SAFETY: forwarded to the caller.
-                unsafe { pack(offset(self.strided, row, pc), [rows, kc], width, buffer) };
+                // SAFETY: forwarded to the caller (with k offsets, the block's rows start
+                // at `row` and its k indices are the offsets from pc on).
+                unsafe {
+                    match self.k_offsets {
+                        Some(offsets) => pack(
+                            offset(self.strided, row, 0),
+                            [rows, kc],
+                            Some(&offsets[pc..pc + kc]),
+                            width,
+                            buffer,
+                        ),
+                        None => pack(
+                            offset(self.strided, row, pc),
+                            [rows, kc],
+                            None,
+                            width,
+                            buffer,
+                        ),
+                    }
+                };
                 buffer
             }
         }
@@ -313,6 +349,8 @@ impl<'a> Side<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Panels {
     values: Vec<Line>,
+    rows: usize,
+    k: usize,
     /// Rows rounded up to whole panels.
     padded: usize,
     width: usize,
@@ -331,10 +369,20 @@ impl Panels {
             let kc = (k - pc).min(KC);
             // SAFETY: block pc of x is inside it; its panels start at pc * padded and
             // take padded * kc <= padded * k - pc * padded values.
-            unsafe { pack(offset(x, 0, pc), [rows, kc], width, base.add(pc * padded)) };
+            unsafe {
+                pack(
+                    offset(x, 0, pc),
+                    [rows, kc],
+                    None,
+                    width,
+                    base.add(pc * padded),
+                )
+            };
         }
         Self {
             values,
+            rows,
+            k,
             padded,
             width,
         }
@@ -374,6 +422,11 @@ impl Panels {
     /// Bytes of the values.
     pub(crate) fn bytes(&self) -> usize {
         std::mem::size_of_val(self.values.as_slice())
+    }
+
+    /// Whether these panels serve as the `lhs` of an `m x k` product on this CPU.
+    pub(crate) fn fits_lhs(&self, [m, k]: [usize; 2]) -> bool {
+        micro().is_some_and(|micro| micro.mr == self.width) && m <= self.rows && k == self.k
     }
 }
 
@@ -500,11 +553,20 @@ unsafe fn serial(
 /// Copies `x[rows x kc]` into panels of `width` rows: `out[(panel * kc + p) * width + i]
 /// = x[panel * width + i, p]`, rows past the end zero. (For `lhs`, `x` is `lhs`; for
 /// `rhs`, its transpose: the same layout then puts `width` columns of a row side by side.)
+/// Element `(i, p)` is at `i * rs + p * cs`, or `i * rs + k_offsets[p]` where given.
 ///
 /// # Safety
-/// `x` must address `rows x kc` valid values; `out` must hold
-/// `ceil(rows / width) * width * kc` values.
-unsafe fn pack(x: Strided<*const f32>, [rows, kc]: [usize; 2], width: usize, out: *mut f32) {
+/// `x` must address `rows x kc` valid values (through `k_offsets` where given); `out`
+/// must hold `ceil(rows / width) * width * kc` values.
+unsafe fn pack(
+    x: Strided<*const f32>,
+    [rows, kc]: [usize; 2],
+    k_offsets: Option<&[usize]>,
+    width: usize,
+    out: *mut f32,
+) {
+    // Index p of k: at k_offsets[p], else p columns along.
+    let at = |p: usize| k_offsets.map_or(p * x.cs, |offsets| offsets[p]);
     for panel in 0..rows.div_ceil(width) {
         let first = panel * width;
         let valid = (rows - first).min(width);
@@ -515,27 +577,23 @@ unsafe fn pack(x: Strided<*const f32>, [rows, kc]: [usize; 2], width: usize, out
             for p in 0..kc {
                 // SAFETY: (first + i, p) for i < valid is inside x; the run p * width..
                 // of the panel holds width >= valid values.
-                unsafe {
-                    copy_run(
-                        x.ptr.add(first + p * x.cs),
-                        base.add(p * width),
-                        valid,
-                        width,
-                    )
-                };
+                unsafe { copy_run(x.ptr.add(first + at(p)), base.add(p * width), valid, width) };
             }
         } else {
             // Rows with unit-stride `k` (a transposed product's operand): 8 x 8 blocks
             // through AVX transposes, the ragged rest one value at a time.
             #[cfg(target_arch = "x86_64")]
-            let done = if x.cs == 1 && valid == width && width.is_multiple_of(8) {
-                // SAFETY: every micro-kernel CPU has AVX (micro() chose one); the panel
-                // is whole (valid == width), so rows first..first + width and
-                // p < kc are inside x, and the panel holds kc * width values.
-                unsafe { avx2::transpose_rows(x.ptr.add(first * x.rs), x.rs, [width, kc], base) }
-            } else {
-                0
-            };
+            let done =
+                if x.cs == 1 && k_offsets.is_none() && valid == width && width.is_multiple_of(8) {
+                    // SAFETY: every micro-kernel CPU has AVX (micro() chose one); the panel
+                    // is whole (valid == width), so rows first..first + width and
+                    // p < kc are inside x, and the panel holds kc * width values.
+                    unsafe {
+                        avx2::transpose_rows(x.ptr.add(first * x.rs), x.rs, [width, kc], base)
+                    }
+                } else {
+                    0
+                };
             #[cfg(not(target_arch = "x86_64"))]
             let done = 0;
             for i in 0..width {
@@ -545,7 +603,7 @@ unsafe fn pack(x: Strided<*const f32>, [rows, kc]: [usize; 2], width: usize, out
                     // inside x when i < valid.
                     unsafe {
                         *base.add(p * width + i) = if i < valid {
-                            *x.ptr.add(row * x.rs + p * x.cs)
+                            *x.ptr.add(row * x.rs + at(p))
                         } else {
                             0.0
                         };
