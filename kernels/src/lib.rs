@@ -17,9 +17,11 @@
 //! gemm split its matrices instead.
 //!
 //! Two more layouts serve particular shapes: at stride 1, gemm runs straight on shifted
-//! views of a padded image (no column matrix); a layer with a large weight and few
-//! output columns (a fully connected layer as a convolution) streams its weight in chunks
-//! of primary filters, so the weight is read once per pass.
+//! views of a padded image (no column matrix; on [`sgemm`] the views are gathered while
+//! its operand is packed, one product per ring); a layer with a large weight and too few
+//! output columns to fill sgemm's tiles (a fully connected layer as a convolution at a
+//! small batch) streams its weight in chunks of primary filters, so the weight is read
+//! once per pass.
 //!
 //! A dense convolution is the same kernel with one ring ([`ConvPlan::dense`]).
 //!

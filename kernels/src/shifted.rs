@@ -73,16 +73,25 @@ fn pad_image<T: Real>(plan: &ConvPlan, padded: Padded, x: &[T], image: usize, ds
     let [pt, pl] = plan.pad;
     let c = plan.in_channels;
     let plane = padded.plane();
-    dst.fill(T::ZERO);
-    for ch in 0..c {
+    let wp = padded.wp;
+    let rows = h.min(padded.hp.saturating_sub(pt));
+    let cols = w.min(wp.saturating_sub(pl));
+    let (planes, slack) = dst.split_at_mut((c * plane).min(dst.len()));
+    // Each value written once: the image's values, zeros around them (not a fill of the
+    // whole buffer first, which cost as much as the copy).
+    for (ch, dst) in planes.chunks_exact_mut(plane).enumerate() {
         let src = &x[(image * c + ch) * h * w..][..h * w];
-        let rows = h.min(padded.hp.saturating_sub(pt));
-        let cols = w.min(padded.wp.saturating_sub(pl));
-        for y in 0..rows {
-            let d = ch * plane + (y + pt) * padded.wp + pl;
-            dst[d..d + cols].copy_from_slice(&src[y * w..y * w + cols]);
+        let (above, rest) = dst.split_at_mut(pt.min(padded.hp) * wp);
+        above.fill(T::ZERO);
+        let (body, below) = rest.split_at_mut(rows * wp);
+        for (y, row) in body.chunks_exact_mut(wp).enumerate() {
+            row[..pl].fill(T::ZERO);
+            row[pl..pl + cols].copy_from_slice(&src[y * w..y * w + cols]);
+            row[pl + cols..].fill(T::ZERO);
         }
+        below.fill(T::ZERO);
     }
+    slack.fill(T::ZERO);
 }
 
 /// Values of one padded image in pixel-major order (`hp * wp` pixels of `c` channels),

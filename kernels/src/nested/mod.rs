@@ -69,7 +69,11 @@ fn use_shifted(plan: &ConvPlan) -> bool {
 fn use_streaming(plan: &ConvPlan) -> bool {
     match plan.tuning.strategy {
         Strategy::Stream => streaming::suits(plan, true),
-        Strategy::Auto => streaming::suits(plan, false),
+        // Where sgemm multiplies the whole weight with the columns at once (enough columns
+        // to fill its tiles), the general path reads the weight once too.
+        Strategy::Auto => {
+            streaming::suits(plan, false) && !sgemm::fills::<f32>(plan.primaries, plan.columns())
+        }
         Strategy::Im2col | Strategy::Shifted => false,
     }
 }
@@ -85,6 +89,10 @@ fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
     } else {
         plan.col_rows()
     };
+    // A weight larger than all the columns' matrix is read once, by one tile of them all.
+    if plan.weight_len() >= rows.saturating_mul(plan.columns()) {
+        return plan.columns().max(1);
+    }
     let tile = (tuning::TILE_VALUES / rows.max(1)).max(32);
     tile.div_ceil(16) * 16
 }
