@@ -219,6 +219,15 @@ pub(crate) unsafe fn gemm<T: Real>(
     );
 }
 
+/// The threads a gemm call may use under `parallelism` (`Rayon(0)`: all of rayon's).
+fn threads_of(parallelism: gemm::Parallelism) -> usize {
+    match parallelism {
+        gemm::Parallelism::None => 1,
+        gemm::Parallelism::Rayon(0) => crate::threads(),
+        gemm::Parallelism::Rayon(threads) => threads,
+    }
+}
+
 /// A gemm operand: the matrix, its `[column, row]` strides and, for `f32`, the same
 /// matrix laid out ahead for [`sgemm`] (with the panel row it starts at).
 pub(crate) type GemmOperand<'a, T> = (*const T, [usize; 2], Option<(&'a Panels, usize)>);
@@ -239,25 +248,9 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
     (rhs, [rhs_cs, rhs_rs], rhs_panels): GemmOperand<'_, T>,
     parallelism: gemm::Parallelism,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.add(i * dst_rs + j * dst_cs) = T::ZERO;
-                }
-            }
-        }
-        return;
-    }
+    // (Empty products and k = 0 are sgemm's or gemm's to handle.)
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let threads = match parallelism {
-            gemm::Parallelism::None => 1,
-            gemm::Parallelism::Rayon(0) => crate::threads(),
-            gemm::Parallelism::Rayon(threads) => threads,
-        };
+        let threads = threads_of(parallelism);
         // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
         // caller's promises are sgemm's.
         let done = unsafe {
@@ -335,11 +328,7 @@ pub(crate) unsafe fn gemm_gathered<T: Real>(
         lhs.fits_lhs([m, k]),
         "lhs panels of the product's shape and side"
     );
-    let threads = match parallelism {
-        gemm::Parallelism::None => 1,
-        gemm::Parallelism::Rayon(0) => crate::threads(),
-        gemm::Parallelism::Rayon(threads) => threads,
-    };
+    let threads = threads_of(parallelism);
     // SAFETY: T is f32 (asserted above); the caller's promises are sgemm's, and the
     // panels' strided form is never read (panels of the lhs width, no transposition:
     // dst has unit column stride).

@@ -15,7 +15,8 @@
 //!
 //! [`sgemm`] declines (returns `false`) where the CPU has neither AVX-512 nor AVX2 + FMA,
 //! where `dst` has no unit stride, or where the product is too skinny to fill half of
-//! the micro-kernel's tiles; the caller then uses the `gemm` crate.
+//! the micro-kernel's tiles (unless an operand is gathered through `k` offsets, which
+//! only sgemm reads); the caller then uses the `gemm` crate.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -583,17 +584,19 @@ unsafe fn pack(
             // Rows with unit-stride `k` (a transposed product's operand): 8 x 8 blocks
             // through AVX transposes, the ragged rest one value at a time.
             #[cfg(target_arch = "x86_64")]
-            let done =
-                if x.cs == 1 && k_offsets.is_none() && valid == width && width.is_multiple_of(8) {
-                    // SAFETY: every micro-kernel CPU has AVX (micro() chose one); the panel
-                    // is whole (valid == width), so rows first..first + width and
-                    // p < kc are inside x, and the panel holds kc * width values.
-                    unsafe {
-                        avx2::transpose_rows(x.ptr.add(first * x.rs), x.rs, [width, kc], base)
-                    }
-                } else {
-                    0
-                };
+            let done = if x.cs == 1
+                && k_offsets.is_none()
+                && valid == width
+                && width.is_multiple_of(8)
+                && micro().is_some()
+            {
+                // SAFETY: every micro-kernel CPU has AVX (micro() found one); the panel
+                // is whole (valid == width), so rows first..first + width and
+                // p < kc are inside x, and the panel holds kc * width values.
+                unsafe { avx2::transpose_rows(x.ptr.add(first * x.rs), x.rs, [width, kc], base) }
+            } else {
+                0
+            };
             #[cfg(not(target_arch = "x86_64"))]
             let done = 0;
             for i in 0..width {

@@ -13,6 +13,11 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Whether two value lists hold the same bits.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// A matrix stored row-major (`rs = cols`) or column-major (`cs = rows`).
 struct Matrix {
     values: Vec<f32>,
@@ -151,10 +156,7 @@ fn products_match_the_definition_bit_for_bit_in_every_layout() {
                 }
                 ran += 1;
                 assert!(
-                    got.values
-                        .iter()
-                        .zip(&expected.values)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(&got.values, &expected.values),
                     "{m}x{n}x{k}, layout {layout}, accumulate {accumulate}"
                 );
             }
@@ -209,10 +211,7 @@ fn the_bits_do_not_depend_on_threads_or_micro_kernel() {
                 ))
             });
             assert!(
-                one.values
-                    .iter()
-                    .zip(&many.values)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&one.values, &many.values),
                 "{m}x{n}x{k} on {threads} threads"
             );
         }
@@ -229,10 +228,7 @@ fn the_bits_do_not_depend_on_threads_or_micro_kernel() {
                 1,
             );
             assert!(
-                one.values
-                    .iter()
-                    .zip(&narrow.values)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&one.values, &narrow.values),
                 "{m}x{n}x{k}: the AVX2 kernel"
             );
         }
@@ -301,10 +297,7 @@ fn operands_laid_out_ahead_give_the_same_bits() {
                 });
                 assert!(done);
                 assert!(
-                    got.values
-                        .iter()
-                        .zip(&expected.values)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(&got.values, &expected.values),
                     "{m}x{n}x{k}, layout {layout}, panels for the {} side",
                     if as_rhs { "rhs" } else { "lhs" }
                 );
@@ -353,10 +346,7 @@ fn an_operand_gathered_through_k_offsets_gives_the_same_bits() {
         let done = unsafe { sgemm([m, n, k], out, true, lhs.operand(), gathered, 1) };
         assert!(done);
         assert!(
-            got.values
-                .iter()
-                .zip(&expected.values)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(&got.values, &expected.values),
             "{m}x{n}x{k} gathered"
         );
     }
