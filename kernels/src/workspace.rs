@@ -9,6 +9,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::im2col::Run;
+use super::nested::ForwardPanels;
 
 /// The scratch buffers of one thread.
 #[derive(Debug, Default)]
@@ -30,6 +31,9 @@ pub struct Workspace<T> {
     pub runs: Vec<Run>,
     /// Partial sums of parallel tasks (call level), added in task order.
     pub partials: Vec<Vec<T>>,
+    /// The last forward call's weight blocks in sgemm's panels, whose buffers the next
+    /// call refills (call level).
+    pub(crate) panels: Option<ForwardPanels>,
 }
 
 /// Which of a thread's workspaces: the calling thread's call-level buffers, or a task's.

@@ -297,11 +297,13 @@ fn forward_core<T: Real>(
         };
         // The weight blocks in panels: the packed weight's, or laid out now (once for all
         // the tiles that read them).
-        let made;
+        // (Laid out now, into the buffers of the thread's previous call: a training step
+        // lays every layer's weight out again, and fresh allocations cost page faults.)
+        let mut made = None;
         let panels = match prepared {
             Some(panels) if panels.fits(plan) => Some(panels),
             _ => {
-                made = ForwardPanels::new(plan, &layout, ringed);
+                made = ForwardPanels::refill(call.panels.take(), plan, &layout, ringed);
                 made.as_ref()
             }
         };
@@ -333,6 +335,9 @@ fn forward_core<T: Real>(
             run(&tasks[0]);
         } else {
             tasks.par_iter().for_each(run);
+        }
+        if made.is_some() {
+            call.panels = made;
         }
     });
 }

@@ -385,6 +385,17 @@ impl ForwardPanels {
     /// The panels of `ringed` (ring layout of `plan`'s weight); `None` where sgemm does not
     /// run (`f64`, or no micro-kernel).
     pub(crate) fn new<T: Real>(plan: &ConvPlan, layout: &Layout, ringed: &[T]) -> Option<Self> {
+        Self::refill(None, plan, layout, ringed)
+    }
+
+    /// As [`new`](Self::new), laying the blocks out into the buffers of `reuse` (an
+    /// earlier call's panels) where it has them.
+    pub(crate) fn refill<T: Real>(
+        reuse: Option<Self>,
+        plan: &ConvPlan,
+        layout: &Layout,
+        ringed: &[T],
+    ) -> Option<Self> {
         if !on_sgemm::<T>() {
             return None;
         }
@@ -393,24 +404,22 @@ impl ForwardPanels {
         let jobs: Vec<(usize, usize)> = (0..plan.windows.len())
             .flat_map(|w| (0..rings).map(move |r| (w, r)))
             .collect();
-        let block = |&(w, r): &(usize, usize)| -> Option<Panels> {
+        let mut spare: Vec<Option<Panels>> = reuse.map_or_else(Vec::new, |old| old.blocks);
+        spare.resize_with(jobs.len(), || None);
+        let block = |(&(w, r), spare): (&(usize, usize), Option<Panels>)| -> Option<Panels> {
             let window = &plan.windows[w];
             if window.rows == 0 {
                 return None;
             }
             let depth = plan.window_depth * layout.positions[r];
             let start = layout.weight_block(plan, r, window);
-            lhs_panels(
-                ringed,
-                start,
-                [window.rows, depth],
-                layout.weight_ld(plan, r),
-            )
+            let ld = layout.weight_ld(plan, r);
+            lhs_panels_into(spare, ringed, start, [window.rows, depth], ld)
         };
         let blocks = if plan.weight_len() >= PARALLEL_WEIGHT {
-            jobs.par_iter().map(block).collect()
+            jobs.par_iter().zip(spare).map(block).collect()
         } else {
-            jobs.iter().map(block).collect()
+            jobs.iter().zip(spare).map(block).collect()
         };
         Some(Self {
             blocks,
@@ -444,6 +453,20 @@ impl ForwardPanels {
 pub(crate) fn lhs_panels<T: Real>(
     values: &[T],
     start: usize,
+    dims: [usize; 2],
+    ld: usize,
+) -> Option<Panels> {
+    lhs_panels_into(None, values, start, dims, ld)
+}
+
+/// As [`lhs_panels`], into the buffer of `reuse` where given.
+///
+/// # Panics
+/// If the matrix is not inside `values`.
+pub(crate) fn lhs_panels_into<T: Real>(
+    reuse: Option<Panels>,
+    values: &[T],
+    start: usize,
     [rows, k]: [usize; 2],
     ld: usize,
 ) -> Option<Panels> {
@@ -464,7 +487,7 @@ pub(crate) fn lhs_panels<T: Real>(
             rs: ld,
             cs: 1,
         };
-        Panels::for_side(view, [rows, k], false)
+        Panels::for_side_into(reuse, view, [rows, k], false)
     }
 }
 

@@ -358,13 +358,19 @@ pub(crate) struct Panels {
 }
 
 impl Panels {
-    /// `x` (`rows x k`) in panels of `width` rows.
+    /// `x` (`rows x k`) in panels of `width` rows, in `values`' allocation (an earlier
+    /// panels' buffer, or none): every value is written, so stale contents do not matter.
     ///
     /// # Safety
     /// `x` must address `rows x k` valid values.
-    pub(crate) unsafe fn new(x: Strided<*const f32>, [rows, k]: [usize; 2], width: usize) -> Self {
+    unsafe fn new_into(
+        mut values: Vec<Line>,
+        x: Strided<*const f32>,
+        [rows, k]: [usize; 2],
+        width: usize,
+    ) -> Self {
         let padded = rows.div_ceil(width) * width;
-        let mut values = vec![Line::default(); (padded * k).div_ceil(16)];
+        values.resize((padded * k).div_ceil(16), Line::default());
         let base: *mut f32 = values.as_mut_ptr().cast();
         for pc in (0..k).step_by(KC) {
             let kc = (k - pc).min(KC);
@@ -393,16 +399,31 @@ impl Panels {
     /// `x = rhs^T`, as its `rhs`, on this CPU (`None` where it has no micro-kernel).
     ///
     /// # Safety
-    /// As [`Panels::new`].
+    /// As [`Panels::new_into`].
     pub(crate) unsafe fn for_side(
+        x: Strided<*const f32>,
+        dims: [usize; 2],
+        as_rhs: bool,
+    ) -> Option<Self> {
+        // SAFETY: forwarded to the caller.
+        unsafe { Self::for_side_into(None, x, dims, as_rhs) }
+    }
+
+    /// As [`Panels::for_side`], in the allocation of `reuse` where given.
+    ///
+    /// # Safety
+    /// As [`Panels::new_into`].
+    pub(crate) unsafe fn for_side_into(
+        reuse: Option<Self>,
         x: Strided<*const f32>,
         dims: [usize; 2],
         as_rhs: bool,
     ) -> Option<Self> {
         let micro = micro()?;
         let width = if as_rhs { micro.nr } else { micro.mr };
+        let values = reuse.map_or_else(Vec::new, |old| old.values);
         // SAFETY: forwarded to the caller.
-        Some(unsafe { Self::new(x, dims, width) })
+        Some(unsafe { Self::new_into(values, x, dims, width) })
     }
 
     /// The panels of block `pc` (a multiple of KC, of depth `kc`) from row `row` (a
