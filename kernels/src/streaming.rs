@@ -14,7 +14,9 @@ use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
-use super::nested::{add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels, SharedMut};
+use super::nested::{
+    add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels, SharedMut, PARALLEL_WEIGHT,
+};
 use super::plan::ConvPlan;
 use super::sgemm::{self, Panels};
 use super::workspace::{self, grow, Slot};
@@ -162,15 +164,12 @@ pub(crate) fn chunk_panels<T: Real>(plan: &ConvPlan, packed: &[T]) -> Option<Vec
         let start = p0 * layout.len_per_row + layout.offset(r, rows);
         lhs_panels(packed, start, [rows, k], ld).expect("sgemm runs (checked above)")
     };
-    Some(if packed.len() >= PARALLEL_VALUES {
+    Some(if packed.len() >= PARALLEL_WEIGHT {
         chunks.par_iter().map(panels).collect()
     } else {
         chunks.iter().map(panels).collect()
     })
 }
-
-/// Weights from this many values on are laid out in panels by all threads.
-const PARALLEL_VALUES: usize = 1 << 20;
 
 /// Chunks of `chunk` primaries, grouped into one contiguous range per thread.
 fn chunk_groups(plan: &ConvPlan, chunk: usize) -> Vec<(usize, usize)> {
