@@ -2,8 +2,10 @@
 //! (`perf record`) and for timing it alone.
 //!
 //! ```text
-//! cargo run --release --example plan_steps -- MODEL VARIANT [BATCH=1] [SIDE=224] [RUNS=20]
+//! cargo run --release --example plan_steps -- MODEL VARIANT [BATCH=1] [SIDE=224] [RUNS=20] [--profile]
 //! ```
+//!
+//! With `--profile`, each step's median time and GFLOP/s follow the total.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -13,6 +15,8 @@ use versatile::infer::InferencePlan;
 use versatile::models::ModelConfig;
 
 fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let profile = args.iter().any(|a| a == "--profile");
+    let args: Vec<String> = args.iter().filter(|a| *a != "--profile").cloned().collect();
     let model_name = args.first().map_or("resnet50", String::as_str);
     let variant = args.get(1).map_or("dense", String::as_str);
     let batch: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
@@ -37,6 +41,20 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         times[0],
         times[runs - 1]
     );
+    if profile {
+        let steps = plan.profile(&image, runs)?;
+        let total: f64 = steps.iter().map(|s| s.seconds).sum();
+        for step in steps {
+            let gflops = 2.0 * step.macs as f64 / step.seconds / 1e9;
+            println!(
+                "{:7.2} ms {:5.1} % {:6.1} GFLOP/s  {}",
+                step.seconds * 1e3,
+                100.0 * step.seconds / total,
+                gflops,
+                step.name
+            );
+        }
+    }
     Ok(())
 }
 

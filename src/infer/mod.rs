@@ -92,6 +92,45 @@ struct Step {
     output: Value,
 }
 
+impl Step {
+    /// What the step computes, in a few words (`conv 64->128 3x3/1 112x112`).
+    fn name(&self) -> String {
+        match &self.op {
+            Op::Conv(conv) => {
+                let plan = &conv.plan;
+                let [_, cin, h, w] = plan.input_shape();
+                let [kh, kw] = plan.kernel();
+                let [sh, _] = plan.stride();
+                let rings = plan.rings_count();
+                let versatile = if rings > 1 || plan.n_c() > 1 {
+                    format!(" ({rings} rings, {} windows)", plan.windows().len())
+                } else {
+                    String::new()
+                };
+                format!(
+                    "conv {cin}->{} {kh}x{kw}/{sh} {h}x{w}{versatile}",
+                    plan.out_channels()
+                )
+            }
+            Op::MaxPool(_) => "max pool".into(),
+            Op::AvgPool(_) => "average pool".into(),
+            Op::AdaptiveAvg { .. } => "adaptive average pool".into(),
+            Op::Affine { .. } => "scale and shift".into(),
+        }
+    }
+}
+
+/// One step of a [profiled](InferencePlan::profile) plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTime {
+    /// What the step computes (`conv 64->128 3x3/1 112x112`, `max pool`).
+    pub name: String,
+    /// Its multiply-adds (zero for steps other than convolutions and linear layers).
+    pub macs: u64,
+    /// Its median time over the runs, in seconds.
+    pub seconds: f64,
+}
+
 /// A model compiled for one input shape (see the [module docs](self)).
 #[derive(Debug)]
 pub struct InferencePlan {
@@ -685,7 +724,43 @@ impl InferencePlan {
                 got: input.len(),
             });
         }
-        for step in &self.steps {
+        self.run_steps(input, |_, _| {});
+        let len = self.input[0] * self.classes;
+        let buffer = self.placement[self.output].expect("the output has a buffer");
+        Ok(&self.buffers[buffer][..len])
+    }
+
+    /// Runs the plan `runs` times on `input` and reports each step with its median
+    /// time, in step order (where a run's time goes, layer by layer).
+    pub fn profile(&mut self, input: &[f32], runs: usize) -> Result<Vec<StepTime>, InferError> {
+        self.run(input)?;
+        let mut times = vec![Vec::with_capacity(runs); self.steps.len()];
+        for _ in 0..runs {
+            self.run_steps(input, |step, seconds| times[step].push(seconds));
+        }
+        Ok(self
+            .steps
+            .iter()
+            .zip(times)
+            .map(|(step, mut seconds)| {
+                seconds.sort_by(f64::total_cmp);
+                StepTime {
+                    name: step.name(),
+                    macs: match &step.op {
+                        Op::Conv(conv) => conv.plan.macs(),
+                        _ => 0,
+                    },
+                    seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(0.0),
+                }
+            })
+            .collect())
+    }
+
+    /// Runs every step on `input` (of the plan's length), reporting each step's index
+    /// and seconds to `timed`.
+    fn run_steps(&mut self, input: &[f32], mut timed: impl FnMut(usize, f64)) {
+        for (index, step) in self.steps.iter().enumerate() {
+            let start = std::time::Instant::now();
             let out_buffer = self.placement[step.output].expect("every step output has a buffer");
             let mut out = std::mem::take(&mut self.buffers[out_buffer]);
             {
@@ -698,10 +773,8 @@ impl InferencePlan {
                 execute(step, read(step.input), step.residual.map(read), &mut out);
             }
             self.buffers[out_buffer] = out;
+            timed(index, start.elapsed().as_secs_f64());
         }
-        let len = self.input[0] * self.classes;
-        let buffer = self.placement[self.output].expect("the output has a buffer");
-        Ok(&self.buffers[buffer][..len])
     }
 
     /// [`run`](Self::run) on a tensor: logits `[batch, classes]` on the input's device.

@@ -1,0 +1,82 @@
+//! Runs one dense convolution through the inference kernel (packed weight, bias and
+//! ReLU in the write) many times, for profiling one layer shape alone (`perf record`).
+//!
+//! ```text
+//! cargo run --release --example conv_steps -- IN OUT KERNEL SIDE [STRIDE=1] [BATCH=1] [RUNS=50]
+//! ```
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use versatile_kernels::{forward_packed, ConvPlan, Epilogue, PackedWeight};
+
+fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let arg = |i: usize, default: usize| -> Result<usize, std::num::ParseIntError> {
+        args.get(i).map_or(Ok(default), |s| s.parse())
+    };
+    let (cin, cout, kernel, side) = (arg(0, 512)?, arg(1, 512)?, arg(2, 3)?, arg(3, 14)?);
+    let (stride, batch, runs) = (arg(4, 1)?, arg(5, 1)?, arg(6, 50)?.max(1));
+    let pad = kernel / 2;
+    let plan = ConvPlan::dense(
+        [batch, cin, side, side],
+        cout,
+        [kernel; 2],
+        [stride; 2],
+        [1, 1],
+        1,
+        [(pad, pad); 2],
+    )?;
+    // TILE=columns in the environment overrides the tile width (for tuning runs).
+    let plan = match std::env::var("TILE").ok().and_then(|t| t.parse().ok()) {
+        Some(columns) => {
+            let tuning = plan.tuning();
+            plan.with_tuning(versatile_kernels::tuning::Tuning {
+                tile_columns: Some(columns),
+                ..tuning
+            })
+        }
+        None => plan,
+    };
+    let weight: Vec<f32> = (0..plan.weight_len())
+        .map(|i| ((i * 7919) % 255) as f32 / 2550.0 - 0.05)
+        .collect();
+    let bias = vec![0.01f32; cout];
+    let packed = PackedWeight::new(&plan, &weight);
+    let x: Vec<f32> = (0..plan.input_len())
+        .map(|i| ((i * 104_729) % 255) as f32 / 255.0 - 0.5)
+        .collect();
+    let mut out = vec![0.0f32; plan.output_len()];
+    let epilogue = Epilogue {
+        shift: Some(&bias),
+        relu: true,
+        ..Epilogue::default()
+    };
+    forward_packed(&plan, &x, &packed, &epilogue, &mut out);
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        forward_packed(&plan, &x, &packed, &epilogue, &mut out);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[runs / 2];
+    println!(
+        "conv {cin}->{cout} {kernel}x{kernel}/{stride} {side}x{side} batch {batch}: median {:.3} ms (min {:.3}, max {:.3}), {:.1} GFLOP/s",
+        median * 1e3,
+        times[0] * 1e3,
+        times[runs - 1] * 1e3,
+        2.0 * plan.macs() as f64 / median / 1e9
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
