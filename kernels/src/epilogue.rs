@@ -88,20 +88,84 @@ impl<'a, T: Real> Epilogue<'a, T> {
     }
 
     /// Writes the `len` output values from index `at` on, from the accumulated values
-    /// `acc[first + i * acc_cs]` of a channel with factors `(scale, shift)`: the same
-    /// values as [`apply`](Self::apply) one by one, with the branches taken once per run
-    /// so that a unit-stride run vectorizes.
+    /// `acc[i * acc_cs]` of a channel with factors `(scale, shift)`: the same values as
+    /// [`apply`](Self::apply) one by one, with the branches taken once per run so that a
+    /// unit-stride run vectorizes. (The accumulator is a pointer: other threads may be
+    /// writing other parts of its buffer meanwhile.)
     ///
     /// # Safety
     /// `out + at + [0, len)` must be valid for writes and not accessed by anyone else
-    /// meanwhile; `at + len` must not exceed the residual's length.
-    ///
-    /// # Panics
-    /// If `acc` has no value `first + (len - 1) * acc_cs`.
+    /// meanwhile; `at + len` must not exceed the residual's length; `acc + i * acc_cs`
+    /// must be valid for reads, and not written meanwhile, for every `i < len`.
     #[inline]
     pub(super) unsafe fn write_run(
         &self,
-        (acc, first, acc_cs): (&[T], usize, usize),
+        acc: (*const T, usize),
+        factors: (T, T),
+        out: *mut T,
+        at: usize,
+        len: usize,
+    ) {
+        // The widest vectors this CPU has (the same operations, so the same bits).
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F; the rest is the caller's promise.
+                return unsafe { self.write_run_avx512(acc, factors, out, at, len) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2; the rest is the caller's promise.
+                return unsafe { self.write_run_avx2(acc, factors, out, at, len) };
+            }
+        }
+        // SAFETY: the caller's promise.
+        unsafe { self.write_run_portable(acc, factors, out, at, len) }
+    }
+
+    /// [`write_run`](Self::write_run) compiled for AVX-512F.
+    ///
+    /// # Safety
+    /// As `write_run`, on a CPU with AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn write_run_avx512(
+        &self,
+        acc: (*const T, usize),
+        factors: (T, T),
+        out: *mut T,
+        at: usize,
+        len: usize,
+    ) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.write_run_portable(acc, factors, out, at, len) }
+    }
+
+    /// [`write_run`](Self::write_run) compiled for AVX2.
+    ///
+    /// # Safety
+    /// As `write_run`, on a CPU with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn write_run_avx2(
+        &self,
+        acc: (*const T, usize),
+        factors: (T, T),
+        out: *mut T,
+        at: usize,
+        len: usize,
+    ) {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.write_run_portable(acc, factors, out, at, len) }
+    }
+
+    /// [`write_run`](Self::write_run) for any CPU, inlined into the versions above.
+    ///
+    /// # Safety
+    /// As `write_run`.
+    #[inline(always)]
+    unsafe fn write_run_portable(
+        &self,
+        (acc, acc_cs): (*const T, usize),
         (scale, shift): (T, T),
         out: *mut T,
         at: usize,
@@ -114,11 +178,14 @@ impl<'a, T: Real> Epilogue<'a, T> {
         let dst = unsafe { std::slice::from_raw_parts_mut(out.add(at), len) };
         if acc_cs != 1 {
             for (i, d) in dst.iter_mut().enumerate() {
-                *d = self.apply(acc[first + i * acc_cs], (scale, shift), at + i);
+                // SAFETY: i < len, granted by the caller.
+                let a = unsafe { *acc.add(i * acc_cs) };
+                *d = self.apply(a, (scale, shift), at + i);
             }
             return;
         }
-        let src = &acc[first..first + len];
+        // SAFETY: unit stride: the caller grants the len values from acc.
+        let src = unsafe { std::slice::from_raw_parts(acc, len) };
         let relu = |y: T| if y <= T::ZERO { T::ZERO } else { y };
         match (self.residual.map(|r| &r[at..at + len]), self.relu) {
             (None, false) => {

@@ -164,8 +164,39 @@ impl Windows {
 pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
     pool.check(x, out);
     let windows = pool.windows();
+    let (w, ow) = (windows.width, windows.cols.len());
+    // The larger of two values, a NaN winning (a select, so the loops vectorize).
+    let larger = |best: f32, v: f32| if (v > best) | v.is_nan() { v } else { best };
     pool.planes(x, out, |plane, dst| {
-        windows.each_max(plane, |v| v, |o, max| dst[o] = max.map_or(0.0, |(_, v)| v));
+        // Separable: for each output row, the maximum of every input column over the
+        // window's rows (whole rows at a time), then each window's maximum over its
+        // columns. Only the values are wanted here, not where they are (`each_max`).
+        let mut column_max = vec![0.0f32; w];
+        for (rows, dst) in windows.rows.iter().zip(dst.chunks_exact_mut(ow.max(1))) {
+            if rows.is_empty() {
+                dst.fill(0.0);
+                continue;
+            }
+            column_max.copy_from_slice(&plane[rows.start * w..][..w]);
+            for y in rows.start + 1..rows.end {
+                for (best, &v) in column_max.iter_mut().zip(&plane[y * w..][..w]) {
+                    *best = larger(*best, v);
+                }
+            }
+            if windows.pairs {
+                // Side-by-side pairs of columns: a loop that vectorizes.
+                for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
+                    *d = larger(pair[0], pair[1]);
+                }
+                continue;
+            }
+            for (d, cols) in dst.iter_mut().zip(&windows.cols) {
+                *d = match column_max[cols.clone()].split_first() {
+                    Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
+                    None => 0.0,
+                };
+            }
+        }
     });
 }
 
@@ -233,4 +264,59 @@ pub fn adaptive_avg_pool2d(input: [usize; 4], output: [usize; 2], x: &[f32], out
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_pool2d` against `each_max` (the training path's window maxima) on padded,
+    /// strided, odd-sized and NaN-holding inputs.
+    #[test]
+    fn max_pool_matches_the_window_maxima() {
+        // Input, then kernel, stride and padding (height, width).
+        let cases = [
+            ([2, 3, 8, 8], [[2, 2], [2, 2], [0, 0]]),
+            ([1, 2, 9, 7], [[2, 2], [2, 2], [0, 0]]),
+            ([1, 4, 11, 12], [[3, 3], [2, 2], [1, 1]]),
+            ([2, 1, 5, 6], [[3, 2], [1, 2], [1, 0]]),
+            ([1, 2, 3, 3], [[2, 2], [3, 3], [1, 1]]),
+        ];
+        for (input, [kernel, stride, padding]) in cases {
+            let output =
+                [0, 1].map(|a| (input[2 + a] + 2 * padding[a] - kernel[a]) / stride[a] + 1);
+            let pool = Pool2d {
+                input,
+                output,
+                kernel,
+                stride,
+                padding,
+            };
+            let x: Vec<f32> = (0..pool.input_len())
+                .map(|i| match i % 29 {
+                    5 => f32::NAN,
+                    j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
+                })
+                .collect();
+            let mut got = vec![0.0; pool.output_len()];
+            max_pool2d(&pool, &x, &mut got);
+            let windows = pool.windows();
+            let (in_plane, out_plane) = (input[2] * input[3], output[0] * output[1]);
+            for (plane, dst) in x.chunks(in_plane).zip(got.chunks(out_plane)) {
+                windows.each_max(
+                    plane,
+                    |v| v,
+                    |o, max| {
+                        let want = max.map_or(0.0, |(_, v)| v);
+                        assert!(
+                            want.to_bits() == dst[o].to_bits()
+                                || (want.is_nan() && dst[o].is_nan()),
+                            "{input:?} {kernel:?}/{stride:?} pad {padding:?} at {o}: {} vs {want}",
+                            dst[o]
+                        );
+                    },
+                );
+            }
+        }
+    }
 }

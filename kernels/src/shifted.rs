@@ -12,8 +12,8 @@
 
 use super::epilogue::Epilogue;
 use super::nested::{
-    accumulator_strides, gemm, gemm_gathered, windows_partition_channels, BackwardArgs,
-    ForwardPanels, ForwardTiles, SharedMut, TaskInput,
+    accumulator_strides, gemm, gemm_gathered, windows_partition_channels, Accumulator,
+    BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
 };
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
@@ -232,8 +232,28 @@ pub fn forward_task<T: Real>(
                     let acc = grow(&mut ws.acc, window.rows * width);
                     // acc[p, q] at p * acc_rs + q * acc_cs (pixel-major for narrow windows).
                     let (acc_rs, acc_cs) = accumulator_strides::<T>(window.rows, width);
+                    // One pointer for the products' writes and the epilogue's reads.
+                    let acc = acc.as_mut_ptr();
+                    let finished = Accumulator {
+                        ptr: acc.cast_const(),
+                        rs: acc_rs,
+                        cs: acc_cs,
+                    };
                     let mut first = true;
                     for r in (0..rings).rev() {
+                        // Crop r is written block by block as the product finishes them.
+                        let write = |rows: [usize; 2], [col0, cols]: [usize; 2]| {
+                            let columns = (q0 + col0, q0 + col0 + cols);
+                            // SAFETY: the block (columns from col0 of the tile) is final
+                            // and inside the accumulator; its pixels belong to this task.
+                            unsafe {
+                                let block = finished.columns_on(col0);
+                                emit(
+                                    plan, padded, window, r, block, image, columns, rows, epilogue,
+                                    out,
+                                )
+                            };
+                        };
                         let view = window.in_offset * plane + q0;
                         if let Some(lhs) = panels.and_then(|p| p.get(w, r)) {
                             // One product for the ring: its column matrix's rows
@@ -248,11 +268,12 @@ pub fn forward_task<T: Real>(
                             unsafe {
                                 gemm_gathered(
                                     [window.rows, width, gathers[r].len()],
-                                    (acc.as_mut_ptr(), acc_rs),
+                                    (acc, acc_rs),
                                     !first,
                                     lhs,
                                     (image_buf.as_ptr().add(view), &gathers[r]),
                                     parallelism,
+                                    Some(&write),
                                 );
                             }
                             first = false;
@@ -269,7 +290,7 @@ pub fn forward_task<T: Real>(
                                 unsafe {
                                     gemm(
                                         [window.rows, width, plan.window_depth],
-                                        acc.as_mut_ptr(),
+                                        acc,
                                         [acc_cs, acc_rs],
                                         !first,
                                         ringed.as_ptr().add(block + pos),
@@ -281,9 +302,8 @@ pub fn forward_task<T: Real>(
                                 }
                                 first = false;
                             }
+                            write([0, window.rows], [0, width]);
                         }
-                        let acc = (&*acc, acc_rs, acc_cs);
-                        emit(plan, padded, window, r, acc, image, (q0, q1), epilogue, out);
                     }
                 }
                 q0 = q1;
@@ -293,32 +313,40 @@ pub fn forward_task<T: Real>(
     }
 }
 
-/// Writes crop `crop` of a window (the accumulator's emitted rows, through the epilogue) into the
-/// valid output pixels of wide columns `[q0, q1)` of `image`.
+/// Writes rows `[first row, rows]` of crop `crop` of a window (the emitted ones among
+/// them, through the epilogue) into the valid output pixels of wide columns `[q0, q1)`
+/// of `image`, from `acc`, whose column 0 is wide column `q0`.
+///
+/// # Safety
+/// That block of `acc` must be final (not written meanwhile) and inside the tile's
+/// accumulator; the output pixels must belong to the caller's task.
 #[allow(clippy::too_many_arguments)]
-fn emit<T: Real>(
+unsafe fn emit<T: Real>(
     plan: &ConvPlan,
     padded: Padded,
     window: &Window,
     crop: usize,
-    (acc, acc_rs, acc_cs): (&[T], usize, usize),
+    acc: Accumulator<T>,
     image: usize,
     (q0, q1): (usize, usize),
+    [row0, rows]: [usize; 2],
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
 ) {
     let base = plan.channel_base(crop, window);
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
-    for p in 0..plan.emitted(crop, window) {
+    for p in row0..(row0 + rows).min(plan.emitted(crop, window)) {
         let ch = base + p;
         let factors = epilogue.channel(ch);
         valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
             let at = (image * plan.out_channels + ch) * pixels + oy * ow + ox;
-            let first = p * acc_rs + col * acc_cs;
             // SAFETY: the pixels lie inside the output's allocation (the residual has the
-            // output's length) and belong to this task only.
-            unsafe { epilogue.write_run((acc, first, acc_cs), factors, out.ptr(), at, len) };
+            // output's length) and belong to this task only; the accumulators are final.
+            unsafe {
+                let from = acc.ptr.add(p * acc.rs + col * acc.cs);
+                epilogue.write_run((from, acc.cs), factors, out.ptr(), at, len);
+            }
         });
     }
 }

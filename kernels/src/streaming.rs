@@ -276,6 +276,7 @@ pub fn forward<T: Real>(
                                     segments[r].as_ref().map(|panels| (panels, 0)),
                                 ),
                                 gemm::Parallelism::None,
+                                None,
                             );
                         }
                         // Crop r: the chunk's primaries that crop r emits.
@@ -290,10 +291,11 @@ pub fn forward<T: Real>(
                                     + run.ox;
                                 let first = p * acc_rs + run.col * acc_cs;
                                 // SAFETY: inside the output (the residual has the
-                                // output's length); channel ch belongs to this chunk only.
+                                // output's length); channel ch belongs to this chunk only;
+                                // the run's accumulators are inside acc, this task's own.
                                 unsafe {
                                     epilogue.write_run(
-                                        (acc, first, acc_cs),
+                                        (acc.as_ptr().add(first), acc_cs),
                                         factors,
                                         out.ptr(),
                                         at,

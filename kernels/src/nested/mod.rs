@@ -7,8 +7,8 @@ mod tasks;
 
 pub(crate) use primitives::{
     accumulator_strides, add_in_order, gemm, gemm_gathered, gemm_panels, lhs_panels, rhs_panels,
-    windows_partition_channels, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
-    PARALLEL_WEIGHT,
+    windows_partition_channels, Accumulator, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut,
+    TaskInput, PARALLEL_WEIGHT,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};

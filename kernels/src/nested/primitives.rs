@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::im2col::segment_rows;
 use crate::plan::{ConvPlan, Window};
+pub(crate) use crate::sgemm::Finish;
 use crate::sgemm::{self, Operand, Panels, Strided};
 use crate::workspace;
 use crate::Real;
@@ -28,6 +29,36 @@ impl<T> SharedMut<T> {
         self.0
     }
 }
+
+/// A forward accumulator as the epilogue reads it: value `(p, q)` (primary, column) at
+/// `ptr + p * rs + q * cs`. A pointer, not a slice: sgemm's tasks write other parts of
+/// the buffer while a finished block is read.
+#[derive(Clone, Copy)]
+pub(crate) struct Accumulator<T> {
+    pub(crate) ptr: *const T,
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+}
+
+impl<T> Accumulator<T> {
+    /// The accumulator from column `col` on.
+    ///
+    /// # Safety
+    /// `col` must be a column of the accumulator.
+    pub(crate) unsafe fn columns_on(self, col: usize) -> Self {
+        Self {
+            // SAFETY: forwarded to the caller.
+            ptr: unsafe { self.ptr.add(col * self.cs) },
+            ..self
+        }
+    }
+}
+
+// SAFETY: readers read only blocks that are final (sgemm's `finish` contract), which no
+// task writes any more, and the buffer outlives the product.
+unsafe impl<T: Send> Send for Accumulator<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Accumulator<T> {}
 
 /// Ring offsets shared by the passes: column-matrix segment rows, ring-layout weight
 /// offsets and each ring's kernel positions.
@@ -236,6 +267,9 @@ pub(crate) type GemmOperand<'a, T> = (*const T, [usize; 2], Option<(&'a Panels, 
 /// fills its tiles), with operands that may come laid out ahead in its panels: the
 /// forward passes' products. Elsewhere the `gemm` crate on the strided form.
 ///
+/// `finish` is called on blocks that cover `dst` once each as they become final (on
+/// sgemm, strip by strip while they are in cache; else once for all of `dst`, after).
+///
 /// # Safety
 /// As [`gemm`]; panels must hold the operand they come with.
 #[allow(clippy::too_many_arguments)]
@@ -247,6 +281,7 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
     (lhs, [lhs_cs, lhs_rs], lhs_panels): GemmOperand<'_, T>,
     (rhs, [rhs_cs, rhs_rs], rhs_panels): GemmOperand<'_, T>,
     parallelism: gemm::Parallelism,
+    finish: Option<Finish<'_>>,
 ) {
     // (Empty products and k = 0 are sgemm's or gemm's to handle.)
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
@@ -279,6 +314,7 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
                     })
                 },
                 threads,
+                finish,
             )
         };
         if done {
@@ -299,6 +335,9 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
             parallelism,
         )
     }
+    if let Some(finish) = finish {
+        finish([0, m], [0, n]);
+    }
 }
 
 /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` on [`sgemm`] with `lhs` in its panels and
@@ -311,6 +350,8 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
 /// must hold `lhs` (`m x k`) from their first row, and `rhs + k_offsets[p] + j` must be a
 /// valid value for every `p < k`, `j < n`; `dst` must overlap neither.
 ///
+/// `finish` as for [`gemm_panels`].
+///
 /// # Panics
 /// If `T` is not `f32`, or sgemm declines (no micro-kernel).
 #[allow(clippy::too_many_arguments)]
@@ -321,6 +362,7 @@ pub(crate) unsafe fn gemm_gathered<T: Real>(
     lhs: &Panels,
     (rhs, k_offsets): (*const T, &[usize]),
     parallelism: gemm::Parallelism,
+    finish: Option<Finish<'_>>,
 ) {
     assert!(on_sgemm::<T>(), "a gathered product runs on sgemm only");
     assert_eq!(k_offsets.len(), k, "one offset per k");
@@ -360,6 +402,7 @@ pub(crate) unsafe fn gemm_gathered<T: Real>(
                 k_offsets: Some(k_offsets),
             },
             threads,
+            finish,
         )
     };
     assert!(done, "sgemm runs every gathered product");

@@ -36,7 +36,24 @@ pub(super) fn forward_task<T: Real>(
             }
             let acc = grow(&mut ws.acc, window.rows * width);
             let (acc_rs, acc_cs) = accumulator_strides::<T>(window.rows, width);
+            // One pointer for sgemm's writes and the epilogue's reads of final blocks.
+            let acc = acc.as_mut_ptr();
+            let view = Accumulator {
+                ptr: acc.cast_const(),
+                rs: acc_rs,
+                cs: acc_cs,
+            };
+            let run_list = &ws.runs;
             for r in (0..rings).rev() {
+                // Crop r is written block by block as the product finishes them.
+                let write = |rows: [usize; 2], columns: [usize; 2]| {
+                    // SAFETY: the block is final; its output pixels belong to this task.
+                    unsafe {
+                        emit(
+                            plan, window, r, view, run_list, epilogue, out, rows, columns,
+                        )
+                    };
+                };
                 let k = plan.window_depth * layout.positions[r];
                 // SAFETY: acc is rows x width; the weight block starts inside ring r's
                 // [m, ld] matrix with rows <= m - first_primary and
@@ -46,7 +63,7 @@ pub(super) fn forward_task<T: Real>(
                 unsafe {
                     gemm_panels(
                         [window.rows, width, k],
-                        acc.as_mut_ptr(),
+                        acc,
                         [acc_cs, acc_rs],
                         r + 1 < rings,
                         (
@@ -60,41 +77,55 @@ pub(super) fn forward_task<T: Real>(
                             None,
                         ),
                         parallelism,
+                        Some(&write),
                     );
                 }
-                let acc = (&*acc, acc_rs, acc_cs);
-                emit(plan, window, r, acc, &ws.runs, epilogue, out);
             }
         }
         t0 = t1;
     }
 }
 
-/// Writes crop `crop` of a window (the accumulator's emitted rows, through the epilogue) into the
-/// output columns of the tile.
+/// Writes the block `[first row, rows] x [first column, columns]` of crop `crop` of a
+/// window (the accumulator's emitted rows among them, through the epilogue) into the
+/// output pixels of those tile columns.
+///
+/// # Safety
+/// The block of `acc` must be final (not written meanwhile), inside the tile's
+/// accumulator, and `runs` the tile's; its output pixels must belong to the caller's task.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn emit<T: Real>(
+pub(super) unsafe fn emit<T: Real>(
     plan: &ConvPlan,
     window: &Window,
     crop: usize,
-    (acc, acc_rs, acc_cs): (&[T], usize, usize),
+    acc: Accumulator<T>,
     runs: &[Run],
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
+    [row0, rows]: [usize; 2],
+    [col0, cols]: [usize; 2],
 ) {
     let base = plan.channel_base(crop, window);
     let pixels = plan.out_pixels();
     let ow = plan.output[1];
-    for p in 0..plan.emitted(crop, window) {
+    let col_end = col0 + cols;
+    // The runs that reach into the block's columns (runs are in column order).
+    let first_run = runs.partition_point(|run| run.col + run.len <= col0);
+    for p in row0..(row0 + rows).min(plan.emitted(crop, window)) {
         let ch = base + p;
         let factors = epilogue.channel(ch);
-        for run in runs {
-            let offset = (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox;
-            let first = p * acc_rs + run.col * acc_cs;
+        for run in runs[first_run..].iter().take_while(|run| run.col < col_end) {
+            let start = run.col.max(col0);
+            let len = (run.col + run.len).min(col_end) - start;
+            let skip = start - run.col;
+            let offset =
+                (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox + skip;
             // SAFETY: the run's pixels lie inside the output's allocation (the residual
-            // has the output's length) and belong to this task's columns only.
+            // has the output's length) and belong to this task's columns only; the block's
+            // accumulators are final and inside the tile's (the caller's promise).
             unsafe {
-                epilogue.write_run((acc, first, acc_cs), factors, out.ptr(), offset, run.len);
+                let from = acc.ptr.add(p * acc.rs + start * acc.cs);
+                epilogue.write_run((from, acc.cs), factors, out.ptr(), offset, len);
             }
         }
     }

@@ -162,15 +162,25 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// What to do with a block of `dst` once its values are final: called with the block's
+/// `[first row, rows]` and `[first column, columns]`, on the thread that computed it,
+/// while the block is still in its caches (a convolution's epilogue reads its
+/// accumulators there instead of in a pass of its own).
+pub(crate) type Finish<'a> = &'a (dyn Fn([usize; 2], [usize; 2]) + Sync);
+
 /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` (`accumulate` keeps `dst`), on up to
 /// `threads` rayon tasks; `false` (and nothing written) where this CPU or `dst`'s layout
 /// has no micro-kernel here, or the product would not fill half of its tiles.
+///
+/// `finish`, where given, is called once for each block of `dst` as soon as it is final
+/// (the blocks cover `dst` exactly once; none is called where sgemm declines).
 ///
 /// # Safety
 /// Every matrix with its strides must address valid values (`m x n`, `m x k`, `k x n`),
 /// `dst` must not overlap `lhs` or `rhs`, distinct `(i, j)` of `dst` must be distinct
 /// addresses, and an operand's panels must hold the same matrix (`lhs`'s rows, `rhs`'s
-/// columns, from the given panel row on).
+/// columns, from the given panel row on); `finish` may read the block it is given (and
+/// nothing else of `dst`).
 pub(crate) unsafe fn sgemm(
     [m, n, k]: [usize; 3],
     dst: Strided<*mut f32>,
@@ -178,24 +188,27 @@ pub(crate) unsafe fn sgemm(
     lhs: Operand<'_>,
     rhs: Operand<'_>,
     threads: usize,
+    finish: Option<Finish<'_>>,
 ) -> bool {
     let Some(micro) = micro() else {
         return false;
     };
     // The micro-kernels store along unit-stride rows; a column-major `dst` is the
     // transposed product `dst^T = rhs^T * lhs^T`.
-    let (m, n, dst, lhs, rhs) = if dst.cs == 1 {
-        (m, n, dst, lhs, rhs)
+    let (m, n, dst, lhs, rhs, transposed) = if dst.cs == 1 {
+        (m, n, dst, lhs, rhs, false)
     } else if dst.rs == 1 {
         let dst = Strided {
             ptr: dst.ptr,
             rs: dst.cs,
             cs: 1,
         };
-        (n, m, dst, rhs.transposed(), lhs.transposed())
+        (n, m, dst, rhs.transposed(), lhs.transposed(), true)
     } else {
         return false;
     };
+    // The blocks in the caller's coordinates.
+    let finish = finish.map(|finish| Done { finish, transposed });
     if m == 0 || n == 0 {
         return true;
     }
@@ -235,6 +248,7 @@ pub(crate) unsafe fn sgemm(
                         accumulate,
                         lhs,
                         rhs.rows_from(begin),
+                        finish.map(|done| (done, [0, begin])),
                     );
                 } else {
                     serial(
@@ -244,14 +258,42 @@ pub(crate) unsafe fn sgemm(
                         accumulate,
                         lhs.rows_from(begin),
                         rhs,
+                        finish.map(|done| (done, [begin, 0])),
                     );
                 }
             }
         });
     } else {
-        serial(micro, [m, n, k], dst, accumulate, lhs, rhs);
+        serial(
+            micro,
+            [m, n, k],
+            dst,
+            accumulate,
+            lhs,
+            rhs,
+            finish.map(|done| (done, [0, 0])),
+        );
     }
     true
+}
+
+/// A [`Finish`] as the driver calls it: in the coordinates of the (possibly transposed)
+/// product it runs.
+#[derive(Clone, Copy)]
+struct Done<'a> {
+    finish: Finish<'a>,
+    transposed: bool,
+}
+
+impl Done<'_> {
+    /// Rows `[i, i + rows)` and columns `[j, j + cols)` of the product as run are final.
+    fn call(self, [i, rows]: [usize; 2], [j, cols]: [usize; 2]) {
+        if self.transposed {
+            (self.finish)([j, cols], [i, rows]);
+        } else {
+            (self.finish)([i, rows], [j, cols]);
+        }
+    }
 }
 
 /// Whether a row-major `m x n` product keeps at least half of each micro-kernel tile's
@@ -507,10 +549,12 @@ fn lines(buf: &mut Vec<Line>, len: usize) -> *mut f32 {
     grow(buf, len.div_ceil(16)).as_mut_ptr().cast()
 }
 
-/// The product on the calling thread.
+/// The product on the calling thread; `finish` (with the origin of this `dst` in the
+/// whole product's) gets each block of `MC` rows by `NC` columns once it is final.
 ///
 /// # Safety
 /// As [`sgemm`], with `dst.cs == 1`, `lhs` of `m` rows and `rhs` (transposed) of `n`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn serial(
     micro: Micro,
     [m, n, k]: [usize; 3],
@@ -518,6 +562,7 @@ unsafe fn serial(
     accumulate: bool,
     lhs: Side<'_>,
     rhs: Side<'_>,
+    finish: Option<(Done<'_>, [usize; 2])>,
 ) {
     let Micro { kernel, mr, nr } = micro;
     if k == 0 {
@@ -526,6 +571,9 @@ unsafe fn serial(
                 // SAFETY: row i < m of dst, n unit-stride values.
                 unsafe { std::ptr::write_bytes(dst.ptr.add(i * dst.rs), 0, n) };
             }
+        }
+        if let Some((done, [i0, j0])) = finish {
+            done.call([i0, m], [j0, n]);
         }
         return;
     }
@@ -540,6 +588,8 @@ unsafe fn serial(
         for pc in (0..k).step_by(KC) {
             let kc = (k - pc).min(KC);
             let add = accumulate || pc > 0;
+            // The strips of the last block of k are final once computed.
+            let strips = finish.filter(|_| pc + kc == k);
             // SAFETY: columns [jc, jc + nc) and depth [pc, pc + kc) are inside rhs; the
             // buffer holds ceil(nc / nr) * nr * kc values; jc is a multiple of NC, so of nr.
             let packed_rhs = unsafe { rhs.block([jc, nc], [pc, kc], nr, rhs_buffer) };
@@ -565,6 +615,9 @@ unsafe fn serial(
                             kernel(kc, packed_lhs.add(ir * kc), b, tile, add);
                         }
                     }
+                }
+                if let Some((done, [i0, j0])) = strips {
+                    done.call([i0 + ic, mc], [j0 + jc, nc]);
                 }
             }
         }
@@ -690,6 +743,7 @@ pub fn matmul([m, n, k]: [usize; 3], lhs: &[f32], rhs: &[f32], dst: &mut [f32]) 
             (lhs.as_ptr(), [1, k], None),
             (rhs.as_ptr(), [1, n], None),
             gemm::Parallelism::Rayon(crate::threads()),
+            None,
         );
     }
 }

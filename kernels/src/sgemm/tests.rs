@@ -110,11 +110,19 @@ fn product(
     // its own allocation.
     unsafe {
         match micro {
-            None => sgemm(dims, out, accumulate, lhs.operand(), rhs.operand(), threads),
+            None => sgemm(
+                dims,
+                out,
+                accumulate,
+                lhs.operand(),
+                rhs.operand(),
+                threads,
+                None,
+            ),
             Some(micro) if out.cs == 1 => {
                 let lhs = Side::new(lhs.operand(), micro.mr);
                 let rhs = Side::new(rhs.operand().transposed(), micro.nr);
-                serial(micro, dims, out, accumulate, lhs, rhs);
+                serial(micro, dims, out, accumulate, lhs, rhs, None);
                 true
             }
             Some(_) => unreachable!("direct micro-kernel runs use a row-major dst"),
@@ -246,7 +254,7 @@ fn a_dst_without_unit_stride_is_declined() {
         cs: 2,
     };
     // SAFETY: (i, j) of a 2 x 2 dst at 3i + 2j < 9.
-    let done = unsafe { sgemm([2, 2, 2], out, false, lhs.operand(), rhs.operand(), 1) };
+    let done = unsafe { sgemm([2, 2, 2], out, false, lhs.operand(), rhs.operand(), 1, None) };
     assert!(!done);
     assert!(dst.iter().all(|&v| v == 7.0), "nothing written");
 }
@@ -293,7 +301,7 @@ fn operands_laid_out_ahead_give_the_same_bits() {
                     .expect("a thread pool");
                 // SAFETY: as in `product`; the panels hold these operands.
                 let done = pool.install(|| unsafe {
-                    sgemm([m, n, k], out, true, lhs_operand, rhs_operand, 2)
+                    sgemm([m, n, k], out, true, lhs_operand, rhs_operand, 2, None)
                 });
                 assert!(done);
                 assert!(
@@ -343,11 +351,72 @@ fn an_operand_gathered_through_k_offsets_gives_the_same_bits() {
         };
         // SAFETY: lhs and dst are their matrices; rhs row p is source row order[p], inside
         // the source.
-        let done = unsafe { sgemm([m, n, k], out, true, lhs.operand(), gathered, 1) };
+        let done = unsafe { sgemm([m, n, k], out, true, lhs.operand(), gathered, 1, None) };
         assert!(done);
         assert!(
             same_bits(&got.values, &expected.values),
             "{m}x{n}x{k} gathered"
         );
+    }
+}
+
+/// `finish` gets blocks that cover `dst` exactly once, each holding its final values
+/// when called, on one and two threads, with row- and column-major `dst`.
+#[test]
+fn finish_sees_each_final_block_once() {
+    if micro().is_none() {
+        return;
+    }
+    for &[m, n, k] in &[[200, 40, 300], [24, 100, 70], [64, 49, 576], [16, 40, 0]] {
+        for column_major in [false, true] {
+            for threads in [1, 2] {
+                let lhs = Matrix::new(m, k, false, 1);
+                let rhs = Matrix::new(k, n, false, 2);
+                let mut want = Matrix::new(m, n, column_major, 3);
+                reference(&lhs, &rhs, &mut want, [m, n, k], false);
+                let mut dst = Matrix::new(m, n, column_major, 3);
+                let (rs, cs) = (dst.rs, dst.cs);
+                let out = Strided {
+                    ptr: dst.values.as_mut_ptr(),
+                    rs,
+                    cs,
+                };
+                // What each position held when its block was finished, and how often.
+                let seen = std::sync::Mutex::new(vec![(f32::NAN, 0u32); m * n]);
+                let at = out.ptr as usize;
+                let finish = |[i0, rows]: [usize; 2], [j0, cols]: [usize; 2]| {
+                    let mut seen = seen.lock().unwrap();
+                    for i in i0..i0 + rows {
+                        for j in j0..j0 + cols {
+                            // SAFETY: the block is final and inside dst (sgemm's promise).
+                            let v = unsafe { *(at as *const f32).add(i * rs + j * cs) };
+                            let slot = &mut seen[i * n + j];
+                            *slot = (v, slot.1 + 1);
+                        }
+                    }
+                };
+                // SAFETY: the matrices were made with these dimensions and strides.
+                let done = unsafe {
+                    sgemm(
+                        [m, n, k],
+                        out,
+                        false,
+                        lhs.operand(),
+                        rhs.operand(),
+                        threads,
+                        Some(&finish),
+                    )
+                };
+                assert!(done, "{m}x{n}x{k} ran on sgemm");
+                let seen = seen.into_inner().unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (v, count) = seen[i * n + j];
+                        assert_eq!(count, 1, "({i}, {j}) of {m}x{n}x{k} finished once");
+                        assert_eq!(v.to_bits(), want.at(i, j).to_bits(), "({i}, {j}) final");
+                    }
+                }
+            }
+        }
     }
 }
