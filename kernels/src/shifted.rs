@@ -278,6 +278,7 @@ pub fn forward_task<T: Real>(
                             }
                             first = false;
                         } else {
+                            assert!(!ringed.is_empty(), "a weight kept as panels only");
                             let npos = layout.positions[r];
                             let block = layout.weight_block(plan, r, window);
                             for (pos, &shift) in shifts[r].iter().enumerate() {

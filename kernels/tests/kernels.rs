@@ -527,3 +527,61 @@ fn a_tuning_scope_is_per_thread_and_taken_by_the_plan() {
     assert_eq!(tuning::current(), Tuning::default());
     assert_eq!(ConvPlan::new(spec).unwrap().tuning(), Tuning::default());
 }
+
+/// An `f32` packed weight gives the forward pass of the plain one (within `f32`
+/// rounding: a narrow tile may run on another product kernel), and where sgemm runs every
+/// product it is kept as sgemm's panels only, not also in ring layout.
+#[test]
+fn a_packed_f32_weight_is_kept_once_and_gives_the_plain_forward() {
+    let mut rng = Rng(0x7061_636b);
+    for _ in 0..60 {
+        let spec = random_spec(&mut rng);
+        let tuning = Tuning {
+            strategy: [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)],
+            tile_columns: [None, Some(5), Some(17)][rng.range(0, 2)],
+            min_task_columns: 4,
+        };
+        let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+        let x: Vec<f32> = rng
+            .values(plan.input_len())
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let w: Vec<f32> = rng
+            .values(plan.weight_len())
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        let want = forward(&plan, &x, &w, None);
+        let packed = PackedWeight::new(&plan, &w);
+        let mut got = vec![0.0f32; plan.output_len()];
+        let ((), calls) = trace::record(|| {
+            forward_packed(&plan, &x, &packed, &Epilogue::default(), &mut got);
+        });
+        let streamed = calls.iter().any(|c| c.layout == Layout::Streaming);
+        for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                "{spec:?} ({tuning:?}) at {i}: {g} against {v}"
+            );
+        }
+        if versatile_kernels::sgemm::micro_kernel().is_some() && !streamed {
+            // The panels: each window's rows padded to whole micro-kernel tiles (at most
+            // 12 rows), by its depth over all kernel positions, each block on whole
+            // cache lines. The ring layout beside them would add 4 bytes per weight.
+            let depth = plan.window_depth() * plan.kernel()[0] * plan.kernel()[1];
+            let panels: usize = plan
+                .windows()
+                .iter()
+                .filter(|w| w.rows > 0)
+                .map(|w| 4 * (w.rows + 12) * depth + 64 * plan.rings_count())
+                .sum();
+            assert!(
+                packed.bytes() <= panels,
+                "{spec:?}: {} bytes for {} weights (panels at most {panels})",
+                packed.bytes(),
+                plan.weight_len()
+            );
+        }
+    }
+}

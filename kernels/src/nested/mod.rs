@@ -7,8 +7,8 @@ mod tasks;
 
 pub(crate) use primitives::{
     accumulator_strides, add_in_order, gemm, gemm_gathered, gemm_panels, lhs_panels, rhs_panels,
-    windows_partition_channels, Accumulator, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut,
-    TaskInput, PARALLEL_WEIGHT,
+    ring_block, windows_partition_channels, Accumulator, BackwardArgs, ForwardPanels, ForwardTiles,
+    SharedMut, TaskInput, PARALLEL_WEIGHT,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
@@ -145,7 +145,8 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
 }
 
 /// A weight laid out once for many forward passes ([`forward_packed`]): the ring layout
-/// the gemm calls read, or the plain layout where the plan streams its weight.
+/// the gemm calls read (as sgemm's panels only, where they serve every product), or the
+/// plain layout where the plan streams its weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeight<T> {
     values: Vec<T>,
@@ -175,6 +176,11 @@ impl<T: Real> PackedWeight<T> {
             let mut values = vec![T::ZERO; plan.weight_len()];
             to_ring_layout(plan, &layout, weight, &mut values);
             panels = ForwardPanels::new(plan, &layout, &values);
+            if panels.as_ref().is_some_and(|p| p.covers(plan)) {
+                // Every product reads the panels (sgemm runs them all): the ring layout
+                // would only double the weight's memory.
+                values = Vec::new();
+            }
             values
         } else {
             let values = streaming::pack_chunks(plan, weight);
@@ -196,6 +202,7 @@ impl<T: Real> PackedWeight<T> {
         self.shape == plan.weight_shape()
             && self.rings == plan.rings
             && self.ringed != streams(plan)
+            && (!self.values.is_empty() || self.panels.as_ref().is_some_and(|p| p.fits(plan)))
     }
 
     /// Bytes of the values (and of their panels, where the forward pass has them).

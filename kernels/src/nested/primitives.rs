@@ -30,6 +30,20 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// The ring-layout weight from `offset` on, as a gemm operand's pointer; null where the
+/// weight was kept as panels only (`ringed` empty: [`super::PackedWeight`] drops the ring
+/// layout where its panels serve every product).
+///
+/// # Panics
+/// If `offset` is past a non-empty `ringed`.
+pub(crate) fn ring_block<T>(ringed: &[T], offset: usize) -> *const T {
+    if ringed.is_empty() {
+        std::ptr::null()
+    } else {
+        ringed[offset..].as_ptr()
+    }
+}
+
 /// A forward accumulator as the epilogue reads it: value `(p, q)` (primary, column) at
 /// `ptr + p * rs + q * cs`. A pointer, not a slice: sgemm's tasks write other parts of
 /// the buffer while a finished block is read.
@@ -321,6 +335,10 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
             return;
         }
     }
+    assert!(
+        !lhs.is_null() && !rhs.is_null(),
+        "an operand given as panels only runs on sgemm"
+    );
     // SAFETY: forwarded to the caller.
     unsafe {
         gemm(
@@ -469,6 +487,15 @@ impl ForwardPanels {
             rings,
             windows: plan.windows.clone(),
         })
+    }
+
+    /// Whether they hold every block a forward pass of `plan` multiplies (each window
+    /// with rows, each ring), so that it needs no other form of the weight.
+    pub(crate) fn covers(&self, plan: &ConvPlan) -> bool {
+        self.fits(plan)
+            && plan.windows.iter().enumerate().all(|(w, window)| {
+                window.rows == 0 || (0..self.rings).all(|r| self.get(w, r).is_some())
+            })
     }
 
     /// Whether these panels were laid out for `plan`'s windows.

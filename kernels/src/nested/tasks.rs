@@ -67,7 +67,7 @@ pub(super) fn forward_task<T: Real>(
                         [acc_cs, acc_rs],
                         r + 1 < rings,
                         (
-                            ringed.as_ptr().add(layout.weight_block(plan, r, window)),
+                            ring_block(ringed, layout.weight_block(plan, r, window)),
                             [1, layout.weight_ld(plan, r)],
                             panels.and_then(|p| p.get(w, r)).map(|p| (p, 0)),
                         ),

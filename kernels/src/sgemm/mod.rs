@@ -124,7 +124,9 @@ unsafe impl<P> Sync for Strided<P> {}
 pub(crate) struct Operand<'a> {
     pub strided: Strided<*const f32>,
     /// The operand's panels (of the operand as given for `lhs`, of its transpose for
-    /// `rhs`) and the panel row of its first row.
+    /// `rhs`) and the panel row of its first row. With a null `strided.ptr`, the panels
+    /// are the only form: they must then be of the width of the side the operand lands
+    /// on.
     pub panels: Option<(&'a Panels, usize)>,
     /// Where each index `p` of the shared dimension `k` lies, in values from `ptr`, in
     /// place of `p` times its stride (an im2col done while packing: the rows of a
@@ -212,8 +214,13 @@ pub(crate) unsafe fn sgemm(
     if m == 0 || n == 0 {
         return true;
     }
-    let gathered = lhs.k_offsets.is_some() || rhs.k_offsets.is_some();
-    if !gathered && !fills_tiles(micro, m, n) {
+    // A gathered operand, or one given as panels only (null strided form), has no other
+    // way to be multiplied: such a product is never declined for filling few tiles.
+    let required = lhs.k_offsets.is_some()
+        || rhs.k_offsets.is_some()
+        || lhs.strided.ptr.is_null()
+        || rhs.strided.ptr.is_null();
+    if !required && !fills_tiles(micro, m, n) {
         return false;
     }
     let threads = if m.saturating_mul(n).saturating_mul(k) < PARALLEL_MACS {
@@ -361,6 +368,10 @@ impl<'a> Side<'a> {
             // contract), so the block is inside them.
             Some((panels, first)) => unsafe { panels.block(pc, first + row, kc) },
             None => {
+                assert!(
+                    !self.strided.ptr.is_null(),
+                    "an operand given as panels only lands on a side of their width"
+                );
                 // SAFETY: forwarded to the caller (with k offsets, the block's rows start
                 // at `row` and its k indices are the offsets from pc on).
                 unsafe {
