@@ -32,6 +32,8 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) 
         unsafe {
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            // The next lhs panel on its way to L1 (as in the AVX-512 kernel).
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(kc * MR + p * MR).cast());
             let a = a.add(p * MR);
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm256_set1_ps(*a.add(i));

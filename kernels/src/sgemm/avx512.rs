@@ -32,6 +32,10 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) 
         unsafe {
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            // The next lhs panel (the next call's, where this one is not the block's
+            // last) on its way to L1 while this one is multiplied: weights come from L3 in
+            // a network. A prefetch never faults, so past the block's end it is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(kc * MR + p * MR).cast());
             let a = a.add(p * MR);
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i));
