@@ -34,6 +34,30 @@ impl<T> Default for Epilogue<'_, T> {
     }
 }
 
+/// A method `$name` with the arguments of `write_run_portable`, compiled with the target
+/// feature `$feature` (the portable body inlined, so its loops use those vectors).
+#[cfg(target_arch = "x86_64")]
+macro_rules! isa_version {
+    ($name:ident, $feature:literal) => {
+        /// `write_run` compiled for one instruction set.
+        ///
+        /// # Safety
+        /// As `write_run`, on a CPU with that instruction set.
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            &self,
+            acc: (*const T, usize),
+            factors: (T, T),
+            out: *mut T,
+            at: usize,
+            len: usize,
+        ) {
+            // SAFETY: forwarded to the caller.
+            unsafe { self.write_run_portable(acc, factors, out, at, len) }
+        }
+    };
+}
+
 impl<'a, T: Real> Epilogue<'a, T> {
     /// The plain convolution's write: `acc + bias[ch]`.
     pub fn bias(bias: Option<&'a [T]>) -> Self {
@@ -122,41 +146,12 @@ impl<'a, T: Real> Epilogue<'a, T> {
         unsafe { self.write_run_portable(acc, factors, out, at, len) }
     }
 
-    /// [`write_run`](Self::write_run) compiled for AVX-512F.
-    ///
-    /// # Safety
-    /// As `write_run`, on a CPU with AVX-512F.
+    // `write_run` compiled for AVX-512F and for AVX2, each to be called on a CPU that
+    // has it (safety: as `write_run`, on such a CPU).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn write_run_avx512(
-        &self,
-        acc: (*const T, usize),
-        factors: (T, T),
-        out: *mut T,
-        at: usize,
-        len: usize,
-    ) {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.write_run_portable(acc, factors, out, at, len) }
-    }
-
-    /// [`write_run`](Self::write_run) compiled for AVX2.
-    ///
-    /// # Safety
-    /// As `write_run`, on a CPU with AVX2.
+    isa_version!(write_run_avx512, "avx512f");
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn write_run_avx2(
-        &self,
-        acc: (*const T, usize),
-        factors: (T, T),
-        out: *mut T,
-        at: usize,
-        len: usize,
-    ) {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.write_run_portable(acc, factors, out, at, len) }
-    }
+    isa_version!(write_run_avx2, "avx2");
 
     /// [`write_run`](Self::write_run) for any CPU, inlined into the versions above.
     ///
