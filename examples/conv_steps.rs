@@ -8,6 +8,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use versatile_kernels::tuning::Strategy;
 use versatile_kernels::{forward_packed, ConvPlan, Epilogue, PackedWeight};
 
 fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
@@ -26,17 +27,18 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         1,
         [(pad, pad); 2],
     )?;
-    // TILE=columns in the environment overrides the tile width (for tuning runs).
-    let plan = match std::env::var("TILE").ok().and_then(|t| t.parse().ok()) {
-        Some(columns) => {
-            let tuning = plan.tuning();
-            plan.with_tuning(versatile_kernels::tuning::Tuning {
-                tile_columns: Some(columns),
-                ..tuning
-            })
-        }
-        None => plan,
-    };
+    // TILE=columns and STRATEGY=im2col|shifted in the environment override the tile
+    // width and the layout (for tuning runs).
+    let mut tuning = plan.tuning();
+    if let Some(columns) = std::env::var("TILE").ok().and_then(|t| t.parse().ok()) {
+        tuning.tile_columns = Some(columns);
+    }
+    match std::env::var("STRATEGY").as_deref() {
+        Ok("im2col") => tuning.strategy = Strategy::Im2col,
+        Ok("shifted") => tuning.strategy = Strategy::Shifted,
+        _ => {}
+    }
+    let plan = plan.with_tuning(tuning);
     let weight: Vec<f32> = (0..plan.weight_len())
         .map(|i| ((i * 7919) % 255) as f32 / 2550.0 - 0.05)
         .collect();

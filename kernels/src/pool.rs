@@ -164,40 +164,75 @@ impl Windows {
 pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
     pool.check(x, out);
     let windows = pool.windows();
+    pool.planes(x, out, |plane, dst| {
+        let mut column_max = vec![0.0f32; windows.width];
+        // The widest vectors this CPU has (the same selects, so the same values).
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { max_plane_avx512(&windows, plane, dst, &mut column_max) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { max_plane_avx2(&windows, plane, dst, &mut column_max) };
+            }
+        }
+        max_plane(&windows, plane, dst, &mut column_max);
+    });
+}
+
+/// `max_plane` compiled with the target feature `$feature` (safety: to be called on a CPU
+/// that has it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! max_plane_for {
+    ($name:ident, $feature:literal) => {
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
+            max_plane(windows, plane, dst, column_max)
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+max_plane_for!(max_plane_avx512, "avx512f");
+#[cfg(target_arch = "x86_64")]
+max_plane_for!(max_plane_avx2, "avx2");
+
+/// One plane of [`max_pool2d`], separable: for each output row, the maximum of every
+/// input column over the window's rows (whole rows at a time), then each window's
+/// maximum over its columns. Only the values are wanted here, not where they are
+/// ([`Windows::each_max`]). `column_max` holds an input row.
+#[inline(always)]
+fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
     let (w, ow) = (windows.width, windows.cols.len());
     // The larger of two values, a NaN winning (a select, so the loops vectorize).
     let larger = |best: f32, v: f32| if (v > best) | v.is_nan() { v } else { best };
-    pool.planes(x, out, |plane, dst| {
-        // Separable: for each output row, the maximum of every input column over the
-        // window's rows (whole rows at a time), then each window's maximum over its
-        // columns. Only the values are wanted here, not where they are (`each_max`).
-        let mut column_max = vec![0.0f32; w];
-        for (rows, dst) in windows.rows.iter().zip(dst.chunks_exact_mut(ow.max(1))) {
-            if rows.is_empty() {
-                dst.fill(0.0);
-                continue;
-            }
-            column_max.copy_from_slice(&plane[rows.start * w..][..w]);
-            for y in rows.start + 1..rows.end {
-                for (best, &v) in column_max.iter_mut().zip(&plane[y * w..][..w]) {
-                    *best = larger(*best, v);
-                }
-            }
-            if windows.pairs {
-                // Side-by-side pairs of columns: a loop that vectorizes.
-                for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
-                    *d = larger(pair[0], pair[1]);
-                }
-                continue;
-            }
-            for (d, cols) in dst.iter_mut().zip(&windows.cols) {
-                *d = match column_max[cols.clone()].split_first() {
-                    Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
-                    None => 0.0,
-                };
+    for (rows, dst) in windows.rows.iter().zip(dst.chunks_exact_mut(ow.max(1))) {
+        if rows.is_empty() {
+            dst.fill(0.0);
+            continue;
+        }
+        column_max.copy_from_slice(&plane[rows.start * w..][..w]);
+        for y in rows.start + 1..rows.end {
+            for (best, &v) in column_max.iter_mut().zip(&plane[y * w..][..w]) {
+                *best = larger(*best, v);
             }
         }
-    });
+        if windows.pairs {
+            // Side-by-side pairs of columns: a loop that vectorizes.
+            for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
+                *d = larger(pair[0], pair[1]);
+            }
+            continue;
+        }
+        for (d, cols) in dst.iter_mut().zip(&windows.cols) {
+            *d = match column_max[cols.clone()].split_first() {
+                Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
+                None => 0.0,
+            };
+        }
+    }
 }
 
 /// Average pooling counting the padding, as PyTorch's default (`count_include_pad`):
