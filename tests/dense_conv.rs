@@ -12,7 +12,7 @@ use burn::tensor::{DType, Device, Tensor};
 use common::{host_any, relative_error, Rng};
 use versatile::kernels::trace::{self, Layout, Pass};
 use versatile::kernels::tuning::{self, Strategy, Tuning};
-use versatile::layer::{conv2d_forward, conv_path_for, pin_conv_path, ConvPath};
+use versatile::layer::{conv2d_forward, conv_path_for, dense_conv_plan, pin_conv_path, ConvPath};
 
 /// Output and gradients through `conv2d_forward` with the path pinned to `path`; checks
 /// that the nested kernel ran (forward and backward, in `layout` when given) exactly
@@ -136,6 +136,50 @@ fn nested_dense_conv_matches_burn_conv2d() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn small_maps_skip_the_kernel_positions_that_read_padding_only() {
+    // A padded 3 x 3 kernel at a 1 x 1 map reads its centre alone, and at stride 2 from
+    // 2 x 2 its lower right 2 x 2: the narrowed plan runs, with the same outputs and
+    // gradients (zero for the positions left out) as burn's conv2d.
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(0xdead_7a95);
+    for (side, stride, window) in [
+        (1, 1, [[1, 1], [1, 1]]),
+        (2, 2, [[1, 2], [1, 2]]),
+        (1, 2, [[1, 1], [1, 1]]),
+    ] {
+        let config = Conv2dConfig::new([5, 7], [3, 3])
+            .with_stride([stride; 2])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1));
+        let mut conv = config.init(&device);
+        let weight_shape = conv.weight.dims();
+        conv.weight = Param::from_tensor(rng.tensor(weight_shape, &device, DType::F32));
+        let shape = [4, 5, side, side];
+        let plan = dense_conv_plan(&conv, shape).unwrap();
+        assert_eq!(plan.on_live_window().map(|(_, w)| w), Some(window));
+        let x = rng.tensor(shape, &device, DType::F32);
+        let r = rng.tensor(conv.forward(x.clone()).dims(), &device, DType::F32);
+        let burn = run(&conv, ConvPath::Burn, &x, &r, None);
+        let nested = run(&conv, ConvPath::Nested, &x, &r, None);
+        let weight_grad = &nested[2];
+        for (what, (got, want)) in ["out", "grad_x", "grad_weight", "grad_bias"]
+            .iter()
+            .zip(nested.iter().zip(&burn))
+        {
+            let err = relative_error(got, want);
+            assert!(err < 2e-5, "side {side}, {what}: relative error {err:.2e}");
+        }
+        // The positions left out get exactly zero.
+        let [[y0, rows], [x0, cols]] = window;
+        for (i, g) in weight_grad.iter().enumerate() {
+            let (ky, kx) = ((i / 3) % 3, i % 3);
+            if !(y0..y0 + rows).contains(&ky) || !(x0..x0 + cols).contains(&kx) {
+                assert_eq!(*g, 0.0, "side {side}: weight gradient {i}");
+            }
+        }
+    }
 }
 
 #[test]

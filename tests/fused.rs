@@ -166,6 +166,59 @@ fn fused_handles_wide_layers_with_parallel_tasks() {
 }
 
 #[test]
+fn small_maps_skip_the_kernel_positions_that_read_padding_only() {
+    // ResNet's last stage at 32 x 32 inputs: 2 x 2 -> 1 x 1 at stride 2 (both rings keep
+    // positions) and 1 x 1 maps (the outer ring reads padding only: the narrowed plan
+    // computes the inner crop once for both); same outputs and gradients as the dense
+    // form, with and without a bias, with a cut block.
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(0x11fe);
+    for (side, stride, n, bias, narrowed) in [
+        (2, 2, 8, true, true),
+        (1, 1, 8, true, false),
+        (1, 2, 7, false, false),
+        (1, 1, 3, true, false),
+    ] {
+        let config = VConv2dConfig::new([6, n], [3, 3])
+            .with_stride([stride; 2])
+            .with_bias(bias)
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1));
+        let mut layer = config.init(&device);
+        let weight_shape = layer.weight.dims();
+        layer.weight = Param::from_tensor(rng.tensor(weight_shape, &device, DType::F32));
+        if bias {
+            layer.bias = Some(Param::from_tensor(rng.tensor([n], &device, DType::F32)));
+        }
+        let shape = [3, 6, side, side];
+        let plan = layer
+            .geometry()
+            .plan(shape, layer.check_input(&shape).unwrap())
+            .unwrap();
+        assert_eq!(plan.on_live_window().is_some(), narrowed, "side {side}");
+        let x = rng.tensor(shape, &device, DType::F32);
+        let r = rng.tensor(layer.output_shape(shape).unwrap(), &device, DType::F32);
+        let (dense, _) = run(&layer, ForwardPath::DenseForm, &x, &r);
+        let (fused, calls) = run(&layer, ForwardPath::Fused, &x, &r);
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        for (what, got, want) in [
+            ("out", &fused.0, &dense.0),
+            ("grad_x", &fused.1, &dense.1),
+            ("grad_weight", &fused.2, &dense.2),
+        ] {
+            let err = relative_error(got, want);
+            assert!(err < 2e-5, "side {side}, {what}: relative error {err:.2e}");
+        }
+        if let (Some(f), Some(d)) = (&fused.3, &dense.3) {
+            let err = relative_error(f, d);
+            assert!(
+                err < 2e-5,
+                "side {side}, grad_bias: relative error {err:.2e}"
+            );
+        }
+    }
+}
+
+#[test]
 fn plain_device_forward_matches_and_auto_picks_fused_on_flex() {
     let device = Device::flex();
     let layer = VConv2dConfig::new([5, 9], [3, 3])

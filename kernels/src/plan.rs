@@ -128,6 +128,32 @@ pub enum PlanError {
     },
 }
 
+/// A plan narrowed to the kernel positions that read the input ([`ConvPlan::live_crops`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LiveCrops {
+    /// The narrowed plan: kernel `[rows, columns]` of the window, the rings from the
+    /// first live one on.
+    pub plan: ConvPlan,
+    /// `[[first row, rows], [first column, columns]]` of the kernel.
+    pub window: [[usize; 2]; 2],
+    /// Leading crops whose own ring reads padding only: crops `0..=merged_crops` of the
+    /// plan are all the narrowed plan's crop 0.
+    pub merged_crops: usize,
+}
+
+impl LiveCrops {
+    /// The narrowed plan's output channel that holds channel `channel` of the plan's.
+    pub fn channel(&self, channel: usize) -> usize {
+        let block = self.plan.n_c * self.plan.primaries;
+        let dropped = self.merged_crops * block;
+        if channel >= dropped {
+            channel - dropped
+        } else {
+            channel % block
+        }
+    }
+}
+
 /// The shape of one nested convolution call: input, output, kernel rings, windows and
 /// the output channel layout (`channel = (crop * n_c + j) * m + primary`, channels from
 /// `out_channels` on not emitted), and the work split ([`Tuning`]) the call uses.
@@ -424,6 +450,110 @@ impl ConvPlan {
         }
     }
 
+    /// The smallest window of kernel positions holding every position that some output
+    /// reads inside the input, as `[first row, rows]` and `[first column, columns]`;
+    /// `None` where no position reads the input (every output sees padding only).
+    ///
+    /// A position outside it multiplies padding zeros only: at a 1 x 1 map, a padded
+    /// 3 x 3 kernel reads its centre alone.
+    pub fn live_window(&self) -> Option<[[usize; 2]; 2]> {
+        let axis = |i: usize| {
+            let reads_input = |k: usize| {
+                (0..self.output[i]).any(|o| {
+                    let at = o * self.stride[i] + k * self.dilation[i];
+                    at >= self.pad[i] && at - self.pad[i] < self.input[i]
+                })
+            };
+            let first = (0..self.kernel[i]).find(|&k| reads_input(k))?;
+            let last = (0..self.kernel[i]).rev().find(|&k| reads_input(k))?;
+            Some([first, last + 1 - first])
+        };
+        Some([axis(0)?, axis(1)?])
+    }
+
+    /// This plan on the kernel positions of [`live_window`](Self::live_window) only, and
+    /// that window: the same outputs from the weight narrowed to it (`[m, depth,
+    /// rows, columns]` from `[first row, first column]`), with fewer multiply-adds, and
+    /// zero gradients for the positions left out. `None` where the window is the whole
+    /// kernel, or where the narrowed plan cannot express it (a ring of a versatile layer
+    /// would be left empty, or the window starts inside the top or left padding's reach
+    /// of a dilated kernel).
+    pub fn on_live_window(&self) -> Option<(ConvPlan, [[usize; 2]; 2])> {
+        self.live_crops()
+            .filter(|live| live.merged_crops == 0)
+            .map(|live| (live.plan, live.window))
+    }
+
+    /// As [`on_live_window`](Self::on_live_window), where the outer rings of a versatile
+    /// layer may read padding only: those crops equal the first crop with a live ring, so
+    /// the narrowed plan drops their rings and computes that crop once for all of them
+    /// (see [`LiveCrops`]).
+    pub(crate) fn live_crops(&self) -> Option<LiveCrops> {
+        let window = self.live_window()?;
+        if window[0][1] == self.kernel[0] && window[1][1] == self.kernel[1] {
+            return None;
+        }
+        let [[y0, rows], [x0, cols]] = window;
+        let inside = |&(ky, kx): &(usize, usize)| {
+            (y0..y0 + rows).contains(&ky) && (x0..x0 + cols).contains(&kx)
+        };
+        let mut rings: Vec<Vec<(usize, usize)>> = self
+            .rings
+            .iter()
+            .map(|ring| {
+                ring.iter()
+                    .filter(|p| inside(p))
+                    .map(|&(ky, kx)| (ky - y0, kx - x0))
+                    .collect()
+            })
+            .collect();
+        // Crop i is the union of rings i..: with rings 0..merged empty, crops 0..=merged
+        // are the same sums. An empty ring further in would make a crop a copy of the next
+        // one's, which this channel mapping does not describe.
+        let merged_crops = rings.iter().take_while(|ring| ring.is_empty()).count();
+        rings.drain(..merged_crops);
+        if rings.is_empty() || rings.iter().any(Vec::is_empty) {
+            return None;
+        }
+        // The first crop emits the channels of the merged ones as well: at least a whole
+        // block of channels where the plan has that many.
+        let block = self.n_c * self.primaries;
+        let out_channels = self
+            .out_channels
+            .saturating_sub(merged_crops * block)
+            .max(self.out_channels.min(block));
+        // Position k' of the window is position k' + first of the kernel: the same input
+        // row with the leading padding less by `first` dilated steps; the trailing
+        // padding is whatever keeps the output size.
+        let mut padding = [(0, 0); 2];
+        for (i, [first, len]) in window.into_iter().enumerate() {
+            let begin = self.pad[i].checked_sub(first * self.dilation[i])?;
+            let reach = (self.output[i] - 1) * self.stride[i] + (len - 1) * self.dilation[i] + 1;
+            padding[i] = (begin, reach.saturating_sub(self.input[i] + begin));
+        }
+        let plan = ConvPlan::new(PlanSpec {
+            input: self.input_shape(),
+            kernel: [rows, cols],
+            stride: self.stride,
+            dilation: self.dilation,
+            padding,
+            out_channels,
+            primaries: self.primaries,
+            n_c: self.n_c,
+            window_depth: self.window_depth,
+            weight_depth: self.weight_depth,
+            rings,
+            windows: self.windows.clone(),
+        })
+        .ok()?
+        .with_tuning(self.tuning);
+        (plan.output == self.output).then_some(LiveCrops {
+            plan,
+            window,
+            merged_crops,
+        })
+    }
+
     /// Input shape `[batch, c, h, w]`.
     pub fn input_shape(&self) -> [usize; 4] {
         [self.batch, self.in_channels, self.input[0], self.input[1]]
@@ -582,5 +712,104 @@ fn check_rings(rings: &[Vec<(usize, usize)>], kernel: [usize; 2]) -> Result<(), 
     match seen.iter().position(|&s| !s) {
         Some(i) => Err(fail(format!("({}, {}) is missing", i / kw, i % kw))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(side: usize, kernel: usize, stride: usize, pad: usize) -> ConvPlan {
+        ConvPlan::dense(
+            [1, 2, side, side],
+            3,
+            [kernel; 2],
+            [stride; 2],
+            [1, 1],
+            1,
+            [(pad, pad); 2],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn live_window_of_small_maps() {
+        // A 1 x 1 map reads the centre of a padded 3 x 3 kernel only.
+        assert_eq!(dense(1, 3, 1, 1).live_window(), Some([[1, 1], [1, 1]]));
+        // 2 x 2 -> 1 x 1 at stride 2: the output reads rows and columns 1 and 2.
+        assert_eq!(dense(2, 3, 2, 1).live_window(), Some([[1, 2], [1, 2]]));
+        // Every position reads the input somewhere.
+        assert_eq!(dense(2, 3, 1, 1).live_window(), Some([[0, 3], [0, 3]]));
+        assert_eq!(dense(7, 7, 2, 3).live_window(), Some([[0, 7], [0, 7]]));
+    }
+
+    #[test]
+    fn on_live_window_keeps_the_output_and_drops_dead_positions() {
+        let plan = dense(1, 3, 1, 1);
+        let (narrow, window) = plan.on_live_window().unwrap();
+        assert_eq!(window, [[1, 1], [1, 1]]);
+        assert_eq!(narrow.kernel(), [1, 1]);
+        assert_eq!(narrow.output_shape(), plan.output_shape());
+        assert_eq!(narrow.padding_begin(), [0, 0]);
+        assert_eq!(narrow.macs() * 9, plan.macs());
+
+        let plan = dense(2, 3, 2, 1);
+        let (narrow, window) = plan.on_live_window().unwrap();
+        assert_eq!(window, [[1, 2], [1, 2]]);
+        assert_eq!(narrow.kernel(), [2, 2]);
+        assert_eq!(narrow.output_shape(), plan.output_shape());
+        assert_eq!(narrow.padding_begin(), [0, 0]);
+
+        // Nothing to drop.
+        assert!(dense(5, 3, 1, 1).on_live_window().is_none());
+    }
+
+    #[test]
+    fn empty_outer_rings_merge_their_crops() {
+        // A versatile 3 x 3 layer (outer ring, centre) at a 1 x 1 map: the outer ring
+        // reads padding only.
+        let outer: Vec<(usize, usize)> = (0..3)
+            .flat_map(|y| (0..3).map(move |x| (y, x)))
+            .filter(|&p| p != (1, 1))
+            .collect();
+        let spec = |side: usize, stride: usize| PlanSpec {
+            input: [1, 2, side, side],
+            kernel: [3, 3],
+            stride: [stride; 2],
+            dilation: [1, 1],
+            padding: [(1, 1); 2],
+            out_channels: 4,
+            primaries: 2,
+            n_c: 1,
+            window_depth: 2,
+            weight_depth: 2,
+            rings: vec![outer.clone(), vec![(1, 1)]],
+            windows: vec![Window {
+                j: 0,
+                in_offset: 0,
+                weight_offset: 0,
+                first_primary: 0,
+                rows: 2,
+            }],
+        };
+        let plan = ConvPlan::new(spec(1, 1)).unwrap();
+        assert_eq!(plan.live_window(), Some([[1, 1], [1, 1]]));
+        assert!(plan.on_live_window().is_none());
+        // ... but the outer crop is the inner one there: one crop computed for both.
+        let live = plan.live_crops().unwrap();
+        assert_eq!(live.merged_crops, 1);
+        assert_eq!(live.plan.rings(), &[vec![(0, 0)]]);
+        assert_eq!(live.plan.output_shape(), [1, 2, 1, 1]);
+        assert_eq!(
+            (0..4).map(|c| live.channel(c)).collect::<Vec<_>>(),
+            [0, 1, 0, 1]
+        );
+        // At stride 2 from 2 x 2 both rings keep positions.
+        let plan = ConvPlan::new(spec(2, 2)).unwrap();
+        let (narrow, _) = plan.on_live_window().unwrap();
+        assert_eq!(
+            narrow.rings(),
+            &[vec![(0, 1), (1, 0), (1, 1)], vec![(0, 0)]]
+        );
     }
 }

@@ -16,7 +16,7 @@ use tasks::{backward_tasks, bias_gradient, forward_task};
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
-use super::plan::ConvPlan;
+use super::plan::{ConvPlan, LiveCrops};
 use super::sgemm;
 use super::shifted;
 use super::streaming::{self, StreamWeight};
@@ -119,12 +119,21 @@ fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
 }
 
 /// The forward pass: `[batch, n, out_h, out_w]` from the input `[batch, c, h, w]`, the
-/// primary weight `[m, depth, kh, kw]` and the bias `[n]`.
+/// primary weight `[m, depth, kh, kw]` and the bias `[n]`. Kernel positions that read
+/// padding only are skipped ([`ConvPlan::on_live_window`]).
 ///
 /// # Panics
 /// If a slice length does not match the plan.
 pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
+    if let Some(live) = plan.live_crops() {
+        let narrowed = narrow_weight(plan, weight, live.window);
+        if live.merged_crops == 0 {
+            return forward(&live.plan, x, &narrowed, bias);
+        }
+        let out = forward(&live.plan, x, &narrowed, None);
+        return spread_crops(plan, &live, &out, bias);
+    }
     let epilogue = Epilogue::bias(bias);
     check_forward(plan, x, &epilogue);
     let len = plan.output_len();
@@ -142,6 +151,83 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     // SAFETY: forward_core wrote all `len` values.
     unsafe { out.set_len(len) };
     out
+}
+
+/// Offsets inside one `kh x kw` filter of the positions of `window` (`[[first row, rows],
+/// [first column, columns]]`), row by row.
+fn window_offsets(plan: &ConvPlan, [[y0, rows], [x0, cols]]: [[usize; 2]; 2]) -> Vec<usize> {
+    let kw = plan.kernel[1];
+    (y0..y0 + rows)
+        .flat_map(|y| (x0..x0 + cols).map(move |x| y * kw + x))
+        .collect()
+}
+
+/// The positions `window` of a weight `[m, depth, kh, kw]` of `plan`: `[m, depth, rows,
+/// columns]`. (Value by value: the windows are a value or a few wide, where a copy call
+/// per row cost more than the values.)
+fn narrow_weight<T: Real>(plan: &ConvPlan, weight: &[T], window: [[usize; 2]; 2]) -> Vec<T> {
+    let offsets = window_offsets(plan, window);
+    let filter_len = plan.kernel[0] * plan.kernel[1];
+    let mut narrowed = Vec::with_capacity(weight.len() / filter_len * offsets.len());
+    for filter in weight.chunks_exact(filter_len) {
+        narrowed.extend(offsets.iter().map(|&o| filter[o]));
+    }
+    narrowed
+}
+
+/// The inverse of [`narrow_weight`]: a weight of `plan` holding `narrowed` at `window`
+/// and zeros elsewhere (the gradient of the positions that read padding only).
+fn widen_weight<T: Real>(plan: &ConvPlan, narrowed: &[T], window: [[usize; 2]; 2]) -> Vec<T> {
+    let offsets = window_offsets(plan, window);
+    let mut weight = vec![T::ZERO; plan.weight_len()];
+    for (filter, values) in weight
+        .chunks_exact_mut(plan.kernel[0] * plan.kernel[1])
+        .zip(narrowed.chunks_exact(offsets.len()))
+    {
+        for (&o, &value) in offsets.iter().zip(values) {
+            filter[o] = value;
+        }
+    }
+    weight
+}
+
+/// The output of `plan` from the output `out` of its narrowed plan `live` (whose crop 0
+/// stands for the merged crops as well), plus the bias.
+fn spread_crops<T: Real>(
+    plan: &ConvPlan,
+    live: &LiveCrops,
+    out: &[T],
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    let pixels = plan.out_pixels();
+    let mut spread = Vec::with_capacity(plan.output_len());
+    for image in out.chunks_exact(live.plan.out_channels * pixels) {
+        for channel in 0..plan.out_channels {
+            let from = live.channel(channel) * pixels;
+            let shift = bias.map_or(T::ZERO, |bias| bias[channel]);
+            spread.extend(image[from..from + pixels].iter().map(|&v| v + shift));
+        }
+    }
+    spread
+}
+
+/// The output gradient of the narrowed plan `live` from `plan`'s: the gradients of the
+/// merged crops summed into its crop 0, channel by channel in increasing order.
+fn gather_crops<T: Real>(plan: &ConvPlan, live: &LiveCrops, grad_out: &[T]) -> Vec<T> {
+    let pixels = plan.out_pixels();
+    let mut gathered = vec![T::ZERO; live.plan.output_len()];
+    for (image, grad) in gathered
+        .chunks_exact_mut(live.plan.out_channels * pixels)
+        .zip(grad_out.chunks_exact(plan.out_channels * pixels))
+    {
+        for (channel, values) in grad.chunks_exact(pixels).enumerate() {
+            let to = live.channel(channel) * pixels;
+            for (sum, &v) in image[to..to + pixels].iter_mut().zip(values) {
+                *sum += v;
+            }
+        }
+    }
+    gathered
 }
 
 /// A weight laid out once for many forward passes ([`forward_packed`]): the ring layout
@@ -163,11 +249,16 @@ pub struct PackedWeight<T> {
 impl<T: Real> PackedWeight<T> {
     /// Lays out `weight` (`[m, depth, kh, kw]`) for the plans that share `plan`'s weight
     /// shape, rings and layout choice: the ring layout, or the streaming kernel's chunks.
+    /// Only the kernel positions some output reads inside the input are kept
+    /// ([`ConvPlan::on_live_window`]).
     ///
     /// # Panics
     /// If the weight's length does not match the plan.
     pub fn new(plan: &ConvPlan, weight: &[T]) -> Self {
         assert_eq!(weight.len(), plan.weight_len(), "weight length");
+        if let Some((live, window)) = plan.on_live_window() {
+            return Self::new(&live, &narrow_weight(plan, weight, window));
+        }
         let ringed = !streams(plan);
         let mut panels = None;
         let mut chunks = None;
@@ -199,6 +290,8 @@ impl<T: Real> PackedWeight<T> {
 
     /// Whether `plan` reads this weight as it is laid out.
     pub fn fits(&self, plan: &ConvPlan) -> bool {
+        let live = plan.on_live_window();
+        let plan = live.as_ref().map_or(plan, |(live, _)| live);
         self.shape == plan.weight_shape()
             && self.rings == plan.rings
             && self.ringed != streams(plan)
@@ -232,6 +325,9 @@ pub fn forward_packed<T: Real>(
     out: &mut [T],
 ) {
     assert!(weight.fits(plan), "packed weight laid out for another plan");
+    // The weight holds the live window's positions only (see `PackedWeight::new`).
+    let live = plan.on_live_window();
+    let plan = live.as_ref().map_or(plan, |(live, _)| live);
     check_forward(plan, x, epilogue);
     assert_eq!(out.len(), plan.output_len(), "output length");
     let source = if weight.ringed {
@@ -354,7 +450,8 @@ fn forward_core<T: Real>(
 /// weight and the output gradient `[batch, n, out_h, out_w]`.
 ///
 /// The result depends on the plan and the thread count only, never on timing: parallel
-/// partial sums are added in task order.
+/// partial sums are added in task order. Kernel positions that read padding only are
+/// skipped, their weight gradient is zero ([`ConvPlan::on_live_window`]).
 ///
 /// # Panics
 /// If a slice length does not match the plan.
@@ -368,6 +465,25 @@ pub fn backward<T: Real>(
     assert_eq!(x.len(), plan.input_len(), "input length");
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
     assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
+    if let Some(live) = plan.live_crops() {
+        let narrowed = narrow_weight(plan, weight, live.window);
+        let mut gradients = if live.merged_crops == 0 {
+            backward(&live.plan, x, &narrowed, grad_out, needs)
+        } else {
+            let grad_live = gather_crops(plan, &live, grad_out);
+            let needs_live = Needs {
+                bias: false,
+                ..needs
+            };
+            let mut gradients = backward(&live.plan, x, &narrowed, &grad_live, needs_live);
+            gradients.bias = needs.bias.then(|| bias_gradient(plan, grad_out));
+            gradients
+        };
+        gradients.weight = gradients
+            .weight
+            .map(|dw| widen_weight(plan, &dw, live.window));
+        return gradients;
+    }
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
     let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
     let mut dw = None;
