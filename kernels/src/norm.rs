@@ -409,8 +409,12 @@ pub fn normalize_relu_max_pool(
         pooled,
         |i, values: &mut [f32], sources: &mut [u32]| {
             let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+            let plane = shape.plane_at(x, i);
+            if windows.relu_pairs_max(plane, [scale, shift], values, sources, NOT_PASSED) {
+                return;
+            }
             windows.each_max(
-                shape.plane_at(x, i),
+                plane,
                 |v| v * scale + shift,
                 // The ReLU passes above zero and NaN, as in `normalize`.
                 |o, max| match max {

@@ -156,6 +156,54 @@ impl Windows {
     }
 }
 
+impl Windows {
+    /// For 2 x 2 windows of stride 2 (else `false`, nothing written): with `v * scale +
+    /// shift` for each value `v` of `plane`, each window's maximum as
+    /// [`each_max`](Self::each_max) finds it, where it is above zero or NaN (a ReLU after
+    /// it), into `values[o]` and its index into `sources[o]`; elsewhere `0.0` and
+    /// `not_passed`. One branch-free pass over each pair of rows, which the compiler turns
+    /// into vector code (the general loop's write through a closure was scalar).
+    pub(crate) fn relu_pairs_max(
+        &self,
+        plane: &[f32],
+        [scale, shift]: [f32; 2],
+        values: &mut [f32],
+        sources: &mut [u32],
+        not_passed: u32,
+    ) -> bool {
+        if !self.pairs {
+            return false;
+        }
+        let (w, ow) = (self.width, self.cols.len());
+        for oy in 0..self.rows.len() {
+            let (top_at, bottom_at) = (2 * oy * w, (2 * oy + 1) * w);
+            let top = &plane[top_at..top_at + 2 * ow];
+            let bottom = &plane[bottom_at..bottom_at + 2 * ow];
+            let values = &mut values[oy * ow..(oy + 1) * ow];
+            let sources = &mut sources[oy * ow..(oy + 1) * ow];
+            for ox in 0..ow {
+                let candidates = [
+                    (top_at + 2 * ox, top[2 * ox]),
+                    (top_at + 2 * ox + 1, top[2 * ox + 1]),
+                    (bottom_at + 2 * ox, bottom[2 * ox]),
+                    (bottom_at + 2 * ox + 1, bottom[2 * ox + 1]),
+                ];
+                let (mut at, mut best) = (candidates[0].0, candidates[0].1 * scale + shift);
+                for &(i, v) in &candidates[1..] {
+                    let v = v * scale + shift;
+                    let wins = (v > best) | v.is_nan();
+                    at = if wins { i } else { at };
+                    best = if wins { v } else { best };
+                }
+                let passes = (best > 0.0) | best.is_nan();
+                values[ox] = if passes { best } else { 0.0 };
+                sources[ox] = if passes { at as u32 } else { not_passed };
+            }
+        }
+        true
+    }
+}
+
 /// Max pooling (padding never wins; NaN propagates, as PyTorch). A window with no input
 /// value (only possible with padding above half the window) gives 0.
 ///
