@@ -126,6 +126,19 @@ fn fused_matches_dense_form_on_random_configurations() {
     compare_random(0x5eed_0002, 120, DType::F64, 1e-12, 16);
 }
 
+/// Asserts that the output and the input and weight gradients of `fused` are within
+/// `2e-5` (relative) of `dense`'s.
+fn assert_close(fused: &Outputs, dense: &Outputs, context: &str) {
+    for (what, got, want) in [
+        ("out", &fused.0, &dense.0),
+        ("grad_x", &fused.1, &dense.1),
+        ("grad_weight", &fused.2, &dense.2),
+    ] {
+        let err = relative_error(got, want);
+        assert!(err < 2e-5, "{context}, {what}: relative error {err:.2e}");
+    }
+}
+
 #[test]
 fn fused_handles_wide_layers_with_parallel_tasks() {
     // Default tiling: several tiles per task, two tasks, cut blocks, channel windows; few
@@ -154,14 +167,7 @@ fn fused_handles_wide_layers_with_parallel_tasks() {
         let (dense, _) = pool.install(|| run(&layer, ForwardPath::DenseForm, &x, &r));
         let (fused, calls) = pool.install(|| run(&layer, ForwardPath::Fused, &x, &r));
         assert!(calls.iter().all(|c| c.tasks == 2), "{calls:?}");
-        for (what, got, want) in [
-            ("out", &fused.0, &dense.0),
-            ("grad_x", &fused.1, &dense.1),
-            ("grad_weight", &fused.2, &dense.2),
-        ] {
-            let err = relative_error(got, want);
-            assert!(err < 2e-5, "c = {c}, {what}: relative error {err:.2e}");
-        }
+        assert_close(&fused, &dense, &format!("c = {c}"));
     }
 }
 
@@ -200,14 +206,7 @@ fn small_maps_skip_the_kernel_positions_that_read_padding_only() {
         let (dense, _) = run(&layer, ForwardPath::DenseForm, &x, &r);
         let (fused, calls) = run(&layer, ForwardPath::Fused, &x, &r);
         assert_eq!(calls.len(), 2, "{calls:?}");
-        for (what, got, want) in [
-            ("out", &fused.0, &dense.0),
-            ("grad_x", &fused.1, &dense.1),
-            ("grad_weight", &fused.2, &dense.2),
-        ] {
-            let err = relative_error(got, want);
-            assert!(err < 2e-5, "side {side}, {what}: relative error {err:.2e}");
-        }
+        assert_close(&fused, &dense, &format!("side {side}"));
         if let (Some(f), Some(d)) = (&fused.3, &dense.3) {
             let err = relative_error(f, d);
             assert!(

@@ -102,7 +102,7 @@ pub(crate) struct Windows {
     /// The input plane's width.
     width: usize,
     /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
-    /// padding): the common case, with its own loop.
+    /// padding): the common case, with its own loops (`max_plane`, `relu_pairs_max`).
     pairs: bool,
 }
 
@@ -127,20 +127,6 @@ impl Windows {
             (if wins { i } else { at }, if wins { v } else { best })
         };
         let (w, ow) = (self.width, self.cols.len());
-        if self.pairs {
-            for oy in 0..self.rows.len() {
-                let (top, bottom) = (2 * oy * w, (2 * oy + 1) * w);
-                for ox in 0..ow {
-                    let first = top + 2 * ox;
-                    let mut max = (first, value(plane[first]));
-                    for i in [first + 1, bottom + 2 * ox, bottom + 2 * ox + 1] {
-                        max = take(max, i, plane[i]);
-                    }
-                    f(oy * ow + ox, Some(max));
-                }
-            }
-            return;
-        }
         for (oy, rows) in self.rows.iter().enumerate() {
             for (ox, cols) in self.cols.iter().enumerate() {
                 let mut max = None;
@@ -154,9 +140,7 @@ impl Windows {
             }
         }
     }
-}
 
-impl Windows {
     /// For 2 x 2 windows of stride 2 (else `false`, nothing written): with `v * scale +
     /// shift` for each value `v` of `plane`, each window's maximum as
     /// [`each_max`](Self::each_max) finds it, where it is above zero or NaN (a ReLU after

@@ -291,7 +291,11 @@ impl<T: Real> PackedWeight<T> {
     /// Whether `plan` reads this weight as it is laid out.
     pub fn fits(&self, plan: &ConvPlan) -> bool {
         let live = plan.on_live_window();
-        let plan = live.as_ref().map_or(plan, |(live, _)| live);
+        self.fits_narrowed(live.as_ref().map_or(plan, |(live, _)| live))
+    }
+
+    /// [`fits`](Self::fits) for a plan already narrowed to its live window.
+    fn fits_narrowed(&self, plan: &ConvPlan) -> bool {
         self.shape == plan.weight_shape()
             && self.rings == plan.rings
             && self.ringed != streams(plan)
@@ -324,10 +328,13 @@ pub fn forward_packed<T: Real>(
     epilogue: &Epilogue<'_, T>,
     out: &mut [T],
 ) {
-    assert!(weight.fits(plan), "packed weight laid out for another plan");
     // The weight holds the live window's positions only (see `PackedWeight::new`).
     let live = plan.on_live_window();
     let plan = live.as_ref().map_or(plan, |(live, _)| live);
+    assert!(
+        weight.fits_narrowed(plan),
+        "packed weight laid out for another plan"
+    );
     check_forward(plan, x, epilogue);
     assert_eq!(out.len(), plan.output_len(), "output length");
     let source = if weight.ringed {
