@@ -6,8 +6,13 @@
 //! `ch * npos_r + pos` holds input channel `ch` at the ring's `pos`-th kernel position.
 //! A channel window is therefore a contiguous row range of every segment.
 
+use super::gather::Offsets;
 use super::plan::ConvPlan;
 use super::Real;
+
+/// Tiles whose runs average fewer columns than this go through an offset table (see
+/// [`gather`](super::gather)) where the CPU gathers fast.
+const SHORT_RUNS: usize = 16;
 
 /// A run of consecutive output pixels on one output row of one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +156,35 @@ impl RunTable {
         rows.iter().any(Option::is_some) && spans.iter().any(|&(lo, hi, _)| hi > lo)
     }
 
+    /// Whether a tile of these runs goes through an offset table: short runs, on a CPU
+    /// that gathers `T` fast.
+    fn gathers<T: Real>(runs: &[Run]) -> bool {
+        let columns: usize = runs.iter().map(|run| run.len).sum();
+        !runs.is_empty() && columns < SHORT_RUNS * runs.len() && T::gathers_fast()
+    }
+
+    /// The offset of each column's input value at each kernel position (rings in order),
+    /// relative to channel 0 of image `first_image`; `None` where the offsets would not
+    /// fit the gathers' 31 bits.
+    fn offsets(&self, plan: &ConvPlan, runs: &[Run], first_image: usize) -> Option<Offsets> {
+        let columns: usize = runs.iter().map(|run| run.len).sum();
+        let [h, w] = plan.input;
+        let image_len = plan.in_channels * h * w;
+        let sw = plan.stride[1];
+        let positions = plan.rings.iter().flatten();
+        let mut offsets = Offsets::new(positions.clone().count(), columns, plan.input_len())?;
+        for (p, &(ky, kx)) in positions.enumerate() {
+            for (run, (iy, (lo, hi, ix0))) in runs.iter().zip(self.at(ky, kx)) {
+                let Some(iy) = iy else { continue };
+                let row = (run.image - first_image) * image_len + iy * w + ix0;
+                for k in lo..hi {
+                    offsets.set(p, run.col + k, row + (k - lo) * sw);
+                }
+            }
+        }
+        Some(offsets)
+    }
+
     /// Each run's input row (if any) and valid span at kernel position `(ky, kx)`.
     fn at(
         &self,
@@ -170,6 +204,13 @@ pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, col
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
+    let offsets = RunTable::gathers::<T>(runs)
+        .then(|| table.offsets(plan, runs, 0))
+        .flatten();
+    if let Some(offsets) = offsets {
+        im2col_by_offsets(plan, x, &table, &offsets, width, cols);
+        return;
+    }
     let mut row = 0;
     for (ring, reads) in plan.rings.iter().zip(&table.reads) {
         for ch in 0..c {
@@ -219,6 +260,13 @@ pub fn col2im<T: Real>(
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
+    let offsets = RunTable::gathers::<T>(runs)
+        .then(|| table.offsets(plan, runs, first_image))
+        .flatten();
+    if let Some(offsets) = offsets {
+        col2im_by_offsets(plan, cols, &table, &offsets, width, dx);
+        return;
+    }
     let mut row = 0;
     for (ring, reads) in plan.rings.iter().zip(&table.reads) {
         for ch in 0..c {
@@ -249,6 +297,61 @@ pub fn col2im<T: Real>(
                 }
             }
         }
+    }
+}
+
+/// [`im2col`] through an offset table of the tile: one gather per row.
+fn im2col_by_offsets<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    table: &RunTable,
+    offsets: &Offsets,
+    width: usize,
+    cols: &mut [T],
+) {
+    let plane = plan.input[0] * plan.input[1];
+    let mut row = 0;
+    let mut first_position = 0;
+    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
+        for ch in 0..plan.in_channels {
+            for (p, &read) in reads.iter().enumerate() {
+                let dst = &mut cols[row * width..(row + 1) * width];
+                row += 1;
+                if read {
+                    T::gather_row(x, ch * plane, offsets.row(first_position + p), dst);
+                } else {
+                    dst.fill(T::ZERO);
+                }
+            }
+        }
+        first_position += ring.len();
+    }
+}
+
+/// [`col2im`] through an offset table of the tile: one gather, add and scatter per row,
+/// the rows in the same order as the run-by-run loop (so the same sums).
+fn col2im_by_offsets<T: Real>(
+    plan: &ConvPlan,
+    cols: &[T],
+    table: &RunTable,
+    offsets: &Offsets,
+    width: usize,
+    dx: &mut [T],
+) {
+    let plane = plan.input[0] * plan.input[1];
+    let mut row = 0;
+    let mut first_position = 0;
+    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
+        for ch in 0..plan.in_channels {
+            for (p, &read) in reads.iter().enumerate() {
+                let src = &cols[row * width..(row + 1) * width];
+                row += 1;
+                if read {
+                    T::scatter_add_row(src, dx, ch * plane, offsets.row(first_position + p));
+                }
+            }
+        }
+        first_position += ring.len();
     }
 }
 
@@ -307,6 +410,85 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The offset-table path against the run-by-run loops (in f64, whose rows never go
+    /// through a table), on dense and ringed kernels, strides 1 and 2, and tiles that
+    /// start and end inside images. The f32 rows run on vector gathers where the CPU has
+    /// AVX-512; the values are small integers, so both types hold them exactly.
+    #[test]
+    fn offset_tables_give_the_run_loops_values() {
+        for (kernel, stride, pad, ringed) in [
+            (3, 1, 1, false),
+            (3, 2, 1, false),
+            (5, 1, 2, true),
+            (5, 2, 1, true),
+            (1, 2, 0, false),
+        ] {
+            let input = [3, 2, 5, 4];
+            let mut plan = ConvPlan::dense(
+                input,
+                4,
+                [kernel, kernel],
+                [stride, stride],
+                [1, 1],
+                1,
+                [(pad, pad), (pad, pad)],
+            )
+            .unwrap();
+            if ringed {
+                // Rings by distance from the centre, as a versatile layer orders them.
+                let centre = kernel / 2;
+                plan.rings = (0..=centre)
+                    .map(|r| {
+                        let positions =
+                            (0..kernel).flat_map(|ky| (0..kernel).map(move |kx| (ky, kx)));
+                        positions
+                            .filter(|&(ky, kx)| ky.abs_diff(centre).max(kx.abs_diff(centre)) == r)
+                            .collect()
+                    })
+                    .collect();
+            }
+            let x64: Vec<f64> = (0..plan.input_len())
+                .map(|v| (v % 23) as f64 - 11.0)
+                .collect();
+            let x32: Vec<f32> = x64.iter().map(|&v| v as f32).collect();
+            let total = plan.columns();
+            for (start, end) in [(0, total), (3, total - 2), (total / 2, total)] {
+                let mut tile = Vec::new();
+                runs(&plan, start, end, &mut tile);
+                let width = end - start + 3;
+                let rows = plan.col_rows();
+                let mut want = vec![f64::NAN; rows * width];
+                im2col(&plan, &x64, &tile, width, &mut want);
+                let table = RunTable::new(&plan, &tile);
+                let offsets = table.offsets(&plan, &tile, 0).unwrap();
+                let mut got64 = vec![f64::NAN; rows * width];
+                im2col_by_offsets(&plan, &x64, &table, &offsets, width, &mut got64);
+                let mut got32 = vec![f32::NAN; rows * width];
+                im2col_by_offsets(&plan, &x32, &table, &offsets, width, &mut got32);
+                for (i, &w) in want.iter().enumerate() {
+                    let same = |v: f64| v == w || (v.is_nan() && w.is_nan());
+                    assert!(same(got64[i]) && same(got32[i] as f64), "im2col value {i}");
+                }
+
+                // col2im of the same tile into the gradient of its images only.
+                let first = tile[0].image;
+                let images = tile.last().unwrap().image + 1 - first;
+                let len = images * plan.input_len() / input[0];
+                let cols64: Vec<f64> = (0..rows * width).map(|v| (v % 7) as f64).collect();
+                let cols32: Vec<f32> = cols64.iter().map(|&v| v as f32).collect();
+                let mut want = vec![0.5f64; len];
+                col2im(&plan, &cols64, &tile, width, first, &mut want);
+                let offsets = table.offsets(&plan, &tile, first).unwrap();
+                let mut got64 = vec![0.5f64; len];
+                col2im_by_offsets(&plan, &cols64, &table, &offsets, width, &mut got64);
+                let mut got32 = vec![0.5f32; len];
+                col2im_by_offsets(&plan, &cols32, &table, &offsets, width, &mut got32);
+                assert_eq!(got64, want);
+                assert_eq!(got32.iter().map(|&v| v as f64).collect::<Vec<_>>(), want);
             }
         }
     }

@@ -8,7 +8,9 @@
 //! of each ring.
 //!
 //! The work is im2col on tiles of output columns (`batch * out_h * out_w` flattened), the
-//! column matrix ordered ring by ring, then a matrix product on ring segments: in `f32`
+//! column matrix ordered ring by ring (on small maps, whose rows are a few pixels long,
+//! through a table of input offsets and vector gathers), then a matrix
+//! product on ring segments: in `f32`
 //! on AVX-512 or AVX2 + FMA, the project's own [`sgemm`] (packed panels, register-tiled
 //! micro-kernels, bits independent of the thread count), with the forward pass's weight
 //! blocks laid out in its panels once per call (once per plan in a [`PackedWeight`]);
@@ -35,6 +37,7 @@
 
 pub mod alloc;
 mod epilogue;
+mod gather;
 mod im2col;
 mod nested;
 pub mod norm;
@@ -99,10 +102,35 @@ pub trait Real:
         }
         n
     }
+
+    /// Whether [`gather_row`](Self::gather_row) and
+    /// [`scatter_add_row`](Self::scatter_add_row) run on vector gathers on this CPU (the
+    /// im2col of tiles of short runs goes through them only then).
+    fn gathers_fast() -> bool {
+        false
+    }
+
+    /// One row of a tile's column matrix: `out[j] = x[base + offset_j]`, zero for the
+    /// columns that read padding.
+    ///
+    /// # Panics
+    /// If an offset reads outside `x` or `out` is shorter than the row.
+    fn gather_row(x: &[Self], base: usize, row: gather::OffsetRow<'_>, out: &mut [Self]) {
+        gather::gather_row(x, base, row, out)
+    }
+
+    /// One row of a tile's col2im: `dx[base + offset_j] += values[j]` for the columns
+    /// that do not read padding.
+    ///
+    /// # Panics
+    /// If an offset writes outside `dx` or `values` is shorter than the row.
+    fn scatter_add_row(values: &[Self], dx: &mut [Self], base: usize, row: gather::OffsetRow<'_>) {
+        gather::scatter_add_row(values, dx, base, row)
+    }
 }
 
 macro_rules! real {
-    ($t:ty, $local:ident $(, $transpose:path)?) => {
+    ($t:ty, $local:ident $(, $hooks:item)*) => {
         thread_local! {
             static $local: workspace::Slots<$t> = const { [Cell::new(None), Cell::new(None)] };
         }
@@ -115,11 +143,7 @@ macro_rules! real {
                 $local.with(f)
             }
 
-            $(
-                fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
-                    $transpose(rows, out, stride)
-                }
-            )?
+            $($hooks)*
         }
     };
 }
@@ -177,7 +201,22 @@ mod transpose {
     }
 }
 
-real!(f32, SLOTS_F32, transpose::f32_4xn);
+real!(
+    f32,
+    SLOTS_F32,
+    fn transpose_4xn(rows: [&[Self]; 4], out: &mut [Self], stride: usize) -> usize {
+        transpose::f32_4xn(rows, out, stride)
+    },
+    fn gathers_fast() -> bool {
+        gather::f32_rows_vectorized()
+    },
+    fn gather_row(x: &[Self], base: usize, row: gather::OffsetRow<'_>, out: &mut [Self]) {
+        gather::gather_row_f32(x, base, row, out)
+    },
+    fn scatter_add_row(values: &[Self], dx: &mut [Self], base: usize, row: gather::OffsetRow<'_>) {
+        gather::scatter_add_row_f32(values, dx, base, row)
+    }
+);
 real!(f64, SLOTS_F64);
 
 /// Threads the kernels use: rayon's pool size.

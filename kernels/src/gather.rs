@@ -1,0 +1,329 @@
+//! im2col and col2im rows through a table of input offsets, for tiles of short runs.
+//!
+//! On small maps a run of output pixels is a few values long (ResNet-18 at 32x32 has rows
+//! of 8, 4, 2 and 1 pixels), and copying run by run costs more in bookkeeping and calls to
+//! memset and memcpy than in the values moved. Here the input offset of every column of
+//! the tile is worked out once per kernel position ([`Offsets`]); a row of the column
+//! matrix is then one gather over the tile (AVX-512 `vgatherdps`, 16 columns at a time)
+//! and a row of col2im one gather, add and scatter. The values and the order of the adds
+//! into each input-gradient value are those of the run-by-run loops, so are the bits.
+
+use super::Real;
+
+/// Marks a column that reads padding.
+const PADDING: u32 = u32::MAX;
+
+/// Columns per vector of the `f32` path; rows of [`Offsets`] are padded to a multiple.
+const LANES: usize = 16;
+
+/// The input offsets of each column of a tile at each kernel position: row `p` holds,
+/// for column `j`, the offset of the value it reads relative to the start of channel 0
+/// of the tile's first image (add `ch * h * w` for channel `ch`), or a mark for padding.
+pub(crate) struct Offsets {
+    /// `[positions][stride]`, padded with marks.
+    values: Vec<u32>,
+    /// The tile's columns.
+    columns: usize,
+    /// Row length (`columns` rounded up to [`LANES`]).
+    stride: usize,
+    /// The largest offset in the table (0 if none).
+    max: usize,
+}
+
+impl Offsets {
+    /// An empty table for `positions` kernel positions and `columns` columns, or `None`
+    /// where an offset could exceed `limit` (the gathers take signed 32-bit offsets).
+    pub(crate) fn new(positions: usize, columns: usize, limit: usize) -> Option<Self> {
+        if limit > i32::MAX as usize {
+            return None;
+        }
+        let stride = columns.div_ceil(LANES) * LANES;
+        Some(Self {
+            values: vec![PADDING; positions * stride],
+            columns,
+            stride,
+            max: 0,
+        })
+    }
+
+    /// Sets column `column` of position `position` to read `offset`.
+    ///
+    /// # Panics
+    /// If the position or the column is out of range or `offset` exceeds `i32::MAX`.
+    #[inline]
+    pub(crate) fn set(&mut self, position: usize, column: usize, offset: usize) {
+        assert!(column < self.columns, "offset table column");
+        // The gathers take signed 32-bit offsets.
+        assert!(
+            offset <= i32::MAX as usize,
+            "offset table: offset beyond 31 bits"
+        );
+        self.values[position * self.stride + column] = offset as u32;
+        self.max = self.max.max(offset);
+    }
+
+    /// The row of position `position`.
+    pub(crate) fn row(&self, position: usize) -> OffsetRow<'_> {
+        OffsetRow {
+            values: &self.values[position * self.stride..][..self.stride],
+            columns: self.columns,
+            max: self.max,
+        }
+    }
+}
+
+/// One kernel position's row of an [`Offsets`] table.
+#[derive(Clone, Copy)]
+pub struct OffsetRow<'a> {
+    /// Offsets, a multiple of [`LANES`] long, marks past `columns`.
+    values: &'a [u32],
+    columns: usize,
+    /// At least every offset in `values` other than the marks.
+    max: usize,
+}
+
+impl OffsetRow<'_> {
+    /// Checks that `base + offset` lies inside a slice of `len` values for every offset,
+    /// and that `out_len` holds the row's columns.
+    ///
+    /// # Panics
+    /// If not.
+    fn check(&self, base: usize, len: usize, out_len: usize) {
+        assert!(out_len >= self.columns, "offset row: too few columns");
+        assert!(
+            base.checked_add(self.max).is_some_and(|last| last < len),
+            "offset row: offsets outside the input"
+        );
+    }
+}
+
+/// The portable [`Real::gather_row`].
+///
+/// # Panics
+/// If an offset reads outside `x` or `out` is shorter than the row.
+pub(crate) fn gather_row<T: Real>(x: &[T], base: usize, row: OffsetRow<'_>, out: &mut [T]) {
+    row.check(base, x.len(), out.len());
+    for (v, &offset) in out[..row.columns].iter_mut().zip(row.values) {
+        *v = if offset == PADDING {
+            T::ZERO
+        } else {
+            x[base + offset as usize]
+        };
+    }
+}
+
+/// The portable [`Real::scatter_add_row`].
+///
+/// # Panics
+/// If an offset writes outside `dx` or `values` is shorter than the row.
+pub(crate) fn scatter_add_row<T: Real>(
+    values: &[T],
+    dx: &mut [T],
+    base: usize,
+    row: OffsetRow<'_>,
+) {
+    row.check(base, dx.len(), values.len());
+    for (&v, &offset) in values[..row.columns].iter().zip(row.values) {
+        if offset != PADDING {
+            dx[base + offset as usize] += v;
+        }
+    }
+}
+
+/// Whether [`gather_row_f32`] and [`scatter_add_row_f32`] run on vectors here.
+pub(crate) fn f32_rows_vectorized() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`gather_row`] for `f32`, on AVX-512 gathers where the CPU has them.
+///
+/// # Panics
+/// As [`gather_row`].
+pub(crate) fn gather_row_f32(x: &[f32], base: usize, row: OffsetRow<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            row.check(base, x.len(), out.len());
+            // SAFETY: the CPU has AVX-512F and the arguments passed `check`.
+            unsafe { avx512::gather(x, base, row, out) };
+            return;
+        }
+    }
+    gather_row(x, base, row, out)
+}
+
+/// [`scatter_add_row`] for `f32`, on AVX-512 gathers and scatters where the CPU has them.
+///
+/// # Panics
+/// As [`scatter_add_row`].
+pub(crate) fn scatter_add_row_f32(values: &[f32], dx: &mut [f32], base: usize, row: OffsetRow<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            row.check(base, dx.len(), values.len());
+            // SAFETY: the CPU has AVX-512F and the arguments passed `check`.
+            unsafe { avx512::scatter_add(values, dx, base, row) };
+            return;
+        }
+    }
+    scatter_add_row(values, dx, base, row)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{OffsetRow, LANES, PADDING};
+    use std::arch::x86_64::*;
+
+    /// The lanes of the chunk at `start` that hold one of the row's `columns`.
+    #[inline(always)]
+    fn in_row(start: usize, columns: usize) -> u16 {
+        let n = (columns - start).min(LANES);
+        ((1u32 << n) - 1) as u16
+    }
+
+    /// [`super::gather_row`] on `vgatherdps`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the arguments pass `OffsetRow::check`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather(x: &[f32], base: usize, row: OffsetRow<'_>, out: &mut [f32]) {
+        // SAFETY: base <= base + max < x.len() by `check`.
+        let from = unsafe { x.as_ptr().add(base) };
+        let to = out.as_mut_ptr();
+        let padding = _mm512_set1_epi32(PADDING as i32);
+        let mut start = 0;
+        while start < row.columns {
+            // SAFETY: row.values holds a multiple of LANES values and start < columns <=
+            // its length, so the 16 offsets at `start` are inside it. A lane that is not
+            // padding reads from[offset] with offset <= max, inside `x` by `check`
+            // (offsets are below i32::MAX, so the signed index is the offset); padding
+            // lanes are masked off and not accessed. The store writes out[start + i] only
+            // for start + i < columns <= out.len().
+            unsafe {
+                let offsets = _mm512_loadu_si512(row.values.as_ptr().add(start).cast());
+                let live = _mm512_cmpneq_epi32_mask(offsets, padding);
+                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, from);
+                _mm512_mask_storeu_ps(to.add(start), in_row(start, row.columns), v);
+            }
+            start += LANES;
+        }
+    }
+
+    /// [`super::scatter_add_row`] on `vgatherdps` and `vscatterdps`. The offsets of one
+    /// row are distinct (a kernel position maps distinct output pixels to distinct input
+    /// pixels), so no two lanes of a scatter write the same value.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; the arguments pass `OffsetRow::check`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scatter_add(
+        values: &[f32],
+        dx: &mut [f32],
+        base: usize,
+        row: OffsetRow<'_>,
+    ) {
+        // SAFETY: base <= base + max < dx.len() by `check`.
+        let to = unsafe { dx.as_mut_ptr().add(base) };
+        let padding = _mm512_set1_epi32(PADDING as i32);
+        let mut start = 0;
+        while start < row.columns {
+            // SAFETY: the offsets are read as in `gather`; `values` is read at start + i
+            // for lanes below `columns - start`, inside it by `check`; a lane that is not
+            // padding reads and writes to[offset], inside `dx` by `check`.
+            unsafe {
+                let offsets = _mm512_loadu_si512(row.values.as_ptr().add(start).cast());
+                let columns = in_row(start, row.columns);
+                let live = _mm512_cmpneq_epi32_mask(offsets, padding) & columns;
+                let v = _mm512_maskz_loadu_ps(columns, values.as_ptr().add(start));
+                let d = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, to);
+                _mm512_mask_i32scatter_ps::<4>(to, live, offsets, _mm512_add_ps(d, v));
+            }
+            start += LANES;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(columns: usize, offsets: &[Option<usize>]) -> Offsets {
+        let mut table = Offsets::new(1, columns, 1000).unwrap();
+        for (j, offset) in offsets.iter().enumerate() {
+            if let Some(offset) = offset {
+                table.set(0, j, *offset);
+            }
+        }
+        table
+    }
+
+    /// Rows of every length up to three vectors, with padding and distinct offsets: the
+    /// f32 path (vector where the CPU has AVX-512) against the definition.
+    #[test]
+    fn f32_rows_match_the_definition() {
+        let x: Vec<f32> = (0..200).map(|v| v as f32 * 0.5 - 3.0).collect();
+        for columns in 0..50 {
+            let offsets: Vec<Option<usize>> = (0..columns)
+                .map(|j| (j % 5 != 2).then_some((j * 37) % 97))
+                .collect();
+            let table = table(columns, &offsets);
+            for base in [0, 3, 100] {
+                let mut out = vec![f32::NAN; columns + 2];
+                gather_row_f32(&x, base, table.row(0), &mut out);
+                let mut portable = vec![f32::NAN; columns + 2];
+                gather_row(&x, base, table.row(0), &mut portable);
+                for (j, offset) in offsets.iter().enumerate() {
+                    let want = offset.map_or(0.0, |o| x[base + o]);
+                    assert_eq!(out[j], want);
+                    assert_eq!(portable[j], want);
+                }
+                assert!(out[columns].is_nan() && out[columns + 1].is_nan());
+
+                let values: Vec<f32> = (0..columns).map(|v| v as f32 + 0.25).collect();
+                let mut dx = x.clone();
+                scatter_add_row_f32(&values, &mut dx, base, table.row(0));
+                let mut want = x.clone();
+                for (j, offset) in offsets.iter().enumerate() {
+                    if let Some(o) = offset {
+                        want[base + o] += values[j];
+                    }
+                }
+                assert_eq!(dx, want);
+                let mut dx = x.clone();
+                scatter_add_row(&values, &mut dx, base, table.row(0));
+                assert_eq!(dx, want);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "offsets outside the input")]
+    fn a_row_reading_past_the_input_panics() {
+        let table = table(4, &[Some(0), None, Some(9), Some(3)]);
+        let x = [1.0f32; 12];
+        let mut out = [0.0f32; 4];
+        gather_row_f32(&x, 3, table.row(0), &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "offsets outside the input")]
+    fn a_row_writing_past_the_gradient_panics() {
+        let table = table(4, &[Some(0), None, Some(9), Some(3)]);
+        let values = [1.0f32; 4];
+        let mut dx = [0.0f32; 10];
+        scatter_add_row_f32(&values, &mut dx, 1, table.row(0));
+    }
+
+    #[test]
+    fn tables_too_large_for_32_bit_offsets_are_refused() {
+        assert!(Offsets::new(1, 4, i32::MAX as usize + 1).is_none());
+        assert!(Offsets::new(1, 4, i32::MAX as usize).is_some());
+    }
+}
