@@ -410,21 +410,10 @@ pub fn normalize_relu_max_pool(
         |i, values: &mut [f32], sources: &mut [u32]| {
             let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
             let plane = shape.plane_at(x, i);
-            if windows.relu_pairs_max(plane, [scale, shift], values, sources, NOT_PASSED) {
-                return;
+            // The ReLU passes above zero and NaN, as in `normalize`.
+            if !windows.relu_pairs_max(plane, [scale, shift], values, sources, NOT_PASSED) {
+                windows.relu_any_max(plane, [scale, shift], values, sources, NOT_PASSED);
             }
-            windows.each_max(
-                plane,
-                |v| v * scale + shift,
-                // The ReLU passes above zero and NaN, as in `normalize`.
-                |o, max| match max {
-                    Some((at, max)) if max > 0.0 || max.is_nan() => {
-                        values[o] = max;
-                        sources[o] = at as u32;
-                    }
-                    _ => sources[o] = NOT_PASSED,
-                },
-            );
         },
     )
 }

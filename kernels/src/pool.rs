@@ -56,7 +56,7 @@ impl Pool2d {
         );
     }
 
-    /// The windows of an output plane, laid out for [`Windows::each_max`].
+    /// The windows of an output plane, laid out for the loops of [`Windows`].
     pub(crate) fn windows(&self) -> Windows {
         let spans = |axis: usize| -> Vec<Range<usize>> {
             (0..self.output[axis])
@@ -72,6 +72,8 @@ impl Pool2d {
             rows: spans(0),
             cols: spans(1),
             width: w,
+            height: h,
+            across: [self.kernel[1], self.stride[1], self.padding[1]],
             pairs: self.kernel == [2, 2]
                 && self.stride == [2, 2]
                 && self.padding == [0, 0]
@@ -95,12 +97,21 @@ impl Pool2d {
 
 /// The windows of a pooling's output plane: each output row's input rows and each output
 /// column's input columns, clipped to the input.
+///
+/// A window's maximum is the first largest value in row-major order, a NaN winning (the
+/// last NaN), as PyTorch and burn pick it, so that a backward pass routes the gradient
+/// where theirs does; padding never wins. `each_max` (in the tests) is that definition,
+/// one window at a time; the loops here are vector code that gives the same results.
 #[derive(Debug, Clone)]
 pub(crate) struct Windows {
     rows: Vec<Range<usize>>,
     cols: Vec<Range<usize>>,
     /// The input plane's width.
     width: usize,
+    /// The input plane's height.
+    height: usize,
+    /// Kernel, stride and padding along the width.
+    across: [usize; 3],
     /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
     /// padding): the common case, with its own loops (`max_plane`, `relu_pairs_max`).
     pairs: bool,
@@ -109,10 +120,9 @@ pub(crate) struct Windows {
 impl Windows {
     /// Calls `f(o, window)` for each output position `o` of `plane` in row-major order,
     /// with the window's maximum of `value(v)` over its values `v` and where it is (an
-    /// index into `plane`): the first largest in row-major order, a NaN winning (the last
-    /// NaN), as PyTorch and burn pick it, so that a backward pass routes the gradient
-    /// where theirs does. `None` for a window with no input value (padding never wins).
-    #[inline(always)]
+    /// index into `plane`), as the type's documentation defines it; `None` for a window
+    /// with no input value. The reference the vector loops are tested against.
+    #[cfg(test)]
     pub(crate) fn each_max(
         &self,
         plane: &[f32],
@@ -142,11 +152,10 @@ impl Windows {
     }
 
     /// For 2 x 2 windows of stride 2 (else `false`, nothing written): with `v * scale +
-    /// shift` for each value `v` of `plane`, each window's maximum as
-    /// [`each_max`](Self::each_max) finds it, where it is above zero or NaN (a ReLU after
-    /// it), into `values[o]` and its index into `sources[o]`; elsewhere `0.0` and
-    /// `not_passed`. One branch-free pass over each pair of rows, which the compiler turns
-    /// into vector code (the general loop's write through a closure was scalar).
+    /// shift` for each value `v` of `plane`, each window's maximum (the type's rule),
+    /// where it is above zero or NaN (a ReLU after it), into `values[o]` and its index
+    /// into `sources[o]`; elsewhere `0.0` and `not_passed`. One branch-free pass over each
+    /// pair of rows, which the compiler turns into vector code.
     pub(crate) fn relu_pairs_max(
         &self,
         plane: &[f32],
@@ -185,6 +194,115 @@ impl Windows {
             }
         }
         true
+    }
+
+    /// Any window: with `v * scale + shift` for each value `v` of `plane`, each window's
+    /// maximum (the type's rule), where it is above zero or NaN (a ReLU after it), into
+    /// `values[o]` and its index into `sources[o]`; elsewhere `0.0` and `not_passed`.
+    ///
+    /// Vector code for every window shape: each input row is scaled once and split into
+    /// its `stride` phases (columns `stride * i + r`), with -inf where a window reaches
+    /// into the padding; a window's column `j` is then the same phase, shifted, for all
+    /// the windows of an output row, so the maxima of a row's windows are one
+    /// element-wise select per window position, visited in the windows' row-major order.
+    /// (Starting from -inf instead of the first value changes no result: -inf never wins,
+    /// and a window whose maximum is -inf is cut by the ReLU either way.)
+    pub(crate) fn relu_any_max(
+        &self,
+        plane: &[f32],
+        factors: [f32; 2],
+        values: &mut [f32],
+        sources: &mut [u32],
+        not_passed: u32,
+    ) {
+        // The widest vectors this CPU has (the same selects, so the same results).
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe {
+                    relu_any_max_avx512(self, plane, factors, values, sources, not_passed)
+                };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe {
+                    relu_any_max_avx2(self, plane, factors, values, sources, not_passed)
+                };
+            }
+        }
+        relu_any_max(self, plane, factors, values, sources, not_passed)
+    }
+}
+
+/// [`Windows::relu_any_max`] for any CPU, inlined into the versions for wider vectors.
+#[inline(always)]
+fn relu_any_max(
+    windows: &Windows,
+    plane: &[f32],
+    [scale, shift]: [f32; 2],
+    values: &mut [f32],
+    sources: &mut [u32],
+    not_passed: u32,
+) {
+    let (w, ow) = (windows.width, windows.cols.len());
+    let [kernel, stride, pad] = windows.across;
+    // Window column j reads column `stride * ox + j - pad` = phase r, block ox + q.
+    let shift_of = |j: usize| {
+        let d = j as isize - pad as isize;
+        (
+            d.div_euclid(stride as isize),
+            d.rem_euclid(stride as isize) as usize,
+        )
+    };
+    let q_min = shift_of(0).0;
+    let len = ow + (shift_of(kernel - 1).0 - q_min) as usize;
+    // phases[(y * stride + r) * len + i - q_min]: column stride * i + r of row y.
+    let mut phases = vec![f32::NEG_INFINITY; windows.height * stride * len];
+    for (y, row) in plane
+        .chunks_exact(w.max(1))
+        .take(windows.height)
+        .enumerate()
+    {
+        for r in 0..stride.min(w) {
+            let lo = ((-q_min) as usize).min(len);
+            let count = (w - r).div_ceil(stride).min(len - lo);
+            let dst = &mut phases[(y * stride + r) * len..][..len];
+            for (d, &v) in dst[lo..lo + count]
+                .iter_mut()
+                .zip(row[r..].iter().step_by(stride))
+            {
+                *d = v * scale + shift;
+            }
+        }
+    }
+    let mut best = vec![f32::NEG_INFINITY; ow];
+    let mut at = vec![0u32; ow];
+    for (oy, rows) in windows.rows.iter().enumerate() {
+        best.fill(f32::NEG_INFINITY);
+        for y in rows.clone() {
+            for j in 0..kernel {
+                let (q, r) = shift_of(j);
+                let from = (y * stride + r) * len + (q - q_min) as usize;
+                // The source index of window ox's column j, wrapping where that column
+                // is padding (-inf there, so it is never taken).
+                let first = ((y * w) as isize + j as isize - pad as isize) as u32;
+                let columns = best.iter_mut().zip(at.iter_mut());
+                for (ox, ((best, at), &v)) in columns.zip(&phases[from..from + ow]).enumerate() {
+                    let wins = (v > *best) | v.is_nan();
+                    let i = first.wrapping_add((stride * ox) as u32);
+                    *at = if wins { i } else { *at };
+                    *best = if wins { v } else { *best };
+                }
+            }
+        }
+        let values = &mut values[oy * ow..(oy + 1) * ow];
+        let sources = &mut sources[oy * ow..(oy + 1) * ow];
+        for (((value, source), &best), &at) in values.iter_mut().zip(sources).zip(&best).zip(&at) {
+            let passes = (best > 0.0) | best.is_nan();
+            *value = if passes { best } else { 0.0 };
+            *source = if passes { at } else { not_passed };
+        }
     }
 }
 
@@ -226,6 +344,30 @@ macro_rules! max_plane_for {
     };
 }
 
+/// `relu_any_max` compiled with the target feature `$feature` (safety: to be called on a
+/// CPU that has it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! relu_any_max_for {
+    ($name:ident, $feature:literal) => {
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(
+            windows: &Windows,
+            plane: &[f32],
+            factors: [f32; 2],
+            values: &mut [f32],
+            sources: &mut [u32],
+            not_passed: u32,
+        ) {
+            relu_any_max(windows, plane, factors, values, sources, not_passed)
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+relu_any_max_for!(relu_any_max_avx512, "avx512f");
+#[cfg(target_arch = "x86_64")]
+relu_any_max_for!(relu_any_max_avx2, "avx2");
+
 #[cfg(target_arch = "x86_64")]
 max_plane_for!(max_plane_avx512, "avx512f");
 #[cfg(target_arch = "x86_64")]
@@ -234,7 +376,7 @@ max_plane_for!(max_plane_avx2, "avx2");
 /// One plane of [`max_pool2d`], separable: for each output row, the maximum of every
 /// input column over the window's rows (whole rows at a time), then each window's
 /// maximum over its columns. Only the values are wanted here, not where they are
-/// ([`Windows::each_max`]). `column_max` holds an input row.
+/// (the rule of [`Windows`]). `column_max` holds an input row.
 #[inline(always)]
 fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
     let (w, ow) = (windows.width, windows.cols.len());
@@ -337,7 +479,7 @@ pub fn adaptive_avg_pool2d(input: [usize; 4], output: [usize; 2], x: &[f32], out
 mod tests {
     use super::*;
 
-    /// `max_pool2d` against `each_max` (the training path's window maxima) on padded,
+    /// `max_pool2d` against `each_max` (the definition of the window maxima) on padded,
     /// strided, odd-sized and NaN-holding inputs.
     #[test]
     fn max_pool_matches_the_window_maxima() {
@@ -381,6 +523,69 @@ mod tests {
                             "{input:?} {kernel:?}/{stride:?} pad {padding:?} at {o}: {} vs {want}",
                             dst[o]
                         );
+                    },
+                );
+            }
+        }
+    }
+
+    /// The vector loop of the fused batch norm + ReLU + max pooling against the window
+    /// maxima of `each_max` (the definition): every window shape, stride and padding,
+    /// ceil-mode windows that overhang the input, ties (the first largest wins), NaN and
+    /// infinities.
+    #[test]
+    fn relu_any_max_matches_the_window_maxima() {
+        const NOT_PASSED: u32 = u32::MAX;
+        for (input, [kernel, stride, padding], extra) in [
+            ([9, 10], [[3, 3], [2, 2], [1, 1]], 0),
+            ([16, 16], [[3, 3], [2, 2], [1, 1]], 0),
+            ([8, 8], [[2, 2], [2, 2], [0, 0]], 0),
+            ([7, 9], [[2, 3], [1, 2], [0, 1]], 1),
+            ([11, 12], [[3, 3], [3, 3], [1, 1]], 1),
+            ([5, 6], [[2, 2], [1, 3], [1, 1]], 0),
+            ([4, 5], [[3, 1], [2, 1], [1, 0]], 1),
+            ([3, 3], [[2, 2], [3, 3], [1, 1]], 0),
+        ] {
+            let output =
+                [0, 1].map(|a| (input[a] + 2 * padding[a] - kernel[a]) / stride[a] + 1 + extra);
+            let pool = Pool2d {
+                input: [1, 1, input[0], input[1]],
+                output,
+                kernel,
+                stride,
+                padding,
+            };
+            let windows = pool.windows();
+            for (seed, [scale, shift]) in [(0, [1.0, 0.0]), (1, [-0.5, 0.25]), (2, [2.0, -3.0])] {
+                let plane: Vec<f32> = (0..input[0] * input[1])
+                    .map(|i| match (i * 13 + seed * 7) % 31 {
+                        3 => f32::NAN,
+                        4 => f32::INFINITY,
+                        5 => f32::NEG_INFINITY,
+                        // Few distinct values, so that windows hold ties.
+                        j => (j % 5) as f32 - 2.0,
+                    })
+                    .collect();
+                let outputs = output[0] * output[1];
+                let (mut values, mut sources) = (vec![7.0; outputs], vec![7u32; outputs]);
+                windows.relu_any_max(
+                    &plane,
+                    [scale, shift],
+                    &mut values,
+                    &mut sources,
+                    NOT_PASSED,
+                );
+                windows.each_max(
+                    &plane,
+                    |v| v * scale + shift,
+                    |o, max| {
+                        let (want_value, want_source) = match max {
+                            Some((at, max)) if max > 0.0 || max.is_nan() => (max, at as u32),
+                            _ => (0.0, NOT_PASSED),
+                        };
+                        let same = values[o] == want_value || (values[o].is_nan() && want_value.is_nan());
+                        assert!(same, "{input:?} {kernel:?}/{stride:?} pad {padding:?} at {o}: {} vs {want_value}", values[o]);
+                        assert_eq!(sources[o], want_source, "{input:?} {kernel:?}/{stride:?} at {o}");
                     },
                 );
             }
