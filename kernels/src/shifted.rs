@@ -10,6 +10,8 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
+use std::ops::Range;
+
 use super::epilogue::Epilogue;
 use super::nested::{
     accumulator_strides, gemm, gemm_gathered, windows_partition_channels, Accumulator,
@@ -67,31 +69,55 @@ pub fn suits(plan: &ConvPlan) -> bool {
         && plan.window_depth >= 16
 }
 
-/// Copies image `image` of `x` into `dst` (`c` planes of `hp x wp`), zero borders and slack.
-fn pad_image<T: Real>(plan: &ConvPlan, padded: Padded, x: &[T], image: usize, dst: &mut [T]) {
+/// Copies the padded rows `rows` (of `0..hp`) of image `image` of `x` into their places
+/// in `dst` (`c` planes of `hp x wp`), with zero borders; with the last row, the zero
+/// slack after the planes too.
+fn pad_rows<T: Real>(
+    plan: &ConvPlan,
+    padded: Padded,
+    x: &[T],
+    image: usize,
+    rows: Range<usize>,
+    dst: &mut [T],
+) {
     let [h, w] = plan.input;
     let [pt, pl] = plan.pad;
     let c = plan.in_channels;
     let plane = padded.plane();
     let wp = padded.wp;
-    let rows = h.min(padded.hp.saturating_sub(pt));
     let cols = w.min(wp.saturating_sub(pl));
     let (planes, slack) = dst.split_at_mut((c * plane).min(dst.len()));
     // Each value written once: the image's values, zeros around them (not a fill of the
     // whole buffer first, which cost as much as the copy).
     for (ch, dst) in planes.chunks_exact_mut(plane).enumerate() {
         let src = &x[(image * c + ch) * h * w..][..h * w];
-        let (above, rest) = dst.split_at_mut(pt.min(padded.hp) * wp);
-        above.fill(T::ZERO);
-        let (body, below) = rest.split_at_mut(rows * wp);
-        for (y, row) in body.chunks_exact_mut(wp).enumerate() {
-            row[..pl].fill(T::ZERO);
-            row[pl..pl + cols].copy_from_slice(&src[y * w..y * w + cols]);
-            row[pl + cols..].fill(T::ZERO);
+        for (y, row) in dst
+            .chunks_exact_mut(wp)
+            .enumerate()
+            .take(rows.end)
+            .skip(rows.start)
+        {
+            match y.checked_sub(pt).filter(|&iy| iy < h) {
+                Some(iy) => {
+                    row[..pl].fill(T::ZERO);
+                    row[pl..pl + cols].copy_from_slice(&src[iy * w..iy * w + cols]);
+                    row[pl + cols..].fill(T::ZERO);
+                }
+                None => row.fill(T::ZERO),
+            }
         }
-        below.fill(T::ZERO);
     }
-    slack.fill(T::ZERO);
+    if rows.end >= padded.hp {
+        slack.fill(T::ZERO);
+    }
+}
+
+/// The padded rows that the valid wide columns `[q0, q1)` of an image read (a junk
+/// column may read one row further; its values are never emitted).
+fn rows_read(plan: &ConvPlan, padded: Padded, (q0, q1): (usize, usize)) -> Range<usize> {
+    let wp = padded.wp;
+    let reach = (plan.kernel[0] - 1) * plan.dilation[0];
+    q0 / wp..((q1 - 1) / wp + reach + 1).min(padded.hp)
 }
 
 /// Values of one padded image in pixel-major order (`hp * wp` pixels of `c` channels),
@@ -212,19 +238,31 @@ pub fn forward_task<T: Real>(
             // A 1 x 1 kernel without padding reads the image in place: its view of each
             // plane is the plane itself (no shift, no junk columns, no read past it).
             let in_place = plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output;
-            let image_buf: &[T] = if in_place {
-                let len = plan.in_channels * plane;
-                &x[image * len..(image + 1) * len]
-            } else {
-                let image_buf = grow(&mut ws.cols, padded.image_len(plan));
-                pad_image(plan, padded, x, image, image_buf);
-                image_buf
-            };
+            // Otherwise the image is padded tile by tile, the rows each tile reads and
+            // the previous ones did not, so that a tile's rows are still in the cache when
+            // the product packs them (and threads splitting one image pad only theirs).
+            let mut own = (!in_place).then(|| grow(&mut ws.cols, padded.image_len(plan)));
+            let mut padded_to = None;
             let mut q0 = t - image * wide;
             let q_end = stop - image * wide;
             while q0 < q_end {
                 let q1 = (q0 + tile).min(q_end);
                 let width = q1 - q0;
+                let image_buf: &[T] = match own.as_deref_mut() {
+                    Some(buf) => {
+                        let rows = rows_read(plan, padded, (q0, q1));
+                        let from = padded_to.unwrap_or(rows.start).max(rows.start);
+                        if rows.end > from {
+                            pad_rows(plan, padded, x, image, from..rows.end, buf);
+                            padded_to = Some(rows.end);
+                        }
+                        buf
+                    }
+                    None => {
+                        let len = plan.in_channels * plane;
+                        &x[image * len..(image + 1) * len]
+                    }
+                };
                 for (w, window) in plan.windows.iter().enumerate() {
                     if window.rows == 0 {
                         continue;
