@@ -12,6 +12,7 @@ const NR: usize = 16;
 
 pub(super) const MICRO: Micro = Micro {
     kernel: entry,
+    direct: None,
     mr: MR,
     nr: NR,
 };

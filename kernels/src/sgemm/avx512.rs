@@ -12,6 +12,7 @@ const NR: usize = 32;
 
 pub(super) const MICRO: Micro = Micro {
     kernel: entry,
+    direct: Some(direct_entry),
     mr: MR,
     nr: NR,
 };
@@ -24,14 +25,75 @@ unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     unsafe { kernel(kc, a, b, dst, add) }
 }
 
+/// # Safety
+/// The [`super::DirectKernel`] contract, on a CPU with AVX-512F ([`super::detect`] picks
+/// this kernel only there).
+unsafe fn direct_entry(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    offsets: *const usize,
+    dst: Tile,
+    add: bool,
+) {
+    // SAFETY: forwarded; the CPU has AVX-512F.
+    unsafe { direct(kc, a, b, offsets, dst, add) }
+}
+
+/// Lanes of the two vectors inside a tile's `cols` columns (masked lanes are neither read
+/// nor written).
+#[inline(always)]
+fn lanes(cols: usize) -> (__mmask16, __mmask16) {
+    let lane = |first: usize| -> __mmask16 {
+        let n = cols.saturating_sub(first).min(16);
+        ((1u32 << n) - 1) as __mmask16
+    };
+    (lane(0), lane(16))
+}
+
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
+    // SAFETY: p < kc, so b[p * NR..][..NR] is in the panel (all 32 lanes, zero-padded);
+    // the rest is the caller's promise.
+    unsafe { tile(kc, a, |p| b.add(p * NR), (!0, !0), dst, add) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn direct(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    offsets: *const usize,
+    dst: Tile,
+    add: bool,
+) {
+    // SAFETY: p < kc, so offsets[p] is one of the kc offsets, and b + offsets[p] + [0,
+    // cols) are valid values (the contract); the masks keep the loads among them.
+    unsafe { tile(kc, a, |p| b.add(*offsets.add(p)), lanes(dst.cols), dst, add) }
+}
+
+/// The tile's products: `rhs` row `p` (32 values, the masked lanes zero) at `b_row(p)`.
+///
+/// # Safety
+/// `a` holds `kc * MR` values; the masked lanes of `b_row(p)` for `p < kc` are valid
+/// values; `dst` as the [`super::Kernel`] contract.
+#[inline(always)]
+unsafe fn tile(
+    kc: usize,
+    a: *const f32,
+    b_row: impl Fn(usize) -> *const f32,
+    (b_lanes0, b_lanes1): (__mmask16, __mmask16),
+    dst: Tile,
+    add: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for p in 0..kc {
-        // SAFETY: p < kc, so a[p * MR..][..MR] and b[p * NR..][..NR] are in the panels.
+        // SAFETY: p < kc, so a[p * MR..][..MR] is in the panel; the loads of b read the
+        // lanes the caller vouches for.
         unsafe {
-            let b0 = _mm512_loadu_ps(b.add(p * NR));
-            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            let b = b_row(p);
+            let b0 = _mm512_maskz_loadu_ps(b_lanes0, b);
+            let b1 = _mm512_maskz_loadu_ps(b_lanes1, b.add(16));
             // The next lhs panel (the next call's, where this one is not the block's
             // last) on its way to L1 while this one is multiplied: weights come from L3 in
             // a network. A prefetch never faults, so past the block's end it is harmless.
@@ -44,13 +106,7 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) 
             }
         }
     }
-    // Lanes of the two vectors inside the tile's `cols` columns (masked lanes are neither
-    // read nor written).
-    let lanes = |first: usize| -> __mmask16 {
-        let n = dst.cols.saturating_sub(first).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    let (m0, m1) = (lanes(0), lanes(16));
+    let (m0, m1) = lanes(dst.cols);
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
         // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in the
         // tile the contract grants; the masks keep every access among them.

@@ -59,10 +59,26 @@ struct Tile {
 /// `j < dst.cols <= NR`.
 type Kernel = unsafe fn(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool);
 
+/// A micro-kernel that reads `rhs` in place: as [`Kernel`], with row `p` of `rhs` the
+/// `cols` values from `b + offsets[p]` (no packed panel: a product of few rows, such as
+/// a versatile layer's 32 primaries, would spend as long packing a gathered `rhs` as
+/// multiplying it).
+///
+/// Safety contract: as [`Kernel`], with `offsets` holding `kc` values and `b +
+/// offsets[p] + [0, dst.cols)` valid values for every `p < kc`.
+type DirectKernel =
+    unsafe fn(kc: usize, a: *const f32, b: *const f32, offsets: *const usize, dst: Tile, add: bool);
+
+/// Products of at most this many rows read a gathered unit-stride `rhs` in place where
+/// the CPU has a [`DirectKernel`].
+const DIRECT_ROWS: usize = 64;
+
 /// The micro-kernel this CPU runs, with its tile.
 #[derive(Clone, Copy)]
 struct Micro {
     kernel: Kernel,
+    /// The kernel reading `rhs` in place, where there is one.
+    direct: Option<DirectKernel>,
     mr: usize,
     nr: usize,
 }
@@ -575,7 +591,21 @@ unsafe fn serial(
     rhs: Side<'_>,
     finish: Option<(Done<'_>, [usize; 2])>,
 ) {
-    let Micro { kernel, mr, nr } = micro;
+    let Micro {
+        kernel,
+        direct,
+        mr,
+        nr,
+    } = micro;
+    // A gathered rhs of unit column stride, on a product of few rows: read in place.
+    let direct = direct
+        .filter(|_| {
+            m <= DIRECT_ROWS
+                && rhs.panels.is_none()
+                && rhs.strided.rs == 1
+                && !rhs.strided.ptr.is_null()
+        })
+        .zip(rhs.k_offsets);
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -603,19 +633,25 @@ unsafe fn serial(
             let strips = finish.filter(|_| pc + kc == k);
             // SAFETY: columns [jc, jc + nc) and depth [pc, pc + kc) are inside rhs; the
             // buffer holds ceil(nc / nr) * nr * kc values; jc is a multiple of NC, so of nr.
-            let packed_rhs = unsafe { rhs.block([jc, nc], [pc, kc], nr, rhs_buffer) };
+            let packed_rhs = if direct.is_some() {
+                std::ptr::null()
+            } else {
+                unsafe { rhs.block([jc, nc], [pc, kc], nr, rhs_buffer) }
+            };
             for ic in (0..m).step_by(MC) {
                 let mc = (m - ic).min(MC);
                 // SAFETY: as for rhs, with rows [ic, ic + mc) and mr.
                 let packed_lhs = unsafe { lhs.block([ic, mc], [pc, kc], mr, lhs_buffer) };
                 for jr in (0..nc).step_by(nr) {
                     let cols = (nc - jr).min(nr);
-                    // SAFETY: panel jr / nr of the rhs block: kc * nr values.
-                    let b = unsafe { packed_rhs.add(jr * kc) };
                     for ir in (0..mc).step_by(mr) {
                         let rows = (mc - ir).min(mr);
                         // SAFETY: panel ir / mr of the lhs block: kc * mr values; the tile
                         // (ic + ir, jc + jr) of dst has `rows x cols` values inside it.
+                        // In place, rhs row pc + p of columns jc + jr + [0, cols) is at
+                        // ptr + jc + jr + offsets[pc + p] (unit column stride), inside rhs
+                        // (sgemm's contract); packed, panel jr / nr of the block holds
+                        // kc * nr values.
                         unsafe {
                             let tile = Tile {
                                 ptr: dst.ptr.add((ic + ir) * dst.rs + jc + jr),
@@ -623,7 +659,18 @@ unsafe fn serial(
                                 rows,
                                 cols,
                             };
-                            kernel(kc, packed_lhs.add(ir * kc), b, tile, add);
+                            let a = packed_lhs.add(ir * kc);
+                            match direct {
+                                Some((direct, offsets)) => direct(
+                                    kc,
+                                    a,
+                                    rhs.strided.ptr.add(jc + jr),
+                                    offsets[pc..pc + kc].as_ptr(),
+                                    tile,
+                                    add,
+                                ),
+                                None => kernel(kc, a, packed_rhs.add(jr * kc), tile, add),
+                            }
                         }
                     }
                 }
