@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Micro, Tile};
+use super::{Micro, RhsRows, Tile};
 
 /// Rows of the tile.
 const MR: usize = 8;
@@ -28,16 +28,9 @@ unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
 /// # Safety
 /// The [`super::DirectKernel`] contract, on a CPU with AVX-512F ([`super::detect`] picks
 /// this kernel only there).
-unsafe fn direct_entry(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    offsets: *const usize,
-    dst: Tile,
-    add: bool,
-) {
+unsafe fn direct_entry(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
     // SAFETY: forwarded; the CPU has AVX-512F.
-    unsafe { direct(kc, a, b, offsets, dst, add) }
+    unsafe { direct(kc, a, b, dst, add) }
 }
 
 /// Lanes of the two vectors inside a tile's `cols` columns (masked lanes are neither read
@@ -59,17 +52,18 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) 
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn direct(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    offsets: *const usize,
-    dst: Tile,
-    add: bool,
-) {
-    // SAFETY: p < kc, so offsets[p] is one of the kc offsets, and b + offsets[p] + [0,
-    // cols) are valid values (the contract); the masks keep the loads among them.
-    unsafe { tile(kc, a, |p| b.add(*offsets.add(p)), lanes(dst.cols), dst, add) }
+unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
+    let lanes = lanes(dst.cols);
+    // SAFETY: for p < kc the row's `cols` values are valid (the contract); the masks keep
+    // the loads among them. (One loop per kind of row address, not a branch per `p`.)
+    unsafe {
+        match b {
+            RhsRows::Offsets(b, offsets) => {
+                tile(kc, a, |p| b.add(*offsets.add(p)), lanes, dst, add)
+            }
+            RhsRows::Strided(b, stride) => tile(kc, a, |p| b.add(p * stride), lanes, dst, add),
+        }
+    }
 }
 
 /// The tile's products: `rhs` row `p` (32 values, the masked lanes zero) at `b_row(p)`.

@@ -59,18 +59,26 @@ struct Tile {
 /// `j < dst.cols <= NR`.
 type Kernel = unsafe fn(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool);
 
-/// A micro-kernel that reads `rhs` in place: as [`Kernel`], with row `p` of `rhs` the
-/// `cols` values from `b + offsets[p]` (no packed panel: a product of few rows, such as
-/// a versatile layer's 32 primaries, would spend as long packing a gathered `rhs` as
-/// multiplying it).
-///
-/// Safety contract: as [`Kernel`], with `offsets` holding `kc` values and `b +
-/// offsets[p] + [0, dst.cols)` valid values for every `p < kc`.
-type DirectKernel =
-    unsafe fn(kc: usize, a: *const f32, b: *const f32, offsets: *const usize, dst: Tile, add: bool);
+/// Where the rows of an `rhs` read in place start, from the tile's first column.
+#[derive(Clone, Copy)]
+enum RhsRows {
+    /// Row `p` at `ptr + offsets[p]` (a gathered operand's `k` offsets).
+    Offsets(*const f32, *const usize),
+    /// Row `p` at `ptr + p * stride`.
+    Strided(*const f32, usize),
+}
 
-/// Products of at most this many rows read a gathered unit-stride `rhs` in place where
-/// the CPU has a [`DirectKernel`].
+/// A micro-kernel that reads `rhs` in place: as [`Kernel`], with row `p` of `rhs` the
+/// `dst.cols` values from where [`RhsRows`] puts it (no packed panel: a product of few
+/// rows, such as a versatile layer's 32 primaries, would spend as long packing its `rhs`
+/// as multiplying it).
+///
+/// Safety contract: as [`Kernel`], with `offsets` (where given) holding `kc` values and
+/// the `dst.cols` values of row `p` valid for every `p < kc`.
+type DirectKernel = unsafe fn(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool);
+
+/// Products of at most this many rows read a unit-stride `rhs` in place where the CPU
+/// has a [`DirectKernel`].
 const DIRECT_ROWS: usize = 64;
 
 /// The micro-kernel this CPU runs, with its tile.
@@ -597,15 +605,13 @@ unsafe fn serial(
         mr,
         nr,
     } = micro;
-    // A gathered rhs of unit column stride, on a product of few rows: read in place.
-    let direct = direct
-        .filter(|_| {
-            m <= DIRECT_ROWS
-                && rhs.panels.is_none()
-                && rhs.strided.rs == 1
-                && !rhs.strided.ptr.is_null()
-        })
-        .zip(rhs.k_offsets);
+    // An rhs of unit column stride, on a product of few rows: read in place.
+    let direct = direct.filter(|_| {
+        m <= DIRECT_ROWS
+            && rhs.panels.is_none()
+            && rhs.strided.rs == 1
+            && !rhs.strided.ptr.is_null()
+    });
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -648,10 +654,10 @@ unsafe fn serial(
                         let rows = (mc - ir).min(mr);
                         // SAFETY: panel ir / mr of the lhs block: kc * mr values; the tile
                         // (ic + ir, jc + jr) of dst has `rows x cols` values inside it.
-                        // In place, rhs row pc + p of columns jc + jr + [0, cols) is at
-                        // ptr + jc + jr + offsets[pc + p] (unit column stride), inside rhs
-                        // (sgemm's contract); packed, panel jr / nr of the block holds
-                        // kc * nr values.
+                        // In place, rhs row pc + p of columns jc + jr + [0, cols) (unit
+                        // column stride) starts at ptr + jc + jr + offsets[pc + p], or
+                        // + (pc + p) * cs, inside rhs (sgemm's contract); packed, panel
+                        // jr / nr of the block holds kc * nr values.
                         unsafe {
                             let tile = Tile {
                                 ptr: dst.ptr.add((ic + ir) * dst.rs + jc + jr),
@@ -661,14 +667,19 @@ unsafe fn serial(
                             };
                             let a = packed_lhs.add(ir * kc);
                             match direct {
-                                Some((direct, offsets)) => direct(
-                                    kc,
-                                    a,
-                                    rhs.strided.ptr.add(jc + jr),
-                                    offsets[pc..pc + kc].as_ptr(),
-                                    tile,
-                                    add,
-                                ),
+                                Some(direct) => {
+                                    let b = rhs.strided.ptr.add(jc + jr);
+                                    let rows = match rhs.k_offsets {
+                                        Some(offsets) => {
+                                            RhsRows::Offsets(b, offsets[pc..pc + kc].as_ptr())
+                                        }
+                                        None => RhsRows::Strided(
+                                            b.add(pc * rhs.strided.cs),
+                                            rhs.strided.cs,
+                                        ),
+                                    };
+                                    direct(kc, a, rows, tile, add)
+                                }
                                 None => kernel(kc, a, packed_rhs.add(jr * kc), tile, add),
                             }
                         }
