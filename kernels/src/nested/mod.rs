@@ -47,6 +47,23 @@ pub struct Gradients<T> {
     pub bias: Option<Vec<T>>,
 }
 
+/// Whether the ring layout of the plan's weight is the weight itself (one ring holding
+/// every kernel position in row-major order: a dense convolution), so that it is read in
+/// place instead of copied.
+fn ring_layout_is_identity(plan: &ConvPlan) -> bool {
+    let [kh, kw] = plan.kernel;
+    match plan.rings.as_slice() {
+        [ring] => {
+            ring.len() == kh * kw
+                && ring
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &(ky, kx))| ky * kw + kx == i)
+        }
+        _ => false,
+    }
+}
+
 /// Whether the plan's single window covers the whole weight, so that the first write of
 /// a weight-gradient buffer can overwrite instead of accumulating.
 fn weight_covered(plan: &ConvPlan) -> bool {
@@ -397,6 +414,7 @@ fn forward_core<T: Real>(
     workspace::with::<T, _>(Slot::Call, |call| {
         let (ringed, prepared): (&[T], _) = match weight {
             Weight::Ringed(ringed, panels) => (ringed, panels),
+            Weight::Plain(weight) if ring_layout_is_identity(plan) => (weight, None),
             Weight::Plain(weight) => {
                 let ringed = grow(&mut call.weight, plan.weight_len());
                 to_ring_layout(plan, &layout, weight, ringed);
@@ -510,9 +528,16 @@ pub fn backward<T: Real>(
         workspace::with::<T, _>(Slot::Call, |call| {
             let weight_len = plan.weight_len();
             let dw_len = if needs.weight { weight_len } else { 0 };
-            let buffer = grow(&mut call.weight, weight_len + dw_len);
-            let (ringed, dw_ringed) = buffer.split_at_mut(weight_len);
-            to_ring_layout(plan, &layout, weight, ringed);
+            let identity = ring_layout_is_identity(plan);
+            let ringed_len = if identity { 0 } else { weight_len };
+            let buffer = grow(&mut call.weight, ringed_len + dw_len);
+            let (ringed, dw_ringed) = buffer.split_at_mut(ringed_len);
+            let ringed: &[T] = if identity {
+                weight
+            } else {
+                to_ring_layout(plan, &layout, weight, ringed);
+                ringed
+            };
             let tasks = backward_tasks(
                 (plan, &layout, x, ringed),
                 grad_out,
@@ -527,7 +552,11 @@ pub fn backward<T: Real>(
             };
             trace::note(Pass::Backward, traced, tasks);
             if needs.weight {
-                dw = Some(from_ring_layout(plan, &layout, dw_ringed));
+                dw = Some(if identity {
+                    dw_ringed.to_vec()
+                } else {
+                    from_ring_layout(plan, &layout, dw_ringed)
+                });
             }
         });
     } else if needs.weight {
@@ -537,5 +566,37 @@ pub fn backward<T: Real>(
         x: dx,
         weight: dw,
         bias,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dense plan's weight is read in place; reordered or split positions are copied.
+    #[test]
+    fn only_one_row_major_ring_is_the_identity_layout() {
+        let dense = |kernel: usize| {
+            let pad = kernel / 2;
+            ConvPlan::dense(
+                [1, 4, 6, 6],
+                8,
+                [kernel; 2],
+                [1, 1],
+                [1, 1],
+                1,
+                [(pad, pad); 2],
+            )
+            .unwrap()
+        };
+        assert!(ring_layout_is_identity(&dense(3)));
+        assert!(ring_layout_is_identity(&dense(1)));
+        let mut swapped = dense(3);
+        swapped.rings[0].swap(0, 4);
+        assert!(!ring_layout_is_identity(&swapped));
+        let mut ringed = dense(3);
+        let centre = ringed.rings[0].remove(4);
+        ringed.rings.push(vec![centre]);
+        assert!(!ring_layout_is_identity(&ringed));
     }
 }
