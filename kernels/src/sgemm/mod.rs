@@ -4,16 +4,16 @@
 //! The layout follows the classic packed design (BLIS, MLAS): both operands are copied
 //! into panels the micro-kernel reads in order (`lhs` as `MR` rows interleaved per `k`,
 //! `rhs` as `NR` columns per `k`, zero-padded at the edges); `k` is cut in blocks of
-//! [`KC`] so that one `rhs` panel stays in L1 while the `lhs` panels of a block of
-//! [`MC`] rows stream from L2; the micro-kernel keeps an `MR x NR` tile of `dst` in
-//! registers ([`avx512`]: 8 x 32, [`avx2`]: 6 x 16, chosen at run time).
+//! `KC` so that one `rhs` panel stays in L1 while the `lhs` panels of a block of
+//! `MC` rows stream from L2; the micro-kernel keeps an `MR x NR` tile of `dst` in
+//! registers (`avx512`: 8 x 32, `avx2`: 6 x 16, chosen at run time).
 //!
 //! Every value of `dst` is its `k` products summed in increasing `k`, one fused
 //! multiply-add at a time, block by block, each block's sum added to `dst` in order. So
 //! the bits do not depend on the split over threads, on the tile a value falls in, or on
 //! which micro-kernel ran: a run is reproducible on any machine with FMA.
 //!
-//! [`sgemm`] declines (returns `false`) where the CPU has neither AVX-512 nor AVX2 + FMA,
+//! `sgemm` declines (returns `false`) where the CPU has neither AVX-512 nor AVX2 + FMA,
 //! where `dst` has no unit stride, or where the product is too skinny to fill half of
 //! the micro-kernel's tiles (unless an operand is gathered through `k` offsets, which
 //! only sgemm reads); the caller then uses the `gemm` crate.
@@ -119,7 +119,7 @@ fn detect() -> Option<Micro> {
     None
 }
 
-/// Which micro-kernel [`sgemm`] runs on this CPU: `"avx512"`, `"avx2"` or `None` (the
+/// Which micro-kernel `sgemm` runs on this CPU: `"avx512"`, `"avx2"` or `None` (the
 /// `gemm` crate). `VERSATILE_SGEMM=avx2` or `=gemm` in the environment picks a lesser one
 /// (for benchmarks and tests).
 pub fn micro_kernel() -> Option<&'static str> {
