@@ -300,6 +300,31 @@ pub fn col2im<T: Real>(
     }
 }
 
+/// The rows of a tile's column matrix in order, each as the offset of its channel's plane
+/// in an image, its kernel position's row in the tile's [`Offsets`], and whether some
+/// column reads the input there.
+fn table_rows<'a>(
+    plan: &'a ConvPlan,
+    table: &'a RunTable,
+) -> impl Iterator<Item = (usize, usize, bool)> + 'a {
+    let plane = plan.input[0] * plan.input[1];
+    let first_positions = plan.rings.iter().scan(0, |next, ring| {
+        let first = *next;
+        *next += ring.len();
+        Some(first)
+    });
+    table
+        .reads
+        .iter()
+        .zip(first_positions)
+        .flat_map(move |(reads, first)| {
+            (0..plan.in_channels).flat_map(move |ch| {
+                let rows = reads.iter().enumerate();
+                rows.map(move |(p, &read)| (ch * plane, first + p, read))
+            })
+        })
+}
+
 /// [`im2col`] through an offset table of the tile: one gather per row.
 fn im2col_by_offsets<T: Real>(
     plan: &ConvPlan,
@@ -309,22 +334,13 @@ fn im2col_by_offsets<T: Real>(
     width: usize,
     cols: &mut [T],
 ) {
-    let plane = plan.input[0] * plan.input[1];
-    let mut row = 0;
-    let mut first_position = 0;
-    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
-        for ch in 0..plan.in_channels {
-            for (p, &read) in reads.iter().enumerate() {
-                let dst = &mut cols[row * width..(row + 1) * width];
-                row += 1;
-                if read {
-                    T::gather_row(x, ch * plane, offsets.row(first_position + p), dst);
-                } else {
-                    dst.fill(T::ZERO);
-                }
-            }
+    for (row, (base, position, read)) in table_rows(plan, table).enumerate() {
+        let dst = &mut cols[row * width..(row + 1) * width];
+        if read {
+            T::gather_row(x, base, offsets.row(position), dst);
+        } else {
+            dst.fill(T::ZERO);
         }
-        first_position += ring.len();
     }
 }
 
@@ -338,20 +354,11 @@ fn col2im_by_offsets<T: Real>(
     width: usize,
     dx: &mut [T],
 ) {
-    let plane = plan.input[0] * plan.input[1];
-    let mut row = 0;
-    let mut first_position = 0;
-    for (ring, reads) in plan.rings.iter().zip(&table.reads) {
-        for ch in 0..plan.in_channels {
-            for (p, &read) in reads.iter().enumerate() {
-                let src = &cols[row * width..(row + 1) * width];
-                row += 1;
-                if read {
-                    T::scatter_add_row(src, dx, ch * plane, offsets.row(first_position + p));
-                }
-            }
+    for (row, (base, position, read)) in table_rows(plan, table).enumerate() {
+        if read {
+            let src = &cols[row * width..(row + 1) * width];
+            T::scatter_add_row(src, dx, base, offsets.row(position));
         }
-        first_position += ring.len();
     }
 }
 
