@@ -1,5 +1,8 @@
-//! Runs one dense convolution through the inference kernel (packed weight, bias and
-//! ReLU in the write) many times, for profiling one layer shape alone (`perf record`).
+//! Runs one convolution through the inference kernel (packed weight, bias and ReLU in
+//! the write) many times, for profiling one layer shape alone (`perf record`): dense, or
+//! with `SPATIAL=1` in the environment the spatial versatile layer of the same shape;
+//! `POOL=1` pools the output 2 x 2 in the write; `FLUSH=1` writes 256 MiB between runs,
+//! so that the layer starts from cold caches, as inside a network.
 //!
 //! ```text
 //! cargo run --release --example conv_steps -- IN OUT KERNEL SIDE [STRIDE=1] [BATCH=1] [RUNS=50]
@@ -8,6 +11,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use versatile::layer::{ChannelMode, Geometry, GeometrySpec};
 use versatile_kernels::tuning::Strategy;
 use versatile_kernels::{forward_packed, ConvPlan, Epilogue, PackedWeight};
 
@@ -18,15 +22,31 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let (cin, cout, kernel, side) = (arg(0, 512)?, arg(1, 512)?, arg(2, 3)?, arg(3, 14)?);
     let (stride, batch, runs) = (arg(4, 1)?, arg(5, 1)?, arg(6, 50)?.max(1));
     let pad = kernel / 2;
-    let plan = ConvPlan::dense(
-        [batch, cin, side, side],
-        cout,
-        [kernel; 2],
-        [stride; 2],
-        [1, 1],
-        1,
-        [(pad, pad); 2],
-    )?;
+    let input = [batch, cin, side, side];
+    let plan = if std::env::var("SPATIAL").is_ok_and(|v| v == "1") {
+        Geometry::new(GeometrySpec {
+            in_channels: cin,
+            out_channels: cout,
+            kernel_size: [kernel; 2],
+            stride: [stride; 2],
+            dilation: [1, 1],
+            groups: 1,
+            delta: 0,
+            g: 1,
+            mode: ChannelMode::Shared,
+        })?
+        .plan(input, [(pad, pad); 2])?
+    } else {
+        ConvPlan::dense(
+            input,
+            cout,
+            [kernel; 2],
+            [stride; 2],
+            [1, 1],
+            1,
+            [(pad, pad); 2],
+        )?
+    };
     // TILE=columns and STRATEGY=im2col|shifted in the environment override the tile
     // width and the layout (for tuning runs).
     let mut tuning = plan.tuning();
@@ -47,15 +67,27 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let x: Vec<f32> = (0..plan.input_len())
         .map(|i| ((i * 104_729) % 255) as f32 / 255.0 - 0.5)
         .collect();
-    let mut out = vec![0.0f32; plan.output_len()];
     let epilogue = Epilogue {
         shift: Some(&bias),
         relu: true,
+        pool: std::env::var("POOL").is_ok_and(|v| v == "1"),
         ..Epilogue::default()
     };
+    let mut out = vec![0.0f32; epilogue.output_len(&plan)];
     forward_packed(&plan, &x, &packed, &epilogue, &mut out);
     let mut times = Vec::with_capacity(runs);
-    for _ in 0..runs {
+    let mut flush = vec![
+        0u8;
+        if std::env::var("FLUSH").is_ok() {
+            256 << 20
+        } else {
+            0
+        }
+    ];
+    for run in 0..runs {
+        for v in flush.iter_mut().step_by(64) {
+            *v = run as u8;
+        }
         let start = Instant::now();
         forward_packed(&plan, &x, &packed, &epilogue, &mut out);
         times.push(start.elapsed().as_secs_f64());

@@ -114,6 +114,7 @@ fn nested_dense_conv_matches_burn_conv2d() {
             tile_columns: [None, Some(5), Some(23)][rng.range(0, 2)],
             // Parallel tasks from a few columns on, so small inputs split too.
             min_task_columns: 16,
+            band_bytes: [0, tuning::BAND_BYTES][rng.range(0, 1)],
         });
         let layout = match strategy {
             Strategy::Im2col => Some(Layout::Im2col),

@@ -69,10 +69,13 @@ fn compare_random(
             Strategy::Shifted,
             Strategy::Stream,
         ]);
+        // The shifted path pads these small images whole, or a band of rows per tile.
+        let band_bytes = rng.pick(&[0, tuning::BAND_BYTES]);
         let _tuning = tuning::scoped(Tuning {
             strategy,
             tile_columns,
             min_task_columns,
+            band_bytes,
         });
         let mut layer = config.init(&device);
         let weight_shape = layer.weight.dims();

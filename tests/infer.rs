@@ -171,3 +171,32 @@ fn inputs_the_plan_was_not_compiled_for_are_refused() {
         assert!(!err.to_string().is_empty(), "{shape:?}");
     }
 }
+
+/// VGG's 2 x 2 poolings run in the write of the convolutions before them where those
+/// run on the shifted path (the comparisons above check the values); others, and a
+/// pooling after anything but a convolution, stay steps of their own.
+#[test]
+fn poolings_after_shifted_convolutions_run_in_their_write() {
+    let config = ModelConfig::parse("vgg_small", "spatial")
+        .unwrap()
+        .with_in_channels(1)
+        .with_num_classes(10);
+    let model = model(&config, 5);
+    let shape = [2, 1, 28, 28];
+    let mut plan = InferencePlan::compile(&model, shape).unwrap();
+    let input = vec![0.5; shape.iter().product()];
+    let names: Vec<String> = plan
+        .profile(&input, 1)
+        .unwrap()
+        .into_iter()
+        .map(|step| step.name)
+        .collect();
+    let fused = names
+        .iter()
+        .filter(|n| n.ends_with("+ 2x2 max pool"))
+        .count();
+    let alone = names.iter().filter(|n| *n == "max pool").count();
+    // 32-32-M-64-64-M-128-128-M on 28 x 28: the poolings at 28 x 28 and 14 x 14 follow
+    // shifted convolutions; the one at 7 x 7 follows one on im2col, and its height is odd.
+    assert_eq!((fused, alone), (2, 1), "{names:?}");
+}

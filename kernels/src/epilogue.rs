@@ -21,6 +21,10 @@ pub struct Epilogue<'a, T> {
     pub residual: Option<&'a [T]>,
     /// Whether negative values become zero.
     pub relu: bool,
+    /// Whether a 2 x 2 max pooling of stride 2 follows (floor mode, no padding; a NaN
+    /// wins, as [`crate::pool::max_pool2d`]): the output is then `[batch, n, out_h / 2,
+    /// out_w / 2]`, and the full-size output is never written. Not with a residual.
+    pub pool: bool,
 }
 
 impl<T> Default for Epilogue<'_, T> {
@@ -30,6 +34,7 @@ impl<T> Default for Epilogue<'_, T> {
             shift: None,
             residual: None,
             relu: false,
+            pool: false,
         }
     }
 }
@@ -78,6 +83,10 @@ impl<'a, T: Real> Epilogue<'a, T> {
                 assert_eq!(values.len(), plan.out_channels(), "epilogue {what} length");
             }
         }
+        assert!(
+            !(self.pool && self.residual.is_some()),
+            "an epilogue pools or adds a residual, not both"
+        );
         if let Some(residual) = self.residual {
             assert_eq!(
                 residual.len(),
@@ -85,6 +94,56 @@ impl<'a, T: Real> Epilogue<'a, T> {
                 "epilogue residual length"
             );
         }
+    }
+
+    /// Values of the output this epilogue writes for `plan`: the plan's output, or the
+    /// pooled one.
+    pub fn output_len(&self, plan: &ConvPlan) -> usize {
+        if self.pool {
+            let [batch, n, h, w] = plan.output_shape();
+            batch * n * (h / 2) * (w / 2)
+        } else {
+            plan.output_len()
+        }
+    }
+
+    /// Writes one pooled output row: `out[at + i]` for `i < len`, the maximum of the
+    /// 2 x 2 window at column `2i` of the two accumulated rows `top` and `bottom` (each
+    /// `2 * len` values, `acc_cs` apart) of a channel with factors `factors`, each value
+    /// through [`write_run`](Self::write_run) first. `rows` is scratch of `4 * len`
+    /// values. (The same selects, in the same order, as `max_pool2d` on the written
+    /// output, so the same values.)
+    ///
+    /// # Safety
+    /// `out + at + [0, len)` must be valid for writes and not accessed by anyone else
+    /// meanwhile; `top + i * acc_cs` and `bottom + i * acc_cs` must be valid for reads,
+    /// and not written meanwhile, for every `i < 2 * len`. No residual (`check`).
+    pub(super) unsafe fn write_pooled_row(
+        &self,
+        ([top, bottom], acc_cs): ([*const T; 2], usize),
+        factors: (T, T),
+        rows: &mut [T],
+        out: *mut T,
+        at: usize,
+        len: usize,
+    ) {
+        let (column_max, bottom_row) = rows[..4 * len].split_at_mut(2 * len);
+        // SAFETY: the caller's promise for the accumulator; the scratch rows hold 2 * len
+        // values each; without a residual `write_run` reads nothing at `at`.
+        unsafe {
+            self.write_run((top, acc_cs), factors, column_max.as_mut_ptr(), 0, 2 * len);
+            self.write_run(
+                (bottom, acc_cs),
+                factors,
+                bottom_row.as_mut_ptr(),
+                0,
+                2 * len,
+            );
+        }
+        crate::pool::rows_max(column_max, bottom_row);
+        // SAFETY: the caller grants exclusive access to out[at..at + len].
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(at), len) };
+        crate::pool::pairs_max(column_max, dst);
     }
 
     /// The `(scale, shift)` of output channel `ch`.

@@ -6,6 +6,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::Real;
+
 /// A pooling window over every plane of a `[batch, channels, height, width]` map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pool2d {
@@ -380,8 +382,6 @@ max_plane_for!(max_plane_avx2, "avx2");
 #[inline(always)]
 fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
     let (w, ow) = (windows.width, windows.cols.len());
-    // The larger of two values, a NaN winning (a select, so the loops vectorize).
-    let larger = |best: f32, v: f32| if (v > best) | v.is_nan() { v } else { best };
     for (rows, dst) in windows.rows.iter().zip(dst.chunks_exact_mut(ow.max(1))) {
         if rows.is_empty() {
             dst.fill(0.0);
@@ -389,15 +389,10 @@ fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut
         }
         column_max.copy_from_slice(&plane[rows.start * w..][..w]);
         for y in rows.start + 1..rows.end {
-            for (best, &v) in column_max.iter_mut().zip(&plane[y * w..][..w]) {
-                *best = larger(*best, v);
-            }
+            rows_max(column_max, &plane[y * w..][..w]);
         }
         if windows.pairs {
-            // Side-by-side pairs of columns: a loop that vectorizes.
-            for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
-                *d = larger(pair[0], pair[1]);
-            }
+            pairs_max(column_max, dst);
             continue;
         }
         for (d, cols) in dst.iter_mut().zip(&windows.cols) {
@@ -406,6 +401,38 @@ fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut
                 None => 0.0,
             };
         }
+    }
+}
+
+/// The larger of two values, a NaN winning (a select, so the loops vectorize): the
+/// maximum of max pooling.
+#[inline(always)]
+fn larger<T: Real>(best: T, v: T) -> T {
+    // (`v != v`: NaN, for any `Real`.)
+    #[allow(clippy::eq_op)]
+    let wins = (v > best) | (v != v);
+    if wins {
+        v
+    } else {
+        best
+    }
+}
+
+/// `best[i] = larger(best[i], row[i])`: one more input row into a row of column maxima.
+#[inline(always)]
+pub(crate) fn rows_max<T: Real>(best: &mut [T], row: &[T]) {
+    for (best, &v) in best.iter_mut().zip(row) {
+        *best = larger(*best, v);
+    }
+}
+
+/// `dst[i] = larger(column_max[2i], column_max[2i + 1])`: the windows of a 2 x 2 pooling
+/// of stride 2 along a row of column maxima (side-by-side pairs: a loop that
+/// vectorizes).
+#[inline(always)]
+pub(crate) fn pairs_max<T: Real>(column_max: &[T], dst: &mut [T]) {
+    for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
+        *d = larger(pair[0], pair[1]);
     }
 }
 

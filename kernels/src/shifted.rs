@@ -46,9 +46,23 @@ impl Padded {
         self.hp * self.wp
     }
 
-    /// Values of one padded image, with slack for the junk columns' reads past the end.
-    pub fn image_len(&self, plan: &ConvPlan) -> usize {
-        plan.in_channels * self.plane() + self.wp + plan.kernel[1] * plan.dilation[1]
+    /// Padded rows a forward tile of `tile` wide columns pads: the rows it reads (its own,
+    /// one more where it starts inside a row, and the kernel's reach below them); or
+    /// every row where the padded image is small enough to stay in the cache, padded
+    /// once (the plan's [`band_bytes`](crate::tuning::Tuning::band_bytes)).
+    pub fn band_rows<T>(&self, plan: &ConvPlan, tile: usize) -> usize {
+        let image_bytes = plan.in_channels * self.plane() * std::mem::size_of::<T>();
+        if image_bytes <= plan.tuning.band_bytes {
+            return self.hp;
+        }
+        let reach = (plan.kernel[0] - 1) * plan.dilation[0];
+        (tile.div_ceil(self.wp) + 1 + reach).min(self.hp)
+    }
+
+    /// Values of a band of `rows` padded rows of every channel, with slack for the junk
+    /// columns' reads past the last plane.
+    pub fn band_len(&self, plan: &ConvPlan, rows: usize) -> usize {
+        plan.in_channels * rows * self.wp + plan.kernel[1] * plan.dilation[1]
     }
 
     /// Wide output columns of one image.
@@ -69,35 +83,33 @@ pub fn suits(plan: &ConvPlan) -> bool {
         && plan.window_depth >= 16
 }
 
-/// Copies the padded rows `rows` (of `0..hp`) of image `image` of `x` into their places
-/// in `dst` (`c` planes of `hp x wp`), with zero borders; with the last row, the zero
-/// slack after the planes too.
+/// Writes padded rows `rows` (of `0..hp`) of image `image` of `x` into their places in
+/// `dst`, a band of padded rows `first..first + band` (rows past `hp` zero): `c` planes of
+/// `band x wp`, with zero borders, then slack for the junk columns' reads past the last
+/// plane ([`Padded::band_len`]), zeroed with the band's last row.
 fn pad_rows<T: Real>(
     plan: &ConvPlan,
     padded: Padded,
     x: &[T],
     image: usize,
-    rows: Range<usize>,
+    ((first, band), rows): ((usize, usize), Range<usize>),
     dst: &mut [T],
 ) {
     let [h, w] = plan.input;
     let [pt, pl] = plan.pad;
     let c = plan.in_channels;
-    let plane = padded.plane();
     let wp = padded.wp;
     let cols = w.min(wp.saturating_sub(pl));
-    let (planes, slack) = dst.split_at_mut((c * plane).min(dst.len()));
+    let (planes, slack) = dst.split_at_mut(c * band * wp);
     // Each value written once: the image's values, zeros around them (not a fill of the
     // whole buffer first, which cost as much as the copy).
-    for (ch, dst) in planes.chunks_exact_mut(plane).enumerate() {
+    for (ch, dst) in planes.chunks_exact_mut(band * wp).enumerate() {
         let src = &x[(image * c + ch) * h * w..][..h * w];
-        for (y, row) in dst
-            .chunks_exact_mut(wp)
-            .enumerate()
-            .take(rows.end)
-            .skip(rows.start)
-        {
-            match y.checked_sub(pt).filter(|&iy| iy < h) {
+        for (y, row) in (first..).zip(dst.chunks_exact_mut(wp)) {
+            if !rows.contains(&y) {
+                continue;
+            }
+            match y.checked_sub(pt).filter(|&iy| iy < h && y < padded.hp) {
                 Some(iy) => {
                     row[..pl].fill(T::ZERO);
                     row[pl..pl + cols].copy_from_slice(&src[iy * w..iy * w + cols]);
@@ -107,7 +119,7 @@ fn pad_rows<T: Real>(
             }
         }
     }
-    if rows.end >= padded.hp {
+    if rows.end >= first + band {
         slack.fill(T::ZERO);
     }
 }
@@ -207,6 +219,16 @@ pub fn forward_task<T: Real>(
     let wide = padded.wide_columns(plan);
     let plane = padded.plane();
     let rings = plan.rings_count();
+    if epilogue.pool {
+        let pair = 2 * padded.wp;
+        assert!(
+            plan.output[0].is_multiple_of(2)
+                && [start, end, tile].iter().all(|v| v.is_multiple_of(pair)),
+            "a pooled shifted task holds whole pairs of output rows"
+        );
+    }
+    // Scratch of a pooled write: two rows through the epilogue.
+    let mut pooled_rows = Vec::new();
     // Per ring, each position's shift in the padded image, and where the gathered
     // product finds row (channel, position) of the ring's column matrix.
     let shifts: Vec<Vec<usize>> = plan
@@ -218,12 +240,23 @@ pub fn forward_task<T: Real>(
                 .collect()
         })
         .collect();
+    // A 1 x 1 kernel without padding reads the image in place: its view of each plane is
+    // the plane itself (no shift, no junk columns, no read past it). Otherwise the image
+    // is padded tile by tile (threads splitting one image pad only their rows, and a
+    // tile's rows are still in the cache when the product reads them): a small image
+    // whole, each tile adding the rows it reads that earlier ones did not; a large one
+    // a band of rows per tile, in a buffer the size of the band
+    // ([`crate::tuning::BAND_BYTES`]).
+    let in_place = plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output;
+    let band = padded.band_rows::<T>(plan, tile);
+    // Values between the planes the views read.
+    let view_plane = if in_place { plane } else { band * padded.wp };
     let gathers: Vec<Vec<usize>> = if panels.is_some() {
         shifts
             .iter()
             .map(|ring| {
                 (0..plan.window_depth)
-                    .flat_map(|ch| ring.iter().map(move |&shift| ch * plane + shift))
+                    .flat_map(|ch| ring.iter().map(move |&shift| ch * view_plane + shift))
                     .collect()
             })
             .collect()
@@ -231,36 +264,38 @@ pub fn forward_task<T: Real>(
         Vec::new()
     };
     {
+        let mut own = (!in_place).then(|| grow(&mut ws.cols, padded.band_len(plan, band)));
         let mut t = start;
         while t < end {
             let image = t / wide;
             let stop = end.min((image + 1) * wide);
-            // A 1 x 1 kernel without padding reads the image in place: its view of each
-            // plane is the plane itself (no shift, no junk columns, no read past it).
-            let in_place = plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output;
-            // Otherwise the image is padded tile by tile, the rows each tile reads and
-            // the previous ones did not, so that a tile's rows are still in the cache when
-            // the product packs them (and threads splitting one image pad only theirs).
-            let mut own = (!in_place).then(|| grow(&mut ws.cols, padded.image_len(plan)));
-            let mut padded_to = None;
             let mut q0 = t - image * wide;
             let q_end = stop - image * wide;
+            // The rows of a whole padded image written so far.
+            let mut padded_to = None;
             while q0 < q_end {
                 let q1 = (q0 + tile).min(q_end);
                 let width = q1 - q0;
-                let image_buf: &[T] = match own.as_deref_mut() {
+                // The views' buffer, and where in it wide column q0 of the first plane is.
+                let (image_buf, q0_at): (&[T], usize) = match own.as_deref_mut() {
+                    Some(buf) if band < padded.hp => {
+                        let first = q0 / padded.wp;
+                        let rows = first..first + band;
+                        pad_rows(plan, padded, x, image, ((first, band), rows), buf);
+                        (buf, q0 - first * padded.wp)
+                    }
                     Some(buf) => {
                         let rows = rows_read(plan, padded, (q0, q1));
                         let from = padded_to.unwrap_or(rows.start).max(rows.start);
                         if rows.end > from {
-                            pad_rows(plan, padded, x, image, from..rows.end, buf);
+                            pad_rows(plan, padded, x, image, ((0, band), from..rows.end), buf);
                             padded_to = Some(rows.end);
                         }
-                        buf
+                        (buf, q0)
                     }
                     None => {
                         let len = plan.in_channels * plane;
-                        &x[image * len..(image + 1) * len]
+                        (&x[image * len..(image + 1) * len], q0)
                     }
                 };
                 for (w, window) in plan.windows.iter().enumerate() {
@@ -292,7 +327,27 @@ pub fn forward_task<T: Real>(
                                 )
                             };
                         };
-                        let view = window.in_offset * plane + q0;
+                        // A pooled write needs whole pairs of rows: the tile's, after
+                        // its product (tiles hold whole pairs when pooling).
+                        let mut pooled = || {
+                            // SAFETY: the ring's product is done, so the accumulator is
+                            // final; the tile's pixels belong to this task.
+                            unsafe {
+                                emit_pooled(
+                                    plan,
+                                    padded,
+                                    window,
+                                    r,
+                                    finished,
+                                    image,
+                                    (q0, q1),
+                                    epilogue,
+                                    out,
+                                    &mut pooled_rows,
+                                )
+                            }
+                        };
+                        let view = window.in_offset * view_plane + q0_at;
                         if let Some(lhs) = panels.and_then(|p| p.get(w, r)) {
                             // One product for the ring: its column matrix's rows
                             // (channel, position) are gathered from the views while sgemm
@@ -300,9 +355,9 @@ pub fn forward_task<T: Real>(
                             // SAFETY: acc is rows x width, primary-major (unit column
                             // stride: accumulator_strides on sgemm, where panels exist);
                             // the panels hold the ring's weight block; row (ch, pos) reads
-                            // the plane of channel in_offset + ch from column q0 + shift,
-                            // the same values as the per-position views below, inside
-                            // image_len.
+                            // the view's plane of channel in_offset + ch from wide column
+                            // q0 + shift, the same values as the per-position views below,
+                            // inside the buffer.
                             unsafe {
                                 gemm_gathered(
                                     [window.rows, width, gathers[r].len()],
@@ -311,7 +366,7 @@ pub fn forward_task<T: Real>(
                                     lhs,
                                     (image_buf.as_ptr().add(view), &gathers[r]),
                                     parallelism,
-                                    Some(&write),
+                                    (!epilogue.pool).then_some(&write),
                                 );
                             }
                             first = false;
@@ -322,10 +377,12 @@ pub fn forward_task<T: Real>(
                             for (pos, &shift) in shifts[r].iter().enumerate() {
                                 // SAFETY: acc is rows x width; the weight block addresses
                                 // rows x window_depth values of ring r's matrix (column
-                                // stride npos); the view reads window_depth planes of the
-                                // padded image from column q0 + shift, at most
-                                // plane + wp + kw * dw values past each plane start,
-                                // inside image_len.
+                                // stride npos); the view reads window_depth planes from
+                                // wide column q0 + shift: in place, columns of the plane
+                                // itself (no shift); else the tile's band, whose valid
+                                // columns read its rows and whose junk columns at most
+                                // kw * dw values past the last plane, into the slack of
+                                // band_len.
                                 unsafe {
                                     gemm(
                                         [window.rows, width, plan.window_depth],
@@ -335,13 +392,18 @@ pub fn forward_task<T: Real>(
                                         ringed.as_ptr().add(block + pos),
                                         [npos, layout.weight_ld(plan, r)],
                                         image_buf.as_ptr().add(view + shift),
-                                        [1, plane],
+                                        [1, view_plane],
                                         parallelism,
                                     );
                                 }
                                 first = false;
                             }
-                            write([0, window.rows], [0, width]);
+                            if !epilogue.pool {
+                                write([0, window.rows], [0, width]);
+                            }
+                        }
+                        if epilogue.pool {
+                            pooled();
                         }
                     }
                 }
@@ -387,6 +449,55 @@ unsafe fn emit<T: Real>(
                 epilogue.write_run((from, acc.cs), factors, out.ptr(), at, len);
             }
         });
+    }
+}
+
+/// Writes crop `crop` of a window pooled (2 x 2, stride 2) into the pooled output of
+/// `image`: the windows of the pairs of output rows in wide columns `[q0, q1)` (whole
+/// pairs), from `acc`, whose column 0 is wide column `q0`. `rows` is scratch.
+///
+/// # Safety
+/// As [`emit`] for the whole tile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn emit_pooled<T: Real>(
+    plan: &ConvPlan,
+    padded: Padded,
+    window: &Window,
+    crop: usize,
+    acc: Accumulator<T>,
+    image: usize,
+    (q0, q1): (usize, usize),
+    epilogue: &Epilogue<'_, T>,
+    out: SharedMut<T>,
+    rows: &mut Vec<T>,
+) {
+    let wp = padded.wp;
+    let [pooled_h, pooled_w] = [plan.output[0] / 2, plan.output[1] / 2];
+    let first_pair = q0 / (2 * wp);
+    let scratch = grow(rows, 4 * pooled_w);
+    let base = plan.channel_base(crop, window);
+    for p in 0..window.rows.min(plan.emitted(crop, window)) {
+        let ch = base + p;
+        let factors = epilogue.channel(ch);
+        for pair in 0..(q1 - q0) / (2 * wp) {
+            let at = ((image * plan.out_channels + ch) * pooled_h + first_pair + pair) * pooled_w;
+            // SAFETY: the two rows' first 2 * pooled_w <= out_w columns lie in the tile's
+            // accumulator (row p, wide columns 2 * pair * wp and one row further); the
+            // pooled row lies in the pooled output and belongs to this task (its pair of
+            // rows is in the task's columns).
+            unsafe {
+                let top = acc.ptr.add(p * acc.rs + 2 * pair * wp * acc.cs);
+                let bottom = top.add(wp * acc.cs);
+                epilogue.write_pooled_row(
+                    ([top, bottom], acc.cs),
+                    factors,
+                    scratch,
+                    out.ptr(),
+                    at,
+                    pooled_w,
+                );
+            }
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! The kernels' work split ([`Tuning`]): which layout runs a call, the tile width and
-//! the smallest parallel task. The defaults are what the benchmarks chose; tests (small
+//! The kernels' work split ([`Tuning`]): which layout runs a call, the tile width, the
+//! smallest parallel task and how the shifted path pads. The defaults are what the benchmarks chose; tests (small
 //! tiles exercise tile boundaries on small inputs) and tuning benchmarks change them.
 //!
 //! A plan takes its tuning when it is made, from the calling thread's setting
@@ -15,6 +15,11 @@ pub const TILE_VALUES: usize = 128 * 1024;
 /// Default fewest output columns a parallel task gets; below, one task runs and gemm
 /// splits its matrices over the threads instead.
 pub const MIN_TASK_COLUMNS: usize = 256;
+/// Default size from which the shifted forward pads a band of rows per tile instead of
+/// the whole image: a band stays in the cache where a large image would not (measured:
+/// a 13 MB image's copy was an eighth of its layer, and a band is faster from about
+/// 3 MB on, slower below, where the bands' overlapping rows are copied for nothing).
+pub const BAND_BYTES: usize = 2 << 20;
 
 /// How the kernels lay out a convolution for gemm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -42,6 +47,9 @@ pub struct Tuning {
     pub tile_columns: Option<usize>,
     /// The fewest output columns a parallel task gets.
     pub min_task_columns: usize,
+    /// Padded images larger than this many bytes are padded a band of rows per tile
+    /// (shifted forward path), smaller ones whole.
+    pub band_bytes: usize,
 }
 
 impl Default for Tuning {
@@ -50,6 +58,7 @@ impl Default for Tuning {
             strategy: Strategy::Auto,
             tile_columns: None,
             min_task_columns: MIN_TASK_COLUMNS,
+            band_bytes: BAND_BYTES,
         }
     }
 }
@@ -60,6 +69,7 @@ thread_local! {
             strategy: Strategy::Auto,
             tile_columns: None,
             min_task_columns: MIN_TASK_COLUMNS,
+            band_bytes: BAND_BYTES,
         })
     };
 }

@@ -6,6 +6,7 @@
 //! These tests need no burn, so they also run under the sanitizers (see
 //! `docs/sanitizers.md`).
 
+use versatile_kernels::pool::{max_pool2d, Pool2d};
 use versatile_kernels::trace::{self, Layout};
 use versatile_kernels::tuning::{self, Strategy, Tuning};
 use versatile_kernels::{
@@ -243,6 +244,7 @@ fn check_against_definition(spec: &PlanSpec, tuning: Tuning, rng: &mut Rng) -> V
         shift: Some(&bias),
         residual: Some(&residual),
         relu: true,
+        pool: false,
     };
     forward_packed(&plan, &x, &packed, &epilogue, &mut fused);
     let want_fused: Vec<f64> = want
@@ -287,6 +289,7 @@ fn every_layout_matches_the_definition() {
                 strategy,
                 tile_columns: [None, Some(5), Some(17)][rng.range(0, 2)],
                 min_task_columns: 4,
+                band_bytes: [0, tuning::BAND_BYTES][rng.range(0, 1)],
             };
             let layouts = pool.install(|| check_against_definition(&spec, tuning, &mut rng));
             seen.extend(layouts);
@@ -339,6 +342,7 @@ fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
                 strategy,
                 tile_columns: Some(11),
                 min_task_columns: 4,
+                band_bytes: 0,
             };
             let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
             let x: Vec<f32> = rng
@@ -514,6 +518,7 @@ fn a_tuning_scope_is_per_thread_and_taken_by_the_plan() {
         strategy: Strategy::Im2col,
         tile_columns: Some(3),
         min_task_columns: 1,
+        band_bytes: tuning::BAND_BYTES,
     };
     let spec = dense_spec([1, 16, 9, 9], 4, 3);
     let plan = {
@@ -540,6 +545,7 @@ fn a_packed_f32_weight_is_kept_once_and_gives_the_plain_forward() {
             strategy: [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)],
             tile_columns: [None, Some(5), Some(17)][rng.range(0, 2)],
             min_task_columns: 4,
+            band_bytes: [0, tuning::BAND_BYTES][rng.range(0, 1)],
         };
         let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
         let x: Vec<f32> = rng
@@ -584,4 +590,83 @@ fn a_packed_f32_weight_is_kept_once_and_gives_the_plain_forward() {
             );
         }
     }
+}
+
+/// A pooling epilogue writes what the same pass followed by `max_pool2d` (2 x 2, stride
+/// 2) writes, to the bit: on the shifted path, whose tiles then hold whole pairs of output
+/// rows (small and odd tiles, images padded whole or in bands, tasks split over threads),
+/// and on the other paths, which pool a full output.
+#[test]
+fn a_pooling_epilogue_equals_the_pass_then_max_pooling() {
+    let mut rng = Rng(0x706f_6f6c);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let mut pooled_in_write = 0;
+    for case in 0..80 {
+        let mut spec = random_spec(&mut rng);
+        let mut strategy = [Strategy::Auto, Strategy::Im2col, Strategy::Shifted][rng.range(0, 2)];
+        if case % 2 == 0 {
+            // The shifted path's cases.
+            spec.stride = [1, 1];
+            strategy = Strategy::Shifted;
+        }
+        let tuning = Tuning {
+            strategy,
+            tile_columns: [None, Some(5), Some(40)][rng.range(0, 2)],
+            min_task_columns: 4,
+            band_bytes: [0, tuning::BAND_BYTES][rng.range(0, 1)],
+        };
+        let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+        let f32s = |v: Vec<f64>| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
+        let x = f32s(rng.values(plan.input_len()));
+        let w = f32s(rng.values(plan.weight_len()));
+        let scale = f32s(rng.values(spec.out_channels));
+        let shift = f32s(rng.values(spec.out_channels));
+        let packed = PackedWeight::new(&plan, &w);
+        let full_epilogue = Epilogue {
+            scale: Some(&scale),
+            shift: Some(&shift),
+            residual: None,
+            relu: rng.range(0, 1) == 1,
+            pool: false,
+        };
+        let pooled_epilogue = Epilogue {
+            pool: true,
+            ..full_epilogue
+        };
+        let [batch, n, h, width] = plan.output_shape();
+        let (want, got) = pool.install(|| {
+            let mut full = vec![0.0f32; plan.output_len()];
+            forward_packed(&plan, &x, &packed, &full_epilogue, &mut full);
+            let pooling = Pool2d {
+                input: [batch, n, h, width],
+                output: [h / 2, width / 2],
+                kernel: [2, 2],
+                stride: [2, 2],
+                padding: [0, 0],
+            };
+            let mut want = vec![0.0f32; pooling.output_len()];
+            max_pool2d(&pooling, &full, &mut want);
+            let mut got = vec![f32::NAN; pooled_epilogue.output_len(&plan)];
+            forward_packed(&plan, &x, &packed, &pooled_epilogue, &mut got);
+            (want, got)
+        });
+        assert_eq!(got.len(), want.len());
+        for (i, (g, v)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                v.to_bits(),
+                "{spec:?} ({tuning:?}) at {i}: {g} against {v}"
+            );
+        }
+        if plan.pools_in_write() && !want.is_empty() {
+            pooled_in_write += 1;
+        }
+    }
+    assert!(
+        pooled_in_write >= 10,
+        "only {pooled_in_write} cases pooled in the write"
+    );
 }

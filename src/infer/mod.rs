@@ -62,6 +62,8 @@ struct Conv {
     scale: Option<Vec<f32>>,
     shift: Option<Vec<f32>>,
     relu: bool,
+    /// Whether the 2 x 2 max pooling that follows runs in the write.
+    pool: bool,
 }
 
 /// What a step computes.
@@ -107,8 +109,9 @@ impl Step {
                 } else {
                     String::new()
                 };
+                let pool = if conv.pool { " + 2x2 max pool" } else { "" };
                 format!(
-                    "conv {cin}->{} {kh}x{kw}/{sh} {h}x{w}{versatile}",
+                    "conv {cin}->{} {kh}x{kw}/{sh} {h}x{w}{versatile}{pool}",
                     plan.out_channels()
                 )
             }
@@ -259,6 +262,7 @@ impl Builder {
             dense,
             scale: None,
             relu: false,
+            pool: false,
         };
         Ok((self.push(Op::Conv(Box::new(conv)), x, out_shape), out_shape))
     }
@@ -295,6 +299,7 @@ impl Builder {
             dense: true,
             scale: None,
             relu: false,
+            pool: false,
         };
         Ok((
             self.push(Op::Conv(Box::new(conv)), x, [self.batch, d_output, 1, 1]),
@@ -437,6 +442,23 @@ impl Builder {
             padding: symmetric(&pool.padding, "a max pool")?,
             ceil: pool.ceil_mode,
         };
+        // VGG's 2 x 2 pooling after a convolution whose pass can pool as it writes.
+        let pairs = window.kernel == [2, 2] && window.stride == [2, 2] && window.padding == [0, 0];
+        // (Floor mode, as the kernel pools; ceil mode differs only on an odd width.)
+        let even = shape[2].is_multiple_of(2) && (shape[3].is_multiple_of(2) || !window.ceil);
+        if let Some(Step {
+            op: Op::Conv(conv),
+            residual: None,
+            ..
+        }) = self.producer(x)
+        {
+            if pairs && even && !conv.pool && conv.plan.pools_in_write() {
+                conv.pool = true;
+                let pooled = [shape[0], shape[1], shape[2] / 2, shape[3] / 2];
+                self.lens[x] = pooled.iter().product();
+                return Ok((x, pooled));
+            }
+        }
         self.pool("max pool", Op::MaxPool, x, shape, window)
     }
 
@@ -809,9 +831,11 @@ fn execute(step: &Step, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
                 shift: conv.shift.as_deref(),
                 residual: residual.map(|r| &r[..plan.output_len()]),
                 relu: conv.relu,
+                pool: conv.pool,
             };
             let packed = conv.packed.as_ref().expect("packed at compile time");
-            kernels::forward_packed(plan, x, packed, &epilogue, &mut out[..plan.output_len()]);
+            let len = epilogue.output_len(plan);
+            kernels::forward_packed(plan, x, packed, &epilogue, &mut out[..len]);
         }
         Op::MaxPool(p) => pool::max_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),
         Op::AvgPool(p) => pool::avg_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),

@@ -83,6 +83,22 @@ fn use_shifted(plan: &ConvPlan) -> bool {
     }
 }
 
+/// Whether this plan writes a pooling [`Epilogue`]'s output straight from its tiles: on
+/// the shifted path, whose tiles then hold whole pairs of output rows.
+fn pools_in_tiles(plan: &ConvPlan) -> bool {
+    use_shifted(plan) && plan.output[0].is_multiple_of(2)
+}
+
+impl ConvPlan {
+    /// Whether a forward pass with a pooling [`Epilogue`] pools in its output write. Where
+    /// it does not, [`forward_packed`] writes the full output to scratch and pools it
+    /// after, which saves nothing over a pooling of its own.
+    pub fn pools_in_write(&self) -> bool {
+        let live = self.on_live_window();
+        pools_in_tiles(live.as_ref().map_or(self, |(live, _)| live))
+    }
+}
+
 /// Whether this plan streams its weight (see [`streaming`]).
 fn use_streaming(plan: &ConvPlan) -> bool {
     match plan.tuning.strategy {
@@ -333,7 +349,8 @@ impl<T: Real> PackedWeight<T> {
 }
 
 /// The forward pass with a packed weight and an [`Epilogue`], into `out`
-/// (`[batch, n, out_h, out_w]`, every value overwritten).
+/// (`[batch, n, out_h, out_w]`, or the pooled `[batch, n, out_h / 2, out_w / 2]` for a
+/// pooling epilogue; every value overwritten).
 ///
 /// # Panics
 /// If a slice length does not match the plan, or `weight` does not
@@ -353,7 +370,7 @@ pub fn forward_packed<T: Real>(
         "packed weight laid out for another plan"
     );
     check_forward(plan, x, epilogue);
-    assert_eq!(out.len(), plan.output_len(), "output length");
+    assert_eq!(out.len(), epilogue.output_len(plan), "output length");
     let source = if weight.ringed {
         Weight::Ringed(&weight.values, weight.panels.as_ref())
     } else {
@@ -384,8 +401,8 @@ enum Weight<'a, T> {
     Chunked(&'a [T], Option<&'a [sgemm::Panels]>),
 }
 
-/// The forward pass into `out`, which must hold `plan.output_len()` values (lengths
-/// checked by the callers); writes every one of them.
+/// The forward pass into `out`, which must hold `epilogue.output_len(plan)` values
+/// (lengths checked by the callers); writes every one of them.
 fn forward_core<T: Real>(
     plan: &ConvPlan,
     x: &[T],
@@ -394,6 +411,25 @@ fn forward_core<T: Real>(
     out: SharedMut<T>,
 ) {
     if plan.output_len() == 0 {
+        return;
+    }
+    if epilogue.pool && !pools_in_tiles(plan) {
+        let full_epilogue = Epilogue {
+            pool: false,
+            ..*epilogue
+        };
+        let mut full = workspace::zeroed::<T>(plan.output_len());
+        forward_core(
+            plan,
+            x,
+            weight,
+            &full_epilogue,
+            SharedMut(full.as_mut_ptr()),
+        );
+        // SAFETY: the caller's promise: out holds the pooled output's values, and only
+        // this call writes them.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.ptr(), epilogue.output_len(plan)) };
+        pool_pairs(plan, &full, out);
         return;
     }
     let layout = Layout::new(plan);
@@ -441,7 +477,17 @@ fn forward_core<T: Real>(
         } else {
             plan.columns()
         };
-        let tasks = split(columns, task_count(plan, columns));
+        // A pooled write needs whole pairs of output rows in every tile.
+        let pair = if epilogue.pool {
+            2 * shifted::Padded::new(plan).wp
+        } else {
+            1
+        };
+        let tile = (tile / pair).max(1) * pair;
+        let tasks: Vec<_> = split(columns / pair, task_count(plan, columns))
+            .into_iter()
+            .map(|(start, end)| (start * pair, end * pair))
+            .collect();
         let traced = if shifted {
             Traced::Shifted
         } else {
@@ -469,6 +515,30 @@ fn forward_core<T: Real>(
             call.panels = made;
         }
     });
+}
+
+/// The 2 x 2 max pooling of stride 2 (floor mode) of the output `full` into `out`, as a
+/// pooling [`Epilogue`] defines it.
+fn pool_pairs<T: Real>(plan: &ConvPlan, full: &[T], out: &mut [T]) {
+    let [h, w] = plan.output;
+    let pooled_w = w / 2;
+    if pooled_w == 0 || h < 2 {
+        return;
+    }
+    let mut column_max = vec![T::ZERO; 2 * pooled_w];
+    for (plane, out) in full
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut((h / 2) * pooled_w))
+    {
+        for (pair, dst) in plane
+            .chunks_exact(2 * w)
+            .zip(out.chunks_exact_mut(pooled_w))
+        {
+            column_max.copy_from_slice(&pair[..2 * pooled_w]);
+            crate::pool::rows_max(&mut column_max, &pair[w..w + 2 * pooled_w]);
+            crate::pool::pairs_max(&column_max, dst);
+        }
+    }
 }
 
 /// The backward pass: the gradients `needs` asks for, from the forward's input and
