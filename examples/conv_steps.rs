@@ -1,7 +1,7 @@
 //! Runs one convolution through the inference kernel (packed weight, bias and ReLU in
 //! the write) many times, for profiling one layer shape alone (`perf record`): dense, or
 //! with `SPATIAL=1` in the environment the spatial versatile layer of the same shape;
-//! `POOL=1` pools the output 2 x 2 in the write; `FLUSH=1` writes 256 MiB between runs,
+//! `POOL=1` pools the output 2 x 2 in the write; `FLUSH=1` reads 256 MiB between runs,
 //! so that the layer starts from cold caches, as inside a network.
 //!
 //! ```text
@@ -76,22 +76,24 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = vec![0.0f32; epilogue.output_len(&plan)];
     forward_packed(&plan, &x, &packed, &epilogue, &mut out);
     let mut times = Vec::with_capacity(runs);
-    let mut flush = vec![
-        0u8;
+    // FLUSH=1: 256 MiB written once, then read (not written: no dirty lines to write
+    // back during the timed run) before each run.
+    let flush = vec![
+        1u8;
         if std::env::var("FLUSH").is_ok() {
             256 << 20
         } else {
             0
         }
     ];
-    for run in 0..runs {
-        for v in flush.iter_mut().step_by(64) {
-            *v = run as u8;
-        }
+    let mut flushed = 0u64;
+    for _ in 0..runs {
+        flushed += flush.iter().step_by(64).map(|&v| u64::from(v)).sum::<u64>();
         let start = Instant::now();
         forward_packed(&plan, &x, &packed, &epilogue, &mut out);
         times.push(start.elapsed().as_secs_f64());
     }
+    std::hint::black_box(flushed);
     times.sort_by(f64::total_cmp);
     let median = times[runs / 2];
     println!(

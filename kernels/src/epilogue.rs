@@ -140,10 +140,9 @@ impl<'a, T: Real> Epilogue<'a, T> {
                 2 * len,
             );
         }
-        crate::pool::rows_max(column_max, bottom_row);
         // SAFETY: the caller grants exclusive access to out[at..at + len].
         let dst = unsafe { std::slice::from_raw_parts_mut(out.add(at), len) };
-        crate::pool::pairs_max(column_max, dst);
+        crate::pool::pool_row_pair(column_max, bottom_row, dst);
     }
 
     /// The `(scale, shift)` of output channel `ch`.

@@ -420,7 +420,7 @@ fn larger<T: Real>(best: T, v: T) -> T {
 
 /// `best[i] = larger(best[i], row[i])`: one more input row into a row of column maxima.
 #[inline(always)]
-pub(crate) fn rows_max<T: Real>(best: &mut [T], row: &[T]) {
+fn rows_max<T: Real>(best: &mut [T], row: &[T]) {
     for (best, &v) in best.iter_mut().zip(row) {
         *best = larger(*best, v);
     }
@@ -430,11 +430,54 @@ pub(crate) fn rows_max<T: Real>(best: &mut [T], row: &[T]) {
 /// of stride 2 along a row of column maxima (side-by-side pairs: a loop that
 /// vectorizes).
 #[inline(always)]
-pub(crate) fn pairs_max<T: Real>(column_max: &[T], dst: &mut [T]) {
+fn pairs_max<T: Real>(column_max: &[T], dst: &mut [T]) {
     for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
         *d = larger(pair[0], pair[1]);
     }
 }
+
+/// One output row of a 2 x 2 pooling of stride 2 from its two input rows, `top` (the
+/// first `2 * dst.len()` values, overwritten with the column maxima) and `bottom`: the
+/// same selects as [`max_pool2d`], in the widest vectors this CPU has.
+pub(crate) fn pool_row_pair<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { pool_row_pair_avx512(top, bottom, dst) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { pool_row_pair_avx2(top, bottom, dst) };
+        }
+    }
+    pool_row_pair_portable(top, bottom, dst);
+}
+
+/// [`pool_row_pair`] for any CPU, inlined into the versions for wider vectors.
+#[inline(always)]
+fn pool_row_pair_portable<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
+    let top = &mut top[..2 * dst.len()];
+    rows_max(top, bottom);
+    pairs_max(top, dst);
+}
+
+/// `pool_row_pair_portable` compiled with the target feature `$feature` (safety: to be
+/// called on a CPU that has it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! pool_row_pair_for {
+    ($name:ident, $feature:literal) => {
+        #[target_feature(enable = $feature)]
+        unsafe fn $name<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
+            pool_row_pair_portable(top, bottom, dst)
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+pool_row_pair_for!(pool_row_pair_avx512, "avx512f");
+#[cfg(target_arch = "x86_64")]
+pool_row_pair_for!(pool_row_pair_avx2, "avx2");
 
 /// Average pooling counting the padding, as PyTorch's default (`count_include_pad`):
 /// the divisor is the window clipped to the padded input, not to the input.

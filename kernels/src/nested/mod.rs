@@ -535,8 +535,7 @@ fn pool_pairs<T: Real>(plan: &ConvPlan, full: &[T], out: &mut [T]) {
             .zip(out.chunks_exact_mut(pooled_w))
         {
             column_max.copy_from_slice(&pair[..2 * pooled_w]);
-            crate::pool::rows_max(&mut column_max, &pair[w..w + 2 * pooled_w]);
-            crate::pool::pairs_max(&column_max, dst);
+            crate::pool::pool_row_pair(&mut column_max, &pair[w..w + 2 * pooled_w], dst);
         }
     }
 }
