@@ -83,6 +83,13 @@ pub fn suits(plan: &ConvPlan) -> bool {
         && plan.window_depth >= 16
 }
 
+/// Whether the forward pass reads the image in place: a 1 x 1 kernel without padding,
+/// whose view of each plane is the plane itself (no shift, no junk columns, no read past
+/// it). Other kernels read padded copies, gathered row by row.
+pub fn reads_in_place(plan: &ConvPlan) -> bool {
+    plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output
+}
+
 /// Writes padded rows `rows` (of `0..hp`) of image `image` of `x` into their places in
 /// `dst`, a band of padded rows `first..first + band` (rows past `hp` zero): `c` planes of
 /// `band x wp`, with zero borders, then slack for the junk columns' reads past the last
@@ -240,14 +247,12 @@ pub fn forward_task<T: Real>(
                 .collect()
         })
         .collect();
-    // A 1 x 1 kernel without padding reads the image in place: its view of each plane is
-    // the plane itself (no shift, no junk columns, no read past it). Otherwise the image
-    // is padded tile by tile (threads splitting one image pad only their rows, and a
-    // tile's rows are still in the cache when the product reads them): a small image
-    // whole, each tile adding the rows it reads that earlier ones did not; a large one
-    // a band of rows per tile, in a buffer the size of the band
-    // ([`crate::tuning::BAND_BYTES`]).
-    let in_place = plan.kernel == [1, 1] && plan.pad == [0, 0] && plan.input == plan.output;
+    // Unless the pass reads the image in place ([`reads_in_place`]), the image is padded
+    // tile by tile (threads splitting one image pad only their rows, and a tile's rows
+    // are still in the cache when the product reads them): a small image whole, each
+    // tile adding the rows it reads that earlier ones did not; a large one a band of rows
+    // per tile, in a buffer the size of the band ([`crate::tuning::BAND_BYTES`]).
+    let in_place = reads_in_place(plan);
     let band = padded.band_rows::<T>(plan, tile);
     // Values between the planes the views read.
     let view_plane = if in_place { plane } else { band * padded.wp };
