@@ -150,13 +150,18 @@ fn larger_inputs_and_batches_match_the_eval_forward() {
     }
 }
 
-#[test]
-fn inputs_the_plan_was_not_compiled_for_are_refused() {
+/// `vgg_small` spatial for one-channel images and ten classes.
+fn grey_vgg_small(seed: u64) -> Model {
     let config = ModelConfig::parse("vgg_small", "spatial")
         .unwrap()
         .with_in_channels(1)
         .with_num_classes(10);
-    let model = model(&config, 3);
+    model(&config, seed)
+}
+
+#[test]
+fn inputs_the_plan_was_not_compiled_for_are_refused() {
+    let model = grey_vgg_small(3);
     let mut plan = InferencePlan::compile(&model, [2, 1, 28, 28]).unwrap();
     let err = plan.run(&[0.0; 28 * 28]).unwrap_err();
     assert!(matches!(err, InferError::Input { got: 784, .. }), "{err}");
@@ -177,11 +182,7 @@ fn inputs_the_plan_was_not_compiled_for_are_refused() {
 /// pooling after anything but a convolution, stay steps of their own.
 #[test]
 fn poolings_after_shifted_convolutions_run_in_their_write() {
-    let config = ModelConfig::parse("vgg_small", "spatial")
-        .unwrap()
-        .with_in_channels(1)
-        .with_num_classes(10);
-    let model = model(&config, 5);
+    let model = grey_vgg_small(5);
     let shape = [2, 1, 28, 28];
     let mut plan = InferencePlan::compile(&model, shape).unwrap();
     let input = vec![0.5; shape.iter().product()];

@@ -319,38 +319,30 @@ pub fn forward_task<T: Real>(
                     };
                     let mut first = true;
                     for r in (0..rings).rev() {
+                        // Crop r of the tile, once the ring's product has written it.
+                        let crop = CropWrite {
+                            plan,
+                            padded,
+                            window,
+                            crop: r,
+                            acc: finished,
+                            image,
+                            columns: (q0, q1),
+                            epilogue,
+                            out,
+                        };
                         // Crop r is written block by block as the product finishes them.
                         let write = |rows: [usize; 2], [col0, cols]: [usize; 2]| {
-                            let columns = (q0 + col0, q0 + col0 + cols);
                             // SAFETY: the block (columns from col0 of the tile) is final
                             // and inside the accumulator; its pixels belong to this task.
-                            unsafe {
-                                let block = finished.columns_on(col0);
-                                emit(
-                                    plan, padded, window, r, block, image, columns, rows, epilogue,
-                                    out,
-                                )
-                            };
+                            unsafe { crop.block(rows, [col0, cols]) };
                         };
                         // A pooled write needs whole pairs of rows: the tile's, after
                         // its product (tiles hold whole pairs when pooling).
                         let mut pooled = || {
                             // SAFETY: the ring's product is done, so the accumulator is
                             // final; the tile's pixels belong to this task.
-                            unsafe {
-                                emit_pooled(
-                                    plan,
-                                    padded,
-                                    window,
-                                    r,
-                                    finished,
-                                    image,
-                                    (q0, q1),
-                                    epilogue,
-                                    out,
-                                    &mut pooled_rows,
-                                )
-                            }
+                            unsafe { crop.pooled(&mut pooled_rows) }
                         };
                         let view = window.in_offset * view_plane + q0_at;
                         if let Some(lhs) = panels.and_then(|p| p.get(w, r)) {
@@ -419,88 +411,91 @@ pub fn forward_task<T: Real>(
     }
 }
 
-/// Writes rows `[first row, rows]` of crop `crop` of a window (the emitted ones among
-/// them, through the epilogue) into the valid output pixels of wide columns `[q0, q1)`
-/// of `image`, from `acc`, whose column 0 is wide column `q0`.
-///
-/// # Safety
-/// That block of `acc` must be final (not written meanwhile) and inside the tile's
-/// accumulator; the output pixels must belong to the caller's task.
-#[allow(clippy::too_many_arguments)]
-unsafe fn emit<T: Real>(
-    plan: &ConvPlan,
+/// Crop `crop` of a window over one tile, as the ring products leave it in `acc`: its
+/// writes into the output.
+#[derive(Clone, Copy)]
+struct CropWrite<'a, T> {
+    plan: &'a ConvPlan,
     padded: Padded,
-    window: &Window,
+    window: &'a Window,
     crop: usize,
+    /// The tile's accumulator; its column 0 is wide column `columns.0`.
     acc: Accumulator<T>,
     image: usize,
-    (q0, q1): (usize, usize),
-    [row0, rows]: [usize; 2],
-    epilogue: &Epilogue<'_, T>,
+    /// The tile's wide columns `[q0, q1)` of `image`.
+    columns: (usize, usize),
+    epilogue: &'a Epilogue<'a, T>,
     out: SharedMut<T>,
-) {
-    let base = plan.channel_base(crop, window);
-    let pixels = plan.out_pixels();
-    let ow = plan.output[1];
-    for p in row0..(row0 + rows).min(plan.emitted(crop, window)) {
-        let ch = base + p;
-        let factors = epilogue.channel(ch);
-        valid_segments(plan, padded, q0, q1, |col, oy, ox, len| {
-            let at = (image * plan.out_channels + ch) * pixels + oy * ow + ox;
-            // SAFETY: the pixels lie inside the output's allocation (the residual has the
-            // output's length) and belong to this task only; the accumulators are final.
-            unsafe {
-                let from = acc.ptr.add(p * acc.rs + col * acc.cs);
-                epilogue.write_run((from, acc.cs), factors, out.ptr(), at, len);
-            }
-        });
-    }
 }
 
-/// Writes crop `crop` of a window pooled (2 x 2, stride 2) into the pooled output of
-/// `image`: the windows of the pairs of output rows in wide columns `[q0, q1)` (whole
-/// pairs), from `acc`, whose column 0 is wide column `q0`. `rows` is scratch.
-///
-/// # Safety
-/// As [`emit`] for the whole tile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn emit_pooled<T: Real>(
-    plan: &ConvPlan,
-    padded: Padded,
-    window: &Window,
-    crop: usize,
-    acc: Accumulator<T>,
-    image: usize,
-    (q0, q1): (usize, usize),
-    epilogue: &Epilogue<'_, T>,
-    out: SharedMut<T>,
-    rows: &mut Vec<T>,
-) {
-    let wp = padded.wp;
-    let [pooled_h, pooled_w] = [plan.output[0] / 2, plan.output[1] / 2];
-    let first_pair = q0 / (2 * wp);
-    let scratch = grow(rows, 4 * pooled_w);
-    let base = plan.channel_base(crop, window);
-    for p in 0..window.rows.min(plan.emitted(crop, window)) {
-        let ch = base + p;
-        let factors = epilogue.channel(ch);
-        for pair in 0..(q1 - q0) / (2 * wp) {
-            let at = ((image * plan.out_channels + ch) * pooled_h + first_pair + pair) * pooled_w;
-            // SAFETY: the two rows' first 2 * pooled_w <= out_w columns lie in the tile's
-            // accumulator (row p, wide columns 2 * pair * wp and one row further); the
-            // pooled row lies in the pooled output and belongs to this task (its pair of
-            // rows is in the task's columns).
-            unsafe {
-                let top = acc.ptr.add(p * acc.rs + 2 * pair * wp * acc.cs);
-                let bottom = top.add(wp * acc.cs);
-                epilogue.write_pooled_row(
-                    ([top, bottom], acc.cs),
-                    factors,
-                    scratch,
-                    out.ptr(),
-                    at,
-                    pooled_w,
-                );
+impl<T: Real> CropWrite<'_, T> {
+    /// Writes rows `[first row, rows]` of the crop (the emitted ones among them, through
+    /// the epilogue) into the valid output pixels of the tile's columns `[col0, col0 +
+    /// cols)`.
+    ///
+    /// # Safety
+    /// That block of `acc` must be final (not written meanwhile) and inside the tile's
+    /// accumulator; the output pixels must belong to the caller's task.
+    unsafe fn block(&self, [row0, rows]: [usize; 2], [col0, cols]: [usize; 2]) {
+        let Self { plan, window, .. } = *self;
+        let q0 = self.columns.0 + col0;
+        let base = plan.channel_base(self.crop, window);
+        let pixels = plan.out_pixels();
+        let ow = plan.output[1];
+        for p in row0..(row0 + rows).min(plan.emitted(self.crop, window)) {
+            let ch = base + p;
+            let factors = self.epilogue.channel(ch);
+            valid_segments(plan, self.padded, q0, q0 + cols, |col, oy, ox, len| {
+                let at = (self.image * plan.out_channels + ch) * pixels + oy * ow + ox;
+                // SAFETY: the pixels lie inside the output's allocation (the residual has
+                // the output's length) and belong to this task only; the accumulators are
+                // final, from column col0 of the tile on.
+                unsafe {
+                    let from = self
+                        .acc
+                        .ptr
+                        .add(p * self.acc.rs + (col0 + col) * self.acc.cs);
+                    self.epilogue
+                        .write_run((from, self.acc.cs), factors, self.out.ptr(), at, len);
+                }
+            });
+        }
+    }
+
+    /// Writes the crop pooled (2 x 2, stride 2) into the pooled output: the windows of the
+    /// pairs of output rows in the tile's columns (whole pairs). `rows` is scratch.
+    ///
+    /// # Safety
+    /// As [`block`](Self::block) for the whole tile.
+    unsafe fn pooled(&self, rows: &mut Vec<T>) {
+        let Self { plan, window, .. } = *self;
+        let (q0, q1) = self.columns;
+        let (acc, wp) = (self.acc, self.padded.wp);
+        let [pooled_h, pooled_w] = [plan.output[0] / 2, plan.output[1] / 2];
+        let first_pair = q0 / (2 * wp);
+        let scratch = grow(rows, 4 * pooled_w);
+        let base = plan.channel_base(self.crop, window);
+        for p in 0..window.rows.min(plan.emitted(self.crop, window)) {
+            let ch = base + p;
+            let factors = self.epilogue.channel(ch);
+            for pair in 0..(q1 - q0) / (2 * wp) {
+                let row = (self.image * plan.out_channels + ch) * pooled_h + first_pair + pair;
+                // SAFETY: the two rows' first 2 * pooled_w <= out_w columns lie in the
+                // tile's accumulator (row p, wide columns 2 * pair * wp and one row
+                // further); the pooled row lies in the pooled output and belongs to this
+                // task (its pair of rows is in the task's columns).
+                unsafe {
+                    let top = acc.ptr.add(p * acc.rs + 2 * pair * wp * acc.cs);
+                    let bottom = top.add(wp * acc.cs);
+                    self.epilogue.write_pooled_row(
+                        ([top, bottom], acc.cs),
+                        factors,
+                        scratch,
+                        self.out.ptr(),
+                        row * pooled_w,
+                        pooled_w,
+                    );
+                }
             }
         }
     }

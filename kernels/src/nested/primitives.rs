@@ -54,20 +54,6 @@ pub(crate) struct Accumulator<T> {
     pub(crate) cs: usize,
 }
 
-impl<T> Accumulator<T> {
-    /// The accumulator from column `col` on.
-    ///
-    /// # Safety
-    /// `col` must be a column of the accumulator.
-    pub(crate) unsafe fn columns_on(self, col: usize) -> Self {
-        Self {
-            // SAFETY: forwarded to the caller.
-            ptr: unsafe { self.ptr.add(col * self.cs) },
-            ..self
-        }
-    }
-}
-
 // SAFETY: readers read only blocks that are final (sgemm's `finish` contract), which no
 // task writes any more, and the buffer outlives the product.
 unsafe impl<T: Send> Send for Accumulator<T> {}
