@@ -58,6 +58,17 @@ impl Pool2d {
         );
     }
 
+    /// Whether every window is a whole 2 x 2 block of the input, side by side (stride 2,
+    /// no padding, the output inside the input).
+    pub fn pairs(&self) -> bool {
+        let [oh, ow] = self.output;
+        self.kernel == [2, 2]
+            && self.stride == [2, 2]
+            && self.padding == [0, 0]
+            && 2 * oh <= self.input[2]
+            && 2 * ow <= self.input[3]
+    }
+
     /// The windows of an output plane, laid out for the loops of [`Windows`].
     pub(crate) fn windows(&self) -> Windows {
         let spans = |axis: usize| -> Vec<Range<usize>> {
@@ -68,19 +79,13 @@ impl Pool2d {
                 })
                 .collect()
         };
-        let [h, w] = [self.input[2], self.input[3]];
-        let [oh, ow] = self.output;
         Windows {
             rows: spans(0),
             cols: spans(1),
-            width: w,
-            height: h,
+            width: self.input[3],
+            height: self.input[2],
             across: [self.kernel[1], self.stride[1], self.padding[1]],
-            pairs: self.kernel == [2, 2]
-                && self.stride == [2, 2]
-                && self.padding == [0, 0]
-                && 2 * oh <= h
-                && 2 * ow <= w,
+            pairs: self.pairs(),
         }
     }
 

@@ -337,13 +337,6 @@ pub fn forward_task<T: Real>(
                             // and inside the accumulator; its pixels belong to this task.
                             unsafe { crop.block(rows, [col0, cols]) };
                         };
-                        // A pooled write needs whole pairs of rows: the tile's, after
-                        // its product (tiles hold whole pairs when pooling).
-                        let mut pooled = || {
-                            // SAFETY: the ring's product is done, so the accumulator is
-                            // final; the tile's pixels belong to this task.
-                            unsafe { crop.pooled(&mut pooled_rows) }
-                        };
                         let view = window.in_offset * view_plane + q0_at;
                         if let Some(lhs) = panels.and_then(|p| p.get(w, r)) {
                             // One product for the ring: its column matrix's rows
@@ -400,7 +393,11 @@ pub fn forward_task<T: Real>(
                             }
                         }
                         if epilogue.pool {
-                            pooled();
+                            // A pooled write needs whole pairs of rows: the tile's, after
+                            // its product (tiles hold whole pairs when pooling).
+                            // SAFETY: the ring's product is done, so the accumulator is
+                            // final; the tile's pixels belong to this task.
+                            unsafe { crop.pooled(&mut pooled_rows) };
                         }
                     }
                 }

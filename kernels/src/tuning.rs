@@ -1,6 +1,7 @@
 //! The kernels' work split ([`Tuning`]): which layout runs a call, the tile width, the
-//! smallest parallel task and how the shifted path pads. The defaults are what the benchmarks chose; tests (small
-//! tiles exercise tile boundaries on small inputs) and tuning benchmarks change them.
+//! smallest parallel task and how the shifted path pads. The defaults are what the
+//! benchmarks chose; tests (small tiles exercise tile boundaries on small inputs) and
+//! tuning benchmarks change them.
 //!
 //! A plan takes its tuning when it is made, from the calling thread's setting
 //! ([`current`], changed for a scope by [`scoped`]), or explicitly with
@@ -52,26 +53,24 @@ pub struct Tuning {
     pub band_bytes: usize,
 }
 
+impl Tuning {
+    /// What the benchmarks chose.
+    pub const DEFAULT: Self = Self {
+        strategy: Strategy::Auto,
+        tile_columns: None,
+        min_task_columns: MIN_TASK_COLUMNS,
+        band_bytes: BAND_BYTES,
+    };
+}
+
 impl Default for Tuning {
     fn default() -> Self {
-        Self {
-            strategy: Strategy::Auto,
-            tile_columns: None,
-            min_task_columns: MIN_TASK_COLUMNS,
-            band_bytes: BAND_BYTES,
-        }
+        Self::DEFAULT
     }
 }
 
 thread_local! {
-    static CURRENT: Cell<Tuning> = const {
-        Cell::new(Tuning {
-            strategy: Strategy::Auto,
-            tile_columns: None,
-            min_task_columns: MIN_TASK_COLUMNS,
-            band_bytes: BAND_BYTES,
-        })
-    };
+    static CURRENT: Cell<Tuning> = const { Cell::new(Tuning::DEFAULT) };
 }
 
 /// The tuning plans made on this thread take.

@@ -394,36 +394,8 @@ impl Builder {
         shape: Shape,
         window: PoolWindow,
     ) -> Result<(Value, Shape), InferError> {
-        let PoolWindow {
-            kernel,
-            stride,
-            padding,
-            ceil,
-        } = window;
-        let out = |axis: usize| {
-            window_out(
-                shape[2 + axis],
-                kernel[axis],
-                stride[axis],
-                padding[axis],
-                ceil,
-            )
-            .filter(|&size| size > 0)
-        };
-        let (Some(oh), Some(ow)) = (out(0), out(1)) else {
-            return Err(InferError::Unsupported(format!(
-                "a {kind} of {kernel:?} on a {}x{} map",
-                shape[2], shape[3]
-            )));
-        };
-        let pool = Pool2d {
-            input: shape,
-            output: [oh, ow],
-            kernel,
-            stride,
-            padding,
-        };
-        let out_shape = [shape[0], shape[1], oh, ow];
+        let pool = pooling(kind, shape, window)?;
+        let out_shape = [shape[0], shape[1], pool.output[0], pool.output[1]];
         Ok((self.push(op(pool), x, out_shape), out_shape))
     }
 
@@ -442,24 +414,24 @@ impl Builder {
             padding: symmetric(&pool.padding, "a max pool")?,
             ceil: pool.ceil_mode,
         };
-        // VGG's 2 x 2 pooling after a convolution whose pass can pool as it writes.
-        let pairs = window.kernel == [2, 2] && window.stride == [2, 2] && window.padding == [0, 0];
-        // (Floor mode, as the kernel pools; ceil mode differs only on an odd width.)
-        let even = shape[2].is_multiple_of(2) && (shape[3].is_multiple_of(2) || !window.ceil);
+        // VGG's 2 x 2 pooling (whole blocks, the kernel's floor-mode output) after a
+        // convolution whose pass can pool as it writes.
+        let pool = pooling("max pool", shape, window)?;
+        let in_write = pool.pairs() && pool.output == [shape[2] / 2, shape[3] / 2];
+        let out_shape = [shape[0], shape[1], pool.output[0], pool.output[1]];
         if let Some(Step {
             op: Op::Conv(conv),
             residual: None,
             ..
         }) = self.producer(x)
         {
-            if pairs && even && !conv.pool && conv.plan.pools_in_write() {
+            if in_write && !conv.pool && conv.plan.pools_in_write() {
                 conv.pool = true;
-                let pooled = [shape[0], shape[1], shape[2] / 2, shape[3] / 2];
-                self.lens[x] = pooled.iter().product();
-                return Ok((x, pooled));
+                self.lens[x] = out_shape.iter().product();
+                return Ok((x, out_shape));
             }
         }
-        self.pool("max pool", Op::MaxPool, x, shape, window)
+        Ok((self.push(Op::MaxPool(pool), x, out_shape), out_shape))
     }
 
     fn avg_pool_step(
@@ -617,6 +589,40 @@ impl Forward for Builder {
     fn dropout(&mut self, _: &Dropout, x: (Value, usize)) -> Result<(Value, usize), InferError> {
         Ok(x)
     }
+}
+
+/// The pooling of `window` on a `shape` map (`kind` names it in the error for a window
+/// that leaves no output).
+fn pooling(kind: &str, shape: Shape, window: PoolWindow) -> Result<Pool2d, InferError> {
+    let PoolWindow {
+        kernel,
+        stride,
+        padding,
+        ceil,
+    } = window;
+    let out = |axis: usize| {
+        window_out(
+            shape[2 + axis],
+            kernel[axis],
+            stride[axis],
+            padding[axis],
+            ceil,
+        )
+        .filter(|&size| size > 0)
+    };
+    let (Some(oh), Some(ow)) = (out(0), out(1)) else {
+        return Err(InferError::Unsupported(format!(
+            "a {kind} of {kernel:?} on a {}x{} map",
+            shape[2], shape[3]
+        )));
+    };
+    Ok(Pool2d {
+        input: shape,
+        output: [oh, ow],
+        kernel,
+        stride,
+        padding,
+    })
 }
 
 /// A pooling window's settings.
