@@ -299,6 +299,55 @@ fn every_layout_matches_the_definition() {
 }
 
 #[test]
+fn expanding_layers_over_many_columns_match_the_definition() {
+    // Few input channels, many output rows and more columns than one tile of their
+    // accumulator holds at the default tuning (and than the weight's size): the forward
+    // cuts its tiles for the accumulator's sake (1 x 1 in place, 3 x 3 shifted and
+    // im2col).
+    let mut rng = Rng(0x6578_7061);
+    for (d, strategy) in [
+        (1, Strategy::Auto),
+        (3, Strategy::Shifted),
+        (3, Strategy::Im2col),
+    ] {
+        let side = 56;
+        let spec = PlanSpec {
+            input: [1, 4, side, side],
+            kernel: [d, d],
+            stride: [1, 1],
+            dilation: [1, 1],
+            padding: [(d / 2, d / 2), (d / 2, d / 2)],
+            out_channels: 300,
+            primaries: 300,
+            n_c: 1,
+            window_depth: 4,
+            weight_depth: 4,
+            rings: vec![(0..d)
+                .flat_map(|ky| (0..d).map(move |kx| (ky, kx)))
+                .collect()],
+            windows: vec![Window {
+                j: 0,
+                in_offset: 0,
+                weight_offset: 0,
+                first_primary: 0,
+                rows: 300,
+            }],
+        };
+        let tuning = Tuning {
+            strategy,
+            ..Tuning::DEFAULT
+        };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| check_against_definition(&spec, tuning, &mut rng));
+        }
+    }
+}
+
+#[test]
 fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
     // im2col with several windows (partials start from zero), shifted views, and weight
     // streaming with up to 16 chunk groups (input-gradient partials).

@@ -118,18 +118,52 @@ fn tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
     if let Some(columns) = plan.tuning.tile_columns {
         return columns.max(1);
     }
-    let rows = if shifted {
+    if weight_in_one_tile(plan, shifted) {
+        return plan.columns().max(1);
+    }
+    let tile = (tuning::TILE_VALUES / tile_rows(plan, shifted).max(1)).max(32);
+    tile.div_ceil(16) * 16
+}
+
+/// Rows of a tile's column matrix (im2col) or of one position's view (shifted).
+fn tile_rows(plan: &ConvPlan, shifted: bool) -> usize {
+    if shifted {
         plan.window_depth
     } else {
         plan.col_rows()
-    };
-    // A weight larger than all the columns' matrix is read once, by one tile of them all.
-    if plan.weight_len() >= rows.saturating_mul(plan.columns()) {
-        return plan.columns().max(1);
     }
-    let tile = (tuning::TILE_VALUES / rows.max(1)).max(32);
-    tile.div_ceil(16) * 16
 }
+
+/// Whether the weight is larger than all the columns' matrix, and so read once, by one
+/// tile of them all.
+fn weight_in_one_tile(plan: &ConvPlan, shifted: bool) -> bool {
+    plan.weight_len() >= tile_rows(plan, shifted).saturating_mul(plan.columns())
+}
+
+/// Columns per tile of a forward pass: as [`tile_columns`], and, where the tuning leaves
+/// the width to the kernels and the weight is not read by one tile of all the columns, a
+/// tile's accumulator (the window's rows by the tile's columns) holds at most
+/// `TILE_VALUES` values unless that cuts the tile below [`ACCUMULATOR_TILE_FLOOR`]
+/// columns. An expanding layer (few input channels, many
+/// output rows) otherwise sizes its tile by its narrow input alone, and its accumulator
+/// crowds the view and the output out of L2 (ResNet-50's 64 -> 256 1 x 1 at 56 x 56,
+/// batch 1: 2048-column tiles 0.67 ms, 3.2 ms from cold caches; 512-column ones 0.57 and
+/// 2.1 ms). The backward keeps [`tile_columns`]: its tiles order the weight gradient's
+/// sums, so a change there would change training's bits.
+fn forward_tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
+    let tile = tile_columns(plan, shifted);
+    if plan.tuning.tile_columns.is_some() || weight_in_one_tile(plan, shifted) {
+        return tile;
+    }
+    let acc_rows = plan.windows.iter().map(|w| w.rows).max().unwrap_or(0);
+    let capped = (tuning::TILE_VALUES / acc_rows.max(1)).max(ACCUMULATOR_TILE_FLOOR);
+    tile.min(capped)
+}
+
+/// The narrowest tile [`forward_tile_columns`] cuts for its accumulator's sake: below, a
+/// tile's product is too short to pay for its packing (at 28 x 28 and 14 x 14, splitting a
+/// task's 196-392 columns into tiles of 208 or 112 was 3-25 % slower).
+const ACCUMULATOR_TILE_FLOOR: usize = 512;
 
 /// Number of parallel tasks for `columns` output columns of `plan`.
 fn task_count(plan: &ConvPlan, columns: usize) -> usize {
@@ -148,13 +182,15 @@ fn tasks_from(min_columns: usize, columns: usize) -> usize {
 
 /// Number of parallel tasks of a forward pass over `columns` output columns of `plan`.
 ///
-/// A shifted pass that gathers its views (every kernel but an unpadded 1 x 1) splits its
-/// columns from a quarter of the tuning's `min_task_columns` on. As one task, sgemm would
-/// split the product by rows, and every thread would gather all of `rhs` again (measured,
-/// 14 x 14 at batch 1: 512 -> 512 3 x 3 spatial 2.6 -> 2.1 ms, dense 4.3 -> 3.9 ms; a
-/// 1 x 1 in place, whose `rhs` is a plain copy, is faster split by rows).
+/// A pass that gathers its columns (im2col, or a shifted pass over every kernel but an
+/// unpadded 1 x 1) splits them from a quarter of the tuning's `min_task_columns` on. As
+/// one task, sgemm would split the product by rows, and every thread would gather all of
+/// `rhs` again (measured at batch 1: 512 -> 512 3 x 3 spatial at 14 x 14, shifted, 2.6 ->
+/// 2.1 ms, dense 4.3 -> 3.9 ms; 256 -> 256 3 x 3 / 2 spatial at 28 x 28, im2col, 1.4-1.8
+/// -> 0.74 ms). A shifted 1 x 1 read in place, whose `rhs` is a plain copy, is faster
+/// split by rows.
 fn forward_task_count(plan: &ConvPlan, columns: usize, shifted: bool) -> usize {
-    if shifted && !shifted::reads_in_place(plan) {
+    if !(shifted && shifted::reads_in_place(plan)) {
         tasks_from((plan.tuning.min_task_columns / 4).max(1), columns)
     } else {
         task_count(plan, columns)
@@ -454,7 +490,7 @@ fn forward_core<T: Real>(
     }
     let layout = Layout::new(plan);
     let shifted = use_shifted(plan);
-    let tile = tile_columns(plan, shifted);
+    let tile = forward_tile_columns(plan, shifted);
     if streams(plan) {
         let weight = match weight {
             Weight::Plain(weight) => StreamWeight::Plain(weight),
