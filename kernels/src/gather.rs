@@ -7,6 +7,10 @@
 //! matrix is then one gather over the tile (AVX-512 `vgatherdps`, 16 columns at a time)
 //! and a row of col2im one gather, add and scatter. The values and the order of the adds
 //! into each input-gradient value are those of the run-by-run loops, so are the bits.
+//!
+//! A strided convolution's run reads every `stride`-th input value ([`copy_strided`]);
+//! with stride 2 (ResNet's downsampling layers) on AVX-512, 16 of them from two loads and
+//! one permute.
 
 use super::Real;
 
@@ -176,6 +180,49 @@ pub(crate) fn scatter_add_row_f32(values: &[f32], dx: &mut [f32], base: usize, r
     scatter_add_row(values, dx, base, row)
 }
 
+/// `dst[k] = src[k * stride]` for every `k < dst.len()`: one run of a strided
+/// convolution's column matrix.
+///
+/// # Panics
+/// If `src` is shorter than the run reads (`(dst.len() - 1) * stride + 1` values).
+pub(crate) fn copy_strided<T: Copy>(src: &[T], stride: usize, dst: &mut [T]) {
+    let Some(last) = dst.len().checked_sub(1) else {
+        return;
+    };
+    assert!(
+        last.saturating_mul(stride) < src.len(),
+        "copy_strided: {} values every {stride} from {}",
+        dst.len(),
+        src.len()
+    );
+    for (k, v) in dst.iter_mut().enumerate() {
+        *v = src[k * stride];
+    }
+}
+
+/// [`copy_strided`] for `f32`, stride 2 on AVX-512 where the CPU has it.
+///
+/// # Panics
+/// As [`copy_strided`].
+pub(crate) fn copy_strided_f32(src: &[f32], stride: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if stride == 2 && is_x86_feature_detected!("avx512f") {
+            let reads = dst.len().checked_sub(1).map_or(0, |last| 2 * last + 1);
+            assert!(
+                reads <= src.len(),
+                "copy_strided: {} values every 2 from {}",
+                dst.len(),
+                src.len()
+            );
+            // SAFETY: the CPU has AVX-512F; src holds the values the run reads.
+            unsafe { avx512::copy_every_second(src, dst) };
+            return;
+        }
+    }
+    copy_strided(src, stride, dst)
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{OffsetRow, LANES, PADDING};
@@ -213,6 +260,37 @@ mod avx512 {
                 _mm512_mask_storeu_ps(to.add(start), in_row(start, row.columns), v);
             }
             start += LANES;
+        }
+    }
+
+    /// `dst[k] = src[2 * k]`: the even lanes of two loads of 16, by one permute.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `src` holds at least `2 * dst.len() - 1` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn copy_every_second(src: &[f32], dst: &mut [f32]) {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let lanes = |n: usize| -> u16 { ((1u32 << n.min(LANES)) - 1) as u16 };
+        let mut k = 0;
+        while k < dst.len() {
+            let outputs = (dst.len() - k).min(LANES);
+            // Values src[2k..] this chunk may load: its outputs read up to 2 * outputs - 1
+            // of them, and nothing past the slice's end is touched.
+            let available = src.len() - 2 * k;
+            // SAFETY: 2k < src.len() (the caller's bound, k < dst.len()); the masks keep
+            // the loads among the `available` values from src[2k] and the store among the
+            // `outputs` values from dst[k].
+            unsafe {
+                let from = src.as_ptr().add(2 * k);
+                let low = _mm512_maskz_loadu_ps(lanes(available), from);
+                let high = _mm512_maskz_loadu_ps(
+                    lanes(available.saturating_sub(LANES)),
+                    from.add(LANES.min(available)),
+                );
+                let v = _mm512_permutex2var_ps(low, even, high);
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(k), lanes(outputs), v);
+            }
+            k += LANES;
         }
     }
 
@@ -301,6 +379,39 @@ mod tests {
                 assert_eq!(dx, want);
             }
         }
+    }
+
+    /// Runs of every length up to three vectors, strides 1 to 3, from sources exactly as
+    /// long as the run reads (the last vector's loads must stop at the slice's end) and
+    /// longer: the f32 path against the definition.
+    #[test]
+    fn strided_copies_match_the_definition() {
+        for stride in 1..=3 {
+            for len in 0..50usize {
+                let reads = len.saturating_sub(1) * stride + usize::from(len > 0);
+                for extra in [0, 1, 17] {
+                    let src: Vec<f32> = (0..reads + extra).map(|v| v as f32 * 0.5 - 3.0).collect();
+                    let mut out = vec![f32::NAN; len + 2];
+                    copy_strided_f32(&src, stride, &mut out[..len]);
+                    let mut portable = vec![f32::NAN; len];
+                    copy_strided(&src, stride, &mut portable);
+                    for k in 0..len {
+                        assert_eq!(out[k], src[k * stride], "stride {stride}, len {len}");
+                        assert_eq!(portable[k], src[k * stride]);
+                    }
+                    assert!(out[len].is_nan() && out[len + 1].is_nan());
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "copy_strided")]
+    fn a_strided_copy_past_its_source_panics() {
+        // Five values every 2 read nine.
+        let src = [1.0f32; 8];
+        let mut out = [0.0f32; 5];
+        copy_strided_f32(&src, 2, &mut out);
     }
 
     #[test]

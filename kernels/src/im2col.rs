@@ -235,9 +235,7 @@ pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, col
                         if sw == 1 {
                             out[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (k, v) in out[lo..hi].iter_mut().enumerate() {
-                                *v = src[ix0 + k * sw];
-                            }
+                            T::copy_strided(&src[ix0..], sw, &mut out[lo..hi]);
                         }
                     }
                 }

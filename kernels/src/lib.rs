@@ -127,6 +127,14 @@ pub trait Real:
     fn scatter_add_row(values: &[Self], dx: &mut [Self], base: usize, row: gather::OffsetRow<'_>) {
         gather::scatter_add_row(values, dx, base, row)
     }
+
+    /// One run of a strided convolution's column matrix: `dst[k] = src[k * stride]`.
+    ///
+    /// # Panics
+    /// If `src` is shorter than the run reads.
+    fn copy_strided(src: &[Self], stride: usize, dst: &mut [Self]) {
+        gather::copy_strided(src, stride, dst)
+    }
 }
 
 macro_rules! real {
@@ -215,6 +223,9 @@ real!(
     },
     fn scatter_add_row(values: &[Self], dx: &mut [Self], base: usize, row: gather::OffsetRow<'_>) {
         gather::scatter_add_row_f32(values, dx, base, row)
+    },
+    fn copy_strided(src: &[Self], stride: usize, dst: &mut [Self]) {
+        gather::copy_strided_f32(src, stride, dst)
     }
 );
 real!(f64, SLOTS_F64);
