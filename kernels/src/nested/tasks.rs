@@ -114,20 +114,37 @@ pub(super) unsafe fn emit<T: Real>(
     for p in row0..(row0 + rows).min(plan.emitted(crop, window)) {
         let ch = base + p;
         let factors = epilogue.channel(ch);
+        // (output offset, first tile column, pixels) of a segment to write.
+        let write = |(offset, start, len): (usize, usize, usize)| {
+            // SAFETY: the segment's pixels lie inside the output's allocation (the
+            // residual has the output's length) and belong to this task's columns only;
+            // the block's accumulators are final and inside the tile's (the caller's
+            // promise).
+            unsafe {
+                let from = acc.ptr.add(p * acc.rs + start * acc.cs);
+                epilogue.write_run((from, acc.cs), factors, out.ptr(), offset, len);
+            }
+        };
+        // Runs that continue each other in the output and in the tile (an image's whole
+        // rows: a 7 x 7 map's seven runs) are written as one segment.
+        let mut pending: Option<(usize, usize, usize)> = None;
         for run in runs[first_run..].iter().take_while(|run| run.col < col_end) {
             let start = run.col.max(col0);
             let len = (run.col + run.len).min(col_end) - start;
             let skip = start - run.col;
             let offset =
                 (run.image * plan.out_channels + ch) * pixels + run.oy * ow + run.ox + skip;
-            // SAFETY: the run's pixels lie inside the output's allocation (the residual
-            // has the output's length) and belong to this task's columns only; the block's
-            // accumulators are final and inside the tile's (the caller's promise).
-            unsafe {
-                let from = acc.ptr.add(p * acc.rs + start * acc.cs);
-                epilogue.write_run((from, acc.cs), factors, out.ptr(), offset, len);
-            }
+            pending = match pending {
+                Some((at, first, n)) if at + n == offset && first + n == start => {
+                    Some((at, first, n + len))
+                }
+                _ => {
+                    pending.map(write);
+                    Some((offset, start, len))
+                }
+            };
         }
+        pending.map(write);
     }
 }
 
