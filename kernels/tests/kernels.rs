@@ -312,26 +312,8 @@ fn expanding_layers_over_many_columns_match_the_definition() {
     ] {
         let side = 56;
         let spec = PlanSpec {
-            input: [1, 4, side, side],
-            kernel: [d, d],
-            stride: [1, 1],
-            dilation: [1, 1],
             padding: [(d / 2, d / 2), (d / 2, d / 2)],
-            out_channels: 300,
-            primaries: 300,
-            n_c: 1,
-            window_depth: 4,
-            weight_depth: 4,
-            rings: vec![(0..d)
-                .flat_map(|ky| (0..d).map(move |kx| (ky, kx)))
-                .collect()],
-            windows: vec![Window {
-                j: 0,
-                in_offset: 0,
-                weight_offset: 0,
-                first_primary: 0,
-                rows: 300,
-            }],
+            ..dense_spec([1, 4, side, side], 300, d)
         };
         let tuning = Tuning {
             strategy,

@@ -144,12 +144,12 @@ fn weight_in_one_tile(plan: &ConvPlan, shifted: bool) -> bool {
 /// the width to the kernels and the weight is not read by one tile of all the columns, a
 /// tile's accumulator (the window's rows by the tile's columns) holds at most
 /// `TILE_VALUES` values unless that cuts the tile below [`ACCUMULATOR_TILE_FLOOR`]
-/// columns. An expanding layer (few input channels, many
-/// output rows) otherwise sizes its tile by its narrow input alone, and its accumulator
-/// crowds the view and the output out of L2 (ResNet-50's 64 -> 256 1 x 1 at 56 x 56,
-/// batch 1: 2048-column tiles 0.67 ms, 3.2 ms from cold caches; 512-column ones 0.57 and
-/// 2.1 ms). The backward keeps [`tile_columns`]: its tiles order the weight gradient's
-/// sums, so a change there would change training's bits.
+/// columns. An expanding layer (few input channels, many output rows) otherwise sizes its
+/// tile by its narrow input alone, and its accumulator crowds the view and the output out
+/// of L2 (ResNet-50's 64 -> 256 1 x 1 at 56 x 56, batch 1: 2048-column tiles 0.67 ms, 3.2
+/// ms from cold caches; 480-column ones 0.56 and 2.1 ms). The backward keeps
+/// [`tile_columns`]: its tiles order the weight gradient's sums, so a change there would
+/// change training's bits.
 fn forward_tile_columns(plan: &ConvPlan, shifted: bool) -> usize {
     let tile = tile_columns(plan, shifted);
     if plan.tuning.tile_columns.is_some() || weight_in_one_tile(plan, shifted) {

@@ -139,12 +139,16 @@ pub(super) unsafe fn emit<T: Real>(
                     Some((at, first, n + len))
                 }
                 _ => {
-                    pending.map(write);
+                    if let Some(segment) = pending {
+                        write(segment);
+                    }
                     Some((offset, start, len))
                 }
             };
         }
-        pending.map(write);
+        if let Some(segment) = pending {
+            write(segment);
+        }
     }
 }
 
