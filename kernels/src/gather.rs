@@ -186,17 +186,20 @@ pub(crate) fn scatter_add_row_f32(values: &[f32], dx: &mut [f32], base: usize, r
 /// # Panics
 /// If `src` is shorter than the run reads (`(dst.len() - 1) * stride + 1` values).
 pub(crate) fn copy_strided<T: Copy>(src: &[T], stride: usize, dst: &mut [T]) {
-    let Some(last) = dst.len().checked_sub(1) else {
-        return;
-    };
-    assert!(
-        last.saturating_mul(stride) < src.len(),
-        "copy_strided: {} values every {stride} from {}",
-        dst.len(),
-        src.len()
-    );
+    check_strided(src.len(), stride, dst.len());
     for (k, v) in dst.iter_mut().enumerate() {
         *v = src[k * stride];
+    }
+}
+
+/// Panics unless a source of `src` values holds the `dst` values every `stride` that a
+/// strided copy reads (`(dst - 1) * stride + 1` of them).
+fn check_strided(src: usize, stride: usize, dst: usize) {
+    if let Some(last) = dst.checked_sub(1) {
+        assert!(
+            last.saturating_mul(stride) < src,
+            "copy_strided: {dst} values every {stride} from {src}"
+        );
     }
 }
 
@@ -208,13 +211,7 @@ pub(crate) fn copy_strided_f32(src: &[f32], stride: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if stride == 2 && is_x86_feature_detected!("avx512f") {
-            let reads = dst.len().checked_sub(1).map_or(0, |last| 2 * last + 1);
-            assert!(
-                reads <= src.len(),
-                "copy_strided: {} values every 2 from {}",
-                dst.len(),
-                src.len()
-            );
+            check_strided(src.len(), stride, dst.len());
             // SAFETY: the CPU has AVX-512F; src holds the values the run reads.
             unsafe { avx512::copy_every_second(src, dst) };
             return;
