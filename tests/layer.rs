@@ -8,7 +8,7 @@ use burn::module::Param;
 use burn::nn::conv::Conv2dConfig;
 use burn::nn::PaddingConfig2d;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use common::{host_any, Rng};
+use common::{assert_close, host, host_any, Rng};
 use versatile::layer::{
     authors_initializer, ChannelMode, VConv2dConfig, VConvConfigError, VConvShapeError,
 };
@@ -507,4 +507,106 @@ fn training_batch_norm_matches_burns() {
             );
         }
     }
+}
+
+/// A convolution that takes its output's batch statistics as it writes it (dense with
+/// bias, versatile without): the statistics are the output's, and a training batch norm
+/// fed them gives the output, gradients and running statistics it gives when it takes
+/// them itself; where the kernel does not take them (f64) there are none.
+#[test]
+fn a_convolution_takes_the_batch_statistics_of_its_output() {
+    use burn::nn::BatchNormConfig;
+    use versatile::layer::{batch_norm_relu_train, conv2d_forward_measured, Activation};
+
+    let device = Device::flex().autodiff();
+    let mut rng = Rng(0x6d65_6173);
+    let mut versatile_config = config(8, 16, 3).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1));
+    versatile_config.bias = false;
+    let versatile = versatile_config.init(&device);
+    let dense = Conv2dConfig::new([8, 12], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    type Measured<'a> = &'a dyn Fn(Tensor<4>, bool) -> (Tensor<4>, Option<Tensor<2>>);
+    let layers: [(&str, Measured, usize); 2] = [
+        (
+            "versatile",
+            &|x, stats| versatile.forward_measured(x, stats),
+            16,
+        ),
+        (
+            "dense",
+            &|x, stats| conv2d_forward_measured(&dense, x, stats),
+            12,
+        ),
+    ];
+    for (what, forward, channels) in layers {
+        let x = rng.tensor([6, 8, 9, 11], &device, DType::F32) + 0.5;
+        let (y, stats) = forward(x.clone(), true);
+        let stats = stats.unwrap_or_else(|| panic!("{what}: no statistics"));
+        assert_eq!(stats.dims(), [2, channels], "{what}");
+        let per_channel = y
+            .clone()
+            .detach()
+            .swap_dims(0, 1)
+            .reshape([channels, 6 * 9 * 11]);
+        let mean = per_channel.clone().mean_dim(1);
+        let variance = (per_channel - mean.clone()).powi_scalar(2).mean_dim(1);
+        let stats = host_any(stats);
+        assert_close(
+            &format!("{what}: means"),
+            &stats[..channels],
+            &host_any(mean),
+            1e-5,
+        );
+        assert_close(
+            &format!("{what}: variances"),
+            &stats[channels..],
+            &host_any(variance),
+            1e-5,
+        );
+
+        // The batch norm after it, fed the convolution's statistics or taking its own.
+        let r = rng.tensor([6, channels, 9, 11], &device, DType::F32);
+        let run = |measured: bool| {
+            let norm = BatchNormConfig::new(channels).init(&device);
+            let x = x.clone().detach().require_grad();
+            let y = if measured {
+                let (values, batch_stats) = forward(x.clone(), true);
+                batch_norm_relu_train(
+                    &norm,
+                    Activation {
+                        values,
+                        batch_stats,
+                    },
+                )
+            } else {
+                batch_norm_relu_train(&norm, forward(x.clone(), false).0)
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            [
+                host_any(y),
+                host_any(x.grad(&grads).unwrap()),
+                host(norm.running_mean.value_sync()),
+                host(norm.running_var.value_sync()),
+            ]
+        };
+        let (measured, own) = (run(true), run(false));
+        for (part, (got, want)) in ["output", "input gradient", "running mean", "running var"]
+            .iter()
+            .zip(measured.iter().zip(&own))
+        {
+            assert_close(&format!("{what}: {part}"), got, want, 1e-4);
+        }
+    }
+    // No statistics where the kernel does not take them.
+    let plain = Device::flex();
+    let x = rng.tensor([2, 8, 5, 5], &plain, DType::F64);
+    let mut layer = config(8, 16, 3).init(&plain);
+    layer.weight = Param::from_tensor(layer.weight.val().cast(DType::F64));
+    layer.bias = layer
+        .bias
+        .map(|b| Param::from_tensor(b.val().cast(DType::F64)));
+    let (y, stats) = layer.forward_measured(x, true);
+    assert_eq!(y.dtype(), DType::F64);
+    assert!(stats.is_none());
 }

@@ -65,7 +65,7 @@ fn check_forward(model: &Model, hw: [usize; 2], batch: usize, device: &Device) {
         Model::ConvNet(net) => {
             let mut x = input.clone();
             for (i, layer) in net.features.iter().enumerate() {
-                x = layer.walk(&mut Modules, x).unwrap();
+                x = layer.walk(&mut Modules, x.into()).unwrap().values;
                 let name = format!("features.{i}");
                 assert_eq!(per_image(x.dims()), row(&report, &name), "{what}: {name}");
             }
@@ -77,7 +77,7 @@ fn check_forward(model: &Model, hw: [usize; 2], batch: usize, device: &Device) {
             let stages = [&net.layer1, &net.layer2, &net.layer3, &net.layer4];
             for (s, blocks) in stages.into_iter().enumerate() {
                 for (b, block) in blocks.iter().enumerate() {
-                    x = block.walk(&mut Modules, x).unwrap();
+                    x = block.walk(&mut Modules, x.into()).unwrap().values;
                     let name = format!("layer{}.{b}.add", s + 1);
                     assert_eq!(per_image(x.dims()), row(&report, &name), "{what}: {name}");
                 }

@@ -39,6 +39,7 @@ pub mod alloc;
 mod epilogue;
 mod gather;
 mod im2col;
+pub mod moments;
 mod nested;
 pub mod norm;
 pub mod optim;
@@ -53,10 +54,12 @@ pub mod workspace;
 
 use std::cell::Cell;
 use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Mul};
+use std::ops::{Add, AddAssign, Mul, Sub};
 
 pub use epilogue::Epilogue;
-pub use nested::{backward, forward, forward_packed, Gradients, Needs, PackedWeight};
+pub use nested::{
+    backward, forward, forward_packed, forward_with_moments, Gradients, Needs, PackedWeight,
+};
 pub use plan::{ConvPlan, PlanError, PlanSpec, Window};
 
 mod sealed {
@@ -80,12 +83,19 @@ pub trait Real:
     + Add<Output = Self>
     + AddAssign
     + Mul<Output = Self>
+    + Sub<Output = Self>
     + 'static
 {
     /// Zero.
     const ZERO: Self;
     /// One.
     const ONE: Self;
+
+    /// The value as an f64 (exact).
+    fn to_f64(self) -> f64;
+
+    /// The nearest value to `v`.
+    fn from_f64(v: f64) -> Self;
 
     /// Runs `f` with the thread-local workspace slots of this type.
     fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R;
@@ -146,6 +156,14 @@ macro_rules! real {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
+
+            fn to_f64(self) -> f64 {
+                f64::from(self)
+            }
+
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
 
             fn slots<R>(f: impl FnOnce(&workspace::Slots<Self>) -> R) -> R {
                 $local.with(f)

@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use crate::moments::{lane_sums, Moments};
 use crate::pool::Pool2d;
 
 /// An NCHW activation as the batch-norm kernels see it.
@@ -49,42 +50,14 @@ impl NormShape {
     }
 
     /// Channel `channel`'s plane of each image, in image order.
-    fn planes<'a>(&self, values: &'a [f32], channel: usize) -> impl Iterator<Item = &'a [f32]> {
+    fn planes<'a>(
+        &self,
+        values: &'a [f32],
+        channel: usize,
+    ) -> impl Iterator<Item = &'a [f32]> + Clone {
         let (channels, plane) = (self.channels, self.plane);
         (0..self.batch).map(move |b| &values[(b * channels + channel) * plane..][..plane])
     }
-}
-
-const LANES: usize = 8;
-
-/// `(sum of f(a, b), sum of g(a, b))` over two equally long slices, in eight f32 lanes
-/// added in a fixed order: the shape of every reduction here.
-fn lane_sums(
-    a: &[f32],
-    b: &[f32],
-    f: impl Fn(f32, f32) -> f32,
-    g: impl Fn(f32, f32) -> f32,
-) -> (f64, f64) {
-    let mut first = [0f32; LANES];
-    let mut second = [0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for k in 0..LANES {
-            first[k] += f(a[k], b[k]);
-            second[k] += g(a[k], b[k]);
-        }
-    }
-    let (mut f_sum, mut g_sum) = (0f64, 0f64);
-    for k in 0..LANES {
-        f_sum += f64::from(first[k]);
-        g_sum += f64::from(second[k]);
-    }
-    for (&a, &b) in a_tail.iter().zip(b_tail) {
-        f_sum += f64::from(f(a, b));
-        g_sum += f64::from(g(a, b));
-    }
-    (f_sum, g_sum)
 }
 
 /// The batch statistics of `x`: `stats[c]` is channel `c`'s mean and
@@ -95,26 +68,25 @@ fn lane_sums(
 /// If `x` or `stats` does not have the length `shape` gives them.
 pub fn batch_stats(x: &[f32], shape: NormShape, stats: &mut [f32]) {
     assert_eq!(x.len(), shape.len(), "batch_stats: input length");
-    assert_eq!(stats.len(), 2 * shape.channels, "batch_stats: stats length");
-    let per_channel: Vec<(f32, f32)> = (0..shape.channels)
+    let moments: Vec<Moments> = (0..shape.channels)
         .into_par_iter()
-        .map(|c| {
-            let sum: f64 = shape
-                .planes(x, c)
-                .map(|p| lane_sums(p, p, |v, _| v, |_, _| 0.0).0)
-                .sum();
-            let mean = (sum / shape.count()) as f32;
-            let squares: f64 = shape
-                .planes(x, c)
-                .map(|p| lane_sums(p, p, |v, _| (v - mean) * (v - mean), |_, _| 0.0).0)
-                .sum();
-            (mean, (squares / shape.count()) as f32)
-        })
+        .map(|c| Moments::of_segments(shape.planes(x, c)))
         .collect();
-    let (means, variances) = stats.split_at_mut(shape.channels);
-    for (c, (mean, variance)) in per_channel.into_iter().enumerate() {
-        means[c] = mean;
-        variances[c] = variance;
+    stats_from_moments(&moments, stats);
+}
+
+/// `stats` as [`batch_stats`] writes them (means, then biased variances, as f32) from
+/// each channel's moments.
+///
+/// # Panics
+/// If `stats` does not hold two values per channel.
+pub fn stats_from_moments(moments: &[Moments], stats: &mut [f32]) {
+    let channels = moments.len();
+    assert_eq!(stats.len(), 2 * channels, "batch_stats: stats length");
+    let (means, variances) = stats.split_at_mut(channels);
+    for (c, moments) in moments.iter().enumerate() {
+        means[c] = moments.mean as f32;
+        variances[c] = moments.variance() as f32;
     }
 }
 
@@ -140,7 +112,13 @@ fn fill_planes<T: Copy + Default + Send>(
     fill: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<T> {
     // `()` takes no memory: the second activation is free.
-    fill_plane_pairs::<T, ()>(shape, shape, |i, plane, _| fill(i, plane)).0
+    fill_plane_pairs::<T, ()>(
+        shape,
+        shape,
+        #[inline(always)]
+        |i, plane, _| fill(i, plane),
+    )
+    .0
 }
 
 /// Two new activations, of shapes `a` and `b` with the same number of planes, whose
@@ -180,7 +158,9 @@ where
         .par_chunks_mut(a.plane)
         .zip(second.spare_capacity_mut()[..b.len()].par_chunks_mut(b.plane))
         .enumerate()
-        .for_each(|(i, (a_slots, b_slots))| fill(i, zeroed(a_slots), zeroed(b_slots)));
+        .for_each(|(i, (a_slots, b_slots))| {
+            fill_widest(&fill, i, zeroed(a_slots), zeroed(b_slots))
+        });
     // SAFETY: `Vec::with_capacity` made room for `a.len()` and `b.len()` values; the
     // chunks cover the first `a.len()` (`b.len()`) spare slots exactly (both have
     // `a.batch * a.channels` planes), and every task wrote each slot of its chunks
@@ -191,6 +171,56 @@ where
         second.set_len(b.len());
     }
     (first, second)
+}
+
+/// `fill(i, a, b)` compiled for the widest vectors of this CPU (the plane loops of the
+/// normalisation and its gradient are element by element, so the same bits on every
+/// CPU; x86-64's baseline handles four floats at a time).
+#[inline(always)]
+fn fill_widest<A, B, F: Fn(usize, &mut [A], &mut [B])>(
+    fill: &F,
+    i: usize,
+    a: &mut [A],
+    b: &mut [B],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { wide::fill_avx512(fill, i, a, b) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { wide::fill_avx2(fill, i, a, b) };
+        }
+    }
+    fill(i, a, b)
+}
+
+/// The plane fills compiled for wider vectors than x86-64's baseline.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    /// A plane fill compiled with the target feature `$feature`.
+    macro_rules! isa_version {
+        ($feature:literal, $name:ident) => {
+            /// `fill(i, a, b)` for one instruction set (the closure inlined into it).
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<A, B, F: Fn(usize, &mut [A], &mut [B])>(
+                fill: &F,
+                i: usize,
+                a: &mut [A],
+                b: &mut [B],
+            ) {
+                fill(i, a, b)
+            }
+        };
+    }
+
+    isa_version!("avx512f", fill_avx512);
+    isa_version!("avx2", fill_avx2);
 }
 
 /// `slots` set to `T::default()`, as the initialised slice they now are.
@@ -211,14 +241,18 @@ fn write_planes<I: Iterator<Item = f32>>(
     shape: NormShape,
     plane: impl Fn(usize) -> I + Sync,
 ) -> Vec<f32> {
-    fill_planes(shape, |i, dst| {
-        let mut written = 0;
-        for (slot, value) in dst.iter_mut().zip(plane(i)) {
-            *slot = value;
-            written += 1;
-        }
-        assert_eq!(written, dst.len(), "write_planes: plane {i} is short");
-    })
+    fill_planes(
+        shape,
+        #[inline(always)]
+        |i, dst| {
+            let mut written = 0;
+            for (slot, value) in dst.iter_mut().zip(plane(i)) {
+                *slot = value;
+                written += 1;
+            }
+            assert_eq!(written, dst.len(), "write_planes: plane {i} is short");
+        },
+    )
 }
 
 /// Panics (naming `op`) unless every activation in `activations` has `shape`'s length,
@@ -271,18 +305,22 @@ fn normalize_as<const RELU: bool>(
 ) -> Vec<f32> {
     let per_channel = [("gamma", gamma), ("beta", beta)];
     check_lengths("normalize", shape, &[("input", x)], &per_channel, stats);
-    write_planes(shape, |i| {
-        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-        shape.plane_at(x, i).iter().map(move |&v| {
-            let y = v * scale + shift;
-            // NaN passes the ReLU, so that a diverging run still shows in its loss.
-            if RELU && y < 0.0 {
-                0.0
-            } else {
-                y
-            }
-        })
-    })
+    write_planes(
+        shape,
+        #[inline(always)]
+        |i| {
+            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+            shape.plane_at(x, i).iter().map(move |&v| {
+                let y = v * scale + shift;
+                // NaN passes the ReLU, so that a diverging run still shows in its loss.
+                if RELU && y < 0.0 {
+                    0.0
+                } else {
+                    y
+                }
+            })
+        },
+    )
 }
 
 /// `relu(normalize(x) + residual)`: the end of a residual block (the second batch norm,
@@ -308,21 +346,25 @@ pub fn normalize_add_relu(
         &per_channel,
         stats,
     );
-    write_planes(shape, |i| {
-        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-        shape
-            .plane_at(x, i)
-            .iter()
-            .zip(shape.plane_at(residual, i))
-            .map(move |(&v, &r)| {
-                let y = v * scale + shift + r;
-                if y < 0.0 {
-                    0.0
-                } else {
-                    y
-                }
-            })
-    })
+    write_planes(
+        shape,
+        #[inline(always)]
+        |i| {
+            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+            shape
+                .plane_at(x, i)
+                .iter()
+                .zip(shape.plane_at(residual, i))
+                .map(move |(&v, &r)| {
+                    let y = v * scale + shift + r;
+                    if y < 0.0 {
+                        0.0
+                    } else {
+                        y
+                    }
+                })
+        },
+    )
 }
 
 /// The gradient of [`normalize_add_relu`] at its ReLU: `grad` where `normalize(x) +
@@ -351,15 +393,19 @@ pub fn add_relu_backward(
         &per_channel,
         stats,
     );
-    write_planes(shape, |i| {
-        let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-        shape
-            .plane_at(x, i)
-            .iter()
-            .zip(shape.plane_at(grad, i))
-            .zip(shape.plane_at(residual, i))
-            .map(move |((&v, &g), &r)| if v * scale + shift + r <= 0.0 { 0.0 } else { g })
-    })
+    write_planes(
+        shape,
+        #[inline(always)]
+        |i| {
+            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
+            shape
+                .plane_at(x, i)
+                .iter()
+                .zip(shape.plane_at(grad, i))
+                .zip(shape.plane_at(residual, i))
+                .map(move |((&v, &g), &r)| if v * scale + shift + r <= 0.0 { 0.0 } else { g })
+        },
+    )
 }
 
 /// Where each output of [`normalize_relu_max_pool`] took its value: an index into its
@@ -482,15 +528,19 @@ pub fn relu_max_pool_backward(
         })
         .collect();
     let coefficients = gradient_coefficients(&sums, gamma, stats, epsilon, shape, dgamma, dbeta);
-    fill_planes(shape, |i, dst: &mut [f32]| {
-        let (a, b, k) = coefficients[i % shape.channels];
-        for (dx, &v) in dst.iter_mut().zip(shape.plane_at(x, i)) {
-            *dx = b * v + k;
-        }
-        for (g, at, _) in passed(i) {
-            dst[at] += a * g;
-        }
-    })
+    fill_planes(
+        shape,
+        #[inline(always)]
+        |i, dst: &mut [f32]| {
+            let (a, b, k) = coefficients[i % shape.channels];
+            for (dx, &v) in dst.iter_mut().zip(shape.plane_at(x, i)) {
+                *dx = b * v + k;
+            }
+            for (g, at, _) in passed(i) {
+                dst[at] += a * g;
+            }
+        },
+    )
 }
 
 /// The input's and the output's shapes of `pool` as the batch-norm kernels see them.
@@ -565,15 +615,7 @@ fn normalize_backward_as<const RELU: bool>(
         &per_channel,
         stats,
     );
-    // The output gradient where the ReLU passes it (all of it without ReLU): not where
-    // the normalised value is at or below zero (burn's and PyTorch's ReLU gradient).
-    let passed = |g: f32, v: f32, (scale, shift): (f32, f32)| {
-        if RELU && v * scale + shift <= 0.0 {
-            0.0
-        } else {
-            g
-        }
-    };
+    let passed = |g: f32, v: f32, map: (f32, f32)| passed_gradient::<RELU>(g, v, map);
     // Per channel: the sum of the gradient and of the gradient times the centred input.
     let sums: Vec<(f64, f64)> = (0..channels)
         .into_par_iter()
@@ -583,28 +625,124 @@ fn normalize_backward_as<const RELU: bool>(
             shape
                 .planes(grad, c)
                 .zip(shape.planes(x, c))
-                .map(|(g, x)| {
-                    lane_sums(
-                        g,
-                        x,
-                        |g, x| passed(g, x, map),
-                        |g, x| passed(g, x, map) * (x - mean),
-                    )
-                })
+                .map(|(g, x)| gradient_sums::<RELU>(g, x, map, mean))
                 .fold((0.0, 0.0), |(a, b), (p, q)| (a + p, b + q))
         })
         .collect();
     let coefficients = gradient_coefficients(&sums, gamma, stats, epsilon, shape, dgamma, dbeta);
-    write_planes(shape, |i| {
-        let c = i % channels;
-        let (a, b, k) = coefficients[c];
-        let map = affine(c, gamma, beta, stats, epsilon);
-        shape
-            .plane_at(grad, i)
-            .iter()
-            .zip(shape.plane_at(x, i))
-            .map(move |(&g, &v)| a * passed(g, v, map) + b * v + k)
-    })
+    write_planes(
+        shape,
+        #[inline(always)]
+        |i| {
+            let c = i % channels;
+            let (a, b, k) = coefficients[c];
+            let map = affine(c, gamma, beta, stats, epsilon);
+            shape
+                .plane_at(grad, i)
+                .iter()
+                .zip(shape.plane_at(x, i))
+                .map(move |(&g, &v)| a * passed(g, v, map) + b * v + k)
+        },
+    )
+}
+
+/// The output gradient `g` where the ReLU passes it (everywhere without ReLU): not where
+/// the normalised value `v * scale + shift` is at or below zero (burn's and PyTorch's ReLU
+/// gradient; NaN passes).
+#[inline(always)]
+fn passed_gradient<const RELU: bool>(g: f32, v: f32, (scale, shift): (f32, f32)) -> f32 {
+    if RELU && v * scale + shift <= 0.0 {
+        0.0
+    } else {
+        g
+    }
+}
+
+/// `(sum of p, sum of p * (x - mean))` over one plane of the output gradient `g` and the
+/// input `x`, `p` the [passed](passed_gradient) gradient: [`lane_sums`]'s lanes and order,
+/// in AVX2 where the CPU has it (the compiler leaves the ReLU's select scalar).
+fn gradient_sums<const RELU: bool>(g: &[f32], x: &[f32], map: (f32, f32), mean: f32) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::gradient_sums::<RELU>(g, x, map, mean) };
+    }
+    lane_sums(
+        g,
+        x,
+        |g, x| passed_gradient::<RELU>(g, x, map),
+        |g, x| passed_gradient::<RELU>(g, x, map) * (x - mean),
+    )
+}
+
+/// The backward's reductions in AVX2.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::passed_gradient;
+
+    /// `super::gradient_sums` in AVX2: eight lanes, each the portable version's lane
+    /// (the same operations on the same values in the same order, no fused multiply-add),
+    /// added into f64 in lane order, then the tail.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    ///
+    /// # Panics
+    /// If the slices differ in length.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gradient_sums<const RELU: bool>(
+        g: &[f32],
+        x: &[f32],
+        (scale, shift): (f32, f32),
+        mean: f32,
+    ) -> (f64, f64) {
+        assert_eq!(g.len(), x.len(), "gradient_sums: lengths");
+        let body = g.len() / 8 * 8;
+        let zero = _mm256_setzero_ps();
+        let (scale_v, shift_v, mean_v) = (
+            _mm256_set1_ps(scale),
+            _mm256_set1_ps(shift),
+            _mm256_set1_ps(mean),
+        );
+        let (mut first, mut second) = (zero, zero);
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 <= body <= the length of both slices.
+            let (gv, xv) = unsafe {
+                (
+                    _mm256_loadu_ps(g.as_ptr().add(i)),
+                    _mm256_loadu_ps(x.as_ptr().add(i)),
+                )
+            };
+            let passed = if RELU {
+                let y = _mm256_add_ps(_mm256_mul_ps(xv, scale_v), shift_v);
+                // Not (y <= 0): above zero, or NaN.
+                _mm256_and_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(y, zero), gv)
+            } else {
+                gv
+            };
+            first = _mm256_add_ps(first, passed);
+            second = _mm256_add_ps(second, _mm256_mul_ps(passed, _mm256_sub_ps(xv, mean_v)));
+        }
+        let (mut first_lanes, mut second_lanes) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: each array holds eight f32 values; unaligned stores.
+        unsafe {
+            _mm256_storeu_ps(first_lanes.as_mut_ptr(), first);
+            _mm256_storeu_ps(second_lanes.as_mut_ptr(), second);
+        }
+        let (mut sum, mut centred) = (0f64, 0f64);
+        for (&f, &s) in first_lanes.iter().zip(&second_lanes) {
+            sum += f64::from(f);
+            centred += f64::from(s);
+        }
+        for (&g, &x) in g[body..].iter().zip(&x[body..]) {
+            let passed = passed_gradient::<RELU>(g, x, (scale, shift));
+            sum += f64::from(passed);
+            centred += f64::from(passed * (x - mean));
+        }
+        (sum, centred)
+    }
 }
 
 /// The batch-norm gradient `dx = a * g + b * x + k` per channel, `(a, b, k)`, from the
@@ -639,6 +777,55 @@ fn gradient_coefficients(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vector_gradient_sums_are_the_portable_ones_bit_for_bit() {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            let mut state = 7u64;
+            let mut next = || {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            };
+            for len in (0..40).chain([257, 1000]) {
+                let g: Vec<f32> = (0..len).map(|_| next()).collect();
+                let mut x: Vec<f32> = (0..len).map(|_| next()).collect();
+                if len > 5 {
+                    // At zero after the map, and NaN: the ReLU's edge cases.
+                    x[1] = 0.25;
+                    x[4] = f32::NAN;
+                }
+                let (map, mean) = ((2.0, -0.5), 0.125);
+                let portable = |relu: bool| {
+                    let passed = |g: f32, x: f32| {
+                        if relu {
+                            passed_gradient::<true>(g, x, map)
+                        } else {
+                            passed_gradient::<false>(g, x, map)
+                        }
+                    };
+                    lane_sums(&g, &x, passed, |g, x| passed(g, x) * (x - mean))
+                };
+                // SAFETY: the CPU has AVX2.
+                let vector = unsafe {
+                    [
+                        avx2::gradient_sums::<false>(&g, &x, map, mean),
+                        avx2::gradient_sums::<true>(&g, &x, map, mean),
+                    ]
+                };
+                for (relu, got) in [false, true].into_iter().zip(vector) {
+                    let want = portable(relu);
+                    let same = |a: f64, b: f64| a.to_bits() == b.to_bits();
+                    assert!(
+                        same(got.0, want.0) && same(got.1, want.1),
+                        "length {len}, relu {relu}: {got:?} against {want:?}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Deterministic values in [-1, 1) with an offset per channel.
     fn values(shape: NormShape, seed: u64) -> Vec<f32> {

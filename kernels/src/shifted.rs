@@ -13,9 +13,11 @@
 use std::ops::Range;
 
 use super::epilogue::Epilogue;
+use super::moments::TileMoments;
 use super::nested::{
-    accumulator_strides, gemm, gemm_gathered, windows_partition_channels, Accumulator,
-    BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput,
+    accumulator_strides, add_into, gemm, gemm_gathered, push_segment, tile_moments,
+    windows_partition_channels, Accumulator, BackwardArgs, ForwardPanels, ForwardTiles, SharedMut,
+    TaskInput, TileSegments,
 };
 use super::plan::{ConvPlan, Window};
 use super::workspace::{grow, Workspace};
@@ -223,7 +225,8 @@ fn valid_segments(
 }
 
 /// Forward pass of wide columns `[start, end)` of the flattened `(image, wide column)`
-/// range.
+/// range; each tile's per-channel moments appended to `moments` where given (a plain
+/// epilogue's output).
 pub fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     panels: Option<&ForwardPanels>,
@@ -231,7 +234,10 @@ pub fn forward_task<T: Real>(
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
     ((start, end), tile, parallelism): ForwardTiles,
+    mut moments: Option<&mut Vec<TileMoments>>,
 ) {
+    let ow = plan.output[1];
+    let mut segments = TileSegments::new();
     let padded = Padded::new(plan);
     let wide = padded.wide_columns(plan);
     let plane = padded.plane();
@@ -410,6 +416,17 @@ pub fn forward_task<T: Real>(
                             unsafe { crop.pooled(&mut pooled_rows) };
                         }
                     }
+                }
+                if let Some(moments) = moments.as_deref_mut() {
+                    segments.clear();
+                    valid_segments(plan, padded, q0, q1, |_, oy, ox, len| {
+                        push_segment(&mut segments, (image, oy * ow + ox, len));
+                    });
+                    // SAFETY: every window's product and its writes are done: the tile's
+                    // pixels of every channel are written, by this task, into the plan's
+                    // output.
+                    let tile = unsafe { tile_moments(plan, out, &segments) };
+                    moments.push((image * wide + q0, tile));
                 }
                 q0 = q1;
             }
@@ -596,9 +613,7 @@ pub fn backward_task<T: Real>(
                     let channel = (image * plan.out_channels + base + p) * pixels;
                     valid_segments(plan, padded, 0, wide, |col, oy, ox, len| {
                         let g = &grad_out[channel + oy * ow + ox..][..len];
-                        for (s, &g) in row[col..col + len].iter_mut().zip(g) {
-                            *s += g;
-                        }
+                        add_into(&mut row[col..col + len], g);
                     });
                 }
             }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::epilogue::Epilogue;
 use super::im2col::{col2im, im2col, runs, segment_rows, Run};
 use super::nested::{
-    add_in_order, gemm, gemm_panels, lhs_panels, rhs_panels, SharedMut, PARALLEL_WEIGHT,
+    add_in_order, add_into, gemm, gemm_panels, lhs_panels, rhs_panels, SharedMut, PARALLEL_WEIGHT,
 };
 use super::plan::ConvPlan;
 use super::sgemm::{self, Panels};
@@ -370,12 +370,10 @@ pub fn backward<T: Real>(
                 for run in &call.runs {
                     let g =
                         (run.image * plan.out_channels + base + p) * pixels + run.oy * ow + run.ox;
-                    for (s, &g) in row[run.col..run.col + run.len]
-                        .iter_mut()
-                        .zip(&grad_out[g..g + run.len])
-                    {
-                        *s += g;
-                    }
+                    add_into(
+                        &mut row[run.col..run.col + run.len],
+                        &grad_out[g..g + run.len],
+                    );
                 }
             }
         }

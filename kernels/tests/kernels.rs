@@ -10,8 +10,8 @@ use versatile_kernels::pool::{max_pool2d, Pool2d};
 use versatile_kernels::trace::{self, Layout};
 use versatile_kernels::tuning::{self, Strategy, Tuning};
 use versatile_kernels::{
-    backward, forward, forward_packed, ConvPlan, Epilogue, Gradients, Needs, PackedWeight,
-    PlanError, PlanSpec, Window,
+    backward, forward, forward_packed, forward_with_moments, ConvPlan, Epilogue, Gradients, Needs,
+    PackedWeight, PlanError, PlanSpec, Window,
 };
 
 /// xorshift64*: deterministic test data.
@@ -331,37 +331,7 @@ fn expanding_layers_over_many_columns_match_the_definition() {
 
 #[test]
 fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
-    // im2col with several windows (partials start from zero), shifted views, and weight
-    // streaming with up to 16 chunk groups (input-gradient partials).
-    let specs = [
-        (
-            PlanSpec {
-                input: [16, 6, 7, 6],
-                kernel: [3, 3],
-                stride: [1, 1],
-                dilation: [1, 1],
-                padding: [(1, 1), (1, 1)],
-                out_channels: 20,
-                primaries: 5,
-                n_c: 2,
-                window_depth: 4,
-                weight_depth: 6,
-                rings: square_rings(3),
-                windows: (0..2)
-                    .map(|j| Window {
-                        j,
-                        in_offset: 2 * j,
-                        weight_offset: 2 * j,
-                        first_primary: 0,
-                        rows: 5,
-                    })
-                    .collect(),
-            },
-            Strategy::Im2col,
-        ),
-        (dense_spec([16, 16, 9, 8], 12, 3), Strategy::Shifted),
-        (dense_spec([2, 8, 3, 3], 1024, 3), Strategy::Stream),
-    ];
+    let specs = layout_specs();
     let mut rng = Rng(99);
     for (spec, strategy) in specs {
         for threads in thread_counts() {
@@ -405,6 +375,116 @@ fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
                 assert!(
                     run().0 == first,
                     "{strategy:?} at {threads} threads: bits differ"
+                );
+            }
+        }
+    }
+}
+
+/// One plan per layout, with their strategies: im2col with several windows (partial sums
+/// start from zero), shifted views, and weight streaming with up to 16 chunk groups.
+fn layout_specs() -> [(PlanSpec, Strategy); 3] {
+    [
+        (
+            PlanSpec {
+                input: [16, 6, 7, 6],
+                kernel: [3, 3],
+                stride: [1, 1],
+                dilation: [1, 1],
+                padding: [(1, 1), (1, 1)],
+                out_channels: 20,
+                primaries: 5,
+                n_c: 2,
+                window_depth: 4,
+                weight_depth: 6,
+                rings: square_rings(3),
+                windows: (0..2)
+                    .map(|j| Window {
+                        j,
+                        in_offset: 2 * j,
+                        weight_offset: 2 * j,
+                        first_primary: 0,
+                        rows: 5,
+                    })
+                    .collect(),
+            },
+            Strategy::Im2col,
+        ),
+        (dense_spec([16, 16, 9, 8], 12, 3), Strategy::Shifted),
+        (dense_spec([2, 8, 3, 3], 1024, 3), Strategy::Stream),
+    ]
+}
+
+#[test]
+fn a_forward_with_moments_gives_the_forward_and_its_batch_statistics() {
+    // Tiles of 11 columns cut planes and rows anywhere; the moments are taken tile by
+    // tile (im2col, shifted) or from the finished output (streaming).
+    let mut rng = Rng(0x6d6f_6d73);
+    for (spec, strategy) in layout_specs() {
+        for threads in thread_counts() {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let tuning = Tuning {
+                strategy,
+                tile_columns: Some(11),
+                min_task_columns: 4,
+                band_bytes: 0,
+            };
+            let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+            let mut values = |len: usize| -> Vec<f32> {
+                // An offset against the spread, as a layer's output before its batch norm.
+                rng.values(len)
+                    .into_iter()
+                    .map(|v| v as f32 + 0.75)
+                    .collect()
+            };
+            let (x, w, b) = (
+                values(plan.input_len()),
+                values(plan.weight_len()),
+                values(plan.out_channels()),
+            );
+            let run =
+                || pool.install(|| trace::record(|| forward_with_moments(&plan, &x, &w, Some(&b))));
+            let ((out, moments), calls) = run();
+            let layout = match strategy {
+                Strategy::Im2col => Layout::Im2col,
+                Strategy::Shifted => Layout::Shifted,
+                _ => Layout::Streaming,
+            };
+            assert_eq!(calls[0].layout, layout, "{strategy:?}");
+            let plain = pool.install(|| forward(&plan, &x, &w, Some(&b)));
+            assert!(
+                out == plain,
+                "{strategy:?} at {threads}: the output differs"
+            );
+            let [batch, channels, h, w] = plan.output_shape();
+            assert_eq!(moments.len(), channels);
+            for (ch, got) in moments.iter().enumerate() {
+                let values: Vec<f64> = (0..batch)
+                    .flat_map(|b| &out[(b * channels + ch) * h * w..][..h * w])
+                    .map(|&v| f64::from(v))
+                    .collect();
+                let n = values.len() as f64;
+                let mean = values.iter().sum::<f64>() / n;
+                let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+                let context = format!("{strategy:?} at {threads}, channel {ch}");
+                assert_eq!(got.count, n, "{context}");
+                assert!(
+                    (got.mean - mean).abs() <= 1e-6 * (1.0 + mean.abs()),
+                    "{context}"
+                );
+                assert!(
+                    (got.variance() - variance).abs() <= 1e-5 * variance,
+                    "{context}: variance {} against {variance}",
+                    got.variance()
+                );
+            }
+            for _ in 0..3 {
+                assert!(
+                    run().0 .1 == moments,
+                    "{strategy:?} at {threads} threads: moments differ"
                 );
             }
         }

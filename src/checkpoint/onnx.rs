@@ -72,19 +72,19 @@ impl Forward for Export {
     }
 
     fn batch_norm(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Modules.batch_norm(norm, x)
+        Ok(Modules.batch_norm(norm, x.into())?.values)
     }
 
     fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Modules.relu(x)
+        Ok(Modules.relu(x.into())?.values)
     }
 
     fn max_pool(&mut self, pool: &MaxPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Modules.max_pool(pool, x)
+        Ok(Modules.max_pool(pool, x.into())?.values)
     }
 
     fn avg_pool(&mut self, pool: &AvgPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Modules.avg_pool(pool, x)
+        Ok(Modules.avg_pool(pool, x.into())?.values)
     }
 
     fn adaptive_avg_pool(
@@ -105,11 +105,11 @@ impl Forward for Export {
     }
 
     fn add_relu(&mut self, x: Tensor<4>, shortcut: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Modules.add_relu(x, shortcut)
+        Ok(Modules.add_relu(x.into(), shortcut.into())?.values)
     }
 
     fn flatten(&mut self, x: Tensor<4>) -> Result<Tensor<2>, Infallible> {
-        Modules.flatten(x)
+        Modules.flatten(x.into())
     }
 
     fn linear(&mut self, linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Infallible> {

@@ -66,15 +66,31 @@ pub fn conv_path_for(conv: &Conv2d, input: &Tensor<4>) -> ConvPath {
 /// - `input`: `[batch, channels_in, height, width]`
 /// - output: `[batch, channels_out, out_h, out_w]`
 pub fn conv2d_forward(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
+    conv2d_forward_measured(conv, input, false).0
+}
+
+/// [`conv2d_forward`], and the batch statistics of its output where `batch_stats` asks
+/// for them and the kernel takes them as it writes the output (see
+/// [`fused::nested_conv2d_measured`]); `None` elsewhere.
+///
+/// # Shapes
+/// - `input`: `[batch, channels_in, height, width]`
+/// - output: `[batch, channels_out, out_h, out_w]`; statistics `[2, channels_out]`
+pub fn conv2d_forward_measured(
+    conv: &Conv2d,
+    input: Tensor<4>,
+    batch_stats: bool,
+) -> (Tensor<4>, Option<Tensor<2>>) {
     if conv_path_for(conv, &input) == ConvPath::Burn {
-        return conv.forward(input);
+        return (conv.forward(input), None);
     }
     let plan = dense_conv_plan(conv, input.dims()).expect("checked by conv_path_for");
-    fused::nested_conv2d(
+    fused::nested_conv2d_measured(
         input,
         conv.weight.val(),
         conv.bias.as_ref().map(|b| b.val()),
         plan,
+        batch_stats,
     )
 }
 

@@ -120,6 +120,26 @@ pub fn nested_conv2d(
     bias: Option<Tensor<1>>,
     plan: ConvPlan,
 ) -> Tensor<4> {
+    nested_conv2d_measured(input, weight, bias, plan, false).0
+}
+
+/// [`nested_conv2d`], and where `batch_stats` asks for them and the kernels take them (f32
+/// on `Flex`), the batch statistics of its output: `[2, n]`, each channel's mean
+/// then its biased variance, as a training batch norm normalises with them. They are
+/// taken tile by tile as the kernel writes the output
+/// ([`kernels::forward_with_moments`]), so the batch norm after the convolution reads
+/// no pass of its own over it; they carry no gradient (the batch norm's backward
+/// differentiates through them).
+///
+/// # Panics
+/// As [`nested_conv2d`].
+pub fn nested_conv2d_measured(
+    input: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    plan: ConvPlan,
+    batch_stats: bool,
+) -> (Tensor<4>, Option<Tensor<2>>) {
     assert_eq!(
         input.dims(),
         plan.input_shape(),
@@ -141,13 +161,162 @@ pub fn nested_conv2d(
         input.dtype(),
         weight.dtype()
     );
+    let measured = batch_stats
+        && is_flex(&input.device())
+        && input.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
     let (x, w) = (input.into_dispatch(), weight.into_dispatch());
-    Tensor::from_dispatch(match bias {
+    if measured {
+        let (out, stats) = match bias {
+            Some(b) => <Dispatch as NestedConvStatsBackend>::nested_conv2d_bias_stats(
+                x,
+                w,
+                b.into_dispatch(),
+                plan,
+            ),
+            None => <Dispatch as NestedConvStatsBackend>::nested_conv2d_stats(x, w, plan),
+        };
+        return (
+            Tensor::from_dispatch(out),
+            Some(Tensor::from_dispatch(stats)),
+        );
+    }
+    let out = match bias {
         Some(b) => {
             <Dispatch as NestedConvBackend>::nested_conv2d_bias(x, w, b.into_dispatch(), plan)
         }
         None => <Dispatch as NestedConvBackend>::nested_conv2d(x, w, plan),
-    })
+    };
+    (Tensor::from_dispatch(out), None)
+}
+
+/// The fused convolution that also returns its output's batch statistics, as a backend
+/// operation on `Flex` (f32) and its `Autodiff`.
+#[backend_extension(Flex, Autodiff)]
+pub trait NestedConvStatsBackend: burn::backend::Backend {
+    /// [`NestedConvBackend::nested_conv2d`] of f32 tensors, and the per-channel mean and
+    /// biased variance of its output as `[2, n]` (means first), which carry no gradient.
+    fn nested_conv2d_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        plan: ConvPlan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// [`nested_conv2d_stats`](Self::nested_conv2d_stats) plus a bias `[n]`.
+    fn nested_conv2d_bias_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        plan: ConvPlan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// The convolution and its output's statistics on flex tensors (f32).
+fn flex_forward_stats(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    plan: &ConvPlan,
+) -> (FlexTensor, FlexTensor) {
+    let all_f32 = [Some(x), Some(weight), bias]
+        .into_iter()
+        .flatten()
+        .all(|t| t.dtype() == DType::F32);
+    assert!(all_f32, "nested_conv2d_stats: f32 tensors only");
+    let (out, moments) = with_values::<f32, _>(x, |x| {
+        with_values::<f32, _>(weight, |w| match bias {
+            Some(b) => {
+                with_values::<f32, _>(b, |b| kernels::forward_with_moments(plan, x, w, Some(b)))
+            }
+            None => kernels::forward_with_moments(plan, x, w, None),
+        })
+    });
+    let mut stats = vec![0.0; 2 * moments.len()];
+    kernels::norm::stats_from_moments(&moments, &mut stats);
+    (
+        flex_tensor(out, plan.output_shape().to_vec()),
+        flex_tensor(stats, vec![2, moments.len()]),
+    )
+}
+
+impl NestedConvStatsBackend for Flex {
+    fn nested_conv2d_stats(
+        x: FlexTensor,
+        weight: FlexTensor,
+        plan: ConvPlan,
+    ) -> (FlexTensor, FlexTensor) {
+        flex_forward_stats(&x, &weight, None, &plan)
+    }
+
+    fn nested_conv2d_bias_stats(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        plan: ConvPlan,
+    ) -> (FlexTensor, FlexTensor) {
+        flex_forward_stats(&x, &weight, Some(&bias), &plan)
+    }
+}
+
+/// A float tensor of `Flex` under `Autodiff`.
+type AutodiffFlexTensor<C> = FloatTensor<Autodiff<Flex, C>>;
+
+/// The preparation of the convolution's autodiff node on `Flex`, with `N` parents.
+type FlexConvPrep<C, const N: usize> =
+    OpsKind<NestedConvBackward, Flex, (FlexTensor, FlexTensor, ConvPlan), C, N>;
+
+/// The measured convolution on the autodiff backend, once `prep` holds its parents
+/// (`[x, weight, bias?]`): the output is the convolution's node, with its backward; the
+/// statistics are a constant.
+fn measured_node<C: CheckpointStrategy, const N: usize>(
+    prep: FlexConvPrep<C, N>,
+    x: AutodiffFlexTensor<C>,
+    weight: AutodiffFlexTensor<C>,
+    bias: Option<AutodiffFlexTensor<C>>,
+    plan: ConvPlan,
+) -> (AutodiffFlexTensor<C>, AutodiffFlexTensor<C>) {
+    let bias = bias.map(|b| b.into_primitive());
+    let (out, stats) = match prep {
+        OpsKind::Tracked(prep) => {
+            let (x, w) = (x.into_primitive(), weight.into_primitive());
+            let (out, stats) = flex_forward_stats(&x, &w, bias.as_ref(), &plan);
+            (prep.finish((x, w, plan), out), stats)
+        }
+        OpsKind::UnTracked(prep) => {
+            let (out, stats) =
+                flex_forward_stats(x.primitive(), weight.primitive(), bias.as_ref(), &plan);
+            (prep.finish(out), stats)
+        }
+    };
+    (out, AutodiffFlexTensor::<C>::new(stats))
+}
+
+impl<C: CheckpointStrategy> NestedConvStatsBackend for Autodiff<Flex, C> {
+    fn nested_conv2d_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        plan: ConvPlan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let prep = NestedConvBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful();
+        measured_node(prep, x, weight, None, plan)
+    }
+
+    fn nested_conv2d_bias_stats(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        plan: ConvPlan,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let prep = NestedConvBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful();
+        measured_node(prep, x, weight, Some(bias), plan)
+    }
 }
 
 /// The fused convolution as a backend operation (implemented on `Flex`, `Cube` with the

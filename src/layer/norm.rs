@@ -464,6 +464,27 @@ pub fn batch_norm_kernels_run(x: &Tensor<4>) -> bool {
     is_flex(&x.device()) && x.dtype() == DType::F32
 }
 
+/// A feature map `[batch, c, h, w]`, with its batch statistics (`[2, c]`: each channel's
+/// mean, then its biased variance) where the convolution that wrote it took them
+/// ([`super::fused::nested_conv2d_measured`]): a training batch norm then uses them
+/// instead of a pass of its own over the map.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    /// The map.
+    pub values: Tensor<4>,
+    /// Its batch statistics, where they were taken with it.
+    pub batch_stats: Option<Tensor<2>>,
+}
+
+impl From<Tensor<4>> for Activation {
+    fn from(values: Tensor<4>) -> Self {
+        Self {
+            values,
+            batch_stats: None,
+        }
+    }
+}
+
 /// `norm`'s forward pass, as burn's `BatchNorm::forward` computes it (training with the
 /// batch's statistics, updating the running ones, on an autodiff device when the module
 /// is in training; the running statistics otherwise), on the kernels of this module for
@@ -471,7 +492,7 @@ pub fn batch_norm_kernels_run(x: &Tensor<4>) -> bool {
 ///
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`; output: the same.
-pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+pub fn batch_norm_train(norm: &BatchNorm, x: impl Into<Activation>) -> Tensor<4> {
     normalize(norm, x, Then::Nothing)
 }
 
@@ -480,7 +501,7 @@ pub fn batch_norm_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 ///
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]`; output: the same.
-pub fn batch_norm_relu_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+pub fn batch_norm_relu_train(norm: &BatchNorm, x: impl Into<Activation>) -> Tensor<4> {
     normalize(norm, x, Then::Relu)
 }
 
@@ -489,7 +510,11 @@ pub fn batch_norm_relu_train(norm: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
 ///
 /// # Shapes
 /// - `x`, `residual`: `[batch, channels, h, w]`; output: the same.
-pub fn batch_norm_add_relu_train(norm: &BatchNorm, x: Tensor<4>, residual: Tensor<4>) -> Tensor<4> {
+pub fn batch_norm_add_relu_train(
+    norm: &BatchNorm,
+    x: impl Into<Activation>,
+    residual: Tensor<4>,
+) -> Tensor<4> {
     normalize(norm, x, Then::AddRelu(Box::new(residual)))
 }
 
@@ -504,7 +529,7 @@ pub fn batch_norm_add_relu_train(norm: &BatchNorm, x: Tensor<4>, residual: Tenso
 pub fn batch_norm_relu_max_pool_train(
     norm: &BatchNorm,
     pool: &MaxPool2d,
-    x: Tensor<4>,
+    x: impl Into<Activation>,
 ) -> Tensor<4> {
     normalize(norm, x, Then::ReluMaxPool(pool))
 }
@@ -584,7 +609,11 @@ fn max_pool_window(pool: &MaxPool2d, dims: [usize; 4]) -> Option<Pool2d> {
     })
 }
 
-fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
+fn normalize(norm: &BatchNorm, x: impl Into<Activation>, then: Then) -> Tensor<4> {
+    let Activation {
+        values: x,
+        batch_stats,
+    } = x.into();
     let device = x.device();
     let training = device.is_autodiff() && norm.training.is_enabled();
     let fused = if training && batch_norm_kernels_run(&x) && norm.gamma.val().dtype() == DType::F32
@@ -597,9 +626,14 @@ fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
         Ok(fused) => fused,
         Err(then) => return then.after(norm.forward(x)),
     };
-    let stats = Tensor::<2>::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
-        x.clone().detach().into_dispatch(),
-    ));
+    let channels = x.dims()[1];
+    let stats = batch_stats
+        .filter(|stats| stats.dims() == [2, channels])
+        .unwrap_or_else(|| {
+            Tensor::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_stats(
+                x.clone().detach().into_dispatch(),
+            ))
+        });
     let (gamma, beta) = (
         norm.gamma.val().into_dispatch(),
         norm.beta.val().into_dispatch(),
@@ -631,7 +665,6 @@ fn normalize(norm: &BatchNorm, x: Tensor<4>, then: Then) -> Tensor<4> {
             pool,
         ),
     });
-    let channels = stats.dims()[1];
     let [mean, variance] = [0, 1].map(|row| stats.clone().narrow(0, row, 1).reshape([channels]));
     let momentum = norm.momentum;
     let update = |running: Tensor<1>, batch: Tensor<1>| {

@@ -160,13 +160,41 @@ impl VConv2d {
     /// # Panics
     /// If the input does not fit the layer (see [`try_forward`](Self::try_forward)).
     pub fn forward(&self, input: Tensor<4>) -> Tensor<4> {
-        self.try_forward(input)
+        self.forward_measured(input, false).0
+    }
+
+    /// [`forward`](Self::forward), with the batch statistics of the output as
+    /// [`try_forward_measured`](Self::try_forward_measured) gives them.
+    ///
+    /// # Panics
+    /// If the input does not fit the layer.
+    pub fn forward_measured(
+        &self,
+        input: Tensor<4>,
+        batch_stats: bool,
+    ) -> (Tensor<4>, Option<Tensor<2>>) {
+        self.try_forward_measured(input, batch_stats)
             .unwrap_or_else(|err| panic!("VConv2d forward: {err}"))
     }
 
     /// The forward pass, or an error when the input has the wrong channel count or is
     /// smaller than the (dilated) kernel after padding.
     pub fn try_forward(&self, input: Tensor<4>) -> Result<Tensor<4>, VConvShapeError> {
+        Ok(self.try_forward_measured(input, false)?.0)
+    }
+
+    /// [`try_forward`](Self::try_forward), and the batch statistics of its output where
+    /// `batch_stats` asks for them and the fused kernel takes them as it writes the
+    /// output (see [`fused::nested_conv2d_measured`]); `None` elsewhere.
+    ///
+    /// # Shapes
+    /// - `input`: `[batch_size, channels_in, height_in, width_in]`
+    /// - output: as [`forward`](Self::forward); statistics `[2, channels_out]`
+    pub fn try_forward_measured(
+        &self,
+        input: Tensor<4>,
+        batch_stats: bool,
+    ) -> Result<(Tensor<4>, Option<Tensor<2>>), VConvShapeError> {
         let dims = input.dims();
         let pads = self.check_input(&dims)?;
         let weight = self.weight.val();
@@ -175,9 +203,12 @@ impl VConv2d {
         let fused = self.fused_for(&input, &weight, bias.as_ref())?;
         Ok(if fused {
             let plan = self.geometry.plan(dims, pads)?;
-            fused::nested_conv2d(input, weight, bias, plan)
+            fused::nested_conv2d_measured(input, weight, bias, plan, batch_stats)
         } else {
-            dense::forward(input, weight, bias, &self.geometry, pads)
+            (
+                dense::forward(input, weight, bias, &self.geometry, pads),
+                None,
+            )
         })
     }
 

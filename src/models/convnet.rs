@@ -82,6 +82,6 @@ impl ConvNet {
     /// - `input`: `[batch, in_channels, height, width]`
     /// - output: `[batch, num_classes]`
     pub fn forward_unchecked(&self, input: Tensor<4>) -> Tensor<2> {
-        infallible(self.walk(&mut Modules, input))
+        infallible(self.walk(&mut Modules, input.into()))
     }
 }

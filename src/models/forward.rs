@@ -14,6 +14,7 @@ use super::convnet::ConvNet;
 use super::layers::{ConvLayer, FeatureLayer, HeadLayer};
 use super::resnet::{Block, ResNet};
 use super::Model;
+use crate::layer::Activation;
 
 /// What a model's forward pass is made of, on feature maps (`[batch, c, h, w]`) and
 /// feature vectors (`[batch, features]`).
@@ -190,71 +191,82 @@ impl Model {
 
 /// The forward pass through the burn modules themselves (training or evaluation as
 /// burn's batch norm and dropout decide from the device and their state; a training
-/// batch norm on the CPU runs [`crate::layer::batch_norm_train`]'s kernels).
+/// batch norm on the CPU runs [`crate::layer::batch_norm_train`]'s kernels, with the
+/// batch statistics the convolution before it took as it wrote its output, on an
+/// autodiff device).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Modules;
 
 impl Forward for Modules {
-    type Map = Tensor<4>;
+    type Map = Activation;
     type Vector = Tensor<2>;
     type Error = Infallible;
 
-    fn conv(&mut self, layer: &ConvLayer, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(layer.forward(x))
+    fn conv(&mut self, layer: &ConvLayer, x: Activation) -> Result<Activation, Infallible> {
+        let x = x.values;
+        Ok(if x.device().is_autodiff() {
+            layer.forward_measured(x)
+        } else {
+            layer.forward(x).into()
+        })
     }
 
-    fn batch_norm(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(crate::layer::batch_norm_train(norm, x))
+    fn batch_norm(&mut self, norm: &BatchNorm, x: Activation) -> Result<Activation, Infallible> {
+        Ok(crate::layer::batch_norm_train(norm, x).into())
     }
 
-    fn batch_norm_relu(&mut self, norm: &BatchNorm, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(crate::layer::batch_norm_relu_train(norm, x))
+    fn batch_norm_relu(
+        &mut self,
+        norm: &BatchNorm,
+        x: Activation,
+    ) -> Result<Activation, Infallible> {
+        Ok(crate::layer::batch_norm_relu_train(norm, x).into())
     }
 
     fn batch_norm_relu_max_pool(
         &mut self,
         norm: &BatchNorm,
         pool: &MaxPool2d,
-        x: Tensor<4>,
-    ) -> Result<Tensor<4>, Infallible> {
-        Ok(crate::layer::batch_norm_relu_max_pool_train(norm, pool, x))
+        x: Activation,
+    ) -> Result<Activation, Infallible> {
+        Ok(crate::layer::batch_norm_relu_max_pool_train(norm, pool, x).into())
     }
 
-    fn relu(&mut self, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(relu(x))
+    fn relu(&mut self, x: Activation) -> Result<Activation, Infallible> {
+        Ok(relu(x.values).into())
     }
 
-    fn max_pool(&mut self, pool: &MaxPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(pool.forward(x))
+    fn max_pool(&mut self, pool: &MaxPool2d, x: Activation) -> Result<Activation, Infallible> {
+        Ok(pool.forward(x.values).into())
     }
 
-    fn avg_pool(&mut self, pool: &AvgPool2d, x: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(pool.forward(x))
+    fn avg_pool(&mut self, pool: &AvgPool2d, x: Activation) -> Result<Activation, Infallible> {
+        Ok(pool.forward(x.values).into())
     }
 
     fn adaptive_avg_pool(
         &mut self,
         pool: &AdaptiveAvgPool2d,
-        x: Tensor<4>,
-    ) -> Result<Tensor<4>, Infallible> {
-        Ok(pool.forward(x))
+        x: Activation,
+    ) -> Result<Activation, Infallible> {
+        Ok(pool.forward(x.values).into())
     }
 
-    fn add_relu(&mut self, x: Tensor<4>, shortcut: Tensor<4>) -> Result<Tensor<4>, Infallible> {
-        Ok(relu(x + shortcut))
+    fn add_relu(&mut self, x: Activation, shortcut: Activation) -> Result<Activation, Infallible> {
+        Ok(relu(x.values + shortcut.values).into())
     }
 
     fn batch_norm_add_relu(
         &mut self,
         norm: &BatchNorm,
-        x: Tensor<4>,
-        shortcut: Tensor<4>,
-    ) -> Result<Tensor<4>, Infallible> {
-        Ok(crate::layer::batch_norm_add_relu_train(norm, x, shortcut))
+        x: Activation,
+        shortcut: Activation,
+    ) -> Result<Activation, Infallible> {
+        Ok(crate::layer::batch_norm_add_relu_train(norm, x, shortcut.values).into())
     }
 
-    fn flatten(&mut self, x: Tensor<4>) -> Result<Tensor<2>, Infallible> {
-        Ok(x.flatten::<2>(1, 3))
+    fn flatten(&mut self, x: Activation) -> Result<Tensor<2>, Infallible> {
+        Ok(x.values.flatten::<2>(1, 3))
     }
 
     fn linear(&mut self, linear: &Linear, x: Tensor<2>) -> Result<Tensor<2>, Infallible> {

@@ -20,7 +20,8 @@ use burn::tensor::{Device, Tensor};
 
 use crate::cost;
 use crate::layer::{
-    authors_initializer, conv2d_forward, window_out, Geometry, VConv2d, VConv2dConfig,
+    authors_initializer, conv2d_forward, conv2d_forward_measured, window_out, Activation, Geometry,
+    VConv2d, VConv2dConfig,
 };
 
 use super::error::ModelError;
@@ -379,6 +380,25 @@ impl ConvLayer {
         match self {
             ConvLayer::Dense(conv) => conv2d_forward(conv, input),
             ConvLayer::Versatile(conv) => conv.forward(input),
+        }
+    }
+
+    /// [`forward`](Self::forward), with the batch statistics of the output where the
+    /// kernel takes them as it writes it (f32 on `Flex`; see
+    /// [`crate::layer::fused::nested_conv2d_measured`]), for the training batch norm
+    /// that follows.
+    ///
+    /// # Shapes
+    /// - `input`: `[batch, channels_in, height, width]`
+    /// - output: `[batch, channels_out, out_h, out_w]`, statistics `[2, channels_out]`
+    pub fn forward_measured(&self, input: Tensor<4>) -> Activation {
+        let (values, batch_stats) = match self {
+            ConvLayer::Dense(conv) => conv2d_forward_measured(conv, input, true),
+            ConvLayer::Versatile(conv) => conv.forward_measured(input, true),
+        };
+        Activation {
+            values,
+            batch_stats,
         }
     }
 }

@@ -6,9 +6,9 @@ mod primitives;
 mod tasks;
 
 pub(crate) use primitives::{
-    accumulator_strides, add_in_order, gemm, gemm_gathered, gemm_panels, lhs_panels, rhs_panels,
-    ring_block, windows_partition_channels, Accumulator, BackwardArgs, ForwardPanels, ForwardTiles,
-    SharedMut, TaskInput, PARALLEL_WEIGHT,
+    accumulator_strides, add_in_order, add_into, gemm, gemm_gathered, gemm_panels, lhs_panels,
+    push_segment, rhs_panels, ring_block, tile_moments, windows_partition_channels, Accumulator,
+    BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput, TileSegments, PARALLEL_WEIGHT,
 };
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
@@ -16,6 +16,7 @@ use tasks::{backward_tasks, bias_gradient, forward_task};
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
+use super::moments::{merge_tiles, Moments, TileMoments};
 use super::plan::{ConvPlan, LiveCrops};
 use super::sgemm;
 use super::shifted;
@@ -214,14 +215,57 @@ fn gemm_parallelism(tasks: usize) -> gemm::Parallelism {
 /// # Panics
 /// If a slice length does not match the plan.
 pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+    forward_plain(plan, x, weight, bias, false).0
+}
+
+/// [`forward`], and each output channel's [`Moments`] over the batch: a training batch
+/// norm's statistics, taken tile by tile as the output is written (while each tile is
+/// still in the cache) where the pass runs in tiles, from the finished output otherwise.
+/// The moments depend on the plan and the thread count only, never on timing.
+///
+/// # Panics
+/// If a slice length does not match the plan.
+pub fn forward_with_moments<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+) -> (Vec<T>, Vec<Moments>) {
+    let (out, moments) = forward_plain(plan, x, weight, bias, true);
+    let moments = moments.unwrap_or_else(|| output_moments(plan, &out));
+    (out, moments)
+}
+
+/// Each output channel's moments over the planes of the finished output `out`.
+fn output_moments<T: Real>(plan: &ConvPlan, out: &[T]) -> Vec<Moments> {
+    let (channels, pixels) = (plan.out_channels(), plan.out_pixels());
+    (0..channels)
+        .into_par_iter()
+        .map(|ch| {
+            Moments::of_segments(
+                (0..plan.batch).map(|b| &out[(b * channels + ch) * pixels..][..pixels]),
+            )
+        })
+        .collect()
+}
+
+/// [`forward`], with the tiles' moments where `moments` asks for them and the pass takes
+/// them (`None` where it does not).
+fn forward_plain<T: Real>(
+    plan: &ConvPlan,
+    x: &[T],
+    weight: &[T],
+    bias: Option<&[T]>,
+    moments: bool,
+) -> (Vec<T>, Option<Vec<Moments>>) {
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
     if let Some(live) = plan.live_crops() {
         let narrowed = narrow_weight(plan, weight, live.window);
         if live.merged_crops == 0 {
-            return forward(&live.plan, x, &narrowed, bias);
+            return forward_plain(&live.plan, x, &narrowed, bias, moments);
         }
         let out = forward(&live.plan, x, &narrowed, None);
-        return spread_crops(plan, &live, &out, bias);
+        return (spread_crops(plan, &live, &out, bias), None);
     }
     let epilogue = Epilogue::bias(bias);
     check_forward(plan, x, &epilogue);
@@ -230,16 +274,17 @@ pub fn forward<T: Real>(plan: &ConvPlan, x: &[T], weight: &[T], bias: Option<&[T
     // window and primary; each pixel from one tile), so the buffer starts uninitialized
     // and is only written through raw pointers.
     let mut out = workspace::uninit(len);
-    forward_core(
+    let moments = forward_core(
         plan,
         x,
         Weight::Plain(weight),
         &epilogue,
         SharedMut(out.as_mut_ptr()),
+        moments,
     );
     // SAFETY: forward_core wrote all `len` values.
     unsafe { out.set_len(len) };
-    out
+    (out, moments)
 }
 
 /// Offsets inside one `kh x kw` filter of the positions of `window` (`[[first row, rows],
@@ -432,7 +477,14 @@ pub fn forward_packed<T: Real>(
     } else {
         Weight::Chunked(&weight.values, weight.chunks.as_deref())
     };
-    forward_core(plan, x, source, epilogue, SharedMut(out.as_mut_ptr()));
+    forward_core(
+        plan,
+        x,
+        source,
+        epilogue,
+        SharedMut(out.as_mut_ptr()),
+        false,
+    );
 }
 
 fn check_forward<T: Real>(plan: &ConvPlan, x: &[T], epilogue: &Epilogue<'_, T>) {
@@ -458,16 +510,26 @@ enum Weight<'a, T> {
 }
 
 /// The forward pass into `out`, which must hold `epilogue.output_len(plan)` values
-/// (lengths checked by the callers); writes every one of them.
+/// (lengths checked by the callers); writes every one of them. Where `moments` asks, and
+/// the pass runs in tiles, returns each channel's moments over the output, merged from
+/// the tiles' in column order.
+///
+/// # Panics
+/// If `moments` asks for the moments of a pooled output.
 fn forward_core<T: Real>(
     plan: &ConvPlan,
     x: &[T],
     weight: Weight<'_, T>,
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
-) {
+    moments: bool,
+) -> Option<Vec<Moments>> {
+    assert!(
+        !(moments && epilogue.pool),
+        "the moments of a pooled output are not taken"
+    );
     if plan.output_len() == 0 {
-        return;
+        return None;
     }
     if epilogue.pool && !pools_in_tiles(plan) {
         let full_epilogue = Epilogue {
@@ -481,12 +543,13 @@ fn forward_core<T: Real>(
             weight,
             &full_epilogue,
             SharedMut(full.as_mut_ptr()),
+            false,
         );
         // SAFETY: the caller's promise: out holds the pooled output's values, and only
         // this call writes them.
         let out = unsafe { std::slice::from_raw_parts_mut(out.ptr(), epilogue.output_len(plan)) };
         pool_pairs(plan, &full, out);
-        return;
+        return None;
     }
     let layout = Layout::new(plan);
     let shifted = use_shifted(plan);
@@ -501,7 +564,7 @@ fn forward_core<T: Real>(
         };
         let tasks = streaming::forward(plan, x, weight, epilogue, out);
         trace::note(Pass::Forward, Traced::Streaming, tasks);
-        return;
+        return None;
     }
     workspace::with::<T, _>(Slot::Call, |call| {
         let (ringed, prepared): (&[T], _) = match weight {
@@ -551,26 +614,31 @@ fn forward_core<T: Real>(
         };
         trace::note(Pass::Forward, traced, tasks.len());
         let parallelism = gemm_parallelism(tasks.len());
+        // Each task's tiles' moments, in tile order.
         let run = |&range: &(usize, usize)| {
+            let mut tiles_moments = Vec::new();
             workspace::with::<T, _>(Slot::Task, |ws| {
                 let task = (plan, &layout, x, ringed);
                 let tiles = (range, tile, parallelism);
+                let sink = moments.then_some(&mut tiles_moments);
                 if shifted {
-                    shifted::forward_task(task, panels, ws, epilogue, out, tiles)
+                    shifted::forward_task(task, panels, ws, epilogue, out, tiles, sink)
                 } else {
-                    forward_task(task, panels, ws, epilogue, out, tiles)
+                    forward_task(task, panels, ws, epilogue, out, tiles, sink)
                 }
-            })
+            });
+            tiles_moments
         };
-        if tasks.len() == 1 {
-            run(&tasks[0]);
+        let tiles_moments: Vec<TileMoments> = if tasks.len() == 1 {
+            run(&tasks[0])
         } else {
-            tasks.par_iter().for_each(run);
-        }
+            tasks.par_iter().flat_map_iter(run).collect()
+        };
         if made.is_some() {
             call.panels = made;
         }
-    });
+        moments.then(|| merge_tiles(tiles_moments, plan.out_channels()))
+    })
 }
 
 /// The 2 x 2 max pooling of stride 2 (floor mode) of the output `full` into `out`, as a

@@ -7,6 +7,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::im2col::segment_rows;
+use crate::moments::Moments;
 use crate::plan::{ConvPlan, Window};
 pub(crate) use crate::sgemm::Finish;
 use crate::sgemm::{self, Operand, Panels, Strided};
@@ -622,10 +623,7 @@ pub(crate) fn add_in_order<T: Real, P: AsRef<[T]> + Sync>(sum: &mut [T], partial
     const BLOCK: usize = 1 << 14;
     let add_block = |(b, block): (usize, &mut [T])| {
         for partial in partials {
-            let part = &partial.as_ref()[b * BLOCK..b * BLOCK + block.len()];
-            for (s, &v) in block.iter_mut().zip(part) {
-                *s += v;
-            }
+            add_into(block, &partial.as_ref()[b * BLOCK..b * BLOCK + block.len()]);
         }
     };
     if sum.len() >= PARALLEL_WEIGHT {
@@ -668,3 +666,106 @@ pub(crate) type BackwardArgs<'a, T> = (
     usize,
     gemm::Parallelism,
 );
+
+/// The output pixels of a tile as segments `(image, first pixel of the plane, pixels)`,
+/// the same for every channel; [`push_segment`] joins those that continue each other.
+pub(crate) type TileSegments = Vec<(usize, usize, usize)>;
+
+/// Appends `(image, pixel, len)` to `segments`, joined with the last segment where it
+/// continues it.
+pub(crate) fn push_segment(
+    segments: &mut TileSegments,
+    (image, pixel, len): (usize, usize, usize),
+) {
+    match segments.last_mut() {
+        Some((last_image, last_pixel, last_len))
+            if *last_image == image && *last_pixel + *last_len == pixel =>
+        {
+            *last_len += len;
+        }
+        _ => segments.push((image, pixel, len)),
+    }
+}
+
+/// Each output channel's moments over the pixels `segments` of a tile that this task
+/// has written completely: read back while they are still in the cache.
+///
+/// # Safety
+/// `out` must hold the plan's whole output; the segments' pixels of every channel must
+/// have been written, by this task (or by threads it joined), and not be written by
+/// anyone meanwhile.
+pub(crate) unsafe fn tile_moments<T: Real>(
+    plan: &ConvPlan,
+    out: SharedMut<T>,
+    segments: &[(usize, usize, usize)],
+) -> Vec<Moments> {
+    let pixels = plan.out_pixels();
+    (0..plan.out_channels)
+        .map(|ch| {
+            let values = segments.iter().map(|&(image, pixel, len)| {
+                let offset = (image * plan.out_channels + ch) * pixels + pixel;
+                // SAFETY: a segment lies inside one plane of the output (the caller's
+                // promise that `out` holds it), written and not being written (the
+                // caller's promise).
+                unsafe { std::slice::from_raw_parts(out.ptr().add(offset).cast_const(), len) }
+            });
+            Moments::of_segments(values)
+        })
+        .collect()
+}
+
+/// `dst[i] += src[i]` for every `i`: a backward pass's running sums over the output
+/// gradient's runs. Compiled for the widest vectors of this CPU (element by element the
+/// same additions, so the same bits on every CPU); x86-64's baseline adds four floats at
+/// a time.
+///
+/// # Panics
+/// If the slices differ in length.
+#[inline]
+pub(crate) fn add_into<T: Real>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "add_into: lengths");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { wide::add_into_avx512(dst, src) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { wide::add_into_avx2(dst, src) };
+        }
+    }
+    add_into_portable(dst, src);
+}
+
+/// [`add_into`] in portable code (inlined into each instruction set's version).
+#[inline(always)]
+fn add_into_portable<T: Real>(dst: &mut [T], src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
+/// [`add_into`] compiled for wider vectors than x86-64's baseline.
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::add_into_portable;
+    use crate::Real;
+
+    /// `add_into` compiled with the target feature `$feature`.
+    macro_rules! isa_version {
+        ($feature:literal, $name:ident) => {
+            /// `add_into` for one instruction set.
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<T: Real>(dst: &mut [T], src: &[T]) {
+                add_into_portable(dst, src)
+            }
+        };
+    }
+
+    isa_version!("avx512f", add_into_avx512);
+    isa_version!("avx2", add_into_avx2);
+}

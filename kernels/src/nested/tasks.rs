@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use crate::epilogue::Epilogue;
 use crate::im2col::{col2im, im2col, runs, Run};
+use crate::moments::TileMoments;
 use crate::plan::{ConvPlan, Window};
 use crate::shifted;
 use crate::workspace::{self, grow, Slot, Workspace};
@@ -13,7 +14,8 @@ use crate::Real;
 
 use super::*;
 
-/// Forward pass of the output columns `[start, end)`, tile by tile.
+/// Forward pass of the output columns `[start, end)`, tile by tile; each tile's
+/// per-channel moments appended to `moments` where given (a plain epilogue's output).
 pub(super) fn forward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     panels: Option<&ForwardPanels>,
@@ -21,8 +23,11 @@ pub(super) fn forward_task<T: Real>(
     epilogue: &Epilogue<'_, T>,
     out: SharedMut<T>,
     ((start, end), tile, parallelism): ForwardTiles,
+    mut moments: Option<&mut Vec<TileMoments>>,
 ) {
     let rings = plan.rings_count();
+    let ow = plan.output[1];
+    let mut segments = TileSegments::new();
     let mut t0 = start;
     while t0 < end {
         let t1 = (t0 + tile).min(end);
@@ -81,6 +86,15 @@ pub(super) fn forward_task<T: Real>(
                     );
                 }
             }
+        }
+        if let Some(moments) = moments.as_deref_mut() {
+            segments.clear();
+            for run in &ws.runs {
+                push_segment(&mut segments, (run.image, run.oy * ow + run.ox, run.len));
+            }
+            // SAFETY: every window's product and its writes are done: the tile's pixels
+            // of every channel are written, by this task, into the plan's output.
+            moments.push((t0, unsafe { tile_moments(plan, out, &segments) }));
         }
         t0 = t1;
     }
@@ -284,9 +298,7 @@ pub(super) fn backward_task<T: Real>(
                             if r == 0 {
                                 s.copy_from_slice(g);
                             } else {
-                                for (s, &g) in s.iter_mut().zip(g) {
-                                    *s += g;
-                                }
+                                add_into(s, g);
                             }
                         }
                     }

@@ -1,0 +1,284 @@
+//! Per-channel moments (count, mean, sum of squared deviations) of an activation, taken
+//! part by part and merged in a fixed order: what a training batch norm's statistics are
+//! made of, whether a separate pass takes them over whole planes
+//! ([`crate::norm::batch_stats`]) or a convolution takes them over each tile of its output
+//! while the tile is still in the cache ([`crate::forward_with_moments`]).
+//!
+//! Each part is summed in two passes (its mean, then the squared deviations from it), and
+//! parts merge with Chan et al.'s pairwise formula in f64, so the variance does not lose
+//! its digits when the mean is large against the spread (a one-pass sum of squares
+//! would).
+
+use crate::Real;
+
+/// Lanes of the reductions: eight independent partial sums that vectorize, added in a
+/// fixed order.
+const LANES: usize = 8;
+
+/// `(sum of f(a, b), sum of g(a, b))` over two equally long slices, in eight lanes of `T`
+/// added in a fixed order into f64: the shape of every reduction over an activation.
+pub(crate) fn lane_sums<T: Real>(
+    a: &[T],
+    b: &[T],
+    f: impl Fn(T, T) -> T,
+    g: impl Fn(T, T) -> T,
+) -> (f64, f64) {
+    let mut first = [T::ZERO; LANES];
+    let mut second = [T::ZERO; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (a, b) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            first[k] += f(a[k], b[k]);
+            second[k] += g(a[k], b[k]);
+        }
+    }
+    let (mut f_sum, mut g_sum) = (0f64, 0f64);
+    for k in 0..LANES {
+        f_sum += first[k].to_f64();
+        g_sum += second[k].to_f64();
+    }
+    for (&a, &b) in a_tail.iter().zip(b_tail) {
+        f_sum += f(a, b).to_f64();
+        g_sum += g(a, b).to_f64();
+    }
+    (f_sum, g_sum)
+}
+
+/// Values a lane sum takes in `T` before it adds its lanes into f64: short segments
+/// share lanes, long sums do not lose digits in `T`.
+const FLUSH_VALUES: usize = 1024;
+
+/// The sum of `f(v)` over the values of `segments`: in [`LANES`] lanes of `T` (a
+/// segment's tail into the first lanes), the lanes added into f64 in order once
+/// [`FLUSH_VALUES`] values have gone in since the last time, and at the end.
+fn lane_sum<'a, T: Real>(segments: impl Iterator<Item = &'a [T]>, f: impl Fn(T) -> T) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { wide::lane_sum_avx512(segments, f) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { wide::lane_sum_avx2(segments, f) };
+        }
+    }
+    lane_sum_portable(segments, f)
+}
+
+/// [`lane_sum`] in portable code (inlined into each instruction set's version).
+#[inline(always)]
+fn lane_sum_portable<'a, T: Real>(
+    segments: impl Iterator<Item = &'a [T]>,
+    f: impl Fn(T) -> T,
+) -> f64 {
+    let mut lanes = [T::ZERO; LANES];
+    let mut pending = 0;
+    let mut total = 0f64;
+    for segment in segments {
+        let (body, tail) = segment.split_at(segment.len() / LANES * LANES);
+        for chunk in body.chunks_exact(LANES) {
+            for k in 0..LANES {
+                lanes[k] += f(chunk[k]);
+            }
+        }
+        for (lane, &v) in lanes.iter_mut().zip(tail) {
+            *lane += f(v);
+        }
+        pending += segment.len();
+        if pending >= FLUSH_VALUES {
+            drain(&mut lanes, &mut total);
+            pending = 0;
+        }
+    }
+    drain(&mut lanes, &mut total);
+    total
+}
+
+/// Adds the lanes into `total` in order and zeroes them.
+fn drain<T: Real>(lanes: &mut [T; LANES], total: &mut f64) {
+    for lane in lanes.iter_mut() {
+        *total += lane.to_f64();
+        *lane = T::ZERO;
+    }
+}
+
+/// The moments' lane sum compiled for wider vectors than x86-64's baseline (lane by lane
+/// the same operations, so the same bits on every CPU).
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    use super::lane_sum_portable;
+    use crate::Real;
+
+    /// `lane_sum` compiled with the target feature `$feature`.
+    macro_rules! isa_version {
+        ($feature:literal, $name:ident) => {
+            /// `lane_sum` for one instruction set.
+            ///
+            /// # Safety
+            /// The CPU must have the instruction set.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn $name<'a, T: Real>(
+                segments: impl Iterator<Item = &'a [T]>,
+                f: impl Fn(T) -> T,
+            ) -> f64 {
+                lane_sum_portable(segments, f)
+            }
+        };
+    }
+
+    isa_version!("avx512f", lane_sum_avx512);
+    isa_version!("avx2", lane_sum_avx2);
+}
+
+/// The moments of a set of values.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    /// How many values.
+    pub count: f64,
+    /// Their mean (0 for none).
+    pub mean: f64,
+    /// The sum of their squared deviations from the mean.
+    pub squares: f64,
+}
+
+impl Moments {
+    /// The moments of the values of `segments`, in two passes: their sum gives the mean;
+    /// the squared deviations from that mean (rounded to `T`) are summed alike. Each sum
+    /// runs in lanes of `T` across segments (a tile's rows are short), added into f64
+    /// every [`FLUSH_VALUES`] values or so and at the end.
+    pub fn of_segments<'a, T: Real>(segments: impl Iterator<Item = &'a [T]> + Clone) -> Self {
+        let mut count = 0usize;
+        let sum = lane_sum(segments.clone().inspect(|s| count += s.len()), |v| v);
+        if count == 0 {
+            return Self::default();
+        }
+        let count = count as f64;
+        let mean = sum / count;
+        let centre = T::from_f64(mean);
+        let squares = lane_sum(segments, |v| (v - centre) * (v - centre));
+        Self {
+            count,
+            mean,
+            squares,
+        }
+    }
+
+    /// The moments of the union of the values of `self` and `other` (Chan, Golub and
+    /// LeVeque's pairwise update).
+    pub fn merge(self, other: Self) -> Self {
+        if other.count == 0.0 {
+            return self;
+        }
+        if self.count == 0.0 {
+            return other;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        Self {
+            count,
+            mean: self.mean + delta * (other.count / count),
+            squares: self.squares
+                + other.squares
+                + delta * delta * (self.count * other.count / count),
+        }
+    }
+
+    /// The biased variance (the mean squared deviation, what a training batch norm
+    /// normalises by); 0 for no values.
+    pub fn variance(&self) -> f64 {
+        if self.count == 0.0 {
+            0.0
+        } else {
+            self.squares / self.count
+        }
+    }
+}
+
+/// Per-channel moments of one output tile, found by the tile's first column (in the
+/// pass's own column numbering; tiles never share a first column).
+pub(crate) type TileMoments = (usize, Vec<Moments>);
+
+/// Each channel's moments over all tiles of a pass, merged in column order (the tiles'
+/// order is fixed by the plan and the thread count, never by timing).
+///
+/// # Panics
+/// If a tile's moments do not hold `channels` values.
+pub(crate) fn merge_tiles(mut tiles: Vec<TileMoments>, channels: usize) -> Vec<Moments> {
+    tiles.sort_by_key(|&(first_column, _)| first_column);
+    let mut total = vec![Moments::default(); channels];
+    for (_, tile) in tiles {
+        assert_eq!(tile.len(), channels, "tile moments: channels");
+        for (sum, part) in total.iter_mut().zip(tile) {
+            *sum = sum.merge(part);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exact(values: &[f64]) -> (f64, f64) {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        (
+            mean,
+            values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n,
+        )
+    }
+
+    #[test]
+    fn merged_parts_give_the_moments_of_the_whole() {
+        // A large mean against a small spread: a one-pass sum of squares in f32 would
+        // lose every digit of the variance here.
+        let values: Vec<f32> = (0..1000)
+            .map(|i| 1000.0 + ((i * 37) % 101) as f32 * 0.01)
+            .collect();
+        let wide: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+        let (mean, variance) = exact(&wide);
+        for cuts in [
+            vec![0, 1000],
+            vec![0, 3, 500, 999, 1000],
+            vec![0, 0, 17, 1000],
+        ] {
+            let merged = cuts
+                .windows(2)
+                .map(|w| Moments::of_segments([&values[w[0]..w[1]]].into_iter()))
+                .fold(Moments::default(), Moments::merge);
+            assert_eq!(merged.count, 1000.0);
+            assert!((merged.mean - mean).abs() < 1e-6 * mean, "{cuts:?}");
+            assert!(
+                (merged.variance() - variance).abs() < 1e-4 * variance,
+                "{cuts:?}: {} against {variance}",
+                merged.variance()
+            );
+        }
+        // Segments of one part are one set of values.
+        let split = Moments::of_segments([&values[..10], &values[10..]].into_iter());
+        let (mean, _) = exact(&wide);
+        assert!((split.mean - mean).abs() < 1e-6 * mean);
+        assert_eq!(
+            Moments::of_segments::<f32>([].into_iter()),
+            Moments::default()
+        );
+        assert_eq!(Moments::default().variance(), 0.0);
+    }
+
+    #[test]
+    fn tiles_merge_in_column_order_whatever_order_they_arrive_in() {
+        let part = |v: f32| Moments::of_segments([&[v, v + 1.0, v * 3.0][..]].into_iter());
+        let tiles = vec![
+            (0, vec![part(1.0)]),
+            (5, vec![part(7.5)]),
+            (9, vec![part(-2.0)]),
+        ];
+        let mut shuffled = tiles.clone();
+        shuffled.swap(0, 2);
+        let in_order = merge_tiles(tiles, 1);
+        assert_eq!(merge_tiles(shuffled, 1), in_order);
+        assert_eq!(in_order[0].count, 9.0);
+    }
+}
