@@ -346,25 +346,52 @@ pub fn normalize_add_relu(
         &per_channel,
         stats,
     );
+    let sums = ResidualSums {
+        x,
+        residual,
+        gamma,
+        beta,
+        stats,
+        epsilon,
+        shape,
+    };
     write_planes(
         shape,
         #[inline(always)]
-        |i| {
-            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-            shape
-                .plane_at(x, i)
-                .iter()
-                .zip(shape.plane_at(residual, i))
-                .map(move |(&v, &r)| {
-                    let y = v * scale + shift + r;
-                    if y < 0.0 {
-                        0.0
-                    } else {
-                        y
-                    }
-                })
-        },
+        |i| sums.plane(i).map(|y| if y < 0.0 { 0.0 } else { y }),
     )
+}
+
+/// `normalize(x) + residual`, plane by plane: what [`normalize_add_relu`] writes before
+/// its ReLU and [`add_relu_backward`] recomputes, to the bit, for the ReLU's mask.
+struct ResidualSums<'a> {
+    x: &'a [f32],
+    residual: &'a [f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    stats: &'a [f32],
+    epsilon: f64,
+    shape: NormShape,
+}
+
+impl ResidualSums<'_> {
+    /// Plane `i`'s values.
+    #[inline(always)]
+    fn plane(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
+        let shape = self.shape;
+        let (scale, shift) = affine(
+            i % shape.channels,
+            self.gamma,
+            self.beta,
+            self.stats,
+            self.epsilon,
+        );
+        shape
+            .plane_at(self.x, i)
+            .iter()
+            .zip(shape.plane_at(self.residual, i))
+            .map(move |(&v, &r)| v * scale + shift + r)
+    }
 }
 
 /// The gradient of [`normalize_add_relu`] at its ReLU: `grad` where `normalize(x) +
@@ -393,17 +420,22 @@ pub fn add_relu_backward(
         &per_channel,
         stats,
     );
+    let sums = ResidualSums {
+        x,
+        residual,
+        gamma,
+        beta,
+        stats,
+        epsilon,
+        shape,
+    };
     write_planes(
         shape,
         #[inline(always)]
         |i| {
-            let (scale, shift) = affine(i % shape.channels, gamma, beta, stats, epsilon);
-            shape
-                .plane_at(x, i)
-                .iter()
+            sums.plane(i)
                 .zip(shape.plane_at(grad, i))
-                .zip(shape.plane_at(residual, i))
-                .map(move |((&v, &g), &r)| if v * scale + shift + r <= 0.0 { 0.0 } else { g })
+                .map(|(y, &g)| if y <= 0.0 { 0.0 } else { g })
         },
     )
 }

@@ -335,17 +335,7 @@ fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
     let mut rng = Rng(99);
     for (spec, strategy) in specs {
         for threads in thread_counts() {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let tuning = Tuning {
-                strategy,
-                tile_columns: Some(11),
-                min_task_columns: 4,
-                band_bytes: 0,
-            };
-            let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+            let (pool, plan) = small_tiles(&spec, strategy, threads);
             let x: Vec<f32> = rng
                 .values(plan.input_len())
                 .into_iter()
@@ -379,6 +369,29 @@ fn the_backward_pass_is_bit_identical_for_a_given_thread_count() {
             }
         }
     }
+}
+
+/// `spec`'s plan with `strategy`, tiles of 11 columns (cutting planes and rows anywhere)
+/// and tasks from 4 columns on, and a pool of `threads` threads to run it in.
+fn small_tiles(
+    spec: &PlanSpec,
+    strategy: Strategy,
+    threads: usize,
+) -> (rayon::ThreadPool, ConvPlan) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let tuning = Tuning {
+        strategy,
+        tile_columns: Some(11),
+        min_task_columns: 4,
+        band_bytes: 0,
+    };
+    (
+        pool,
+        ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning),
+    )
 }
 
 /// One plan per layout, with their strategies: im2col with several windows (partial sums
@@ -417,22 +430,12 @@ fn layout_specs() -> [(PlanSpec, Strategy); 3] {
 
 #[test]
 fn a_forward_with_moments_gives_the_forward_and_its_batch_statistics() {
-    // Tiles of 11 columns cut planes and rows anywhere; the moments are taken tile by
-    // tile (im2col, shifted) or from the finished output (streaming).
+    // The moments are taken tile by tile (im2col, shifted) or from the finished output
+    // (streaming).
     let mut rng = Rng(0x6d6f_6d73);
     for (spec, strategy) in layout_specs() {
         for threads in thread_counts() {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let tuning = Tuning {
-                strategy,
-                tile_columns: Some(11),
-                min_task_columns: 4,
-                band_bytes: 0,
-            };
-            let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+            let (pool, plan) = small_tiles(&spec, strategy, threads);
             let mut values = |len: usize| -> Vec<f32> {
                 // An offset against the spread, as a layer's output before its batch norm.
                 rng.values(len)
