@@ -9,6 +9,8 @@
 //! its digits when the mean is large against the spread (a one-pass sum of squares
 //! would).
 
+use rayon::prelude::*;
+
 use crate::Real;
 
 /// Lanes of the reductions: eight independent partial sums that vectorize, added in a
@@ -194,6 +196,23 @@ impl Moments {
             self.squares / self.count
         }
     }
+}
+
+/// Each channel's moments over an NCHW activation `x` of `batch` images of `channels`
+/// planes of `plane` values: its planes, image by image (channels in parallel).
+///
+/// # Panics
+/// If `x` holds fewer values than that.
+pub(crate) fn channel_moments<T: Real>(
+    x: &[T],
+    [batch, channels, plane]: [usize; 3],
+) -> Vec<Moments> {
+    (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            Moments::of_segments((0..batch).map(|b| &x[(b * channels + c) * plane..][..plane]))
+        })
+        .collect()
 }
 
 /// Per-channel moments of one output tile, found by the tile's first column (in the

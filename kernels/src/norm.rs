@@ -14,7 +14,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::moments::{lane_sums, Moments};
+use crate::moments::{channel_moments, lane_sums, Moments};
 use crate::pool::Pool2d;
 
 /// An NCHW activation as the batch-norm kernels see it.
@@ -68,10 +68,7 @@ impl NormShape {
 /// If `x` or `stats` does not have the length `shape` gives them.
 pub fn batch_stats(x: &[f32], shape: NormShape, stats: &mut [f32]) {
     assert_eq!(x.len(), shape.len(), "batch_stats: input length");
-    let moments: Vec<Moments> = (0..shape.channels)
-        .into_par_iter()
-        .map(|c| Moments::of_segments(shape.planes(x, c)))
-        .collect();
+    let moments = channel_moments(x, [shape.batch, shape.channels, shape.plane]);
     stats_from_moments(&moments, stats);
 }
 

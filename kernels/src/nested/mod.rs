@@ -16,7 +16,7 @@ use tasks::{backward_tasks, bias_gradient, forward_task};
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
-use super::moments::{merge_tiles, Moments, TileMoments};
+use super::moments::{channel_moments, merge_tiles, Moments, TileMoments};
 use super::plan::{ConvPlan, LiveCrops};
 use super::sgemm;
 use super::shifted;
@@ -232,21 +232,9 @@ pub fn forward_with_moments<T: Real>(
     bias: Option<&[T]>,
 ) -> (Vec<T>, Vec<Moments>) {
     let (out, moments) = forward_plain(plan, x, weight, bias, true);
-    let moments = moments.unwrap_or_else(|| output_moments(plan, &out));
+    let [batch, channels, h, w] = plan.output_shape();
+    let moments = moments.unwrap_or_else(|| channel_moments(&out, [batch, channels, h * w]));
     (out, moments)
-}
-
-/// Each output channel's moments over the planes of the finished output `out`.
-fn output_moments<T: Real>(plan: &ConvPlan, out: &[T]) -> Vec<Moments> {
-    let (channels, pixels) = (plan.out_channels(), plan.out_pixels());
-    (0..channels)
-        .into_par_iter()
-        .map(|ch| {
-            Moments::of_segments(
-                (0..plan.batch).map(|b| &out[(b * channels + ch) * pixels..][..pixels]),
-            )
-        })
-        .collect()
 }
 
 /// [`forward`], with the tiles' moments where `moments` asks for them and the pass takes
