@@ -18,7 +18,8 @@ use crate::Real;
 const LANES: usize = 8;
 
 /// `(sum of f(a, b), sum of g(a, b))` over two equally long slices, in eight lanes of `T`
-/// added in a fixed order into f64: the shape of every reduction over an activation.
+/// added in a fixed order into f64, then the tail: the batch-norm backward's reductions
+/// over a plane (the moments run across segments: [`lane_sum`]).
 pub(crate) fn lane_sums<T: Real>(
     a: &[T],
     b: &[T],

@@ -343,15 +343,7 @@ pub fn normalize_add_relu(
         &per_channel,
         stats,
     );
-    let sums = ResidualSums {
-        x,
-        residual,
-        gamma,
-        beta,
-        stats,
-        epsilon,
-        shape,
-    };
+    let sums = ResidualSums::new(x, residual, gamma, beta, stats, epsilon, shape);
     write_planes(
         shape,
         #[inline(always)]
@@ -371,7 +363,29 @@ struct ResidualSums<'a> {
     shape: NormShape,
 }
 
-impl ResidualSums<'_> {
+impl<'a> ResidualSums<'a> {
+    /// The sums of `x`'s normalisation (with `gamma`, `beta`, `stats` and `epsilon`) and
+    /// `residual`, activations of `shape`.
+    fn new(
+        x: &'a [f32],
+        residual: &'a [f32],
+        gamma: &'a [f32],
+        beta: &'a [f32],
+        stats: &'a [f32],
+        epsilon: f64,
+        shape: NormShape,
+    ) -> Self {
+        Self {
+            x,
+            residual,
+            gamma,
+            beta,
+            stats,
+            epsilon,
+            shape,
+        }
+    }
+
     /// Plane `i`'s values.
     #[inline(always)]
     fn plane(&self, i: usize) -> impl Iterator<Item = f32> + '_ {
@@ -417,15 +431,7 @@ pub fn add_relu_backward(
         &per_channel,
         stats,
     );
-    let sums = ResidualSums {
-        x,
-        residual,
-        gamma,
-        beta,
-        stats,
-        epsilon,
-        shape,
-    };
+    let sums = ResidualSums::new(x, residual, gamma, beta, stats, epsilon, shape);
     write_planes(
         shape,
         #[inline(always)]

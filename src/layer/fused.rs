@@ -224,13 +224,8 @@ fn flex_forward_stats(
         .flatten()
         .all(|t| t.dtype() == DType::F32);
     assert!(all_f32, "nested_conv2d_stats: f32 tensors only");
-    let (out, moments) = with_values::<f32, _>(x, |x| {
-        with_values::<f32, _>(weight, |w| match bias {
-            Some(b) => {
-                with_values::<f32, _>(b, |b| kernels::forward_with_moments(plan, x, w, Some(b)))
-            }
-            None => kernels::forward_with_moments(plan, x, w, None),
-        })
+    let (out, moments) = with_conv_values::<f32, _>(x, weight, bias, |x, w, b| {
+        kernels::forward_with_moments(plan, x, w, b)
     });
     let mut stats = vec![0.0; 2 * moments.len()];
     kernels::norm::stats_from_moments(&moments, &mut stats);
@@ -390,13 +385,24 @@ fn forward_typed<T: FlexReal>(
     bias: Option<&FlexTensor>,
     plan: &ConvPlan,
 ) -> FlexTensor {
-    let out = with_values::<T, _>(x, |x| {
-        with_values::<T, _>(weight, |w| match bias {
-            Some(b) => with_values::<T, _>(b, |b| kernels::forward(plan, x, w, Some(b))),
-            None => kernels::forward(plan, x, w, None),
-        })
-    });
+    let out = with_conv_values::<T, _>(x, weight, bias, |x, w, b| kernels::forward(plan, x, w, b));
     flex_tensor(out, plan.output_shape().to_vec())
+}
+
+/// `f(x, weight, bias)` on the values of a convolution's flex tensors (copied only where
+/// one is a strided view).
+fn with_conv_values<T: FlexReal, R>(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    f: impl FnOnce(&[T], &[T], Option<&[T]>) -> R,
+) -> R {
+    with_values::<T, _>(x, |x| {
+        with_values::<T, _>(weight, |w| match bias {
+            Some(b) => with_values::<T, _>(b, |b| f(x, w, Some(b))),
+            None => f(x, w, None),
+        })
+    })
 }
 
 fn flex_forward(
