@@ -8,6 +8,12 @@
 //! and a row of col2im one gather, add and scatter. The values and the order of the adds
 //! into each input-gradient value are those of the run-by-run loops, so are the bits.
 //!
+//! Where the live columns of a vector read consecutive input values (a stride-1
+//! convolution, within one image: the rows of a plane, with padding holes at their ends)
+//! the table notes the vector's shift, and a masked load or store replaces the gather or
+//! scatter. Gathers and scatters move one value at a time, and cost more still on CPUs
+//! with the microcode against gather data sampling.
+//!
 //! A strided convolution's run reads every `stride`-th input value ([`copy_strided`]);
 //! with stride 2 (ResNet's downsampling layers) on AVX-512, 16 of them from two loads and
 //! one permute.
@@ -20,12 +26,22 @@ const PADDING: u32 = u32::MAX;
 /// Columns per vector of the `f32` path; rows of [`Offsets`] are padded to a multiple.
 const LANES: usize = 16;
 
+/// The shift of a vector none of whose columns reads the input yet.
+const NO_READS: i64 = i64::MAX;
+
+/// The shift of a vector whose columns do not read consecutive values.
+const SCATTERED: i64 = i64::MIN;
+
 /// The input offsets of each column of a tile at each kernel position: row `p` holds,
 /// for column `j`, the offset of the value it reads relative to the start of channel 0
 /// of the tile's first image (add `ch * h * w` for channel `ch`), or a mark for padding.
 pub(crate) struct Offsets {
     /// `[positions][stride]`, padded with marks.
     values: Vec<u32>,
+    /// `[positions][stride / LANES]`: for each vector of a row, the `shift` such that
+    /// every column `start + i` of it that reads the input reads offset `shift + i`, or
+    /// [`NO_READS`] or [`SCATTERED`].
+    shifts: Vec<i64>,
     /// The tile's columns.
     columns: usize,
     /// Row length (`columns` rounded up to [`LANES`]).
@@ -44,6 +60,7 @@ impl Offsets {
         let stride = columns.div_ceil(LANES) * LANES;
         Some(Self {
             values: vec![PADDING; positions * stride],
+            shifts: vec![NO_READS; positions * (stride / LANES)],
             columns,
             stride,
             max: 0,
@@ -54,22 +71,75 @@ impl Offsets {
     ///
     /// # Panics
     /// If the position or the column is out of range or `offset` exceeds `i32::MAX`.
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn set(&mut self, position: usize, column: usize, offset: usize) {
-        assert!(column < self.columns, "offset table column");
-        // The gathers take signed 32-bit offsets.
+        self.set_run(position, column, offset, 1, 1);
+    }
+
+    /// Sets the `len` columns from `column` of position `position` to read `offset`,
+    /// `offset + step`, ...: one run of a row of the input.
+    ///
+    /// # Panics
+    /// If the position or a column is out of range or an offset exceeds `i32::MAX`.
+    pub(crate) fn set_run(
+        &mut self,
+        position: usize,
+        column: usize,
+        offset: usize,
+        len: usize,
+        step: usize,
+    ) {
+        let Some(last) = len.checked_sub(1) else {
+            return;
+        };
         assert!(
-            offset <= i32::MAX as usize,
-            "offset table: offset beyond 31 bits"
+            column
+                .checked_add(len)
+                .is_some_and(|end| end <= self.columns),
+            "offset table column"
         );
-        self.values[position * self.stride + column] = offset as u32;
-        self.max = self.max.max(offset);
+        // The gathers take signed 32-bit offsets.
+        let last_offset = last
+            .checked_mul(step)
+            .and_then(|span| span.checked_add(offset))
+            .filter(|&o| o <= i32::MAX as usize)
+            .expect("offset table: offset beyond 31 bits");
+        let row = &mut self.values[position * self.stride..][..self.stride];
+        for (k, value) in row[column..column + len].iter_mut().enumerate() {
+            *value = (offset + k * step) as u32;
+        }
+        self.max = self.max.max(last_offset);
+        // A vector stays consecutive while each offset set in it agrees with the shift of
+        // the ones before; one that does not (an overwrite included) makes it scattered
+        // for good, so a consecutive vector's shift always holds for all its reads.
+        let vectors = self.stride / LANES;
+        let shifts = &mut self.shifts[position * vectors..][..vectors];
+        for vector in column / LANES..=(column + last) / LANES {
+            let start = vector * LANES;
+            // The run's columns in this vector, and the offset of the first.
+            let first = column.max(start);
+            let end = (column + len).min(start + LANES);
+            let first_offset = offset + (first - column) * step;
+            let this = if step == 1 || end - first == 1 {
+                first_offset as i64 - (first - start) as i64
+            } else {
+                SCATTERED
+            };
+            let shift = &mut shifts[vector];
+            *shift = match *shift {
+                NO_READS => this,
+                s if s == this => s,
+                _ => SCATTERED,
+            };
+        }
     }
 
     /// The row of position `position`.
     pub(crate) fn row(&self, position: usize) -> OffsetRow<'_> {
+        let vectors = self.stride / LANES;
         OffsetRow {
             values: &self.values[position * self.stride..][..self.stride],
+            shifts: &self.shifts[position * vectors..][..vectors],
             columns: self.columns,
             max: self.max,
         }
@@ -81,6 +151,8 @@ impl Offsets {
 pub struct OffsetRow<'a> {
     /// Offsets, a multiple of [`LANES`] long, marks past `columns`.
     values: &'a [u32],
+    /// Each vector's shift (see [`Offsets`]), one per [`LANES`] values.
+    shifts: &'a [i64],
     columns: usize,
     /// At least every offset in `values` other than the marks.
     max: usize,
@@ -222,7 +294,7 @@ pub(crate) fn copy_strided_f32(src: &[f32], stride: usize, dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{OffsetRow, LANES, PADDING};
+    use super::{OffsetRow, LANES, NO_READS, PADDING, SCATTERED};
     use std::arch::x86_64::*;
 
     /// The lanes of the chunk at `start` that hold one of the row's `columns`.
@@ -244,16 +316,25 @@ mod avx512 {
         let padding = _mm512_set1_epi32(PADDING as i32);
         let mut start = 0;
         while start < row.columns {
+            let shift = row.shifts[start / LANES];
             // SAFETY: row.values holds a multiple of LANES values and start < columns <=
             // its length, so the 16 offsets at `start` are inside it. A lane that is not
             // padding reads from[offset] with offset <= max, inside `x` by `check`
             // (offsets are below i32::MAX, so the signed index is the offset); padding
-            // lanes are masked off and not accessed. The store writes out[start + i] only
-            // for start + i < columns <= out.len().
+            // lanes are masked off and not accessed. A consecutive vector's lane i reads
+            // from[shift + i], which is its offset (`Offsets::set` keeps the shift true
+            // for every live lane), so the masked load touches only those values; its
+            // pointer is formed by wrapping arithmetic, as it may lie before `from`
+            // where the first lanes are padding. The store writes out[start + i] only for
+            // start + i < columns <= out.len().
             unsafe {
                 let offsets = _mm512_loadu_si512(row.values.as_ptr().add(start).cast());
                 let live = _mm512_cmpneq_epi32_mask(offsets, padding);
-                let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, from);
+                let v = if shift == SCATTERED || shift == NO_READS {
+                    _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, from)
+                } else {
+                    _mm512_maskz_loadu_ps(live, from.wrapping_offset(shift as isize))
+                };
                 _mm512_mask_storeu_ps(to.add(start), in_row(start, row.columns), v);
             }
             start += LANES;
@@ -309,16 +390,25 @@ mod avx512 {
         let padding = _mm512_set1_epi32(PADDING as i32);
         let mut start = 0;
         while start < row.columns {
+            let shift = row.shifts[start / LANES];
             // SAFETY: the offsets are read as in `gather`; `values` is read at start + i
             // for lanes below `columns - start`, inside it by `check`; a lane that is not
-            // padding reads and writes to[offset], inside `dx` by `check`.
+            // padding reads and writes to[offset], inside `dx` by `check`. A consecutive
+            // vector's masked load and store touch to[shift + i] = to[offset] for those
+            // lanes only, as in `gather`.
             unsafe {
                 let offsets = _mm512_loadu_si512(row.values.as_ptr().add(start).cast());
                 let columns = in_row(start, row.columns);
                 let live = _mm512_cmpneq_epi32_mask(offsets, padding) & columns;
                 let v = _mm512_maskz_loadu_ps(columns, values.as_ptr().add(start));
-                let d = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, to);
-                _mm512_mask_i32scatter_ps::<4>(to, live, offsets, _mm512_add_ps(d, v));
+                if shift == SCATTERED || shift == NO_READS {
+                    let d = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), live, offsets, to);
+                    _mm512_mask_i32scatter_ps::<4>(to, live, offsets, _mm512_add_ps(d, v));
+                } else {
+                    let at = to.wrapping_offset(shift as isize);
+                    let d = _mm512_maskz_loadu_ps(live, at);
+                    _mm512_mask_storeu_ps(at, live, _mm512_add_ps(d, v));
+                }
             }
             start += LANES;
         }
@@ -375,6 +465,106 @@ mod tests {
                 scatter_add_row(&values, &mut dx, base, table.row(0));
                 assert_eq!(dx, want);
             }
+        }
+    }
+
+    /// Rows whose vectors read consecutive values with padding holes (the rows of small
+    /// planes, shifted by a kernel position), including vectors whose first reading lane
+    /// is past the input's start, and a column set twice: the f32 path (masked loads and
+    /// stores where the CPU has AVX-512) against the definition.
+    #[test]
+    fn consecutive_rows_match_the_definition() {
+        let x: Vec<f32> = (0..90).map(|v| v as f32 * 0.25 - 7.0).collect();
+        for (width, dx) in [(4usize, -1isize), (4, 1), (8, 0), (8, -1), (3, 1), (5, 2)] {
+            for columns in [1, 15, 16, 17, 40, 64] {
+                // Column j is pixel (j / width, j % width) of a plane; it reads the pixel
+                // `dx` to the side, where that lies in the plane's row.
+                let offsets: Vec<Option<usize>> = (0..columns)
+                    .map(|j| {
+                        let column = (j % width) as isize + dx;
+                        (0..width as isize)
+                            .contains(&column)
+                            .then(|| (j / width * width) as isize + column)
+                            .map(|o| o as usize)
+                    })
+                    .collect();
+                let mut tables = vec![table(columns, &offsets)];
+                assert!(!tables[0].shifts.contains(&SCATTERED));
+                // Overwrites: one that keeps a vector consecutive, one that breaks it.
+                if let Some(first) = offsets.iter().position(Option::is_some) {
+                    let mut again = table(columns, &offsets);
+                    again.set(0, first, offsets[first].unwrap());
+                    tables.push(again);
+                    let mut moved = table(columns, &offsets);
+                    moved.set(0, first, 80);
+                    assert_eq!(moved.shifts[first / LANES], SCATTERED);
+                    let mut moved_offsets = offsets.clone();
+                    moved_offsets[first] = Some(80);
+                    tables.push(moved);
+                    check_rows(&x, &moved_offsets, tables.last().unwrap());
+                    tables.pop();
+                }
+                for table in &tables {
+                    check_rows(&x, &offsets, table);
+                }
+            }
+        }
+    }
+
+    /// A run set at once gives the table (offsets, bound and vector shifts) that setting
+    /// its columns one by one gives, for runs that start, end and cross vectors anywhere,
+    /// at steps 1 to 3, over a row already holding runs.
+    #[test]
+    fn a_run_set_at_once_is_its_columns_set_one_by_one() {
+        let columns = 50;
+        for step in 1..=3 {
+            for column in [0, 5, 15, 16, 30] {
+                for len in [0, 1, 2, 11, 17, 20] {
+                    if column + len > columns {
+                        continue;
+                    }
+                    let mut at_once = Offsets::new(2, columns, 1000).unwrap();
+                    let mut one_by_one = Offsets::new(2, columns, 1000).unwrap();
+                    for table in [&mut at_once, &mut one_by_one] {
+                        table.set_run(1, 0, 3, 8, 1);
+                        table.set_run(1, 40, 200, 10, 1);
+                    }
+                    at_once.set_run(1, column, 100, len, step);
+                    for k in 0..len {
+                        one_by_one.set(1, column + k, 100 + k * step);
+                    }
+                    assert_eq!(at_once.values, one_by_one.values);
+                    assert_eq!(at_once.shifts, one_by_one.shifts);
+                    assert_eq!(at_once.max, one_by_one.max);
+                }
+            }
+        }
+    }
+
+    /// The f32 and portable gathers and scatter-adds of row 0 of `table` against its
+    /// `offsets`, at a few bases, from `x` and from `x` cut after the last value read.
+    fn check_rows(x: &[f32], offsets: &[Option<usize>], table: &Offsets) {
+        let columns = offsets.len();
+        let last = offsets.iter().flatten().max().copied().unwrap_or(0);
+        let bases = [0, 1, 9].into_iter().map(|base| (base, x));
+        let cut = [0, 9].into_iter().map(|base| (base, &x[..=base + last]));
+        for (base, x) in bases.chain(cut) {
+            let mut out = vec![f32::NAN; columns + 2];
+            gather_row_f32(x, base, table.row(0), &mut out);
+            for (j, offset) in offsets.iter().enumerate() {
+                assert_eq!(out[j], offset.map_or(0.0, |o| x[base + o]), "column {j}");
+            }
+            assert!(out[columns].is_nan() && out[columns + 1].is_nan());
+            let values: Vec<f32> = (0..columns).map(|v| v as f32 + 0.5).collect();
+            let mut dx = x.to_vec();
+            scatter_add_row_f32(&values, &mut dx, base, table.row(0));
+            let mut want = x.to_vec();
+            for (j, offset) in offsets.iter().enumerate() {
+                if let Some(o) = offset {
+                    want[base + o] += values[j];
+                }
+            }
+            assert_eq!(dx, want);
         }
     }
 

@@ -14,6 +14,14 @@ use super::Real;
 /// [`gather`](super::gather)) where the CPU gathers fast.
 const SHORT_RUNS: usize = 16;
 
+/// Tiles whose runs average fewer columns than this go through an offset table where the
+/// input has at least [`TABLE_CHANNELS`] channels: the table's masked loads beat
+/// copying run by run, and its cost is shared by the channels.
+const MEDIUM_RUNS: usize = 33;
+
+/// See [`MEDIUM_RUNS`].
+const TABLE_CHANNELS: usize = 8;
+
 /// A run of consecutive output pixels on one output row of one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
@@ -156,11 +164,16 @@ impl RunTable {
         rows.iter().any(Option::is_some) && spans.iter().any(|&(lo, hi, _)| hi > lo)
     }
 
-    /// Whether a tile of these runs goes through an offset table: short runs, on a CPU
-    /// that gathers `T` fast.
-    fn gathers<T: Real>(runs: &[Run]) -> bool {
+    /// Whether a tile of these runs goes through an offset table: short runs, or runs of
+    /// medium length over enough channels, on a CPU that gathers `T` fast.
+    fn gathers<T: Real>(plan: &ConvPlan, runs: &[Run]) -> bool {
         let columns: usize = runs.iter().map(|run| run.len).sum();
-        !runs.is_empty() && columns < SHORT_RUNS * runs.len() && T::gathers_fast()
+        let limit = if plan.in_channels >= TABLE_CHANNELS {
+            MEDIUM_RUNS
+        } else {
+            SHORT_RUNS
+        };
+        !runs.is_empty() && columns < limit * runs.len() && T::gathers_fast()
     }
 
     /// The offset of each column's input value at each kernel position (rings in order),
@@ -177,9 +190,7 @@ impl RunTable {
             for (run, (iy, (lo, hi, ix0))) in runs.iter().zip(self.at(ky, kx)) {
                 let Some(iy) = iy else { continue };
                 let row = (run.image - first_image) * image_len + iy * w + ix0;
-                for k in lo..hi {
-                    offsets.set(p, run.col + k, row + (k - lo) * sw);
-                }
+                offsets.set_run(p, run.col + lo, row, hi.saturating_sub(lo), sw);
             }
         }
         Some(offsets)
@@ -204,7 +215,7 @@ pub fn im2col<T: Real>(plan: &ConvPlan, x: &[T], runs: &[Run], width: usize, col
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
-    let offsets = RunTable::gathers::<T>(runs)
+    let offsets = RunTable::gathers::<T>(plan, runs)
         .then(|| table.offsets(plan, runs, 0))
         .flatten();
     if let Some(offsets) = offsets {
@@ -258,7 +269,7 @@ pub fn col2im<T: Real>(
     let c = plan.in_channels;
     let sw = plan.stride[1];
     let table = RunTable::new(plan, runs);
-    let offsets = RunTable::gathers::<T>(runs)
+    let offsets = RunTable::gathers::<T>(plan, runs)
         .then(|| table.offsets(plan, runs, first_image))
         .flatten();
     if let Some(offsets) = offsets {
