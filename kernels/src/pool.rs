@@ -162,11 +162,12 @@ impl Windows {
     /// shift` for each value `v` of `plane`, each window's maximum (the type's rule),
     /// where it is above zero or NaN (a ReLU after it), into `values[o]` and its index
     /// into `sources[o]`; elsewhere `0.0` and `not_passed`. One branch-free pass over each
-    /// pair of rows, which the compiler turns into vector code.
+    /// pair of rows, which the compiler turns into vector code, at the widest vectors this
+    /// CPU has (the same selects, so the same results).
     pub(crate) fn relu_pairs_max(
         &self,
         plane: &[f32],
-        [scale, shift]: [f32; 2],
+        factors: [f32; 2],
         values: &mut [f32],
         sources: &mut [u32],
         not_passed: u32,
@@ -174,32 +175,20 @@ impl Windows {
         if !self.pairs {
             return false;
         }
-        let (w, ow) = (self.width, self.cols.len());
-        for oy in 0..self.rows.len() {
-            let (top_at, bottom_at) = (2 * oy * w, (2 * oy + 1) * w);
-            let top = &plane[top_at..top_at + 2 * ow];
-            let bottom = &plane[bottom_at..bottom_at + 2 * ow];
-            let values = &mut values[oy * ow..(oy + 1) * ow];
-            let sources = &mut sources[oy * ow..(oy + 1) * ow];
-            for ox in 0..ow {
-                let candidates = [
-                    (top_at + 2 * ox, top[2 * ox]),
-                    (top_at + 2 * ox + 1, top[2 * ox + 1]),
-                    (bottom_at + 2 * ox, bottom[2 * ox]),
-                    (bottom_at + 2 * ox + 1, bottom[2 * ox + 1]),
-                ];
-                let (mut at, mut best) = (candidates[0].0, candidates[0].1 * scale + shift);
-                for &(i, v) in &candidates[1..] {
-                    let v = v * scale + shift;
-                    let wins = (v > best) | v.is_nan();
-                    at = if wins { i } else { at };
-                    best = if wins { v } else { best };
-                }
-                let passes = (best > 0.0) | best.is_nan();
-                values[ox] = if passes { best } else { 0.0 };
-                sources[ox] = if passes { at as u32 } else { not_passed };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { relu_pairs_max_avx512(self, plane, factors, values, sources, not_passed) };
+                return true;
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                unsafe { relu_pairs_max_avx2(self, plane, factors, values, sources, not_passed) };
+                return true;
             }
         }
+        relu_pairs_max(self, plane, factors, values, sources, not_passed);
         true
     }
 
@@ -239,6 +228,45 @@ impl Windows {
             }
         }
         relu_any_max(self, plane, factors, values, sources, not_passed)
+    }
+}
+
+/// [`Windows::relu_pairs_max`] for any CPU, inlined into the versions for wider vectors;
+/// the windows are 2 x 2 of stride 2.
+#[inline(always)]
+fn relu_pairs_max(
+    windows: &Windows,
+    plane: &[f32],
+    [scale, shift]: [f32; 2],
+    values: &mut [f32],
+    sources: &mut [u32],
+    not_passed: u32,
+) {
+    let (w, ow) = (windows.width, windows.cols.len());
+    for oy in 0..windows.rows.len() {
+        let (top_at, bottom_at) = (2 * oy * w, (2 * oy + 1) * w);
+        let top = &plane[top_at..top_at + 2 * ow];
+        let bottom = &plane[bottom_at..bottom_at + 2 * ow];
+        let values = &mut values[oy * ow..(oy + 1) * ow];
+        let sources = &mut sources[oy * ow..(oy + 1) * ow];
+        for ox in 0..ow {
+            let candidates = [
+                (top_at + 2 * ox, top[2 * ox]),
+                (top_at + 2 * ox + 1, top[2 * ox + 1]),
+                (bottom_at + 2 * ox, bottom[2 * ox]),
+                (bottom_at + 2 * ox + 1, bottom[2 * ox + 1]),
+            ];
+            let (mut at, mut best) = (candidates[0].0, candidates[0].1 * scale + shift);
+            for &(i, v) in &candidates[1..] {
+                let v = v * scale + shift;
+                let wins = (v > best) | v.is_nan();
+                at = if wins { i } else { at };
+                best = if wins { v } else { best };
+            }
+            let passes = (best > 0.0) | best.is_nan();
+            values[ox] = if passes { best } else { 0.0 };
+            sources[ox] = if passes { at as u32 } else { not_passed };
+        }
     }
 }
 
@@ -351,11 +379,11 @@ macro_rules! max_plane_for {
     };
 }
 
-/// `relu_any_max` compiled with the target feature `$feature` (safety: to be called on a
-/// CPU that has it).
+/// `$body` (`relu_any_max` or `relu_pairs_max`) compiled with the target feature
+/// `$feature` (safety: to be called on a CPU that has it).
 #[cfg(target_arch = "x86_64")]
-macro_rules! relu_any_max_for {
-    ($name:ident, $feature:literal) => {
+macro_rules! relu_max_for {
+    ($name:ident, $body:ident, $feature:literal) => {
         #[target_feature(enable = $feature)]
         unsafe fn $name(
             windows: &Windows,
@@ -365,15 +393,19 @@ macro_rules! relu_any_max_for {
             sources: &mut [u32],
             not_passed: u32,
         ) {
-            relu_any_max(windows, plane, factors, values, sources, not_passed)
+            $body(windows, plane, factors, values, sources, not_passed)
         }
     };
 }
 
 #[cfg(target_arch = "x86_64")]
-relu_any_max_for!(relu_any_max_avx512, "avx512f");
+relu_max_for!(relu_any_max_avx512, relu_any_max, "avx512f");
 #[cfg(target_arch = "x86_64")]
-relu_any_max_for!(relu_any_max_avx2, "avx2");
+relu_max_for!(relu_any_max_avx2, relu_any_max, "avx2");
+#[cfg(target_arch = "x86_64")]
+relu_max_for!(relu_pairs_max_avx512, relu_pairs_max, "avx512f");
+#[cfg(target_arch = "x86_64")]
+relu_max_for!(relu_pairs_max_avx2, relu_pairs_max, "avx2");
 
 #[cfg(target_arch = "x86_64")]
 max_plane_for!(max_plane_avx512, "avx512f");
@@ -662,6 +694,24 @@ mod tests {
                         assert!(same, "{input:?} {kernel:?}/{stride:?} pad {padding:?} at {o}: {} vs {want_value}", values[o]);
                         assert_eq!(sources[o], want_source, "{input:?} {kernel:?}/{stride:?} at {o}");
                     },
+                );
+                // 2 x 2 windows of stride 2 have their own loop: the same bits.
+                let (mut pairs, mut pair_sources) = (vec![7.0; outputs], vec![7u32; outputs]);
+                let took = windows.relu_pairs_max(
+                    &plane,
+                    [scale, shift],
+                    &mut pairs,
+                    &mut pair_sources,
+                    NOT_PASSED,
+                );
+                if took {
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&pairs), bits(&values), "{input:?}");
+                    assert_eq!(pair_sources, sources, "{input:?}");
+                }
+                assert_eq!(
+                    took,
+                    kernel == [2, 2] && stride == [2, 2] && padding == [0, 0] && extra == 0
                 );
             }
         }
