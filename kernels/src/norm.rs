@@ -150,19 +150,33 @@ where
         }
         return (first, second);
     }
+    // Planes per task: small maps' planes (ResNet-18's last stages at 32 x 32: 4 values
+    // and 1) go several to a task, so that a task is not one call per value.
+    let per_task = (PLANE_TASK_VALUES / a.plane.max(b.plane)).max(1);
     let (mut first, mut second) = (Vec::with_capacity(a.len()), Vec::with_capacity(b.len()));
     first.spare_capacity_mut()[..a.len()]
-        .par_chunks_mut(a.plane)
-        .zip(second.spare_capacity_mut()[..b.len()].par_chunks_mut(b.plane))
+        .par_chunks_mut(a.plane * per_task)
+        .zip(second.spare_capacity_mut()[..b.len()].par_chunks_mut(b.plane * per_task))
         .enumerate()
-        .for_each(|(i, (a_slots, b_slots))| {
-            fill_widest(&fill, i, zeroed(a_slots), zeroed(b_slots))
+        .for_each(|(task, (a_slots, b_slots))| {
+            fill_widest(
+                #[inline(always)]
+                |_: usize, a_task: &mut [A], b_task: &mut [B]| {
+                    let pairs = a_task.chunks_mut(a.plane).zip(b_task.chunks_mut(b.plane));
+                    for (j, (a_plane, b_plane)) in pairs.enumerate() {
+                        fill(task * per_task + j, a_plane, b_plane);
+                    }
+                },
+                task,
+                zeroed(a_slots),
+                zeroed(b_slots),
+            )
         });
     // SAFETY: `Vec::with_capacity` made room for `a.len()` and `b.len()` values; the
     // chunks cover the first `a.len()` (`b.len()`) spare slots exactly (both have
-    // `a.batch * a.channels` planes), and every task wrote each slot of its chunks
-    // (`zeroed`, then `fill`) before this line (a task's panic reaches this thread
-    // first).
+    // `a.batch * a.channels` planes, `per_task` to a chunk but for the last), and every
+    // task wrote each slot of its chunks (`zeroed`, then `fill`) before this line (a
+    // task's panic reaches this thread first).
     unsafe {
         first.set_len(a.len());
         second.set_len(b.len());
@@ -170,12 +184,15 @@ where
     (first, second)
 }
 
+/// Values a task of [`fill_plane_pairs`] fills at least, where the planes are smaller.
+const PLANE_TASK_VALUES: usize = 4096;
+
 /// `fill(i, a, b)` compiled for the widest vectors of this CPU (the plane loops of the
 /// normalisation and its gradient are element by element, so the same bits on every
 /// CPU; x86-64's baseline handles four floats at a time).
 #[inline(always)]
 fn fill_widest<A, B, F: Fn(usize, &mut [A], &mut [B])>(
-    fill: &F,
+    fill: F,
     i: usize,
     a: &mut [A],
     b: &mut [B],
@@ -184,11 +201,11 @@ fn fill_widest<A, B, F: Fn(usize, &mut [A], &mut [B])>(
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { wide::fill_avx512(fill, i, a, b) };
+            return unsafe { wide::fill_avx512(&fill, i, a, b) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
-            return unsafe { wide::fill_avx2(fill, i, a, b) };
+            return unsafe { wide::fill_avx2(&fill, i, a, b) };
         }
     }
     fill(i, a, b)
@@ -900,6 +917,32 @@ mod tests {
             }
         }
         total
+    }
+
+    /// Small planes go several to a task (one value, three, and a plane larger than a
+    /// task's share; the last task short): each value is its own channel's affine map of
+    /// the input, bit for bit.
+    #[test]
+    fn planes_grouped_into_tasks_are_each_their_own_channel() {
+        for (batch, channels, plane) in [(5, 1000, 1), (7, 700, 3), (2, 3, 5000)] {
+            let shape = NormShape {
+                batch,
+                channels,
+                plane,
+            };
+            let x = values(shape, 3);
+            let gamma: Vec<f32> = (0..channels).map(|c| 0.5 + (c % 7) as f32 * 0.25).collect();
+            let beta: Vec<f32> = (0..channels).map(|c| (c % 5) as f32 * 0.1 - 0.2).collect();
+            let mut stats = vec![0.0; 2 * channels];
+            batch_stats(&x, shape, &mut stats);
+            let out = normalize(&x, &gamma, &beta, &stats, 1e-5, true, shape);
+            for (i, (&y, &v)) in out.iter().zip(&x).enumerate() {
+                let channel = i / plane % channels;
+                let (scale, shift) = affine(channel, &gamma, &beta, &stats, 1e-5);
+                let want = (v * scale + shift).max(0.0);
+                assert_eq!(y.to_bits(), want.to_bits(), "{shape:?} at {i}");
+            }
+        }
     }
 
     #[test]
