@@ -113,8 +113,10 @@ impl Offsets {
         // the ones before; one that does not (an overwrite included) makes it scattered
         // for good, so a consecutive vector's shift always holds for all its reads.
         let vectors = self.stride / LANES;
+        let (first_vector, last_vector) = (column / LANES, (column + last) / LANES);
         let shifts = &mut self.shifts[position * vectors..][..vectors];
-        for vector in column / LANES..=(column + last) / LANES {
+        let touched = shifts[first_vector..=last_vector].iter_mut();
+        for (vector, shift) in (first_vector..).zip(touched) {
             let start = vector * LANES;
             // The run's columns in this vector, and the offset of the first.
             let first = column.max(start);
@@ -125,7 +127,6 @@ impl Offsets {
             } else {
                 SCATTERED
             };
-            let shift = &mut shifts[vector];
             *shift = match *shift {
                 NO_READS => this,
                 s if s == this => s,
