@@ -323,7 +323,7 @@ mod avx512 {
             // padding reads from[offset] with offset <= max, inside `x` by `check`
             // (offsets are below i32::MAX, so the signed index is the offset); padding
             // lanes are masked off and not accessed. A consecutive vector's lane i reads
-            // from[shift + i], which is its offset (`Offsets::set` keeps the shift true
+            // from[shift + i], which is its offset (`Offsets::set_run` keeps the shift true
             // for every live lane), so the masked load touches only those values; its
             // pointer is formed by wrapping arithmetic, as it may lie before `from`
             // where the first lanes are padding. The store writes out[start + i] only for
@@ -439,33 +439,7 @@ mod tests {
             let offsets: Vec<Option<usize>> = (0..columns)
                 .map(|j| (j % 5 != 2).then_some((j * 37) % 97))
                 .collect();
-            let table = table(columns, &offsets);
-            for base in [0, 3, 100] {
-                let mut out = vec![f32::NAN; columns + 2];
-                gather_row_f32(&x, base, table.row(0), &mut out);
-                let mut portable = vec![f32::NAN; columns + 2];
-                gather_row(&x, base, table.row(0), &mut portable);
-                for (j, offset) in offsets.iter().enumerate() {
-                    let want = offset.map_or(0.0, |o| x[base + o]);
-                    assert_eq!(out[j], want);
-                    assert_eq!(portable[j], want);
-                }
-                assert!(out[columns].is_nan() && out[columns + 1].is_nan());
-
-                let values: Vec<f32> = (0..columns).map(|v| v as f32 + 0.25).collect();
-                let mut dx = x.clone();
-                scatter_add_row_f32(&values, &mut dx, base, table.row(0));
-                let mut want = x.clone();
-                for (j, offset) in offsets.iter().enumerate() {
-                    if let Some(o) = offset {
-                        want[base + o] += values[j];
-                    }
-                }
-                assert_eq!(dx, want);
-                let mut dx = x.clone();
-                scatter_add_row(&values, &mut dx, base, table.row(0));
-                assert_eq!(dx, want);
-            }
+            check_rows(&x, &offsets, &table(columns, &offsets));
         }
     }
 
@@ -547,24 +521,35 @@ mod tests {
     fn check_rows(x: &[f32], offsets: &[Option<usize>], table: &Offsets) {
         let columns = offsets.len();
         let last = offsets.iter().flatten().max().copied().unwrap_or(0);
-        let bases = [0, 1, 9].into_iter().map(|base| (base, x));
-        let cut = [0, 9].into_iter().map(|base| (base, &x[..=base + last]));
-        for (base, x) in bases.chain(cut) {
+        let fits = |&base: &usize| base + last < x.len();
+        let bases = [0, 1, 3, 9, 100]
+            .into_iter()
+            .filter(fits)
+            .map(|base| (base, x));
+        let cut = [0, 9].into_iter().filter(fits);
+        for (base, x) in bases.chain(cut.map(|base| (base, &x[..=base + last]))) {
             let mut out = vec![f32::NAN; columns + 2];
             gather_row_f32(x, base, table.row(0), &mut out);
+            let mut portable = vec![f32::NAN; columns];
+            gather_row(x, base, table.row(0), &mut portable);
             for (j, offset) in offsets.iter().enumerate() {
-                assert_eq!(out[j], offset.map_or(0.0, |o| x[base + o]), "column {j}");
+                let want = offset.map_or(0.0, |o| x[base + o]);
+                assert_eq!(out[j], want, "column {j}");
+                assert_eq!(portable[j], want, "column {j}");
             }
             assert!(out[columns].is_nan() && out[columns + 1].is_nan());
             let values: Vec<f32> = (0..columns).map(|v| v as f32 + 0.5).collect();
-            let mut dx = x.to_vec();
-            scatter_add_row_f32(&values, &mut dx, base, table.row(0));
             let mut want = x.to_vec();
             for (j, offset) in offsets.iter().enumerate() {
                 if let Some(o) = offset {
                     want[base + o] += values[j];
                 }
             }
+            let mut dx = x.to_vec();
+            scatter_add_row_f32(&values, &mut dx, base, table.row(0));
+            assert_eq!(dx, want);
+            let mut dx = x.to_vec();
+            scatter_add_row(&values, &mut dx, base, table.row(0));
             assert_eq!(dx, want);
         }
     }
