@@ -161,13 +161,12 @@ where
         .for_each(|(task, (a_slots, b_slots))| {
             fill_widest(
                 #[inline(always)]
-                |_: usize, a_task: &mut [A], b_task: &mut [B]| {
+                |a_task: &mut [A], b_task: &mut [B]| {
                     let pairs = a_task.chunks_mut(a.plane).zip(b_task.chunks_mut(b.plane));
                     for (j, (a_plane, b_plane)) in pairs.enumerate() {
                         fill(task * per_task + j, a_plane, b_plane);
                     }
                 },
-                task,
                 zeroed(a_slots),
                 zeroed(b_slots),
             )
@@ -187,28 +186,23 @@ where
 /// Values a task of [`fill_plane_pairs`] fills at least, where the planes are smaller.
 const PLANE_TASK_VALUES: usize = 4096;
 
-/// `fill(i, a, b)` compiled for the widest vectors of this CPU (the plane loops of the
+/// `fill(a, b)` compiled for the widest vectors of this CPU (the plane loops of the
 /// normalisation and its gradient are element by element, so the same bits on every
 /// CPU; x86-64's baseline handles four floats at a time).
 #[inline(always)]
-fn fill_widest<A, B, F: Fn(usize, &mut [A], &mut [B])>(
-    fill: F,
-    i: usize,
-    a: &mut [A],
-    b: &mut [B],
-) {
+fn fill_widest<A, B, F: Fn(&mut [A], &mut [B])>(fill: F, a: &mut [A], b: &mut [B]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { wide::fill_avx512(&fill, i, a, b) };
+            return unsafe { wide::fill_avx512(&fill, a, b) };
         }
         if is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
-            return unsafe { wide::fill_avx2(&fill, i, a, b) };
+            return unsafe { wide::fill_avx2(&fill, a, b) };
         }
     }
-    fill(i, a, b)
+    fill(a, b)
 }
 
 /// The plane fills compiled for wider vectors than x86-64's baseline.
@@ -217,18 +211,17 @@ mod wide {
     /// A plane fill compiled with the target feature `$feature`.
     macro_rules! isa_version {
         ($feature:literal, $name:ident) => {
-            /// `fill(i, a, b)` for one instruction set (the closure inlined into it).
+            /// `fill(a, b)` for one instruction set (the closure inlined into it).
             ///
             /// # Safety
             /// The CPU must have the instruction set.
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn $name<A, B, F: Fn(usize, &mut [A], &mut [B])>(
+            pub(super) unsafe fn $name<A, B, F: Fn(&mut [A], &mut [B])>(
                 fill: &F,
-                i: usize,
                 a: &mut [A],
                 b: &mut [B],
             ) {
-                fill(i, a, b)
+                fill(a, b)
             }
         };
     }

@@ -175,20 +175,7 @@ impl Windows {
         if !self.pairs {
             return false;
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                unsafe { relu_pairs_max_avx512(self, plane, factors, values, sources, not_passed) };
-                return true;
-            }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                unsafe { relu_pairs_max_avx2(self, plane, factors, values, sources, not_passed) };
-                return true;
-            }
-        }
-        relu_pairs_max(self, plane, factors, values, sources, not_passed);
+        relu_pairs_max_widest(self, plane, factors, values, sources, not_passed);
         true
     }
 
@@ -211,23 +198,7 @@ impl Windows {
         sources: &mut [u32],
         not_passed: u32,
     ) {
-        // The widest vectors this CPU has (the same selects, so the same results).
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe {
-                    relu_any_max_avx512(self, plane, factors, values, sources, not_passed)
-                };
-            }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                return unsafe {
-                    relu_any_max_avx2(self, plane, factors, values, sources, not_passed)
-                };
-            }
-        }
-        relu_any_max(self, plane, factors, values, sources, not_passed)
+        relu_any_max_widest(self, plane, factors, values, sources, not_passed)
     }
 }
 
@@ -379,13 +350,11 @@ macro_rules! max_plane_for {
     };
 }
 
-/// `$body` (`relu_any_max` or `relu_pairs_max`) compiled with the target feature
-/// `$feature` (safety: to be called on a CPU that has it).
-#[cfg(target_arch = "x86_64")]
-macro_rules! relu_max_for {
-    ($name:ident, $body:ident, $feature:literal) => {
-        #[target_feature(enable = $feature)]
-        unsafe fn $name(
+/// `$name`: `$body` (`relu_any_max` or `relu_pairs_max`) compiled for the widest vectors
+/// this CPU has (the same selects, so the same results) and picked at run time.
+macro_rules! relu_max_widest {
+    ($name:ident, $body:ident) => {
+        fn $name(
             windows: &Windows,
             plane: &[f32],
             factors: [f32; 2],
@@ -393,19 +362,44 @@ macro_rules! relu_max_for {
             sources: &mut [u32],
             not_passed: u32,
         ) {
+            /// `$body` compiled with the target feature `$feature` (safety: to be called
+            /// on a CPU that has it).
+            #[cfg(target_arch = "x86_64")]
+            macro_rules! isa_version {
+                ($isa:ident, $feature:literal) => {
+                    #[target_feature(enable = $feature)]
+                    unsafe fn $isa(
+                        windows: &Windows,
+                        plane: &[f32],
+                        factors: [f32; 2],
+                        values: &mut [f32],
+                        sources: &mut [u32],
+                        not_passed: u32,
+                    ) {
+                        $body(windows, plane, factors, values, sources, not_passed)
+                    }
+                };
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                isa_version!(avx512, "avx512f");
+                isa_version!(avx2, "avx2");
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512(windows, plane, factors, values, sources, not_passed) };
+                }
+                if is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2(windows, plane, factors, values, sources, not_passed) };
+                }
+            }
             $body(windows, plane, factors, values, sources, not_passed)
         }
     };
 }
 
-#[cfg(target_arch = "x86_64")]
-relu_max_for!(relu_any_max_avx512, relu_any_max, "avx512f");
-#[cfg(target_arch = "x86_64")]
-relu_max_for!(relu_any_max_avx2, relu_any_max, "avx2");
-#[cfg(target_arch = "x86_64")]
-relu_max_for!(relu_pairs_max_avx512, relu_pairs_max, "avx512f");
-#[cfg(target_arch = "x86_64")]
-relu_max_for!(relu_pairs_max_avx2, relu_pairs_max, "avx2");
+relu_max_widest!(relu_any_max_widest, relu_any_max);
+relu_max_widest!(relu_pairs_max_widest, relu_pairs_max);
 
 #[cfg(target_arch = "x86_64")]
 max_plane_for!(max_plane_avx512, "avx512f");
