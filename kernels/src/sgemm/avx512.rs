@@ -48,46 +48,66 @@ fn lanes(cols: usize) -> (__mmask16, __mmask16) {
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     // SAFETY: p < kc, so b[p * NR..][..NR] is in the panel (all 32 lanes, zero-padded);
     // the rest is the caller's promise.
-    unsafe { tile(kc, a, |p| b.add(p * NR), (!0, !0), dst, add) }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
-    let lanes = lanes(dst.cols);
-    // SAFETY: for p < kc the row's `cols` values are valid (the contract); the masks keep
-    // the loads among them. (One loop per kind of row address, not a branch per `p`.)
     unsafe {
-        match b {
-            RhsRows::Offsets(b, offsets) => {
-                tile(kc, a, |p| b.add(*offsets.add(p)), lanes, dst, add)
-            }
-            RhsRows::Strided(b, stride) => tile(kc, a, |p| b.add(p * stride), lanes, dst, add),
+        if dst.cols <= 16 {
+            tile::<1>(kc, a, |p| b.add(p * NR), [!0], dst, add)
+        } else {
+            tile::<2>(kc, a, |p| b.add(p * NR), [!0, !0], dst, add)
         }
     }
 }
 
-/// The tile's products: `rhs` row `p` (32 values, the masked lanes zero) at `b_row(p)`.
+#[target_feature(enable = "avx512f")]
+unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
+    let (first, second) = lanes(dst.cols);
+    // SAFETY: for p < kc the row's `cols` values are valid (the contract); the masks keep
+    // the loads among them. (One loop per kind of row address and tile width, not a branch
+    // per `p`.)
+    unsafe {
+        match (b, dst.cols <= 16) {
+            (RhsRows::Offsets(b, offsets), true) => {
+                tile::<1>(kc, a, |p| b.add(*offsets.add(p)), [first], dst, add)
+            }
+            (RhsRows::Offsets(b, offsets), false) => {
+                tile::<2>(kc, a, |p| b.add(*offsets.add(p)), [first, second], dst, add)
+            }
+            (RhsRows::Strided(b, stride), true) => {
+                tile::<1>(kc, a, |p| b.add(p * stride), [first], dst, add)
+            }
+            (RhsRows::Strided(b, stride), false) => {
+                tile::<2>(kc, a, |p| b.add(p * stride), [first, second], dst, add)
+            }
+        }
+    }
+}
+
+/// The tile's products over its first `VECTORS` vectors of 16 columns: `rhs` row `p` (the
+/// masked lanes zero) at `b_row(p)`. A tile of at most 16 columns (the ragged edge of a
+/// 14 x 14 map's 196 columns, or of a task's share of them) runs on one vector and half
+/// the multiply-adds; each value's sum is the same either way.
 ///
 /// # Safety
 /// `a` holds `kc * MR` values; the masked lanes of `b_row(p)` for `p < kc` are valid
-/// values; `dst` as the [`super::Kernel`] contract.
+/// values; `dst` as the [`super::Kernel`] contract, with `dst.cols <= 16 * VECTORS`.
 #[inline(always)]
-unsafe fn tile(
+unsafe fn tile<const VECTORS: usize>(
     kc: usize,
     a: *const f32,
     b_row: impl Fn(usize) -> *const f32,
-    (b_lanes0, b_lanes1): (__mmask16, __mmask16),
+    b_lanes: [__mmask16; VECTORS],
     dst: Tile,
     add: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
     for p in 0..kc {
         // SAFETY: p < kc, so a[p * MR..][..MR] is in the panel; the loads of b read the
         // lanes the caller vouches for.
         unsafe {
             let b = b_row(p);
-            let b0 = _mm512_maskz_loadu_ps(b_lanes0, b);
-            let b1 = _mm512_maskz_loadu_ps(b_lanes1, b.add(16));
+            let mut bv = [_mm512_setzero_ps(); VECTORS];
+            for (v, (bv, &lanes)) in bv.iter_mut().zip(&b_lanes).enumerate() {
+                *bv = _mm512_maskz_loadu_ps(lanes, b.add(16 * v));
+            }
             // The next lhs panel (the next call's, where this one is not the block's
             // last) on its way to L1 while this one is multiplied: weights come from L3 in
             // a network. A prefetch never faults, so past the block's end it is harmless.
@@ -95,24 +115,28 @@ unsafe fn tile(
             let a = a.add(p * MR);
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*a.add(i));
-                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+                for (sum, &bv) in row.iter_mut().zip(&bv) {
+                    *sum = _mm512_fmadd_ps(ai, bv, *sum);
+                }
             }
         }
     }
     let (m0, m1) = lanes(dst.cols);
+    let masks = [m0, m1];
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
-        // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in the
-        // tile the contract grants; the masks keep every access among them.
-        unsafe {
-            let d = dst.ptr.add(i * dst.rs);
-            let (mut v0, mut v1) = (row[0], row[1]);
-            if add {
-                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d), v0);
-                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d.add(16)), v1);
+        for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
+            // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
+            // the tile the contract grants (cols <= 16 * VECTORS); the masks keep every
+            // access among them.
+            unsafe {
+                let d = dst.ptr.add(i * dst.rs + 16 * v);
+                let value = if add {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), sum)
+                } else {
+                    sum
+                };
+                _mm512_mask_storeu_ps(d, mask, value);
             }
-            _mm512_mask_storeu_ps(d, m0, v0);
-            _mm512_mask_storeu_ps(d.add(16), m1, v1);
         }
     }
 }
