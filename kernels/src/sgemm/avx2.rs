@@ -27,44 +27,77 @@ unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    // SAFETY: forwarded (the panels hold kc * MR and kc * NR values).
+    unsafe {
+        if dst.cols <= 8 {
+            tile::<1>(kc, a, b, dst, add)
+        } else {
+            tile::<2>(kc, a, b, dst, add)
+        }
+    }
+}
+
+/// The tile's products over its first `VECTORS` vectors of 8 columns. A tile of at most 8
+/// columns (the ragged edge of a 7 x 7 map's 49 columns) runs on one vector and half the
+/// multiply-adds; each value's sum is the same either way.
+///
+/// # Safety
+/// The [`super::Kernel`] contract, with `dst.cols <= 8 * VECTORS`, on a CPU with AVX2 and
+/// FMA.
+#[inline(always)]
+unsafe fn tile<const VECTORS: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    dst: Tile,
+    add: bool,
+) {
+    let mut acc = [[_mm256_setzero_ps(); VECTORS]; MR];
     for p in 0..kc {
         // SAFETY: p < kc, so a[p * MR..][..MR] and b[p * NR..][..NR] are in the panels.
         unsafe {
-            let b0 = _mm256_loadu_ps(b.add(p * NR));
-            let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            let mut bv = [_mm256_setzero_ps(); VECTORS];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm256_loadu_ps(b.add(p * NR + 8 * v));
+            }
             // The next lhs panel on its way to L1 (as in the AVX-512 kernel).
             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(kc * MR + p * MR).cast());
             let a = a.add(p * MR);
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm256_set1_ps(*a.add(i));
-                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                for (sum, &bv) in row.iter_mut().zip(&bv) {
+                    *sum = _mm256_fmadd_ps(ai, bv, *sum);
+                }
             }
         }
     }
-    // Lanes of the two vectors inside the tile's `cols` columns (a lane's mask is its
-    // sign bit; masked lanes are neither read nor written).
+    // Lanes of the vectors inside the tile's `cols` columns (a lane's mask is its sign
+    // bit; masked lanes are neither read nor written).
     let lanes = |first: usize| -> __m256i {
         let n = dst.cols.saturating_sub(first).min(8) as i32;
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
-    };
-    let (m0, m1) = (lanes(0), lanes(8));
-    for (i, row) in acc.iter().enumerate().take(dst.rows) {
-        // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in the
-        // tile the contract grants; the masks keep every access among them.
+        // SAFETY: AVX2 (the caller's promise).
         unsafe {
-            let d = dst.ptr.add(i * dst.rs);
-            let (mut v0, mut v1) = (row[0], row[1]);
-            if add {
-                v0 = _mm256_add_ps(_mm256_maskload_ps(d, m0), v0);
-                v1 = _mm256_add_ps(_mm256_maskload_ps(d.add(8), m1), v1);
+            _mm256_cmpgt_epi32(
+                _mm256_set1_epi32(n),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            )
+        }
+    };
+    for (i, row) in acc.iter().enumerate().take(dst.rows) {
+        for (v, &sum) in row.iter().enumerate() {
+            let mask = lanes(8 * v);
+            // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
+            // the tile the contract grants (cols <= 8 * VECTORS); the mask keeps every
+            // access among them.
+            unsafe {
+                let d = dst.ptr.add(i * dst.rs + 8 * v);
+                let value = if add {
+                    _mm256_add_ps(_mm256_maskload_ps(d, mask), sum)
+                } else {
+                    sum
+                };
+                _mm256_maskstore_ps(d, mask, value);
             }
-            _mm256_maskstore_ps(d, m0, v0);
-            _mm256_maskstore_ps(d.add(8), m1, v1);
         }
     }
 }
