@@ -83,9 +83,9 @@ unsafe fn tile<const VECTORS: usize>(
             )
         }
     };
+    let masks: [__m256i; VECTORS] = std::array::from_fn(|v| lanes(8 * v));
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
-        for (v, &sum) in row.iter().enumerate() {
-            let mask = lanes(8 * v);
+        for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
             // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
             // the tile the contract grants (cols <= 8 * VECTORS); the mask keeps every
             // access among them.

@@ -48,35 +48,46 @@ fn lanes(cols: usize) -> (__mmask16, __mmask16) {
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     // SAFETY: p < kc, so b[p * NR..][..NR] is in the panel (all 32 lanes, zero-padded);
     // the rest is the caller's promise.
-    unsafe {
-        if dst.cols <= 16 {
-            tile::<1>(kc, a, |p| b.add(p * NR), [!0], dst, add)
-        } else {
-            tile::<2>(kc, a, |p| b.add(p * NR), [!0, !0], dst, add)
-        }
-    }
+    unsafe { tile_of_width(kc, a, |p| b.add(p * NR), (!0, !0), dst, add) }
 }
 
 #[target_feature(enable = "avx512f")]
 unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
-    let (first, second) = lanes(dst.cols);
+    let lanes = lanes(dst.cols);
     // SAFETY: for p < kc the row's `cols` values are valid (the contract); the masks keep
-    // the loads among them. (One loop per kind of row address and tile width, not a branch
-    // per `p`.)
+    // the loads among them. (One loop per kind of row address, not a branch per `p`.)
     unsafe {
-        match (b, dst.cols <= 16) {
-            (RhsRows::Offsets(b, offsets), true) => {
-                tile::<1>(kc, a, |p| b.add(*offsets.add(p)), [first], dst, add)
+        match b {
+            RhsRows::Offsets(b, offsets) => {
+                tile_of_width(kc, a, |p| b.add(*offsets.add(p)), lanes, dst, add)
             }
-            (RhsRows::Offsets(b, offsets), false) => {
-                tile::<2>(kc, a, |p| b.add(*offsets.add(p)), [first, second], dst, add)
+            RhsRows::Strided(b, stride) => {
+                tile_of_width(kc, a, |p| b.add(p * stride), lanes, dst, add)
             }
-            (RhsRows::Strided(b, stride), true) => {
-                tile::<1>(kc, a, |p| b.add(p * stride), [first], dst, add)
-            }
-            (RhsRows::Strided(b, stride), false) => {
-                tile::<2>(kc, a, |p| b.add(p * stride), [first, second], dst, add)
-            }
+        }
+    }
+}
+
+/// [`tile`] on one vector where the tile's columns fit it, else on two: `(first, second)`
+/// are the loads' lane masks of the two vectors.
+///
+/// # Safety
+/// As [`tile`], with `dst.cols <= NR`.
+#[inline(always)]
+unsafe fn tile_of_width(
+    kc: usize,
+    a: *const f32,
+    b_row: impl Fn(usize) -> *const f32,
+    (first, second): (__mmask16, __mmask16),
+    dst: Tile,
+    add: bool,
+) {
+    // SAFETY: forwarded; one vector is taken only where the columns fit it.
+    unsafe {
+        if dst.cols <= 16 {
+            tile::<1>(kc, a, b_row, [first], dst, add)
+        } else {
+            tile::<2>(kc, a, b_row, [first, second], dst, add)
         }
     }
 }
@@ -121,8 +132,8 @@ unsafe fn tile<const VECTORS: usize>(
             }
         }
     }
-    let (m0, m1) = lanes(dst.cols);
-    let masks = [m0, m1];
+    let (first, second) = lanes(dst.cols);
+    let masks = [first, second];
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
         for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
             // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
