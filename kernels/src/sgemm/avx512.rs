@@ -1,5 +1,6 @@
 //! The AVX-512 micro-kernel: an 8 x 32 tile of `dst` in 16 zmm accumulators; per `k`,
-//! two loads of `rhs` and eight broadcasts of `lhs` feed sixteen fused multiply-adds.
+//! two loads of `rhs` and eight broadcasts of `lhs` feed sixteen fused multiply-adds. A
+//! tile's last one to four ragged columns run down its rows instead (`tile`'s `EXTRA`).
 
 use std::arch::x86_64::*;
 
@@ -68,7 +69,8 @@ unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
     }
 }
 
-/// [`tile`] on one vector where the tile's columns fit it, else on two: `(first, second)`
+/// [`tile`] on as few vectors as the tile's columns need, a ragged last few columns (one
+/// to four past whole vectors) as [`EXTRA_MAX`] columns of their own: `(first, second)`
 /// are the loads' lane masks of the two vectors.
 ///
 /// # Safety
@@ -82,26 +84,44 @@ unsafe fn tile_of_width(
     dst: Tile,
     add: bool,
 ) {
-    // SAFETY: forwarded; one vector is taken only where the columns fit it.
+    // SAFETY: forwarded; each arm's vectors and extra columns cover exactly the tile's
+    // columns (`16 * VECTORS + EXTRA == cols` where EXTRA > 0, else `cols <= 16 * VECTORS`).
     unsafe {
-        if dst.cols <= 16 {
-            tile::<1>(kc, a, b_row, [first], dst, add)
-        } else {
-            tile::<2>(kc, a, b_row, [first, second], dst, add)
+        match dst.cols {
+            1 => tile::<0, 1>(kc, a, b_row, [], dst, add),
+            2 => tile::<0, 2>(kc, a, b_row, [], dst, add),
+            3 => tile::<0, 3>(kc, a, b_row, [], dst, add),
+            4 => tile::<0, 4>(kc, a, b_row, [], dst, add),
+            5..=16 => tile::<1, 0>(kc, a, b_row, [first], dst, add),
+            17 => tile::<1, 1>(kc, a, b_row, [first], dst, add),
+            18 => tile::<1, 2>(kc, a, b_row, [first], dst, add),
+            19 => tile::<1, 3>(kc, a, b_row, [first], dst, add),
+            20 => tile::<1, 4>(kc, a, b_row, [first], dst, add),
+            _ => tile::<2, 0>(kc, a, b_row, [first, second], dst, add),
         }
     }
 }
 
-/// The tile's products over its first `VECTORS` vectors of 16 columns: `rhs` row `p` (the
-/// masked lanes zero) at `b_row(p)`. A tile of at most 16 columns (the ragged edge of a
-/// 14 x 14 map's 196 columns, or of a task's share of them) runs on one vector and half
-/// the multiply-adds; each value's sum is the same either way.
+/// The most ragged columns a tile runs as [`tile`]'s extra columns.
+const EXTRA_MAX: usize = 4;
+
+/// The tile's products over its first `VECTORS` vectors of 16 columns (`rhs` row `p`,
+/// the masked lanes zero, at `b_row(p)`), then over `EXTRA` single columns after them.
+///
+/// A tile's columns past whole vectors would waste most of a vector's lanes (a 7 x 7
+/// map's 49 columns end in a tile of 17, a 14 x 14 map's 196 in one of 4). An extra
+/// column instead runs down the tile's rows: the lhs panel's `MR` values of `p` (one
+/// 8-lane vector) times the column's one `rhs` value, so its cost is one 8-lane
+/// multiply-add per `p` instead of `MR` 16-lane ones. Every value is the same chain of
+/// fused multiply-adds in increasing `p` either way, so the bits do not depend on it.
 ///
 /// # Safety
-/// `a` holds `kc * MR` values; the masked lanes of `b_row(p)` for `p < kc` are valid
-/// values; `dst` as the [`super::Kernel`] contract, with `dst.cols <= 16 * VECTORS`.
+/// `a` holds `kc * MR` values; the masked lanes of `b_row(p)` and, where `EXTRA > 0`,
+/// its values `16 * VECTORS..16 * VECTORS + EXTRA` for `p < kc` are valid values; `dst`
+/// as the [`super::Kernel`] contract, with `dst.cols <= 16 * VECTORS` where `EXTRA` is 0
+/// and `dst.cols == 16 * VECTORS + EXTRA` where it is not.
 #[inline(always)]
-unsafe fn tile<const VECTORS: usize>(
+unsafe fn tile<const VECTORS: usize, const EXTRA: usize>(
     kc: usize,
     a: *const f32,
     b_row: impl Fn(usize) -> *const f32,
@@ -109,10 +129,12 @@ unsafe fn tile<const VECTORS: usize>(
     dst: Tile,
     add: bool,
 ) {
+    debug_assert!(EXTRA <= EXTRA_MAX && (EXTRA == 0 || dst.cols == 16 * VECTORS + EXTRA));
     let mut acc = [[_mm512_setzero_ps(); VECTORS]; MR];
+    let mut extra = [_mm256_setzero_ps(); EXTRA];
     for p in 0..kc {
         // SAFETY: p < kc, so a[p * MR..][..MR] is in the panel; the loads of b read the
-        // lanes the caller vouches for.
+        // lanes and extra columns the caller vouches for.
         unsafe {
             let b = b_row(p);
             let mut bv = [_mm512_setzero_ps(); VECTORS];
@@ -130,15 +152,23 @@ unsafe fn tile<const VECTORS: usize>(
                     *sum = _mm512_fmadd_ps(ai, bv, *sum);
                 }
             }
+            if EXTRA > 0 {
+                // MR = 8 rows: one 8-lane vector of the panel.
+                let column = _mm256_loadu_ps(a);
+                for (e, sum) in extra.iter_mut().enumerate() {
+                    let bj = _mm256_set1_ps(*b.add(16 * VECTORS + e));
+                    *sum = _mm256_fmadd_ps(column, bj, *sum);
+                }
+            }
         }
     }
-    let (first, second) = lanes(dst.cols);
+    let (first, second) = lanes(dst.cols - EXTRA);
     let masks = [first, second];
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
         for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
             // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
-            // the tile the contract grants (cols <= 16 * VECTORS); the masks keep every
-            // access among them.
+            // the tile the contract grants (cols <= 16 * VECTORS + EXTRA); the masks keep
+            // every access among the first cols - EXTRA.
             unsafe {
                 let d = dst.ptr.add(i * dst.rs + 16 * v);
                 let value = if add {
@@ -147,6 +177,18 @@ unsafe fn tile<const VECTORS: usize>(
                     sum
                 };
                 _mm512_mask_storeu_ps(d, mask, value);
+            }
+        }
+    }
+    for (e, &sum) in extra.iter().enumerate() {
+        let mut column = [0.0f32; MR];
+        // SAFETY: `column` holds the 8 lanes.
+        unsafe { _mm256_storeu_ps(column.as_mut_ptr(), sum) };
+        for (i, &value) in column.iter().enumerate().take(dst.rows) {
+            // SAFETY: row i < rows, column 16 * VECTORS + e < cols: in the tile.
+            unsafe {
+                let d = dst.ptr.add(i * dst.rs + 16 * VECTORS + e);
+                *d = if add { *d + value } else { value };
             }
         }
     }

@@ -426,3 +426,37 @@ fn finish_sees_each_final_block_once() {
         }
     }
 }
+
+#[test]
+fn every_tile_width_gives_the_definition_bits() {
+    if micro().is_none() {
+        return;
+    }
+    // Every width of a last tile (whole vectors, ragged extra columns, both), on the
+    // kernel reading rhs in place (few rows) and on the packed one, on both CPU kernels.
+    let mut kernels = vec![micro()];
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        kernels.push(Some(avx2::MICRO));
+    }
+    for n in 1..=72 {
+        for m in [13, DIRECT_ROWS + 5] {
+            let k = 37;
+            let lhs = Matrix::new(m, k, false, n as u64);
+            let rhs = Matrix::new(k, n, false, n as u64 + 1);
+            for accumulate in [false, true] {
+                let mut expected = Matrix::new(m, n, false, 7);
+                reference(&lhs, &rhs, &mut expected, [m, n, k], accumulate);
+                for &micro in &kernels {
+                    let mut got = Matrix::new(m, n, false, 7);
+                    product(micro, &lhs, &rhs, &mut got, [m, n, k], accumulate, 1);
+                    assert!(
+                        same_bits(&got.values, &expected.values),
+                        "{m}x{n}x{k}, accumulate {accumulate}, nr {:?}",
+                        micro.map(|micro| micro.nr)
+                    );
+                }
+            }
+        }
+    }
+}
