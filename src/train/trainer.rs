@@ -121,6 +121,17 @@ pub fn init_threads(threads: usize) -> Result<usize, TrainError> {
     Ok(rayon::current_num_threads())
 }
 
+/// The gradients of `loss` with respect to `model`'s parameters.
+///
+/// The backward runs on one of the pool's threads: its kernels' parallel passes then start
+/// there and the other threads steal their tasks, where from a thread outside the pool
+/// every pass would be handed over to the pool and waited for (resnet18 spatial 900, 891 ->
+/// 930, 987 images/s, dense 629, 661 -> 683, 689; 2 threads). The forward stays on the
+/// caller's thread: with it, the whole step on a pool thread made the dense steps slower.
+fn gradients(loss: Tensor<1>, model: &Model) -> GradientsParams {
+    rayon::scope(|_| GradientsParams::from_grads(loss.backward(), model))
+}
+
 /// The training and test loaders of a configuration.
 ///
 /// # Errors
@@ -677,12 +688,7 @@ impl Trainer {
                 kept: self.kept_checkpoint(),
             });
         }
-        // The backward runs on one of the pool's threads: its kernels' parallel passes then
-        // start there and the other threads steal their tasks, where from this thread every
-        // pass would be handed over to the pool and waited for (resnet18 spatial 900, 891 ->
-        // 930, 987 images/s, dense 629, 661 -> 683, 689; 2 threads). The forward stays here:
-        // on a pool thread the whole step made the dense steps slower.
-        let grads = rayon::scope(|_| GradientsParams::from_grads(loss.backward(), &model));
+        let grads = gradients(loss, &model);
         let t2 = Instant::now();
         self.model = Some(self.optimizer.step(lr, model, grads));
         let t3 = Instant::now();
@@ -759,7 +765,7 @@ impl Trainer {
                 continue;
             }
             let t2 = Instant::now();
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let grads = gradients(loss, &model);
             distributed::accumulate_grads(&model, &grads, n as f32 / global, &mut flat);
             add(&mut timings, 1, t2);
         }
