@@ -69,9 +69,9 @@ unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
     }
 }
 
-/// [`tile`] on as few vectors as the tile's columns need, a ragged last few columns (one
-/// to four past whole vectors) as [`EXTRA_MAX`] columns of their own: `(first, second)`
-/// are the loads' lane masks of the two vectors.
+/// [`tile`] on as few vectors as the tile's columns need, its last one to [`EXTRA_MAX`]
+/// columns past whole vectors as extra columns: `(first, second)` are the loads' lane
+/// masks of the two vectors.
 ///
 /// # Safety
 /// As [`tile`], with `dst.cols <= NR`.
