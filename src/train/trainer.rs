@@ -127,7 +127,9 @@ pub fn init_threads(threads: usize) -> Result<usize, TrainError> {
 /// there and the other threads steal their tasks, where from a thread outside the pool
 /// every pass would be handed over to the pool and waited for (resnet18 spatial 900, 891 ->
 /// 930, 987 images/s, dense 629, 661 -> 683, 689; 2 threads). The forward stays on the
-/// caller's thread: with it, the whole step on a pool thread made the dense steps slower.
+/// caller's thread: on a pool thread too it measured level. Under the command-line tool's
+/// malloc settings ([`crate::kernels::alloc::retain_freed_memory`]) the process has one
+/// arena, so the two threads do not each keep their own freed blocks.
 fn gradients(loss: Tensor<1>, model: &Model) -> GradientsParams {
     rayon::scope(|_| GradientsParams::from_grads(loss.backward(), model))
 }
