@@ -195,9 +195,12 @@ pub(crate) fn from_ring_layout<T: Real>(plan: &ConvPlan, layout: &Layout, ringed
 }
 
 /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, all strided; `accumulate` keeps `dst`:
-/// the `gemm` crate. (The backward passes' products, whose operands are mostly
-/// transposed views: laying them out for [`sgemm`] on every call measured slower than the
-/// gemm crate there. The forward passes call [`gemm_panels`].)
+/// the backward passes' products (the forward passes call [`gemm_panels`]). A row-major
+/// `lhs` times a column-major `rhs` (a weight gradient: the output gradient times the
+/// transposed input) runs on [`sgemm`] where it takes it, the rest on the `gemm` crate:
+/// timed call by call in resnet18 training steps, sgemm took 479 against 538 ms (dense)
+/// and 256 against 292 (spatial) on the former, 483 against 401 and 251 against 210 on
+/// the others (a column-major `lhs`, whose packing transposes it).
 ///
 /// # Safety
 /// Every pointer with its strides must address `m x n`, `m x k`, `k x n` valid values, and
@@ -227,6 +230,36 @@ pub(crate) unsafe fn gemm<T: Real>(
             }
         }
         return;
+    }
+    if lhs_cs == 1 && rhs_rs == 1 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
+        // caller's promises are sgemm's.
+        let done = unsafe {
+            sgemm::sgemm(
+                [m, n, k],
+                Strided {
+                    ptr: dst.cast::<f32>(),
+                    rs: dst_rs,
+                    cs: dst_cs,
+                },
+                accumulate,
+                Operand::strided(Strided {
+                    ptr: lhs.cast::<f32>(),
+                    rs: lhs_rs,
+                    cs: lhs_cs,
+                }),
+                Operand::strided(Strided {
+                    ptr: rhs.cast::<f32>(),
+                    rs: rhs_rs,
+                    cs: rhs_cs,
+                }),
+                threads_of(parallelism),
+                None,
+            )
+        };
+        if done {
+            return;
+        }
     }
     gemm::gemm(
         m,
