@@ -231,35 +231,23 @@ pub(crate) unsafe fn gemm<T: Real>(
         }
         return;
     }
-    if lhs_cs == 1 && rhs_rs == 1 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
-        // caller's promises are sgemm's.
-        let done = unsafe {
-            sgemm::sgemm(
+    // SAFETY: forwarded to the caller.
+    let on_sgemm = lhs_cs == 1
+        && rhs_rs == 1
+        && unsafe {
+            sgemm_of(
                 [m, n, k],
-                Strided {
-                    ptr: dst.cast::<f32>(),
-                    rs: dst_rs,
-                    cs: dst_cs,
-                },
+                dst,
+                [dst_cs, dst_rs],
                 accumulate,
-                Operand::strided(Strided {
-                    ptr: lhs.cast::<f32>(),
-                    rs: lhs_rs,
-                    cs: lhs_cs,
-                }),
-                Operand::strided(Strided {
-                    ptr: rhs.cast::<f32>(),
-                    rs: rhs_rs,
-                    cs: rhs_cs,
-                }),
-                threads_of(parallelism),
+                (lhs, [lhs_cs, lhs_rs], None),
+                (rhs, [rhs_cs, rhs_rs], None),
+                parallelism,
                 None,
             )
         };
-        if done {
-            return;
-        }
+    if on_sgemm {
+        return;
     }
     gemm::gemm(
         m,
@@ -297,6 +285,55 @@ fn threads_of(parallelism: gemm::Parallelism) -> usize {
 /// matrix laid out ahead for [`sgemm`] (with the panel row it starts at).
 pub(crate) type GemmOperand<'a, T> = (*const T, [usize; 2], Option<(&'a Panels, usize)>);
 
+/// [`sgemm`] on operands of `T`: `false`, and nothing written, where `T` is not `f32` or
+/// sgemm declines the product.
+///
+/// # Safety
+/// As [`gemm_panels`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_of<T: Real>(
+    dims: [usize; 3],
+    dst: *mut T,
+    [dst_cs, dst_rs]: [usize; 2],
+    accumulate: bool,
+    (lhs, [lhs_cs, lhs_rs], lhs_panels): GemmOperand<'_, T>,
+    (rhs, [rhs_cs, rhs_rs], rhs_panels): GemmOperand<'_, T>,
+    parallelism: gemm::Parallelism,
+    finish: Option<Finish<'_>>,
+) -> bool {
+    if std::any::TypeId::of::<T>() != std::any::TypeId::of::<f32>() {
+        return false;
+    }
+    let strided = |ptr: *const T, rs, cs| Strided {
+        ptr: ptr.cast::<f32>(),
+        rs,
+        cs,
+    };
+    // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
+    // caller's promises are sgemm's.
+    unsafe {
+        sgemm::sgemm(
+            dims,
+            Strided {
+                ptr: dst.cast::<f32>(),
+                rs: dst_rs,
+                cs: dst_cs,
+            },
+            accumulate,
+            Operand {
+                panels: lhs_panels,
+                ..Operand::strided(strided(lhs, lhs_rs, lhs_cs))
+            },
+            Operand {
+                panels: rhs_panels,
+                ..Operand::strided(strided(rhs, rhs_rs, rhs_cs))
+            },
+            threads_of(parallelism),
+            finish,
+        )
+    }
+}
+
 /// [`gemm`] on [`sgemm`] where it runs (`f32` on a CPU with a micro-kernel, a product that
 /// fills its tiles), with operands that may come laid out ahead in its panels: the
 /// forward passes' products. Elsewhere the `gemm` crate on the strided form.
@@ -318,42 +355,21 @@ pub(crate) unsafe fn gemm_panels<T: Real>(
     finish: Option<Finish<'_>>,
 ) {
     // (Empty products and k = 0 are sgemm's or gemm's to handle.)
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let threads = threads_of(parallelism);
-        // SAFETY: T is f32 (checked above), so the casts keep the pointees' type; the
-        // caller's promises are sgemm's.
-        let done = unsafe {
-            sgemm::sgemm(
-                [m, n, k],
-                Strided {
-                    ptr: dst.cast::<f32>(),
-                    rs: dst_rs,
-                    cs: dst_cs,
-                },
-                accumulate,
-                Operand {
-                    panels: lhs_panels,
-                    ..Operand::strided(Strided {
-                        ptr: lhs.cast::<f32>(),
-                        rs: lhs_rs,
-                        cs: lhs_cs,
-                    })
-                },
-                Operand {
-                    panels: rhs_panels,
-                    ..Operand::strided(Strided {
-                        ptr: rhs.cast::<f32>(),
-                        rs: rhs_rs,
-                        cs: rhs_cs,
-                    })
-                },
-                threads,
-                finish,
-            )
-        };
-        if done {
-            return;
-        }
+    // SAFETY: forwarded to the caller.
+    let done = unsafe {
+        sgemm_of(
+            [m, n, k],
+            dst,
+            [dst_cs, dst_rs],
+            accumulate,
+            (lhs, [lhs_cs, lhs_rs], lhs_panels),
+            (rhs, [rhs_cs, rhs_rs], rhs_panels),
+            parallelism,
+            finish,
+        )
+    };
+    if done {
+        return;
     }
     assert!(
         !lhs.is_null() && !rhs.is_null(),
