@@ -43,6 +43,7 @@ pub mod moments;
 mod nested;
 pub mod norm;
 pub mod optim;
+mod peak;
 mod plan;
 pub mod pool;
 pub mod sgemm;
@@ -60,6 +61,7 @@ pub use epilogue::Epilogue;
 pub use nested::{
     backward, forward, forward_packed, forward_with_moments, Gradients, Needs, PackedWeight,
 };
+pub use peak::fma_peak_gflops;
 pub use plan::{ConvPlan, PlanError, PlanSpec, Window};
 
 mod sealed {

@@ -39,7 +39,8 @@ pub struct BenchArgs {
     /// Timed runs (the median is reported); 3 when one run takes over 2 seconds.
     #[arg(long, default_value_t = 9)]
     pub(super) reps: usize,
-    /// Side of the square SGEMM that measures the f32 FMA peak (0: skip).
+    /// Side of the square SGEMM whose rate is the "SGEMM peak" (0: skip it and the f32
+    /// FMA peak, which independent vector FMA chains on every thread measure).
     #[arg(long, default_value_t = 2048)]
     pub(super) peak_size: usize,
     /// Also measure the peak heap in use during one forward+backward.
@@ -412,6 +413,14 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
 }
 
 /// The 1-minute load average (`/proc/loadavg`), or "-".
+/// The f32 FMA peak on all threads (`kernels::fma_peak_gflops`, best of 3 runs of about
+/// 0.1 s), measured where `--peak-size` is not 0 and the CPU has a vector FMA.
+fn fma_peak(args: &BenchArgs) -> Option<f64> {
+    (args.peak_size > 0)
+        .then(|| kernels::fma_peak_gflops(20_000_000, 3))
+        .flatten()
+}
+
 pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -455,6 +464,7 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     }
     let threads = kernels::threads();
     let peak = (args.peak_size > 0).then(|| kernels::sgemm_gflops(args.peak_size, 5));
+    let fma_peak = fma_peak(args);
     let compile_start = Instant::now();
     let mut plan = InferencePlan::compile(&model, shape)?;
     let compile_ms = compile_start.elapsed().as_secs_f64() * 1e3;
@@ -493,6 +503,7 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     };
     let gflops = |what: &str, t: &Timing| flops(what) / (t.median_ms * 1e-3) / 1e9;
     let share = |what: &str, t: &Timing| peak.map(|p| gflops(what, t) / p);
+    let share_of_fma = |what: &str, t: &Timing| fma_peak.map(|p| gflops(what, t) / p);
     let memory =
         plan.weight_bytes() + plan.activation_bytes() + kernels::workspace::retained_bytes();
     let row = |what: &str, t: &Timing| {
@@ -507,6 +518,8 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
             "gflops": gflops(what, t),
             "peak_gflops": peak,
             "share_of_peak": share(what, t),
+            "fma_peak_gflops": fma_peak,
+            "share_of_fma_peak": share_of_fma(what, t),
         })
     };
     let rows = [("plan", &planned), ("module", &module), (TRAIN_STEP, &step)];
@@ -531,10 +544,10 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
         plan.steps()
     );
     if let Some(p) = peak {
-        println!(
-            "f32 FMA peak (SGEMM {0}x{0}x{0}): {p:.1} GFLOP/s",
-            args.peak_size
-        );
+        println!("SGEMM peak ({0}x{0}x{0}): {p:.1} GFLOP/s", args.peak_size);
+    }
+    if let Some(p) = fma_peak {
+        println!("f32 FMA peak (vector FMA chains on every thread): {p:.1} GFLOP/s");
     }
     println!(
         "plan memory: weights {:.1} MiB + activations {:.1} MiB + kernel scratch {:.1} MiB",
@@ -545,16 +558,18 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     println!("load average at start: {}", load_average());
     println!();
     println!(
-        "{:<10} {:>10} {:>10} {:>9} {:>8}",
-        "impl", "ms", "images/s", "GFLOP/s", "peak"
+        "{:<10} {:>10} {:>10} {:>9} {:>8} {:>8}",
+        "impl", "ms", "images/s", "GFLOP/s", "SGEMM", "FMA peak"
     );
+    let percent = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.0} %", s * 100.0));
     for (what, t) in rows {
         println!(
-            "{what:<10} {:>10.2} {:>10.1} {:>9.1} {:>8}",
+            "{what:<10} {:>10.2} {:>10.1} {:>9.1} {:>8} {:>8}",
             t.median_ms,
             args.batch as f64 / (t.median_ms * 1e-3),
             gflops(what, t),
-            share(what, t).map_or("-".into(), |s| format!("{:.0} %", s * 100.0))
+            percent(share(what, t)),
+            percent(share_of_fma(what, t))
         );
     }
     println!(
@@ -601,14 +616,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .and(cpu_before)
         .zip(cpu_seconds())
         .map(|(a, b)| 6.0 * 2.0 * (args.peak_size as f64).powi(3) / (b - a) / 1e9);
+    let fma_peak = fma_peak(args);
     if !args.json {
         match peak {
             Some(p) => println!(
-                "f32 FMA peak (SGEMM {0}x{0}x{0}, {threads} threads, median of 5): {p:.1} GFLOP/s; per core from CPU time: {1}",
+                "SGEMM peak ({0}x{0}x{0}, {threads} threads, median of 5): {p:.1} GFLOP/s; per core from CPU time: {1}",
                 args.peak_size,
                 core_peak.map_or("-".to_string(), |c| format!("{c:.1} GFLOP/s"))
             ),
-            None => println!("f32 FMA peak not measured (--peak-size 0)"),
+            None => println!("SGEMM peak not measured (--peak-size 0)"),
+        }
+        if let Some(p) = fma_peak {
+            println!("f32 FMA peak (vector FMA chains on every thread): {p:.1} GFLOP/s");
         }
         println!(
             "medians of {} runs after {} warm-up; eff = 6 * nested MACs / fwd+bwd time / peak; cpu ms = mean CPU time of a run (all threads), eff(cpu) = 6 * nested MACs / cpu time / per-core peak",
@@ -674,6 +693,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     "split": format!("{:?}", args.split).to_lowercase(),
                     "peak_gflops": peak,
                     "core_peak_gflops": core_peak,
+                    "fma_peak_gflops": fma_peak,
+                    "efficiency_fma": fma_peak.map(|p| gflops / p),
                     "efficiency": efficiency,
                     "efficiency_cpu": efficiency_cpu,
                     "load_average": load_average(),

@@ -1,0 +1,27 @@
+//! The two ceilings `versatile bench` quotes shares against, alone: the f32 FMA peak
+//! (independent vector FMA chains on every thread) and the rate of the kernels' SGEMM on
+//! a square product, on rayon's threads (`RAYON_NUM_THREADS`).
+//!
+//! ```text
+//! cargo run --release -p versatile-kernels --example sgemm_peak -- [SIZE=2048] [REPS=5]
+//! ```
+
+use versatile_kernels::{fma_peak_gflops, sgemm_gflops, threads};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut number = |name: &str, default: usize| {
+        args.next().map_or(default, |s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number, not {s:?}"))
+        })
+    };
+    let (size, reps) = (number("SIZE", 2048), number("REPS", 5));
+    let threads = threads();
+    match fma_peak_gflops(20_000_000, 3) {
+        Some(peak) => println!("f32 FMA peak on {threads} threads: {peak:.1} GFLOP/s"),
+        None => println!("f32 FMA peak: this CPU has no vector FMA the probe times"),
+    }
+    let sgemm = sgemm_gflops(size, reps);
+    println!("SGEMM {size}^3 on {threads} threads (median of {reps}): {sgemm:.1} GFLOP/s");
+}
