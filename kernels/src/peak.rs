@@ -19,7 +19,7 @@ const CHAINS: usize = 12;
 ///
 /// The best timing, not the median: a slow run is the VM's neighbours, not the CPU.
 pub fn fma_peak_gflops(iterations: usize, reps: usize) -> Option<f64> {
-    let (lanes, chains_of): (usize, fn(usize) -> f32) = vector_fma()?;
+    let (lanes, chains_of) = vector_fma()?;
     let threads = crate::threads();
     let best = (0..reps.max(1))
         .map(|_| {
@@ -34,9 +34,13 @@ pub fn fma_peak_gflops(iterations: usize, reps: usize) -> Option<f64> {
     Some(flops / best / 1e9)
 }
 
-/// The lanes of the widest vector FMA and the function that runs its chains.
+/// The lanes of a vector FMA and the function that runs [`CHAINS`] chains of it for a
+/// number of iterations.
+type VectorFma = (usize, fn(usize) -> f32);
+
+/// The widest vector FMA of this CPU.
 #[cfg(target_arch = "x86_64")]
-fn vector_fma() -> Option<(usize, fn(usize) -> f32)> {
+fn vector_fma() -> Option<VectorFma> {
     if is_x86_feature_detected!("avx512f") {
         Some((16, |n| {
             // SAFETY: the CPU has AVX-512F (checked above).
@@ -53,7 +57,7 @@ fn vector_fma() -> Option<(usize, fn(usize) -> f32)> {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn vector_fma() -> Option<(usize, fn(usize) -> f32)> {
+fn vector_fma() -> Option<VectorFma> {
     None
 }
 
