@@ -30,7 +30,8 @@ pub fn fma_peak_gflops(iterations: usize, reps: usize) -> Option<f64> {
             seconds
         })
         .fold(f64::INFINITY, f64::min);
-    let flops = 2.0 * (threads * iterations * CHAINS * lanes) as f64;
+    // In f64, so that no count of iterations overflows.
+    let flops = 2.0 * threads as f64 * iterations as f64 * (CHAINS * lanes) as f64;
     Some(flops / best / 1e9)
 }
 
@@ -43,12 +44,14 @@ type VectorFma = (usize, fn(usize) -> f32);
 fn vector_fma() -> Option<VectorFma> {
     if is_x86_feature_detected!("avx512f") {
         Some((16, |n| {
-            // SAFETY: the CPU has AVX-512F (checked above).
+            // SAFETY: this function pointer is handed out only here, after the check
+            // that the CPU has AVX-512F.
             unsafe { chains_avx512(n) }
         }))
     } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         Some((8, |n| {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            // SAFETY: handed out only here, after the check that the CPU has AVX2 and
+            // FMA.
             unsafe { chains_avx2(n) }
         }))
     } else {

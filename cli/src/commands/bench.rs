@@ -412,7 +412,6 @@ fn bench_one(shape: &BenchShape, imp: Impl, args: &BenchArgs) -> Result<Row> {
     })
 }
 
-/// The 1-minute load average (`/proc/loadavg`), or "-".
 /// The f32 FMA peak on all threads (`kernels::fma_peak_gflops`, best of 3 runs of about
 /// 0.1 s), measured where `--peak-size` is not 0 and the CPU has a vector FMA.
 fn fma_peak(args: &BenchArgs) -> Option<f64> {
@@ -421,6 +420,7 @@ fn fma_peak(args: &BenchArgs) -> Option<f64> {
         .flatten()
 }
 
+/// The 1-minute load average (`/proc/loadavg`), or "-".
 pub(super) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
