@@ -127,11 +127,11 @@ impl<'a, T: Real> Epilogue<'a, T> {
         at: usize,
         len: usize,
     ) {
-        let (column_max, bottom_row) = rows[..4 * len].split_at_mut(2 * len);
+        let (top_row, bottom_row) = rows[..4 * len].split_at_mut(2 * len);
         // SAFETY: the caller's promise for the accumulator; the scratch rows hold 2 * len
         // values each; without a residual `write_run` reads nothing at `at`.
         unsafe {
-            self.write_run((top, acc_cs), factors, column_max.as_mut_ptr(), 0, 2 * len);
+            self.write_run((top, acc_cs), factors, top_row.as_mut_ptr(), 0, 2 * len);
             self.write_run(
                 (bottom, acc_cs),
                 factors,
@@ -142,7 +142,7 @@ impl<'a, T: Real> Epilogue<'a, T> {
         }
         // SAFETY: the caller grants exclusive access to out[at..at + len].
         let dst = unsafe { std::slice::from_raw_parts_mut(out.add(at), len) };
-        crate::pool::pool_row_pair(column_max, bottom_row, dst);
+        crate::pool::pool_row_pair(top_row, bottom_row, dst);
     }
 
     /// The `(scale, shift)` of output channel `ch`.

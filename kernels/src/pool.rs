@@ -321,20 +321,21 @@ pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
     pool.check(x, out);
     let windows = pool.windows();
     pool.planes(x, out, |plane, dst| {
-        let mut column_max = vec![0.0f32; windows.width];
+        let mut scratch = vec![0.0f32; windows.width + windows.cols.len()];
+        let scratch = scratch.as_mut_slice();
         // The widest vectors this CPU has (the same selects, so the same values).
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F.
-                return unsafe { max_plane_avx512(&windows, plane, dst, &mut column_max) };
+                return unsafe { max_plane_avx512(&windows, plane, dst, scratch) };
             }
             if is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2.
-                return unsafe { max_plane_avx2(&windows, plane, dst, &mut column_max) };
+                return unsafe { max_plane_avx2(&windows, plane, dst, scratch) };
             }
         }
-        max_plane(&windows, plane, dst, &mut column_max);
+        max_plane(&windows, plane, dst, scratch);
     });
 }
 
@@ -344,8 +345,8 @@ pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
 macro_rules! max_plane_for {
     ($name:ident, $feature:literal) => {
         #[target_feature(enable = $feature)]
-        unsafe fn $name(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
-            max_plane(windows, plane, dst, column_max)
+        unsafe fn $name(windows: &Windows, plane: &[f32], dst: &mut [f32], scratch: &mut [f32]) {
+            max_plane(windows, plane, dst, scratch)
         }
     };
 }
@@ -408,11 +409,26 @@ max_plane_for!(max_plane_avx2, "avx2");
 
 /// One plane of [`max_pool2d`], separable: for each output row, the maximum of every
 /// input column over the window's rows (whole rows at a time), then each window's
-/// maximum over its columns. Only the values are wanted here, not where they are
-/// (the rule of [`Windows`]). `column_max` holds an input row.
+/// maximum over its columns. Only the values are wanted here, not where they are.
+///
+/// Column by column is not the rule's row-major order (see [`Windows`]): where two values
+/// tie in value but not in bits (+0 and -0) or several NaNs meet, it can pick another of
+/// them. Such a tie can only make a maximum of zero or NaN, so an output row that has one
+/// and whose input rows hold a -0 or a NaN is done again in the rule's order
+/// ([`max_plane_in_order`]); every other row (a ReLU's output among them) keeps the
+/// column-first result, which is then the same bits. `scratch` holds an input row and an
+/// output row.
 #[inline(always)]
-fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut [f32]) {
+fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], scratch: &mut [f32]) {
     let (w, ow) = (windows.width, windows.cols.len());
+    let (column_max, row_max) = scratch.split_at_mut(w);
+    let row_max = &mut row_max[..ow];
+    // (Blocks folded without an early exit, so that the tests vectorize.)
+    let any = |values: &[f32], test: fn(f32) -> bool| {
+        values
+            .chunks(256)
+            .any(|block| block.iter().fold(false, |seen, &v| seen | test(v)))
+    };
     for (rows, dst) in windows.rows.iter().zip(dst.chunks_exact_mut(ow.max(1))) {
         if rows.is_empty() {
             dst.fill(0.0);
@@ -422,16 +438,47 @@ fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], column_max: &mut
         for y in rows.start + 1..rows.end {
             rows_max(column_max, &plane[y * w..][..w]);
         }
-        if windows.pairs {
-            pairs_max(column_max, dst);
-            continue;
+        row_windows_max(windows, column_max, dst);
+        let inputs = &plane[rows.start * w..rows.end * w];
+        if any(dst, |v| (v == 0.0) | v.is_nan())
+            && any(inputs, |v| {
+                v.is_nan() | (v.to_bits() == (-0.0f32).to_bits())
+            })
+        {
+            max_plane_in_order(windows, inputs, dst, row_max);
         }
-        for (d, cols) in dst.iter_mut().zip(&windows.cols) {
-            *d = match column_max[cols.clone()].split_first() {
-                Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
-                None => 0.0,
-            };
-        }
+    }
+}
+
+/// One output row of [`max_plane`] in the rule's order, from its input `rows` (whole
+/// rows, in order): each row's window maxima, then those of the rows in turn (a maximum
+/// over consecutive runs of the row-major order, then over the runs' maxima in order, is
+/// the first largest of all, and the last NaN). `row_max` holds an output row.
+#[inline(always)]
+fn max_plane_in_order(windows: &Windows, rows: &[f32], dst: &mut [f32], row_max: &mut [f32]) {
+    let mut rows = rows.chunks_exact(windows.width);
+    if let Some(first) = rows.next() {
+        row_windows_max(windows, first, dst);
+    }
+    for row in rows {
+        row_windows_max(windows, row, row_max);
+        rows_max(dst, row_max);
+    }
+}
+
+/// `dst[ox]`: the first largest value (a NaN winning, the last) of `row` in the columns
+/// of window `ox`, 0 where it has none.
+#[inline(always)]
+fn row_windows_max(windows: &Windows, row: &[f32], dst: &mut [f32]) {
+    if windows.pairs {
+        pairs_max(row, dst);
+        return;
+    }
+    for (d, cols) in dst.iter_mut().zip(&windows.cols) {
+        *d = match row[cols.clone()].split_first() {
+            Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
+            None => 0.0,
+        };
     }
 }
 
@@ -457,20 +504,19 @@ fn rows_max<T: Real>(best: &mut [T], row: &[T]) {
     }
 }
 
-/// `dst[i] = larger(column_max[2i], column_max[2i + 1])`: the windows of a 2 x 2 pooling
-/// of stride 2 along a row of column maxima (side-by-side pairs: a loop that
-/// vectorizes).
+/// `dst[i] = larger(row[2i], row[2i + 1])`: the windows of a 2 x 2 pooling of stride 2
+/// along one input row (side-by-side pairs: a loop that vectorizes).
 #[inline(always)]
-fn pairs_max<T: Real>(column_max: &[T], dst: &mut [T]) {
-    for (d, pair) in dst.iter_mut().zip(column_max.chunks_exact(2)) {
+fn pairs_max<T: Real>(row: &[T], dst: &mut [T]) {
+    for (d, pair) in dst.iter_mut().zip(row.chunks_exact(2)) {
         *d = larger(pair[0], pair[1]);
     }
 }
 
-/// One output row of a 2 x 2 pooling of stride 2 from its two input rows, `top` (the
-/// first `2 * dst.len()` values, overwritten with the column maxima) and `bottom`: the
-/// same selects as [`max_pool2d`], in the widest vectors this CPU has.
-pub(crate) fn pool_row_pair<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
+/// One output row of a 2 x 2 pooling of stride 2 from its two input rows, `top` and
+/// `bottom` (their first `2 * dst.len()` values): the same selects as [`max_pool2d`], in
+/// the widest vectors this CPU has.
+pub(crate) fn pool_row_pair<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -487,10 +533,12 @@ pub(crate) fn pool_row_pair<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T])
 
 /// [`pool_row_pair`] for any CPU, inlined into the versions for wider vectors.
 #[inline(always)]
-fn pool_row_pair_portable<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
-    let top = &mut top[..2 * dst.len()];
-    rows_max(top, bottom);
-    pairs_max(top, dst);
+fn pool_row_pair_portable<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
+    // The top pair, then the bottom one: the rule's row-major order.
+    pairs_max(&top[..2 * dst.len()], dst);
+    for (d, pair) in dst.iter_mut().zip(bottom.chunks_exact(2)) {
+        *d = larger(*d, larger(pair[0], pair[1]));
+    }
 }
 
 /// `pool_row_pair_portable` compiled with the target feature `$feature` (safety: to be
@@ -499,7 +547,7 @@ fn pool_row_pair_portable<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
 macro_rules! pool_row_pair_for {
     ($name:ident, $feature:literal) => {
         #[target_feature(enable = $feature)]
-        unsafe fn $name<T: Real>(top: &mut [T], bottom: &[T], dst: &mut [T]) {
+        unsafe fn $name<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
             pool_row_pair_portable(top, bottom, dst)
         }
     };
@@ -581,7 +629,7 @@ mod tests {
     use super::*;
 
     /// `max_pool2d` against `each_max` (the definition of the window maxima) on padded,
-    /// strided, odd-sized and NaN-holding inputs.
+    /// strided, odd-sized and NaN-holding inputs, with ties of +0 and -0 (the first wins).
     #[test]
     fn max_pool_matches_the_window_maxima() {
         // Input, then kernel, stride and padding (height, width).
@@ -605,6 +653,7 @@ mod tests {
             let x: Vec<f32> = (0..pool.input_len())
                 .map(|i| match i % 29 {
                     5 => f32::NAN,
+                    _ if i % 3 == 0 => [0.0f32, -0.0][(i / 3) % 2],
                     j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
                 })
                 .collect();
@@ -628,6 +677,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A tie of +0 and -0 across a window's rows: the first in row-major order wins
+    /// (PyTorch's pick), in `max_pool2d` and in the convolution's pooled write alike.
+    #[test]
+    fn a_zero_tie_goes_to_the_first_in_row_major_order() {
+        // Row 0: -1, +0; row 1: -0, -1. Row-major the +0 comes first.
+        let pool = Pool2d {
+            input: [1, 1, 2, 2],
+            output: [1, 1],
+            kernel: [2, 2],
+            stride: [2, 2],
+            padding: [0, 0],
+        };
+        let x = [-1.0f32, 0.0, -0.0, -1.0];
+        let mut pooled = [f32::NAN];
+        max_pool2d(&pool, &x, &mut pooled);
+        let mut paired = [f32::NAN];
+        pool_row_pair(&[-1.0f32, 0.0], &[-0.0f32, -1.0], &mut paired);
+        // The same tie in a 3 x 3 window of stride 2 with padding (not side-by-side pairs):
+        // rows 1 and 2 of a 3 x 5 input.
+        let padded = Pool2d {
+            input: [1, 1, 3, 5],
+            output: [2, 3],
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        };
+        let mut y = vec![-1.0f32; 15];
+        (y[5 + 3], y[10 + 1]) = (0.0, -0.0);
+        let mut got = vec![f32::NAN; 6];
+        max_pool2d(&padded, &y, &mut got);
+        let want = |plane: &[f32], pool: &Pool2d| {
+            let mut want = vec![f32::NAN; pool.output_len()];
+            pool.windows()
+                .each_max(plane, |v| v, |o, max| want[o] = max.map_or(0.0, |(_, v)| v));
+            want
+        };
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(pooled[0].to_bits(), 0.0f32.to_bits());
+        assert_eq!(paired[0].to_bits(), 0.0f32.to_bits());
+        assert_eq!(bits(&pooled), bits(&want(&x, &pool)));
+        assert_eq!(bits(&got), bits(&want(&y, &padded)));
+        assert_eq!(got[4].to_bits(), 0.0f32.to_bits(), "{got:?}");
     }
 
     /// The vector loop of the fused batch norm + ReLU + max pooling against the window

@@ -637,7 +637,6 @@ fn pool_pairs<T: Real>(plan: &ConvPlan, full: &[T], out: &mut [T]) {
     if pooled_w == 0 || h < 2 {
         return;
     }
-    let mut column_max = vec![T::ZERO; 2 * pooled_w];
     for (plane, out) in full
         .chunks_exact(h * w)
         .zip(out.chunks_exact_mut((h / 2) * pooled_w))
@@ -646,8 +645,7 @@ fn pool_pairs<T: Real>(plan: &ConvPlan, full: &[T], out: &mut [T]) {
             .chunks_exact(2 * w)
             .zip(out.chunks_exact_mut(pooled_w))
         {
-            column_max.copy_from_slice(&pair[..2 * pooled_w]);
-            crate::pool::pool_row_pair(&mut column_max, &pair[w..w + 2 * pooled_w], dst);
+            crate::pool::pool_row_pair(&pair[..2 * pooled_w], &pair[w..w + 2 * pooled_w], dst);
         }
     }
 }
