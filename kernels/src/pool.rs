@@ -321,7 +321,7 @@ pub fn max_pool2d(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
     pool.check(x, out);
     let windows = pool.windows();
     pool.planes(x, out, |plane, dst| {
-        let mut scratch = vec![0.0f32; windows.width + windows.cols.len()];
+        let mut scratch = vec![0.0f32; 3 * windows.width + 2 * windows.cols.len()];
         let scratch = scratch.as_mut_slice();
         // The widest vectors this CPU has (the same selects, so the same values).
         #[cfg(target_arch = "x86_64")]
@@ -416,13 +416,23 @@ max_plane_for!(max_plane_avx2, "avx2");
 /// them. Such a tie can only make a maximum of zero or NaN, so an output row that has one
 /// and whose input rows hold a -0 or a NaN is done again in the rule's order
 /// ([`max_plane_in_order`]); every other row (a ReLU's output among them) keeps the
-/// column-first result, which is then the same bits. `scratch` holds an input row and an
-/// output row.
+/// column-first result, which is then the same bits.
+///
+/// Each pass writes a buffer it does not read: a select stored back where it was loaded
+/// compiles to a masked store, and the next pass's loads of those values then wait for
+/// it (store forwarding fails), which made the column maxima of ResNet-50's stem pooling
+/// take most of its time. `scratch` holds three input rows and two output rows.
 #[inline(always)]
 fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], scratch: &mut [f32]) {
     let (w, ow) = (windows.width, windows.cols.len());
-    let (column_max, row_max) = scratch.split_at_mut(w);
-    let row_max = &mut row_max[..ow];
+    let (mut column_max, rest) = scratch.split_at_mut(w);
+    let (mut spare, rest) = rest.split_at_mut(w);
+    let (row_max, rest) = rest.split_at_mut(ow);
+    let (phases, window_spare) = rest.split_at_mut(w);
+    let mut row_scratch = RowScratch {
+        phases,
+        spare: &mut window_spare[..ow],
+    };
     // (Blocks folded without an early exit, so that the tests vectorize.)
     let any = |values: &[f32], test: fn(f32) -> bool| {
         values
@@ -434,18 +444,24 @@ fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], scratch: &mut [f
             dst.fill(0.0);
             continue;
         }
-        column_max.copy_from_slice(&plane[rows.start * w..][..w]);
-        for y in rows.start + 1..rows.end {
-            rows_max(column_max, &plane[y * w..][..w]);
+        let row = |y: usize| &plane[y * w..][..w];
+        if rows.len() == 1 {
+            column_max.copy_from_slice(row(rows.start));
+        } else {
+            larger_of_rows(row(rows.start), row(rows.start + 1), column_max);
+            for y in rows.start + 2..rows.end {
+                larger_of_rows(column_max, row(y), spare);
+                std::mem::swap(&mut column_max, &mut spare);
+            }
         }
-        row_windows_max(windows, column_max, dst);
+        row_windows_max(windows, column_max, dst, &mut row_scratch);
         let inputs = &plane[rows.start * w..rows.end * w];
         if any(dst, |v| (v == 0.0) | v.is_nan())
             && any(inputs, |v| {
                 v.is_nan() | (v.to_bits() == (-0.0f32).to_bits())
             })
         {
-            max_plane_in_order(windows, inputs, dst, row_max);
+            max_plane_in_order(windows, inputs, dst, row_max, &mut row_scratch);
         }
     }
 }
@@ -455,30 +471,109 @@ fn max_plane(windows: &Windows, plane: &[f32], dst: &mut [f32], scratch: &mut [f
 /// over consecutive runs of the row-major order, then over the runs' maxima in order, is
 /// the first largest of all, and the last NaN). `row_max` holds an output row.
 #[inline(always)]
-fn max_plane_in_order(windows: &Windows, rows: &[f32], dst: &mut [f32], row_max: &mut [f32]) {
+fn max_plane_in_order(
+    windows: &Windows,
+    rows: &[f32],
+    dst: &mut [f32],
+    row_max: &mut [f32],
+    scratch: &mut RowScratch<'_>,
+) {
     let mut rows = rows.chunks_exact(windows.width);
     if let Some(first) = rows.next() {
-        row_windows_max(windows, first, dst);
+        row_windows_max(windows, first, dst, scratch);
     }
     for row in rows {
-        row_windows_max(windows, row, row_max);
+        row_windows_max(windows, row, row_max, scratch);
         rows_max(dst, row_max);
     }
+}
+
+/// Scratch of [`row_windows_max`]: an input row's values (`phases`) and an output row's
+/// (`spare`).
+struct RowScratch<'a> {
+    phases: &'a mut [f32],
+    spare: &'a mut [f32],
 }
 
 /// `dst[ox]`: the first largest value (a NaN winning, the last) of `row` in the columns
 /// of window `ox`, 0 where it has none.
 #[inline(always)]
-fn row_windows_max(windows: &Windows, row: &[f32], dst: &mut [f32]) {
+fn row_windows_max(windows: &Windows, row: &[f32], dst: &mut [f32], scratch: &mut RowScratch<'_>) {
     if windows.pairs {
         pairs_max(row, dst);
         return;
     }
-    for (d, cols) in dst.iter_mut().zip(&windows.cols) {
-        *d = match row[cols.clone()].split_first() {
+    let inner = stride_two_inner_windows(windows);
+    if !inner.is_empty() {
+        stride_two_windows_max(windows, row, inner.clone(), dst, scratch);
+    }
+    for ox in (0..inner.start).chain(inner.end.max(inner.start)..dst.len()) {
+        dst[ox] = match row[windows.cols[ox].clone()].split_first() {
             Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
             None => 0.0,
         };
+    }
+}
+
+/// The output columns whose windows lie wholly inside the row, where the windows step by
+/// 2 (ResNet's 3 x 3 / 2 pooling): [`stride_two_windows_max`] takes those; none otherwise.
+fn stride_two_inner_windows(windows: &Windows) -> Range<usize> {
+    let [kernel, stride, pad] = windows.across;
+    if stride != 2 || windows.width + pad < kernel {
+        return 0..0;
+    }
+    // Window ox reads columns 2 ox - pad .. 2 ox - pad + kernel.
+    let first = pad.div_ceil(2);
+    let end = ((windows.width + pad - kernel) / 2 + 1).min(windows.cols.len());
+    first..end.max(first)
+}
+
+/// `dst[ox]` for the windows `inner` of stride 2 that lie wholly inside `row`, in vector
+/// loops: the row split into its even and odd columns, then one pass per column of the
+/// window, left to right (the same selects, in the same order, as the fold of
+/// [`row_windows_max`]), each pass writing the buffer the previous one did not, so that
+/// the last writes `dst`.
+#[inline(always)]
+fn stride_two_windows_max(
+    windows: &Windows,
+    row: &[f32],
+    inner: Range<usize>,
+    dst: &mut [f32],
+    scratch: &mut RowScratch<'_>,
+) {
+    let [kernel, _, pad] = windows.across;
+    let (even, odd) = scratch.phases[..row.len()].split_at_mut(row.len().div_ceil(2));
+    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+    if row.len() % 2 == 1 {
+        even[row.len() / 2] = row[row.len() - 1];
+    }
+    let (even, odd) = (&*even, &*odd);
+    // Column 2 ox - pad + j of the row is column ox + shift of its phase (ox >= pad / 2
+    // and the window inside the row keep every index in range).
+    let column = |j: usize| -> &[f32] {
+        let offset = j as isize - pad as isize;
+        let phase = if offset.rem_euclid(2) == 0 { even } else { odd };
+        let from = (inner.start as isize + offset.div_euclid(2)) as usize;
+        &phase[from..from + inner.len()]
+    };
+    let (dst, spare) = (&mut dst[inner.clone()], &mut scratch.spare[..inner.len()]);
+    if kernel == 1 {
+        dst.copy_from_slice(column(0));
+        return;
+    }
+    // Pass j writes dst where k - 1 - j is even, so the last pass writes dst.
+    let target = |j: usize| (kernel - 1 - j).is_multiple_of(2);
+    let first = if target(1) { &mut *dst } else { &mut *spare };
+    larger_of_rows(column(0), column(1), first);
+    for j in 2..kernel {
+        if target(j) {
+            larger_of_rows(spare, column(j), dst);
+        } else {
+            larger_of_rows(dst, column(j), spare);
+        }
     }
 }
 
@@ -493,6 +588,14 @@ fn larger<T: Real>(best: T, v: T) -> T {
         v
     } else {
         best
+    }
+}
+
+/// `out[i] = larger(a[i], b[i])`.
+#[inline(always)]
+fn larger_of_rows<T: Real>(a: &[T], b: &[T], out: &mut [T]) {
+    for ((out, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *out = larger(a, b);
     }
 }
 
@@ -534,10 +637,11 @@ pub(crate) fn pool_row_pair<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
 /// [`pool_row_pair`] for any CPU, inlined into the versions for wider vectors.
 #[inline(always)]
 fn pool_row_pair_portable<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
-    // The top pair, then the bottom one: the rule's row-major order.
-    pairs_max(&top[..2 * dst.len()], dst);
-    for (d, pair) in dst.iter_mut().zip(bottom.chunks_exact(2)) {
-        *d = larger(*d, larger(pair[0], pair[1]));
+    // The top pair, then the bottom one: the rule's row-major order. (One pass that
+    // writes `dst` only: see `max_plane` on storing back what was just loaded.)
+    let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+    for (d, (top, bottom)) in dst.iter_mut().zip(pairs) {
+        *d = larger(larger(top[0], top[1]), larger(bottom[0], bottom[1]));
     }
 }
 
@@ -632,17 +736,32 @@ mod tests {
     /// strided, odd-sized and NaN-holding inputs, with ties of +0 and -0 (the first wins).
     #[test]
     fn max_pool_matches_the_window_maxima() {
-        // Input, then kernel, stride and padding (height, width).
+        // Input, then kernel, stride and padding (height, width), and whether the output
+        // rounds up (ceil mode: a last window may hang over the edge).
         let cases = [
-            ([2, 3, 8, 8], [[2, 2], [2, 2], [0, 0]]),
-            ([1, 2, 9, 7], [[2, 2], [2, 2], [0, 0]]),
-            ([1, 4, 11, 12], [[3, 3], [2, 2], [1, 1]]),
-            ([2, 1, 5, 6], [[3, 2], [1, 2], [1, 0]]),
-            ([1, 2, 3, 3], [[2, 2], [3, 3], [1, 1]]),
+            ([2, 3, 8, 8], [[2, 2], [2, 2], [0, 0]], false),
+            ([1, 2, 9, 7], [[2, 2], [2, 2], [0, 0]], false),
+            ([1, 4, 11, 12], [[3, 3], [2, 2], [1, 1]], false),
+            ([2, 1, 5, 6], [[3, 2], [1, 2], [1, 0]], false),
+            ([1, 2, 3, 3], [[2, 2], [3, 3], [1, 1]], false),
+            // Windows of stride 2 along the row, inner ones in vector loops.
+            ([1, 2, 13, 13], [[3, 3], [2, 2], [1, 1]], false),
+            ([1, 2, 12, 14], [[3, 3], [2, 2], [0, 0]], true),
+            ([1, 3, 9, 16], [[5, 5], [2, 2], [2, 2]], false),
+            ([1, 2, 7, 11], [[2, 3], [2, 2], [0, 1]], true),
+            ([1, 1, 4, 9], [[1, 4], [1, 2], [0, 1]], false),
+            ([1, 1, 3, 2], [[3, 3], [2, 2], [1, 1]], false),
         ];
-        for (input, [kernel, stride, padding]) in cases {
-            let output =
-                [0, 1].map(|a| (input[2 + a] + 2 * padding[a] - kernel[a]) / stride[a] + 1);
+        for (input, [kernel, stride, padding], ceil) in cases {
+            let output = [0, 1].map(|a| {
+                let span: usize = input[2 + a] + 2 * padding[a] - kernel[a];
+                let steps = if ceil {
+                    span.div_ceil(stride[a])
+                } else {
+                    span / stride[a]
+                };
+                steps + 1
+            });
             let pool = Pool2d {
                 input,
                 output,
