@@ -49,6 +49,7 @@ pub mod pool;
 pub mod sgemm;
 mod shifted;
 mod streaming;
+mod threads;
 pub mod trace;
 pub mod tuning;
 pub mod workspace;
@@ -63,6 +64,7 @@ pub use nested::{
 };
 pub use peak::fma_peak_gflops;
 pub use plan::{ConvPlan, PlanError, PlanSpec, Window};
+pub use threads::{run_with_polling_threads, threads};
 
 mod sealed {
     /// Only the float types the kernels were written for implement [`super::Real`]
@@ -249,11 +251,6 @@ real!(
     }
 );
 real!(f64, SLOTS_F64);
-
-/// Threads the kernels use: rayon's pool size.
-pub fn threads() -> usize {
-    rayon::current_num_threads()
-}
 
 /// Measures the single-precision multiply-add throughput of this machine: the median
 /// GFLOP/s (2 per multiply-add) of `reps` square SGEMMs of side `size` on all threads,
