@@ -639,7 +639,8 @@ pub(crate) fn pool_row_pair<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
 fn pool_row_pair_portable<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
     // The top pair, then the bottom one: the rule's row-major order. (One pass that
     // writes `dst` only: see `max_plane` on storing back what was just loaded.)
-    let pairs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+    let len = 2 * dst.len();
+    let pairs = top[..len].chunks_exact(2).zip(bottom[..len].chunks_exact(2));
     for (d, (top, bottom)) in dst.iter_mut().zip(pairs) {
         *d = larger(larger(top[0], top[1]), larger(bottom[0], bottom[1]));
     }
