@@ -640,7 +640,9 @@ fn pool_row_pair_portable<T: Real>(top: &[T], bottom: &[T], dst: &mut [T]) {
     // The top pair, then the bottom one: the rule's row-major order. (One pass that
     // writes `dst` only: see `max_plane` on storing back what was just loaded.)
     let len = 2 * dst.len();
-    let pairs = top[..len].chunks_exact(2).zip(bottom[..len].chunks_exact(2));
+    let pairs = top[..len]
+        .chunks_exact(2)
+        .zip(bottom[..len].chunks_exact(2));
     for (d, (top, bottom)) in dst.iter_mut().zip(pairs) {
         *d = larger(larger(top[0], top[1]), larger(bottom[0], bottom[1]));
     }
