@@ -86,7 +86,25 @@ impl Pool2d {
             height: self.input[2],
             across: [self.kernel[1], self.stride[1], self.padding[1]],
             pairs: self.pairs(),
+            stride_two_inner: self.stride_two_inner_windows(),
         }
+    }
+
+    /// The output columns whose windows lie wholly inside the row, where the windows step
+    /// by 2 along it (ResNet's 3 x 3 / 2 pooling): `stride_two_windows_max` takes those;
+    /// none otherwise.
+    fn stride_two_inner_windows(&self) -> Range<usize> {
+        let ([kernel, stride, pad], width) = (
+            [self.kernel[1], self.stride[1], self.padding[1]],
+            self.input[3],
+        );
+        if stride != 2 || width + pad < kernel {
+            return 0..0;
+        }
+        // Window ox reads columns 2 ox - pad .. 2 ox - pad + kernel.
+        let first = pad.div_ceil(2);
+        let end = ((width + pad - kernel) / 2 + 1).min(self.output[1]);
+        first..end.max(first)
     }
 
     /// Runs `f(input plane, output plane)` for every plane, in parallel.
@@ -122,6 +140,9 @@ pub(crate) struct Windows {
     /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
     /// padding): the common case, with its own loops (`max_plane`, `relu_pairs_max`).
     pairs: bool,
+    /// The output columns whose windows of stride 2 lie wholly inside the row (empty for
+    /// other strides): the vector loops of `stride_two_windows_max`.
+    stride_two_inner: Range<usize>,
 }
 
 impl Windows {
@@ -503,29 +524,16 @@ fn row_windows_max(windows: &Windows, row: &[f32], dst: &mut [f32], scratch: &mu
         pairs_max(row, dst);
         return;
     }
-    let inner = stride_two_inner_windows(windows);
+    let inner = windows.stride_two_inner.clone();
     if !inner.is_empty() {
         stride_two_windows_max(windows, row, inner.clone(), dst, scratch);
     }
-    for ox in (0..inner.start).chain(inner.end.max(inner.start)..dst.len()) {
+    for ox in (0..inner.start).chain(inner.end..dst.len()) {
         dst[ox] = match row[windows.cols[ox].clone()].split_first() {
             Some((&first, rest)) => rest.iter().fold(first, |best, &v| larger(best, v)),
             None => 0.0,
         };
     }
-}
-
-/// The output columns whose windows lie wholly inside the row, where the windows step by
-/// 2 (ResNet's 3 x 3 / 2 pooling): [`stride_two_windows_max`] takes those; none otherwise.
-fn stride_two_inner_windows(windows: &Windows) -> Range<usize> {
-    let [kernel, stride, pad] = windows.across;
-    if stride != 2 || windows.width + pad < kernel {
-        return 0..0;
-    }
-    // Window ox reads columns 2 ox - pad .. 2 ox - pad + kernel.
-    let first = pad.div_ceil(2);
-    let end = ((windows.width + pad - kernel) / 2 + 1).min(windows.cols.len());
-    first..end.max(first)
 }
 
 /// `dst[ox]` for the windows `inner` of stride 2 that lie wholly inside `row`, in vector

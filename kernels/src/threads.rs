@@ -2,6 +2,7 @@
 //! threads awake through a run of many short passes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 /// Threads the kernels use: rayon's pool size.
 pub fn threads() -> usize {
@@ -27,8 +28,7 @@ pub fn run_with_polling_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     let done = AtomicBool::new(false);
     rayon::scope(|scope| {
         let owner = rayon::current_thread_index();
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        for _ in 1..threads().min(cores) {
+        for _ in 1..threads().min(cores()) {
             let done = &done;
             scope.spawn(move |_| {
                 // The thread running `f` can pick this task up while it waits inside `f`
@@ -47,6 +47,13 @@ pub fn run_with_polling_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let _stop = SetOnDrop(&done);
         f()
     })
+}
+
+/// The cores this process may run on, read once (the standard library reads the CPU
+/// affinity and the cgroup's quota, files among them, on every call).
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 /// Sets its flag when dropped.
