@@ -11,6 +11,7 @@ const MR: usize = 6;
 const NR: usize = 16;
 
 pub(super) const MICRO: Micro = Micro {
+    name: "avx2",
     kernel: entry,
     direct: None,
     mr: MR,

@@ -1,6 +1,12 @@
-//! The AVX-512 micro-kernel: an 8 x 32 tile of `dst` in 16 zmm accumulators; per `k`,
-//! two loads of `rhs` and eight broadcasts of `lhs` feed sixteen fused multiply-adds. A
+//! The AVX-512 micro-kernel: an 8 x 48 tile of `dst` in 24 zmm accumulators; per `k`,
+//! three loads of `rhs` and eight broadcasts of `lhs` feed 24 fused multiply-adds. A
 //! tile's last one to four ragged columns run down its rows instead (`tile`'s `EXTRA`).
+//!
+//! Why 8 x 48: alone, on panels in L1 (one thread, this kernel's loop without packing),
+//! an 8 x 32 tile (16 accumulators, ten loads per sixteen multiply-adds) ran at 72-80 %
+//! of the FMA peak and 8 x 48 at 83-84 %; 12 x 32 and 14 x 32 were no better, and 6 x 64
+//! only slightly, at the cost of 6-row panels that pad 32 or 64 output channels. Eight
+//! rows keep the channel counts of real networks in whole panels.
 
 use std::arch::x86_64::*;
 
@@ -8,10 +14,11 @@ use super::{Micro, RhsRows, Tile};
 
 /// Rows of the tile.
 const MR: usize = 8;
-/// Columns of the tile (two vectors).
-const NR: usize = 32;
+/// Columns of the tile (three vectors).
+const NR: usize = 48;
 
 pub(super) const MICRO: Micro = Micro {
+    name: "avx512",
     kernel: entry,
     direct: Some(direct_entry),
     mr: MR,
@@ -34,22 +41,22 @@ unsafe fn direct_entry(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: boo
     unsafe { direct(kc, a, b, dst, add) }
 }
 
-/// Lanes of the two vectors inside a tile's `cols` columns (masked lanes are neither read
+/// Lanes of the three vectors inside a tile's `cols` columns (masked lanes are neither read
 /// nor written).
 #[inline(always)]
-fn lanes(cols: usize) -> (__mmask16, __mmask16) {
+fn lanes(cols: usize) -> (__mmask16, __mmask16, __mmask16) {
     let lane = |first: usize| -> __mmask16 {
         let n = cols.saturating_sub(first).min(16);
         ((1u32 << n) - 1) as __mmask16
     };
-    (lane(0), lane(16))
+    (lane(0), lane(16), lane(32))
 }
 
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
-    // SAFETY: p < kc, so b[p * NR..][..NR] is in the panel (all 32 lanes, zero-padded);
+    // SAFETY: p < kc, so b[p * NR..][..NR] is in the panel (all 48 lanes, zero-padded);
     // the rest is the caller's promise.
-    unsafe { tile_of_width(kc, a, |p| b.add(p * NR), (!0, !0), dst, add) }
+    unsafe { tile_of_width(kc, a, |p| b.add(p * NR), (!0, !0, !0), dst, add) }
 }
 
 #[target_feature(enable = "avx512f")]
@@ -71,7 +78,7 @@ unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
 
 /// [`tile`] on as few vectors as the tile's columns need, its last one to [`EXTRA_MAX`]
 /// columns past whole vectors as extra columns: `(first, second)` are the loads' lane
-/// masks of the two vectors.
+/// masks of the three vectors.
 ///
 /// # Safety
 /// As [`tile`], with `dst.cols <= NR`.
@@ -80,7 +87,7 @@ unsafe fn tile_of_width(
     kc: usize,
     a: *const f32,
     b_row: impl Fn(usize) -> *const f32,
-    (first, second): (__mmask16, __mmask16),
+    (first, second, third): (__mmask16, __mmask16, __mmask16),
     dst: Tile,
     add: bool,
 ) {
@@ -97,7 +104,12 @@ unsafe fn tile_of_width(
             18 => tile::<1, 2>(kc, a, b_row, [first], dst, add),
             19 => tile::<1, 3>(kc, a, b_row, [first], dst, add),
             20 => tile::<1, 4>(kc, a, b_row, [first], dst, add),
-            _ => tile::<2, 0>(kc, a, b_row, [first, second], dst, add),
+            21..=32 => tile::<2, 0>(kc, a, b_row, [first, second], dst, add),
+            33 => tile::<2, 1>(kc, a, b_row, [first, second], dst, add),
+            34 => tile::<2, 2>(kc, a, b_row, [first, second], dst, add),
+            35 => tile::<2, 3>(kc, a, b_row, [first, second], dst, add),
+            36 => tile::<2, 4>(kc, a, b_row, [first, second], dst, add),
+            _ => tile::<3, 0>(kc, a, b_row, [first, second, third], dst, add),
         }
     }
 }
@@ -109,7 +121,7 @@ const EXTRA_MAX: usize = 4;
 /// the masked lanes zero, at `b_row(p)`), then over `EXTRA` single columns after them.
 ///
 /// A tile's columns past whole vectors would waste most of a vector's lanes (a 7 x 7
-/// map's 49 columns end in a tile of 17, a 14 x 14 map's 196 in one of 4). An extra
+/// map's 49 columns end in a tile of 1, a 14 x 14 map's 196 in one of 4). An extra
 /// column instead runs down the tile's rows: the lhs panel's `MR` values of `p` (one
 /// 8-lane vector) times the column's one `rhs` value, so its cost is one 8-lane
 /// multiply-add per `p` instead of `MR` 16-lane ones. Every value is the same chain of
@@ -162,8 +174,8 @@ unsafe fn tile<const VECTORS: usize, const EXTRA: usize>(
             }
         }
     }
-    let (first, second) = lanes(dst.cols - EXTRA);
-    let masks = [first, second];
+    let (first, second, third) = lanes(dst.cols - EXTRA);
+    let masks = [first, second, third];
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
         for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
             // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
