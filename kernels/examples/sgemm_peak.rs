@@ -1,12 +1,13 @@
 //! The two ceilings `versatile bench` quotes shares against, alone: the f32 FMA peak
 //! (independent vector FMA chains on every thread) and the rate of the kernels' SGEMM on
-//! a square product, on rayon's threads (`RAYON_NUM_THREADS`).
+//! a square product, on rayon's threads (`RAYON_NUM_THREADS`); and between them, the
+//! micro-kernel alone on one thread.
 //!
 //! ```text
 //! cargo run --release -p versatile-kernels --example sgemm_peak -- [SIZE=2048] [REPS=5]
 //! ```
 
-use versatile_kernels::{fma_peak_gflops, sgemm_gflops, threads};
+use versatile_kernels::{fma_peak_gflops, sgemm, sgemm_gflops, threads};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -21,6 +22,10 @@ fn main() {
     match fma_peak_gflops(20_000_000, 3) {
         Some(peak) => println!("f32 FMA peak on {threads} threads: {peak:.1} GFLOP/s"),
         None => println!("f32 FMA peak: this CPU has no vector FMA the probe times"),
+    }
+    if let Some(kernel) = sgemm::micro_kernel_gflops(200_000) {
+        let name = sgemm::micro_kernel().unwrap_or("none");
+        println!("the {name} micro-kernel alone, on L1 panels, one thread: {kernel:.1} GFLOP/s");
     }
     let sgemm = sgemm_gflops(size, reps);
     println!("SGEMM {size}^3 on {threads} threads (median of {reps}): {sgemm:.1} GFLOP/s");

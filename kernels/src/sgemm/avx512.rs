@@ -2,10 +2,13 @@
 //! three loads of `rhs` and eight broadcasts of `lhs` feed 24 fused multiply-adds. A
 //! tile's last one to four ragged columns run down its rows instead (`tile`'s `EXTRA`).
 //!
-//! Why 8 x 48: alone, on panels in L1 (one thread, this kernel's loop without packing),
-//! an 8 x 32 tile (16 accumulators, ten loads per sixteen multiply-adds) ran at 72-80 %
-//! of the FMA peak and 8 x 48 at 83-84 %; 12 x 32 and 14 x 32 were no better, and 6 x 64
-//! only slightly, at the cost of 6-row panels that pad 32 or 64 output channels. Eight
+//! Why 8 x 48: alone on panels in L1, one thread (`micro_kernel_gflops`, printed by the
+//! `sgemm_peak` example), this kernel ran 148-161 GFLOP/s as 8 x 32 with KC 256 and
+//! 164-171 as 8 x 48 with KC 160 (FMA peak 204-212); square SGEMMs followed, 233-246
+//! against 251-268 GFLOP/s on two threads. About half of it is the per-step prefetch of
+//! the next `lhs` panel, which the wider tile spreads over more multiply-adds (8 x 32
+//! without it: 163-164). A bare loop without prefetch or masks runs every tile from
+//! 8 x 32 to 6 x 64 at 80-88 % of the peak (the `micro_kernel_shapes` example). Eight
 //! rows keep the channel counts of real networks in whole panels.
 
 use std::arch::x86_64::*;

@@ -32,7 +32,8 @@ use crate::workspace::grow;
 
 /// Depth of one block of `k`: an AVX-512 `rhs` panel (`KC x 48` values) is 30 KiB, so
 /// that it stays in a 48 KiB L1 beside the `lhs` panels streaming through (at 256, 48
-/// KiB, the kernel alone ran 7 % slower).
+/// KiB, the 8 x 48 kernel alone ran 7 % slower; 128 and 192 were level with 160 in the
+/// convolutions).
 pub(crate) const KC: usize = 160;
 /// Rows of `lhs` packed at a time (a multiple of both micro-kernels' `MR`): 192 KiB.
 pub(crate) const MC: usize = 192;
@@ -792,6 +793,32 @@ unsafe fn copy_run(src: *const f32, dst: *mut f32, valid: usize, width: usize) {
         unsafe { *dst.add(j) = 0.0 };
         j += 1;
     }
+}
+
+/// GFLOP/s (2 per multiply-add) of this CPU's micro-kernel alone, on one thread: a whole
+/// tile over [`KC`] steps on panels that stay in L1, `reps` calls, no packing and no
+/// memory traffic (`None` where sgemm has no micro-kernel here). The ceiling of every
+/// product on sgemm, against the FMA peak.
+pub fn micro_kernel_gflops(reps: usize) -> Option<f64> {
+    let micro = micro()?;
+    let lhs = vec![0.5f32; KC * micro.mr];
+    let rhs = vec![0.25f32; KC * micro.nr];
+    let mut dst = vec![0.0f32; micro.mr * micro.nr];
+    let start = std::time::Instant::now();
+    for _ in 0..reps {
+        let tile = Tile {
+            ptr: dst.as_mut_ptr(),
+            rs: micro.nr,
+            rows: micro.mr,
+            cols: micro.nr,
+        };
+        // SAFETY: the panels hold KC * MR and KC * NR values, and the tile is dst's MR x NR
+        // values, rows NR apart (the Kernel contract).
+        unsafe { (micro.kernel)(KC, lhs.as_ptr(), rhs.as_ptr(), tile, true) };
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(&dst);
+    Some(2.0 * (KC * micro.mr * micro.nr * reps) as f64 / seconds / 1e9)
 }
 
 #[cfg(test)]
