@@ -5,10 +5,10 @@
 //! Why 8 x 48: alone on panels in L1, one thread (`micro_kernel_gflops`, printed by the
 //! `sgemm_peak` example), this kernel ran 148-161 GFLOP/s as 8 x 32 with KC 256 and
 //! 164-171 as 8 x 48 with KC 160 (FMA peak 204-212); square SGEMMs followed, 233-246
-//! against 251-268 GFLOP/s on two threads. About half of it is the per-step prefetch of
+//! against 246-268 GFLOP/s on two threads. About half of it is the per-step prefetch of
 //! the next `lhs` panel, which the wider tile spreads over more multiply-adds (8 x 32
 //! without it: 163-164). A bare loop without prefetch or masks runs every tile from
-//! 8 x 32 to 6 x 64 at 80-88 % of the peak (the `micro_kernel_shapes` example). Eight
+//! 8 x 32 to 6 x 64 at 75-88 % of the peak (the `micro_kernel_shapes` example). Eight
 //! rows keep the channel counts of real networks in whole panels.
 
 use std::arch::x86_64::*;
@@ -80,8 +80,8 @@ unsafe fn direct(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool) {
 }
 
 /// [`tile`] on as few vectors as the tile's columns need, its last one to [`EXTRA_MAX`]
-/// columns past whole vectors as extra columns: `(first, second)` are the loads' lane
-/// masks of the three vectors.
+/// columns past whole vectors as extra columns: `(first, second, third)` are the loads'
+/// lane masks of the three vectors.
 ///
 /// # Safety
 /// As [`tile`], with `dst.cols <= NR`.
