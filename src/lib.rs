@@ -4,7 +4,7 @@
 //! Versatile Filters for Efficient Convolutional Neural Networks", NeurIPS 2018) for
 //! burn 0.22.
 //!
-//! [`VConv2d`](layer::VConv2d) is a drop-in for burn's `Conv2d`: the same output shape
+//! [`VConv2d`] is a drop-in for burn's `Conv2d`: the same output shape
 //! from a fraction of the parameters. Its exact definition is the dense form in
 //! [`layer::dense`]; [`cost`] counts parameters and multiply-adds the three ways of
 //! the specification. [`checkpoint`] saves and loads models, imports PyTorch weights and

@@ -150,7 +150,7 @@ impl Moments {
     /// The moments of the values of `segments`, in two passes: their sum gives the mean;
     /// the squared deviations from that mean (rounded to `T`) are summed alike. Each sum
     /// runs in lanes of `T` across segments (a tile's rows are short), added into f64
-    /// every [`FLUSH_VALUES`] values or so and at the end.
+    /// every `FLUSH_VALUES` (1024) values or so and at the end.
     pub fn of_segments<'a, T: Real>(segments: impl Iterator<Item = &'a [T]> + Clone) -> Self {
         let mut count = 0usize;
         let sum = lane_sum(segments.clone().inspect(|s| count += s.len()), |v| v);

@@ -14,7 +14,7 @@ const CHAINS: usize = 12;
 
 /// The f32 FMA peak of this machine on all of rayon's threads, in GFLOP/s (2 per
 /// multiply-add): the best of `reps` (at least 1) timings of `iterations` rounds of
-/// [`CHAINS`] independent vector FMAs per thread, all threads at once. `None` where the
+/// `CHAINS` (12) independent vector FMAs per thread, all threads at once. `None` where the
 /// CPU has neither AVX-512F nor AVX2 + FMA (no vector FMA to time).
 ///
 /// The best timing, not the median: a slow run is the VM's neighbours, not the CPU.

@@ -1,7 +1,7 @@
 //! The nested evaluation as a burn backend extension, with its own `Autodiff` backward,
 //! and the switch that picks it or the dense form: on `Flex` the nested-ring CPU kernels
 //! ([`crate::kernels`]), on burn's CubeCL backends (feature `cube`, which `wgpu` and
-//! `cuda` turn on) the `#[cube]` kernels of [`super::gpu`].
+//! `cuda` turn on) the `#[cube]` kernels of the `gpu` module.
 //!
 //! One operation, [`NestedConvBackend::nested_conv2d`], covers the versatile layer and
 //! dense convolutions alike: what it computes is described by its [`ConvPlan`]. Each

@@ -1,5 +1,5 @@
 //! Data-parallel training: the collective operations a run over several processes
-//! needs ([`Collective`]), their MPI implementation ([`MpiGroup`], cargo feature `mpi`),
+//! needs ([`Collective`]), their MPI implementation (`MpiGroup`, cargo feature `mpi`),
 //! and the host-side gradient buffers that both the ranks and the single-process
 //! micro-batch accumulation use.
 //!

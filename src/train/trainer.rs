@@ -707,7 +707,7 @@ impl Trainer {
 
     /// One optimizer step on this rank's share `host` of a batch, in micro-batches, with
     /// the gradients (and the step's metrics) summed over the ranks: see
-    /// [`distributed`](super::distributed). Returns the tally of the whole batch.
+    /// [`distributed`]. Returns the tally of the whole batch.
     /// `timings`: forward, backward, optimizer, metrics, metrics exchange and gradient
     /// all-reduce seconds added.
     fn step_shared(

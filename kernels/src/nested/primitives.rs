@@ -334,7 +334,7 @@ unsafe fn sgemm_of<T: Real>(
     }
 }
 
-/// [`gemm`] on [`sgemm`] where it runs (`f32` on a CPU with a micro-kernel, a product that
+/// [`gemm`](fn@gemm) on [`sgemm`] where it runs (`f32` on a CPU with a micro-kernel, a product that
 /// fills its tiles), with operands that may come laid out ahead in its panels: the
 /// forward passes' products. Elsewhere the `gemm` crate on the strided form.
 ///
@@ -342,7 +342,7 @@ unsafe fn sgemm_of<T: Real>(
 /// sgemm, strip by strip while they are in cache; else once for all of `dst`, after).
 ///
 /// # Safety
-/// As [`gemm`]; panels must hold the operand they come with.
+/// As [`gemm`](fn@gemm); panels must hold the operand they come with.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_panels<T: Real>(
     [m, n, k]: [usize; 3],

@@ -796,7 +796,7 @@ unsafe fn copy_run(src: *const f32, dst: *mut f32, valid: usize, width: usize) {
 }
 
 /// GFLOP/s (2 per multiply-add) of this CPU's micro-kernel alone, on one thread: a whole
-/// tile over [`KC`] steps on panels that stay in L1, `reps` calls, no packing and no
+/// tile over `KC` steps on panels that stay in L1, `reps` calls, no packing and no
 /// memory traffic (`None` where sgemm has no micro-kernel here). The ceiling of every
 /// product on sgemm, against the FMA peak.
 pub fn micro_kernel_gflops(reps: usize) -> Option<f64> {

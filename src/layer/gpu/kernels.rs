@@ -4,7 +4,7 @@
 //!
 //! Every kernel gives one thread one value of one *chunk* of its reduction (input
 //! channels for the forward pass, output channels for the input gradient, output rows
-//! for the weight and bias gradients) and sums in a fixed order; [`sum_chunks`] then adds
+//! for the weight and bias gradients) and sums in a fixed order; [`sum_chunks()`] then adds
 //! the chunks in order. The chunks bound the work of one thread: it keeps many threads
 //! busy on large reductions, and it keeps every loop far below 65,535 iterations, where
 //! Mesa's software Vulkan driver (lavapipe, the CI's GPU) silently stops a loop. Chunk

@@ -1,6 +1,6 @@
 //! The nested evaluation on burn's CubeCL backends (wgpu: Vulkan, Metal, DX12; cuda):
 //! the forward pass and the three gradients of a versatile convolution as `#[cube]`
-//! kernels ([`kernels`]), launched on the tensors of a [`Cube`] device. The backend
+//! kernels ([`kernels`]), launched on the tensors of a `Cube` device. The backend
 //! extension in [`super::fused`] calls [`forward`] and [`backward`] for `Cube` and
 //! `Autodiff<Cube>` as it calls the CPU kernels for `Flex`.
 //!
