@@ -797,10 +797,11 @@ unsafe fn copy_run(src: *const f32, dst: *mut f32, valid: usize, width: usize) {
 
 /// GFLOP/s (2 per multiply-add) of this CPU's micro-kernel alone, on one thread: a whole
 /// tile over `KC` steps on panels that stay in L1, `reps` calls, no packing and no
-/// memory traffic (`None` where sgemm has no micro-kernel here). The ceiling of every
-/// product on sgemm, against the FMA peak.
+/// memory traffic (`None` where sgemm has no micro-kernel here); `reps` at least 1. The
+/// ceiling of every product on sgemm, against the FMA peak.
 pub fn micro_kernel_gflops(reps: usize) -> Option<f64> {
     let micro = micro()?;
+    let reps = reps.max(1);
     let lhs = vec![0.5f32; KC * micro.mr];
     let rhs = vec![0.25f32; KC * micro.nr];
     let mut dst = vec![0.0f32; micro.mr * micro.nr];
