@@ -605,11 +605,11 @@ unsafe fn serial(
     finish: Option<(Done<'_>, [usize; 2])>,
 ) {
     let Micro {
-        name: _,
         kernel,
         direct,
         mr,
         nr,
+        ..
     } = micro;
     // An rhs of unit column stride, on a product of few rows: read in place.
     let direct = direct.filter(|_| {
