@@ -2,7 +2,8 @@
 //! the write) many times, for profiling one layer shape alone (`perf record`): dense, or
 //! with `SPATIAL=1` in the environment the spatial versatile layer of the same shape;
 //! `POOL=1` pools the output 2 x 2 in the write; `FLUSH=1` reads 256 MiB between runs,
-//! so that the layer starts from cold caches, as inside a network.
+//! so that the layer starts from cold caches, as inside a network; `LAYOUT=nhwc` runs
+//! the channels-last convolution ([`NhwcConv`]) instead.
 //!
 //! ```text
 //! cargo run --release --example conv_steps -- IN OUT KERNEL SIDE [STRIDE=1] [BATCH=1] [RUNS=50]
@@ -12,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use versatile::layer::{ChannelMode, Geometry, GeometrySpec};
+use versatile_kernels::nhwc::NhwcConv;
 use versatile_kernels::tuning::Strategy;
 use versatile_kernels::{forward_packed, ConvPlan, Epilogue, PackedWeight};
 
@@ -63,7 +65,23 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| ((i * 7919) % 255) as f32 / 2550.0 - 0.05)
         .collect();
     let bias = vec![0.01f32; cout];
+    let channels_last = std::env::var("LAYOUT").is_ok_and(|v| v == "nhwc");
+    let nhwc = if channels_last {
+        if std::env::var("POOL").is_ok_and(|v| v == "1") {
+            return Err("a channels-last convolution does not pool in its write".into());
+        }
+        let conv = NhwcConv::new(&plan, &weight)
+            .ok_or("this CPU or layer has no channels-last convolution")?;
+        Some(conv)
+    } else {
+        None
+    };
     let packed = PackedWeight::new(&plan, &weight);
+    // The input's values in either layout: the time does not depend on them.
+    let pass = |x: &[f32], epilogue: &Epilogue<'_, f32>, out: &mut [f32]| match &nhwc {
+        Some(conv) => conv.forward(x, epilogue, out),
+        None => forward_packed(&plan, x, &packed, epilogue, out),
+    };
     let x: Vec<f32> = (0..plan.input_len())
         .map(|i| ((i * 104_729) % 255) as f32 / 255.0 - 0.5)
         .collect();
@@ -74,7 +92,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         ..Epilogue::default()
     };
     let mut out = vec![0.0f32; epilogue.output_len(&plan)];
-    forward_packed(&plan, &x, &packed, &epilogue, &mut out);
+    pass(&x, &epilogue, &mut out);
     let mut times = Vec::with_capacity(runs);
     // FLUSH=1: 256 MiB written once, then read (not written: no dirty lines to write
     // back during the timed run) before each run.
@@ -90,7 +108,7 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..runs {
         flushed += flush.iter().step_by(64).map(|&v| u64::from(v)).sum::<u64>();
         let start = Instant::now();
-        forward_packed(&plan, &x, &packed, &epilogue, &mut out);
+        pass(&x, &epilogue, &mut out);
         times.push(start.elapsed().as_secs_f64());
     }
     std::hint::black_box(flushed);

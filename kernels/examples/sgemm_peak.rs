@@ -1,7 +1,8 @@
 //! The two ceilings `versatile bench` quotes shares against, alone: the f32 FMA peak
 //! (independent vector FMA chains on every thread) and the rate of the kernels' SGEMM on
 //! a square product, on rayon's threads (`RAYON_NUM_THREADS`); and between them, the
-//! micro-kernel alone on one thread.
+//! micro-kernels alone on one thread (the packed one, and the channels-last
+//! convolutions' indirect ones on one tap of 160 channels and on nine of 64).
 //!
 //! ```text
 //! cargo run --release -p versatile-kernels --example sgemm_peak -- [SIZE=2048] [REPS=5]
@@ -26,6 +27,14 @@ fn main() {
     if let Some(kernel) = sgemm::micro_kernel_gflops(200_000) {
         let name = sgemm::micro_kernel().unwrap_or("none");
         println!("the {name} micro-kernel alone, on L1 panels, one thread: {kernel:.1} GFLOP/s");
+    }
+    for (taps, kc) in [(1, 160), (9, 64)] {
+        for (mr, nr, gflops) in sgemm::indirect_kernel_gflops(taps, kc, 2_000_000 / (taps * kc)) {
+            println!(
+                "the indirect {mr} x {nr} micro-kernel alone, {taps} tap(s) of {kc} channels, \
+                 one thread: {gflops:.1} GFLOP/s"
+            );
+        }
     }
     let sgemm = sgemm_gflops(size, reps);
     println!("SGEMM {size}^3 on {threads} threads (median of {reps}): {sgemm:.1} GFLOP/s");

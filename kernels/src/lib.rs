@@ -41,6 +41,7 @@ mod gather;
 mod im2col;
 pub mod moments;
 mod nested;
+pub mod nhwc;
 pub mod norm;
 pub mod optim;
 mod peak;

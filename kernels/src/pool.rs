@@ -739,6 +739,99 @@ pub fn adaptive_avg_pool2d(input: [usize; 4], output: [usize; 2], x: &[f32], out
     });
 }
 
+/// [`max_pool2d`] on channels-last values: `x` `[batch, h, w, channels]` and `out`
+/// `[batch, out_h, out_w, channels]`. Each window's values are taken in the same order
+/// with the same selects, so each maximum is the same value.
+///
+/// # Panics
+/// If a length does not match, or the window or the stride is 0.
+pub fn max_pool2d_channels_last(pool: &Pool2d, x: &[f32], out: &mut [f32]) {
+    pool.check(x, out);
+    let [_, channels, h, w] = pool.input;
+    let [oh, ow] = pool.output;
+    if channels == 0 || oh * ow == 0 {
+        return;
+    }
+    // One task per output row of an image.
+    out.par_chunks_mut(ow * channels)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (image, oy) = (row / oh, row % oh);
+            let (_, y0, y1) = pool.span(0, oy);
+            let plane = &x[image * h * w * channels..][..h * w * channels];
+            for (ox, dst) in dst.chunks_exact_mut(channels).enumerate() {
+                let (_, x0, x1) = pool.span(1, ox);
+                let mut first = true;
+                for y in y0..y1 {
+                    for px in x0..x1 {
+                        let pixel = &plane[(y * w + px) * channels..][..channels];
+                        if first {
+                            dst.copy_from_slice(pixel);
+                            first = false;
+                        } else {
+                            rows_max_dispatch(dst, pixel);
+                        }
+                    }
+                }
+                if first {
+                    // A window with no input value.
+                    dst.fill(0.0);
+                }
+            }
+        });
+}
+
+/// [`rows_max`] on the widest vectors this CPU has (the same selects, so the same values).
+fn rows_max_dispatch(best: &mut [f32], row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { rows_max_avx512(best, row) };
+    }
+    rows_max(best, row);
+}
+
+/// [`rows_max`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_max_avx512(best: &mut [f32], row: &[f32]) {
+    rows_max(best, row);
+}
+
+/// [`adaptive_avg_pool2d`] to one value per channel, on channels-last values: `x`
+/// `[batch, h, w, channels]`, `out` `[batch, channels]`. Each channel's values are
+/// summed in the same order, so each mean is the same value.
+///
+/// # Panics
+/// If a length does not match.
+pub fn global_avg_pool_channels_last(input: [usize; 4], x: &[f32], out: &mut [f32]) {
+    let [batch, channels, h, w] = input;
+    assert_eq!(
+        x.len(),
+        input.iter().product::<usize>(),
+        "pool input length"
+    );
+    assert_eq!(out.len(), batch * channels, "pool output length");
+    if channels == 0 {
+        return;
+    }
+    let count = (h * w).max(1) as f32;
+    for (image, dst) in out.chunks_exact_mut(channels).enumerate() {
+        dst.fill(0.0);
+        for pixel in x[image * h * w * channels..][..h * w * channels].chunks_exact(channels) {
+            for (sum, &v) in dst.iter_mut().zip(pixel) {
+                *sum += v;
+            }
+        }
+        for sum in dst.iter_mut() {
+            *sum /= count;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +1024,60 @@ mod tests {
                     kernel == [2, 2] && stride == [2, 2] && padding == [0, 0] && extra == 0
                 );
             }
+        }
+    }
+
+    /// `[n, c, h, w]` values as `[n, h, w, c]`.
+    fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn channels_last_pools_give_the_same_values() {
+        for (input, [kernel, stride, padding]) in [
+            ([2, 5, 9, 9], [[3, 3], [2, 2], [1, 1]]),
+            ([1, 17, 8, 7], [[2, 2], [2, 2], [0, 0]]),
+            ([1, 3, 3, 3], [[2, 2], [3, 3], [1, 1]]),
+        ] {
+            let output =
+                [0, 1].map(|a| (input[2 + a] + 2 * padding[a] - kernel[a]) / stride[a] + 1);
+            let pool = Pool2d {
+                input,
+                output,
+                kernel,
+                stride,
+                padding,
+            };
+            let x: Vec<f32> = (0..pool.input_len())
+                .map(|i| match i % 29 {
+                    5 => f32::NAN,
+                    _ if i % 3 == 0 => [0.0f32, -0.0][(i / 3) % 2],
+                    j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
+                })
+                .collect();
+            let mut want = vec![0.0; pool.output_len()];
+            max_pool2d(&pool, &x, &mut want);
+            let mut got = vec![1.0; pool.output_len()];
+            max_pool2d_channels_last(&pool, &channels_last(&x, input), &mut got);
+            let want = channels_last(&want, [input[0], input[1], output[0], output[1]]);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "max pool {input:?}");
+            let x: Vec<f32> = (0..pool.input_len())
+                .map(|i| ((i * 31) % 17) as f32 * 0.37)
+                .collect();
+            let mut want = vec![0.0; input[0] * input[1]];
+            adaptive_avg_pool2d(input, [1, 1], &x, &mut want);
+            let mut got = vec![1.0; want.len()];
+            global_avg_pool_channels_last(input, &channels_last(&x, input), &mut got);
+            assert_eq!(bits(&got), bits(&want), "global average {input:?}");
         }
     }
 }

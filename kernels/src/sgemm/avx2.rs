@@ -14,6 +14,7 @@ pub(super) const MICRO: Micro = Micro {
     name: "avx2",
     kernel: entry,
     direct: None,
+    indirect: &[],
     mr: MR,
     nr: NR,
 };

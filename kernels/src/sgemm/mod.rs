@@ -46,11 +46,11 @@ const PARALLEL_MACS: usize = 1 << 18;
 /// The part of `dst` a micro-kernel call writes: `rows <= MR` rows `rs` apart of
 /// `cols <= NR` unit-stride columns from `ptr`.
 #[derive(Clone, Copy)]
-struct Tile {
-    ptr: *mut f32,
-    rs: usize,
-    rows: usize,
-    cols: usize,
+pub(crate) struct Tile {
+    pub ptr: *mut f32,
+    pub rs: usize,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// A micro-kernel: `t = sum_{p < kc} a[p * MR + i] * b[p * NR + j]` (fused multiply-adds
@@ -80,6 +80,46 @@ enum RhsRows {
 /// the `dst.cols` values of row `p` valid for every `p < kc`.
 type DirectKernel = unsafe fn(kc: usize, a: *const f32, b: RhsRows, dst: Tile, add: bool);
 
+/// A micro-kernel that reads `lhs` in place, row by row, in `taps` runs of `kc` steps: as
+/// [`Kernel`] over `k = taps * kc`, with value `(i, t * kc + p)` of `lhs` at
+/// `rows[t * MR + i] + offset + p` (`rows` given as `(rows, offset)`) (a convolution on channels-last activations: each output
+/// position's input pixels, tap by tap, are rows of the image itself, no packing).
+///
+/// `b` is the panel and where to prefetch from: one line of 16 values per step, to L2
+/// (the weight of a layer on a small map streams from memory, and the next block's
+/// lines arrive while this one's tiles run from L2; a prefetch never faults).
+///
+/// With `finish`, the tile's final values go through it as they are stored.
+///
+/// Safety contract: as [`Kernel`] (`b` holding `taps * kc * NR` values), with `rows`
+/// holding `taps * MR` pointers, each valid for `offset + kc` reads (rows past `dst.rows` too:
+/// point them at any valid row), and `finish`'s
+/// pointers, where not null, valid for the tile's `cols` values (its `residual` for the
+/// tile's rows, `dst.rs` apart).
+pub(crate) type IndirectKernel = unsafe fn(
+    kc: usize,
+    taps: usize,
+    rows: (*const *const f32, usize),
+    b: (*const f32, *const f32),
+    dst: Tile,
+    add: bool,
+    finish: Option<TileFinish>,
+);
+
+/// The output write of a tile: `y = value * scale[j] + shift[j] + residual[i, j]`, then
+/// `max(y, 0)` where `relu` (NaN stays), a null pointer leaving its term out (the same
+/// operations, in the same order, as [`crate::Epilogue`]).
+#[derive(Clone, Copy)]
+pub(crate) struct TileFinish {
+    /// Per column of the tile.
+    pub scale: *const f32,
+    /// Per column of the tile.
+    pub shift: *const f32,
+    /// The tile's own, rows `dst.rs` apart.
+    pub residual: *const f32,
+    pub relu: bool,
+}
+
 /// Products of at most this many rows read a unit-stride `rhs` in place where the CPU
 /// has a [`DirectKernel`].
 const DIRECT_ROWS: usize = 64;
@@ -92,6 +132,8 @@ struct Micro {
     kernel: Kernel,
     /// The kernel reading `rhs` in place, where there is one.
     direct: Option<DirectKernel>,
+    /// The kernels reading `lhs` rows in place, with their tiles.
+    indirect: &'static [Indirect],
     mr: usize,
     nr: usize,
 }
@@ -129,6 +171,19 @@ fn detect() -> Option<Micro> {
 /// (for benchmarks and tests).
 pub fn micro_kernel() -> Option<&'static str> {
     micro().map(|m| m.name)
+}
+
+/// An [`IndirectKernel`] with its tile: `mr` rows (positions) by `nr` columns.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Indirect {
+    pub kernel: IndirectKernel,
+    pub mr: usize,
+    pub nr: usize,
+}
+
+/// This CPU's [`IndirectKernel`]s (none where it has none).
+pub(crate) fn indirect() -> &'static [Indirect] {
+    micro().map_or(&[], |m| m.indirect)
 }
 
 /// A strided matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
@@ -848,4 +903,41 @@ pub fn matmul([m, n, k]: [usize; 3], lhs: &[f32], rhs: &[f32], dst: &mut [f32]) 
             None,
         );
     }
+}
+
+/// GFLOP/s of each of this CPU's indirect micro-kernels alone, on one thread: whole tiles
+/// over `taps` runs of `kc` steps, rows and panel in L1 (the panel in L2 past 48 KiB),
+/// `reps` calls (at least 1). Each result is `(mr, nr, GFLOP/s)`; none where the CPU has
+/// no indirect kernel. The ceiling of a channels-last convolution, against the FMA peak.
+pub fn indirect_kernel_gflops(taps: usize, kc: usize, reps: usize) -> Vec<(usize, usize, f64)> {
+    let (taps, kc, reps) = (taps.max(1), kc.max(1), reps.max(1));
+    indirect()
+        .iter()
+        .map(|k| {
+            let x = vec![0.5f32; 16 * kc];
+            let b = vec![0.25f32; taps * kc * k.nr];
+            let mut dst = vec![0.0f32; k.mr * k.nr];
+            let rows: Vec<*const f32> = (0..taps * k.mr)
+                .map(|i| x[(i % 16) * kc..].as_ptr())
+                .collect();
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                let tile = Tile {
+                    ptr: dst.as_mut_ptr(),
+                    rs: k.nr,
+                    rows: k.mr,
+                    cols: k.nr,
+                };
+                let (rows, b) = ((rows.as_ptr(), 0), (b.as_ptr(), b.as_ptr()));
+                // SAFETY: taps * mr rows of kc values each, a panel of taps * kc * nr
+                // values, and dst's mr x nr tile, rows nr apart (the IndirectKernel
+                // contract).
+                unsafe { (k.kernel)(kc, taps, rows, b, tile, true, None) };
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            std::hint::black_box(&dst);
+            let flops = 2.0 * (taps * kc * k.mr * k.nr * reps) as f64;
+            (k.mr, k.nr, flops / seconds / 1e9)
+        })
+        .collect()
 }

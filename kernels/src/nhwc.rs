@@ -1,0 +1,623 @@
+//! Convolution on channels-last activations (`[batch, height, width, channels]`) by the
+//! indirect method: each output position's input pixels are rows of the image itself,
+//! so the micro-kernel broadcasts them in place ([`IndirectKernel`]) against the weight
+//! laid out once in panels. Nothing of the image is packed or copied (the channels-first
+//! passes gather a column matrix per tile), and each tile of output positions is
+//! written once, its epilogue applied from the registers.
+//!
+//! A versatile layer's rings are summed from the innermost out, each ring's taps
+//! together, into the accumulators of crop 0 (the whole kernel); once a ring is done, the
+//! running sums are the crop it completes, written (through its epilogue) to that crop's
+//! channels while the tile is in L1. A dense convolution is one ring of every tap.
+//!
+//! [`IndirectKernel`]: crate::sgemm::IndirectKernel
+
+use rayon::prelude::*;
+
+use crate::epilogue::Epilogue;
+use crate::plan::ConvPlan;
+use crate::sgemm::{self, Indirect, Tile, TileFinish, KC};
+
+/// Output positions a thread takes in one block: their rows of every tap stay in L2
+/// while the weight's blocks pass through L1.
+const POSITIONS_BLOCK: usize = 96;
+
+/// Input channels per kernel call of a ring of `taps` taps: [`KC`] for one tap; for more,
+/// whole vectors' worth (16) of channels such that `taps x channels <= KC`, so that the
+/// call's block of the weight stays in L1 across the block's tiles.
+fn chunk_channels(taps: usize) -> usize {
+    if taps <= 1 {
+        KC
+    } else {
+        (KC / taps / 16 * 16).max(16)
+    }
+}
+
+/// Where `n` output channels split into panels of at most `nr` (the first of each, then
+/// `n`): `nr` each, except that a last panel of 16 or fewer would run on a single vector,
+/// at most a third of the multiply-adds per broadcast (and so bound by the loads); with
+/// the one before it, it becomes panels of 32 and `nr - 32 + rest`.
+fn panel_starts(n: usize, nr: usize) -> Vec<usize> {
+    let mut starts: Vec<usize> = (0..n).step_by(nr.max(1)).collect();
+    let rest = n % nr.max(1);
+    if starts.len() >= 2 && (1..=16).contains(&rest) && nr > 32 {
+        let last = starts.len() - 1;
+        starts[last] = starts[last - 1] + 32;
+    }
+    starts.push(n);
+    starts
+}
+
+/// Whether this CPU has the micro-kernels of channels-last convolutions (AVX-512 here).
+pub fn available() -> bool {
+    !sgemm::indirect().is_empty()
+}
+
+/// One ring in the order the kernel sums them.
+#[derive(Debug, Clone)]
+struct Ring {
+    /// The plan's index of the ring, which is also the crop its sum completes.
+    crop: usize,
+    /// Its first tap among all taps in summing order.
+    first_tap: usize,
+    /// Its taps, `ky * kw + kx`.
+    taps: Vec<usize>,
+    /// Where its block of `k` starts: `taps before it x in_channels`.
+    first_k: usize,
+}
+
+/// A convolution's geometry on channels-last activations, with its weight laid out for
+/// this CPU's indirect micro-kernel.
+#[derive(Debug, Clone)]
+pub struct NhwcConv {
+    batch: usize,
+    in_channels: usize,
+    out_channels: usize,
+    /// Primary filters: the columns of the product (crop `r` of primary `p` is output
+    /// channel `r * primaries + p`, where below `out_channels`).
+    primaries: usize,
+    input: [usize; 2],
+    output: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    /// Padding before the first row and column.
+    pad: [usize; 2],
+    /// Innermost first.
+    rings: Vec<Ring>,
+    macs: u64,
+    /// The first primary of each panel, and the end of the last ([`panel_starts`]).
+    starts: Vec<usize>,
+    /// One panel per range of `starts`, each `k x NR` values (`k = kh * kw *
+    /// in_channels`: ring by ring, in each ring chunk by chunk of channels, in each chunk
+    /// tap by tap), zero past the panel's primaries.
+    panels: Vec<f32>,
+    /// The micro-kernel, whose `nr` is the panels' width.
+    micro: Indirect,
+    /// A pixel of zeros (`in_channels` values), for taps that read padding.
+    zeros: Vec<f32>,
+}
+
+impl NhwcConv {
+    /// Whether [`NhwcConv::new`] makes `plan`: this CPU has an indirect micro-kernel, and
+    /// the plan has one channel window reading every input channel (no channel windows,
+    /// no groups) and no dilation.
+    pub fn supports(plan: &ConvPlan) -> bool {
+        let whole_input = plan.windows.len() == 1
+            && plan.n_c == 1
+            && plan.window_depth == plan.in_channels
+            && plan.weight_depth == plan.in_channels
+            && plan.windows[0].in_offset == 0
+            && plan.windows[0].weight_offset == 0
+            && plan.windows[0].first_primary == 0
+            && plan.windows[0].rows == plan.primaries;
+        whole_input && plan.dilation == [1, 1] && available()
+    }
+
+    /// `plan` on channels-last activations with its weight (`[primaries, in_channels,
+    /// kh, kw]`): `None` where this CPU has no indirect micro-kernel or the plan is not
+    /// one this pass runs (several channel windows or groups, a dilated kernel).
+    ///
+    /// # Panics
+    /// If `weight` does not hold the plan's weight.
+    pub fn new(plan: &ConvPlan, weight: &[f32]) -> Option<Self> {
+        assert_eq!(weight.len(), plan.weight_len(), "weight length");
+        if !Self::supports(plan) {
+            return None;
+        }
+        // The widest tile whose width divides the primaries (no ragged panel), else the
+        // first.
+        let kernels = sgemm::indirect();
+        let micro = *kernels
+            .iter()
+            .filter(|k| plan.primaries.is_multiple_of(k.nr))
+            .max_by_key(|k| k.nr)
+            .or(kernels.first())?;
+        let nr = micro.nr;
+        let cin = plan.in_channels;
+        let [kh, kw] = plan.kernel;
+        let taps = kh * kw;
+        let mut rings = Vec::with_capacity(plan.rings.len());
+        let mut first_tap = 0;
+        for (crop, ring) in plan.rings.iter().enumerate().rev() {
+            rings.push(Ring {
+                crop,
+                first_tap,
+                taps: ring.iter().map(|&(ky, kx)| ky * kw + kx).collect(),
+                first_k: first_tap * cin,
+            });
+            first_tap += ring.len();
+        }
+        let k = taps * cin;
+        let starts = panel_starts(plan.primaries, nr);
+        let mut panels = vec![0.0f32; (starts.len() - 1) * k * nr];
+        for (primary, filter) in weight.chunks_exact(cin * taps).enumerate() {
+            let j = starts.partition_point(|&start| start <= primary) - 1;
+            let (panel, lane) = (&mut panels[j * k * nr..][..k * nr], primary - starts[j]);
+            for ring in &rings {
+                let chunk = chunk_channels(ring.taps.len());
+                for c0 in (0..cin).step_by(chunk) {
+                    let kc = (cin - c0).min(chunk);
+                    let block = ring.first_k + c0 * ring.taps.len();
+                    for (t, &tap) in ring.taps.iter().enumerate() {
+                        for c in 0..kc {
+                            panel[(block + t * kc + c) * nr + lane] = filter[(c0 + c) * taps + tap];
+                        }
+                    }
+                }
+            }
+        }
+        Some(Self {
+            batch: plan.batch,
+            in_channels: cin,
+            out_channels: plan.out_channels,
+            primaries: plan.primaries,
+            input: plan.input,
+            output: plan.output,
+            kernel: plan.kernel,
+            stride: plan.stride,
+            pad: plan.pad,
+            rings,
+            macs: plan.macs(),
+            starts,
+            panels,
+            micro,
+            zeros: vec![0.0; cin],
+        })
+    }
+
+    /// The output's shape, `[batch, out_channels, out_h, out_w]` (stored channels-last).
+    pub fn output_shape(&self) -> [usize; 4] {
+        [
+            self.batch,
+            self.out_channels,
+            self.output[0],
+            self.output[1],
+        ]
+    }
+
+    /// Values of the input.
+    pub fn input_len(&self) -> usize {
+        self.batch * self.input[0] * self.input[1] * self.in_channels
+    }
+
+    /// Values of the output.
+    pub fn output_len(&self) -> usize {
+        self.batch * self.output[0] * self.output[1] * self.out_channels
+    }
+
+    /// Multiply-adds of one call.
+    pub fn macs(&self) -> u64 {
+        self.macs
+    }
+
+    /// Bytes of the weight's panels.
+    pub fn weight_bytes(&self) -> usize {
+        std::mem::size_of_val(self.panels.as_slice())
+    }
+
+    /// `out = epilogue(conv(x))`, `x` `[batch, h, w, in_channels]` and `out` (and the
+    /// epilogue's residual) `[batch, out_h, out_w, out_channels]`, on the rayon pool's
+    /// threads. Each value is its products summed tap by tap in blocks of at most `KC`
+    /// channels, the blocks added in order: the bits do not depend on the thread count.
+    ///
+    /// # Panics
+    /// If a length does not match, or the epilogue pools.
+    pub fn forward(&self, x: &[f32], epilogue: &Epilogue<'_, f32>, out: &mut [f32]) {
+        assert_eq!(x.len(), self.input_len(), "input length");
+        assert_eq!(out.len(), self.output_len(), "output length");
+        assert!(!epilogue.pool, "a channels-last convolution does not pool");
+        for (what, values) in [("scale", epilogue.scale), ("shift", epilogue.shift)] {
+            if let Some(values) = values {
+                assert_eq!(values.len(), self.out_channels, "epilogue {what} length");
+            }
+        }
+        if let Some(residual) = epilogue.residual {
+            assert_eq!(residual.len(), out.len(), "epilogue residual length");
+        }
+        let positions = self.batch * self.output[0] * self.output[1];
+        let panel_count = self.starts.len() - 1;
+        let threads = crate::threads();
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // Many positions: each thread its positions, all panels (the weight read once per
+        // block of positions). Few: each thread its panels, all positions (each thread
+        // reads only its share of the weight).
+        let by_positions = positions >= threads * 2 * POSITIONS_BLOCK || panel_count < threads;
+        let parts = if self.macs < 1 << 18 { 1 } else { threads };
+        let run = |part: usize| {
+            let (positions, panels) = if by_positions {
+                let tiles = positions.div_ceil(self.micro.mr);
+                let begin = tiles * part / parts * self.micro.mr;
+                let end = (tiles * (part + 1) / parts * self.micro.mr).min(positions);
+                (begin..end, 0..panel_count)
+            } else {
+                (
+                    0..positions,
+                    panel_count * part / parts..panel_count * (part + 1) / parts,
+                )
+            };
+            // SAFETY: the parts' (positions x panels) blocks of the output are disjoint,
+            // and `out` is borrowed mutably for the whole call.
+            unsafe { self.block(x, epilogue, out_ptr, positions, panels) };
+        };
+        if parts == 1 {
+            run(0);
+        } else {
+            (0..parts).into_par_iter().for_each(run);
+        }
+    }
+
+    /// Output positions `positions` for the panels `panels`.
+    ///
+    /// # Safety
+    /// `out` must hold the output, and no one else may access these positions' values
+    /// of these panels' primaries (of any crop) meanwhile.
+    unsafe fn block(
+        &self,
+        x: &[f32],
+        epilogue: &Epilogue<'_, f32>,
+        out: SendPtr,
+        positions: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+    ) {
+        let Indirect { kernel, mr, nr } = self.micro;
+        let [kh, kw] = self.kernel;
+        let taps = kh * kw;
+        let cin = self.in_channels;
+        let cout = self.out_channels;
+        let k = taps * cin;
+        let [oh, ow] = self.output;
+        let [h, w] = self.input;
+        let [sy, sx] = self.stride;
+        let [py, px] = self.pad;
+        // Per tile of the block, per tap in summing order, per row: where the tile's row
+        // reads the tap's pixel (its channel 0), or the zeros where the tap reads padding
+        // or the tile has fewer rows.
+        let mut table = vec![self.zeros.as_ptr(); POSITIONS_BLOCK.div_ceil(mr) * taps * mr];
+        let mut first = positions.start;
+        while first < positions.end {
+            // Blocks of at most POSITIONS_BLOCK, as even as whole tiles allow.
+            let left = positions.end - first;
+            let blocks = left.div_ceil(POSITIONS_BLOCK);
+            let count = (left.div_ceil(blocks).div_ceil(mr) * mr).min(left);
+            let tiles = count.div_ceil(mr);
+            // (image, oy, ox) of the block's first position, then stepped along.
+            let (mut image, mut oy, mut ox) = (first / (oh * ow), (first / ow) % oh, first % ow);
+            for i in 0..tiles * mr {
+                let (tile, row) = (i / mr, i % mr);
+                for ring in &self.rings {
+                    for (t, &tap) in ring.taps.iter().enumerate() {
+                        let (ky, kx) = (tap / kw, tap % kw);
+                        let iy = (oy * sy + ky).wrapping_sub(py);
+                        let ix = (ox * sx + kx).wrapping_sub(px);
+                        let inside = i < count && iy < h && ix < w;
+                        table[(tile * taps + ring.first_tap + t) * mr + row] = if inside {
+                            // The pixel's cin values.
+                            x[((image * h + iy) * w + ix) * cin..][..cin].as_ptr()
+                        } else {
+                            self.zeros.as_ptr()
+                        };
+                    }
+                }
+                ox += 1;
+                if ox == ow {
+                    ox = 0;
+                    oy += 1;
+                    if oy == oh {
+                        oy = 0;
+                        image += 1;
+                    }
+                }
+            }
+            for panel in panels.clone() {
+                let (p0, cols) = (
+                    self.starts[panel],
+                    self.starts[panel + 1] - self.starts[panel],
+                );
+                let weight = &self.panels[panel * k * nr..][..k * nr];
+                let mut started = false;
+                for (r, ring) in self.rings.iter().enumerate() {
+                    let ring_taps = ring.taps.len();
+                    let chunk = chunk_channels(ring_taps);
+                    let crop0 = r + 1 == self.rings.len();
+                    for c0 in (0..cin).step_by(chunk) {
+                        let kc = (cin - c0).min(chunk);
+                        let at_k = ring.first_k + c0 * ring_taps;
+                        let b = weight[at_k * nr..][..ring_taps * kc * nr].as_ptr();
+                        // The weight's next block (this panel's next, or the next
+                        // panel's first), a tile's steps' worth of lines per tile.
+                        let next = b.wrapping_add(ring_taps * kc * nr);
+                        let ring_done = c0 + kc == cin;
+                        for tile in 0..tiles {
+                            let q = first + tile * mr;
+                            let tile_rows = (first + count - q).min(mr);
+                            // Crop 0's channels hold the running sums.
+                            let at = q * cout + p0;
+                            let dst = Tile {
+                                // SAFETY: position q < positions, primary p0 < primaries
+                                // <= cout: in the output.
+                                ptr: unsafe { out.0.add(at) },
+                                rs: cout,
+                                rows: tile_rows,
+                                cols,
+                            };
+                            let finish =
+                                (crop0 && ring_done).then(|| tile_finish(epilogue, at, p0));
+                            let rows = table[(tile * taps + ring.first_tap) * mr..]
+                                [..ring_taps * mr]
+                                .as_ptr();
+                            let ahead = next.wrapping_add(tile * ring_taps * kc * 16);
+                            // SAFETY: ring_taps * MR rows of cin values each (image pixels
+                            // or the zeros), so kc from c0 on; the weight block holds
+                            // ring_taps * kc * NR values; the tile is this block's, rows
+                            // cout apart, cols <= NR columns; scale and shift hold cout
+                            // values, the residual the output's.
+                            unsafe {
+                                kernel(kc, ring_taps, (rows, c0), (b, ahead), dst, started, finish)
+                            };
+                            if ring_done && !crop0 {
+                                // SAFETY: the tile's sums are final for this crop, in
+                                // the output; its channels of the crop belong to this
+                                // block too.
+                                unsafe {
+                                    emit_crop(
+                                        self,
+                                        epilogue,
+                                        out,
+                                        (q, tile_rows),
+                                        (p0, cols),
+                                        ring.crop,
+                                    )
+                                };
+                            }
+                        }
+                        started = true;
+                    }
+                }
+            }
+            first += count;
+        }
+    }
+}
+
+/// The output write of crop 0's tile at output index `at` (primary `p0`, which is also
+/// its channel).
+fn tile_finish(epilogue: &Epilogue<'_, f32>, at: usize, p0: usize) -> TileFinish {
+    TileFinish {
+        scale: epilogue
+            .scale
+            .map_or(std::ptr::null(), |s| s[p0..].as_ptr()),
+        shift: epilogue
+            .shift
+            .map_or(std::ptr::null(), |s| s[p0..].as_ptr()),
+        residual: epilogue
+            .residual
+            .map_or(std::ptr::null(), |r| r[at..].as_ptr()),
+        relu: epilogue.relu,
+    }
+}
+
+/// Writes crop `crop` of the tile of positions `q..q + rows` and primaries `p0..p0 +
+/// cols` from the running sums in crop 0's channels: channel `crop * primaries + p` for
+/// those below `out_channels`, through the epilogue.
+///
+/// # Safety
+/// `out` must hold the output, the tile's sums must be final for this crop, and no one
+/// else may access these values meanwhile.
+unsafe fn emit_crop(
+    conv: &NhwcConv,
+    epilogue: &Epilogue<'_, f32>,
+    out: SendPtr,
+    (q, rows): (usize, usize),
+    (p0, cols): (usize, usize),
+    crop: usize,
+) {
+    let cout = conv.out_channels;
+    let channel = crop * conv.primaries + p0;
+    let len = cols.min(cout.saturating_sub(channel));
+    for position in q..q + rows {
+        let row = position * cout;
+        // SAFETY: the caller's promise; crop 0's primaries and crop `crop`'s channels of
+        // one position are disjoint (crop >= 1, channel >= primaries > p0 + cols - 1).
+        unsafe {
+            let sums = std::slice::from_raw_parts(out.0.add(row + p0), len);
+            let dst = std::slice::from_raw_parts_mut(out.0.add(row + channel), len);
+            for (i, (d, &sum)) in dst.iter_mut().zip(sums).enumerate() {
+                let (scale, shift) = epilogue.channel(channel + i);
+                *d = epilogue.apply(sum, (scale, shift), row + channel + i);
+            }
+        }
+    }
+}
+
+/// The output's pointer, shared by the threads that write disjoint blocks of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: the tasks write disjoint blocks of the output (`NhwcConv::forward`).
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{PlanSpec, Window};
+    use crate::{forward_packed, PackedWeight};
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i + seed) * 7919) % 251) as f32 / 251.0 - 0.5)
+            .collect()
+    }
+
+    /// `[n, c, h, w]` values as `[n, h, w, c]`.
+    fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0.0; x.len()];
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..h * w {
+                    out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
+                }
+            }
+        }
+        out
+    }
+
+    /// A spatial versatile plan: `kernel x kernel` in one ring per crop, outermost first.
+    fn versatile(input: [usize; 4], out_channels: usize, kernel: usize, stride: usize) -> ConvPlan {
+        let crops = kernel.div_ceil(2);
+        let primaries = out_channels.div_ceil(crops);
+        let rings = (0..crops)
+            .map(|r| {
+                let (lo, hi) = (r, kernel - 1 - r);
+                let mut ring = Vec::new();
+                for ky in lo..=hi {
+                    for kx in lo..=hi {
+                        if ky == lo || ky == hi || kx == lo || kx == hi {
+                            ring.push((ky, kx));
+                        }
+                    }
+                }
+                ring
+            })
+            .collect();
+        ConvPlan::new(PlanSpec {
+            input,
+            kernel: [kernel; 2],
+            stride: [stride; 2],
+            dilation: [1, 1],
+            padding: [(kernel / 2, kernel / 2); 2],
+            out_channels,
+            primaries,
+            n_c: 1,
+            window_depth: input[1],
+            weight_depth: input[1],
+            rings,
+            windows: vec![Window {
+                j: 0,
+                in_offset: 0,
+                weight_offset: 0,
+                first_primary: 0,
+                rows: primaries,
+            }],
+        })
+        .expect("a valid plan")
+    }
+
+    /// The plan on channels-last activations against the channels-first pass, with and
+    /// without a full epilogue.
+    fn check(plan: &ConvPlan) {
+        let weight = values(plan.weight_len(), 1);
+        if !available() {
+            return; // no indirect micro-kernel on this CPU
+        }
+        let conv = NhwcConv::new(plan, &weight).expect("a plan of one window");
+        let input = plan.input_shape();
+        let output = plan.output_shape();
+        let x = values(plan.input_len(), 2);
+        let n = plan.out_channels();
+        let (scale, shift) = (values(n, 3), values(n, 4));
+        let residual = values(plan.output_len(), 5);
+        let residual_last = channels_last(&residual, output);
+        let packed = PackedWeight::new(plan, &weight);
+        for full in [false, true] {
+            let epilogue = |residual| Epilogue {
+                scale: full.then_some(&scale[..]),
+                shift: full.then_some(&shift[..]),
+                residual: full.then_some(residual),
+                relu: full,
+                pool: false,
+            };
+            let mut want = vec![0.0; plan.output_len()];
+            forward_packed(plan, &x, &packed, &epilogue(&residual[..]), &mut want);
+            let want = channels_last(&want, output);
+            let mut got = vec![f32::NAN; conv.output_len()];
+            conv.forward(
+                &channels_last(&x, input),
+                &epilogue(&residual_last[..]),
+                &mut got,
+            );
+            for (i, (&got, &want)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{input:?} -> {output:?} {:?}/{:?} at {i}: {got} against {want}",
+                    plan.kernel(),
+                    plan.stride()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_matches_the_channels_first_pass() {
+        // (batch, cin, cout, side, kernel, stride): 1 x 1 and 3 x 3, strided, ragged
+        // last panels and tiles, more than KC channels, odd sizes.
+        for (batch, cin, cout, side, k, s) in [
+            (1, 16, 48, 7, 1, 1),
+            (2, 8, 20, 9, 3, 1),
+            (1, 200, 64, 5, 3, 2),
+            (3, 5, 100, 11, 1, 2),
+            (1, 32, 17, 6, 5, 1),
+            (2, 64, 96, 28, 3, 1),
+            (1, 3, 64, 30, 7, 2),
+        ] {
+            let p = k / 2;
+            let plan = ConvPlan::dense(
+                [batch, cin, side, side],
+                cout,
+                [k, k],
+                [s, s],
+                [1, 1],
+                1,
+                [(p, p); 2],
+            )
+            .expect("a valid plan");
+            check(&plan);
+        }
+    }
+
+    #[test]
+    fn versatile_rings_match_the_channels_first_pass() {
+        // Two crops of a 3 x 3 (an odd channel count leaves crop 1's last primary out),
+        // three of a 5 x 5, strided, batch 2.
+        for (batch, cin, cout, side, k, s) in [
+            (1, 16, 64, 9, 3, 1),
+            (2, 24, 63, 8, 3, 2),
+            (1, 40, 96, 7, 5, 1),
+            (1, 170, 128, 6, 3, 1),
+        ] {
+            check(&versatile([batch, cin, side, side], cout, k, s));
+        }
+    }
+
+    #[test]
+    fn declines_channel_windows_and_groups() {
+        let grouped = ConvPlan::dense([1, 8, 5, 5], 8, [3, 3], [1, 1], [1, 1], 2, [(1, 1); 2])
+            .expect("a valid plan");
+        assert!(NhwcConv::new(&grouped, &values(grouped.weight_len(), 0)).is_none());
+        let dense = ConvPlan::dense([1, 8, 5, 5], 8, [3, 3], [1, 1], [1, 1], 1, [(1, 1); 2])
+            .expect("a valid plan");
+        let made = NhwcConv::new(&dense, &values(dense.weight_len(), 0));
+        assert_eq!(made.is_some(), available());
+    }
+}
