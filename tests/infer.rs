@@ -150,6 +150,46 @@ fn larger_inputs_and_batches_match_the_eval_forward() {
     }
 }
 
+/// ResNets run channels-last where the CPU has the kernels (and agree with the
+/// channels-first plan); channel windows, and VGG's pooling in the write and flattened
+/// 7 x 7 map, keep a network channels-first.
+#[test]
+fn resnets_run_channels_last_where_the_cpu_can() {
+    let can = versatile::kernels::nhwc::available();
+    for (name, variant, shape, last) in [
+        ("resnet18", "dense", [2, 3, 33, 40], can),
+        ("resnet18", "spatial", [1, 3, 32, 32], can),
+        ("resnet50", "spatial", [1, 3, 64, 64], can),
+        ("resnet18", "spatial+channel", [1, 3, 32, 32], false),
+        ("vgg_small", "spatial", [1, 1, 28, 28], false),
+    ] {
+        let config = ModelConfig::parse(name, variant)
+            .unwrap()
+            .with_in_channels(shape[1])
+            .with_num_classes(10);
+        let model = model(&config, 3);
+        let mut plan = InferencePlan::compile(&model, shape).unwrap();
+        assert_eq!(plan.channels_last(), last, "{name} {variant}");
+        let mut first = InferencePlan::compile_channels_first(&model, shape).unwrap();
+        assert!(
+            !first.channels_last(),
+            "{name} {variant}: channels-first asked"
+        );
+        let input: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| ((i * 7919) % 255) as f32 / 255.0 - 0.5)
+            .collect();
+        let want = first.run(&input).unwrap().to_vec();
+        let got = plan.run(&input).unwrap();
+        let scale = max_abs(&want).max(1.0);
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 2e-4 * scale,
+                "{name} {variant}: {a} against {b}"
+            );
+        }
+    }
+}
+
 /// `vgg_small` spatial for one-channel images and ten classes.
 fn grey_vgg_small(seed: u64) -> Model {
     let config = ModelConfig::parse("vgg_small", "spatial")

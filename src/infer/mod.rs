@@ -24,7 +24,14 @@
 //!   1×1 convolutions (the streaming kernel for the large ones, as `fc6`);
 //! - activations live in a few buffers allocated once, reused across layers and runs:
 //!   each buffer is handed to the next layer once the values in it are read for the
-//!   last time.
+//!   last time;
+//! - where every layer allows it (ResNets: no channel windows or groups, no pooling in a
+//!   convolution's write, no flattening of a map wider than 1 x 1) and the CPU has the
+//!   kernels, activations are channels-last (`[batch, height, width, channels]`, the
+//!   input converted once) and the convolutions run on [`NhwcConv`]: each output
+//!   position's input pixels are read in place, and a versatile layer's crops are
+//!   written from the running sums of its rings. `VERSATILE_LAYOUT=nchw` in the
+//!   environment keeps the channels-first layout (for comparisons).
 
 mod error;
 
@@ -37,6 +44,7 @@ use burn::tensor::{Tensor, TensorData};
 
 pub use error::InferError;
 
+use crate::kernels::nhwc::NhwcConv;
 use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::{self, ConvPlan, Epilogue, PackedWeight};
 use crate::layer::{dense_conv_plan, symmetric_padding, window_out};
@@ -54,9 +62,12 @@ type Shape = [usize; 4];
 #[derive(Debug)]
 struct Conv {
     plan: ConvPlan,
-    /// `[m, depth, kh, kw]` until [`Builder::finish`] packs it.
+    /// `[m, depth, kh, kw]` until [`Builder::finish`] lays it out.
     weight: Vec<f32>,
+    /// The weight for the channels-first pass.
     packed: Option<PackedWeight<f32>>,
+    /// The convolution on channels-last activations (the plan's layout where it is set).
+    channels_last: Option<NhwcConv>,
     /// Whether the batch norm folds into the weight (dense layers).
     dense: bool,
     scale: Option<Vec<f32>>,
@@ -139,6 +150,11 @@ pub struct StepTime {
 pub struct InferencePlan {
     input: Shape,
     classes: usize,
+    /// Where the activations become channels-last, if they do (see the [module
+    /// docs](self)).
+    switch: Option<Switch>,
+    /// The value converted at the switch, channels-last.
+    staged: Vec<f32>,
     steps: Vec<Step>,
     /// The buffer of each value (`None` for the input).
     placement: Vec<Option<usize>>,
@@ -195,14 +211,15 @@ fn symmetric(padding: &PaddingConfig2d, what: &str) -> Result<[usize; 2], InferE
 /// Builds the steps of a plan.
 struct Builder {
     batch: usize,
-    lens: Vec<usize>,
+    /// Each value's shape.
+    shapes: Vec<Shape>,
     steps: Vec<Step>,
 }
 
 impl Builder {
     fn value(&mut self, shape: Shape) -> Value {
-        self.lens.push(shape.iter().product());
-        self.lens.len() - 1
+        self.shapes.push(shape);
+        self.shapes.len() - 1
     }
 
     fn push(&mut self, op: Op, input: Value, output: Shape) -> Value {
@@ -259,6 +276,7 @@ impl Builder {
             shift: bias.map(values).transpose()?,
             plan,
             packed: None,
+            channels_last: None,
             dense,
             scale: None,
             relu: false,
@@ -296,6 +314,7 @@ impl Builder {
             shift: linear.bias.as_ref().map(|b| values(b.val())).transpose()?,
             plan,
             packed: None,
+            channels_last: None,
             dense: true,
             scale: None,
             relu: false,
@@ -427,7 +446,7 @@ impl Builder {
         {
             if in_write && !conv.pool && conv.plan.pools_in_write() {
                 conv.pool = true;
-                self.lens[x] = out_shape.iter().product();
+                self.shapes[x] = out_shape;
                 return Ok((x, out_shape));
             }
         }
@@ -473,9 +492,55 @@ impl Builder {
         (self.push(op, x, out_shape), out_shape)
     }
 
-    /// Folds the dense layers' batch-norm scale into their weights and packs every weight.
-    fn finish(&mut self) {
-        for step in &mut self.steps {
+    /// Where the plan switches to channels-last activations, if it can: the first
+    /// convolution of 16 input channels or more (the first layer of an image network,
+    /// a few channels over a large map, runs faster channels-first), with the value it
+    /// reads, which is converted there. From the switch on, every step must run
+    /// channels-last (every convolution on [`NhwcConv`], reading its input as it was
+    /// produced: a linear layer after a 1 x 1 map, not a flattened wider one; no pooling
+    /// in a write; pools with a channels-last version) and read no value from before
+    /// it but the converted one; the output must be 1 x 1.
+    fn channels_last_from(&self, output: Value) -> Option<Switch> {
+        let step = self.steps.iter().position(
+            |step| matches!(&step.op, Op::Conv(conv) if conv.plan.input_shape()[1] >= 16),
+        )?;
+        let value = self.steps[step].input;
+        let [_, _, h, w] = self.shapes[output];
+        // Values made before the switch (the input too, where steps come before it).
+        let mut before = vec![false; self.shapes.len()];
+        before[INPUT] = step > 0;
+        for earlier in &self.steps[..step] {
+            before[earlier.output] = true;
+        }
+        let fits = self.steps[step..].iter().all(|step| {
+            let reads_after = std::iter::once(step.input)
+                .chain(step.residual)
+                .all(|v| v == value || !before[v]);
+            reads_after
+                && match &step.op {
+                    Op::Conv(conv) => {
+                        !conv.pool
+                            && NhwcConv::supports(&conv.plan)
+                            && conv.plan.input_shape() == self.shapes[step.input]
+                    }
+                    Op::MaxPool(_) | Op::Affine { .. } => true,
+                    Op::AdaptiveAvg { output, .. } => *output == [1, 1],
+                    Op::AvgPool(_) => false,
+                }
+        });
+        (fits && h * w == 1 && !before[output]).then_some(Switch {
+            step,
+            value,
+            shape: self.shapes[value],
+        })
+    }
+
+    /// Folds the dense layers' batch-norm scale into their weights and lays every weight
+    /// out for its pass: channels-last from step `channels_last_from` on, channels-first
+    /// before.
+    fn finish(&mut self, channels_last_from: Option<usize>) {
+        for (index, step) in self.steps.iter_mut().enumerate() {
+            let channels_last = channels_last_from.is_some_and(|from| index >= from);
             if let Op::Conv(conv) = &mut step.op {
                 if conv.dense {
                     if let Some(scale) = conv.scale.take() {
@@ -485,11 +550,31 @@ impl Builder {
                         }
                     }
                 }
-                conv.packed = Some(PackedWeight::new(&conv.plan, &conv.weight));
+                if channels_last {
+                    conv.channels_last = NhwcConv::new(&conv.plan, &conv.weight);
+                } else {
+                    conv.packed = Some(PackedWeight::new(&conv.plan, &conv.weight));
+                }
                 conv.weight = Vec::new();
             }
         }
     }
+}
+
+/// Where a plan switches to channels-last activations.
+#[derive(Debug, Clone, Copy)]
+struct Switch {
+    /// The first step that runs channels-last.
+    step: usize,
+    /// The value it reads, converted before it runs.
+    value: Value,
+    /// That value's shape.
+    shape: Shape,
+}
+
+/// Whether the environment asks for channels-first plans (`VERSATILE_LAYOUT=nchw`).
+fn channels_first_asked() -> bool {
+    std::env::var_os("VERSATILE_LAYOUT").is_some_and(|v| v == "nchw")
 }
 
 impl Forward for Builder {
@@ -683,6 +768,16 @@ impl InferencePlan {
     /// Compiles `model` (its eval forward: batch-norm running statistics, no dropout) for
     /// inputs of shape `[batch, channels, height, width]`.
     pub fn compile(model: &Model, input: Shape) -> Result<Self, InferError> {
+        Self::compile_in(model, input, channels_first_asked())
+    }
+
+    /// [`compile`](Self::compile), its activations channels-first whatever the model
+    /// (for comparisons of the two layouts).
+    pub fn compile_channels_first(model: &Model, input: Shape) -> Result<Self, InferError> {
+        Self::compile_in(model, input, true)
+    }
+
+    fn compile_in(model: &Model, input: Shape, channels_first: bool) -> Result<Self, InferError> {
         let config = model.config();
         config.check_input(input)?;
         if input[0] == 0 {
@@ -691,15 +786,23 @@ impl InferencePlan {
         let model = model.valid();
         let mut builder = Builder {
             batch: input[0],
-            lens: vec![input.iter().product()],
+            shapes: vec![input],
             steps: Vec::new(),
         };
         let (output, _) = model.walk(&mut builder, (INPUT, input))?;
-        builder.finish();
-        let (placement, sizes) = place(&builder.lens, &builder.steps, output);
+        let switch = if channels_first {
+            None
+        } else {
+            builder.channels_last_from(output)
+        };
+        builder.finish(switch.map(|s| s.step));
+        let lens: Vec<usize> = builder.shapes.iter().map(|s| s.iter().product()).collect();
+        let (placement, sizes) = place(&lens, &builder.steps, output);
         Ok(Self {
             input,
             classes: config.num_classes,
+            switch,
+            staged: Vec::new(),
             steps: builder.steps,
             placement,
             buffers: sizes.into_iter().map(|size| vec![0.0; size]).collect(),
@@ -720,9 +823,20 @@ impl InferencePlan {
     /// Bytes of the packed weights.
     pub fn weight_bytes(&self) -> usize {
         self.convs()
-            .filter_map(|conv| conv.packed.as_ref())
-            .map(PackedWeight::bytes)
+            .map(|conv| {
+                conv.packed.as_ref().map_or(0, PackedWeight::bytes)
+                    + conv
+                        .channels_last
+                        .as_ref()
+                        .map_or(0, NhwcConv::weight_bytes)
+            })
             .sum()
+    }
+
+    /// Whether the activations become channels-last (`[batch, height, width,
+    /// channels]`; see the [module docs](self)), else stay channels-first.
+    pub fn channels_last(&self) -> bool {
+        self.switch.is_some()
     }
 
     /// Bytes of the activation buffers (allocated once).
@@ -800,22 +914,33 @@ impl InferencePlan {
 
     /// [`run_steps`](Self::run_steps) on the calling thread.
     fn run_steps_on_this_thread(&mut self, input: &[f32], mut timed: impl FnMut(usize, f64)) {
+        let mut staged = std::mem::take(&mut self.staged);
         for (index, step) in self.steps.iter().enumerate() {
             let start = std::time::Instant::now();
+            let channels_last = self.switch.is_some_and(|s| index >= s.step);
+            if let Some(switch) = self.switch.filter(|s| s.step == index) {
+                let len: usize = switch.shape.iter().product();
+                let source = value_of(&self.placement, &self.buffers, input, switch.value);
+                to_channels_last(&source[..len], switch.shape, &mut staged);
+            }
             let out_buffer = self.placement[step.output].expect("every step output has a buffer");
             let mut out = std::mem::take(&mut self.buffers[out_buffer]);
             {
-                let read = |value: Value| -> &[f32] {
-                    match self.placement[value] {
-                        None => input,
-                        Some(b) => &self.buffers[b],
+                let converted = self.switch.filter(|_| channels_last).map(|s| s.value);
+                let read = |value: Value| {
+                    if converted == Some(value) {
+                        &staged[..]
+                    } else {
+                        value_of(&self.placement, &self.buffers, input, value)
                     }
                 };
-                execute(step, read(step.input), step.residual.map(read), &mut out);
+                let residual = step.residual.map(read);
+                execute(step, channels_last, read(step.input), residual, &mut out);
             }
             self.buffers[out_buffer] = out;
             timed(index, start.elapsed().as_secs_f64());
         }
+        self.staged = staged;
     }
 
     /// [`run`](Self::run) on a tensor: logits `[batch, classes]` on the input's device.
@@ -839,8 +964,49 @@ impl InferencePlan {
     }
 }
 
-/// Runs one step into `out` (at least its output's length; the rest is left as it is).
-fn execute(step: &Step, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
+/// The values of `value`: the caller's input, or its buffer.
+fn value_of<'a>(
+    placement: &[Option<usize>],
+    buffers: &'a [Vec<f32>],
+    input: &'a [f32],
+    value: Value,
+) -> &'a [f32] {
+    match placement[value] {
+        None => input,
+        Some(b) => &buffers[b],
+    }
+}
+
+/// `x` (`[n, c, h, w]`) as `[n, h, w, c]` into `out` (resized to its length), in
+/// parallel blocks of 16 positions: each block's values stay in L1 while every channel
+/// adds its 16.
+fn to_channels_last(x: &[f32], [_, c, h, w]: Shape, out: &mut Vec<f32>) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 16;
+    out.resize(x.len(), 0.0);
+    let plane = h * w;
+    if c == 0 || plane == 0 {
+        return;
+    }
+    out.par_chunks_mut(c * plane)
+        .zip(x.par_chunks(c * plane))
+        .for_each(|(dst, image)| {
+            dst.par_chunks_mut(BLOCK * c)
+                .enumerate()
+                .for_each(|(block, dst)| {
+                    let first = block * BLOCK;
+                    for (ch, src) in image.chunks_exact(plane).enumerate() {
+                        for (p, &v) in src[first..].iter().take(dst.len() / c).enumerate() {
+                            dst[p * c + ch] = v;
+                        }
+                    }
+                });
+        });
+}
+
+/// Runs one step into `out` (at least its output's length; the rest is left as it is),
+/// on activations in the plan's layout.
+fn execute(step: &Step, channels_last: bool, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
     match &step.op {
         Op::Conv(conv) => {
             let plan = &conv.plan;
@@ -852,16 +1018,29 @@ fn execute(step: &Step, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
                 relu: conv.relu,
                 pool: conv.pool,
             };
-            let packed = conv.packed.as_ref().expect("packed at compile time");
             let len = epilogue.output_len(plan);
-            kernels::forward_packed(plan, x, packed, &epilogue, &mut out[..len]);
+            match (&conv.channels_last, &conv.packed) {
+                (Some(nhwc), _) => nhwc.forward(x, &epilogue, &mut out[..len]),
+                (None, Some(packed)) => {
+                    kernels::forward_packed(plan, x, packed, &epilogue, &mut out[..len])
+                }
+                (None, None) => unreachable!("every weight is laid out at compile time"),
+            }
+        }
+        Op::MaxPool(p) if channels_last => {
+            pool::max_pool2d_channels_last(p, &x[..p.input_len()], &mut out[..p.output_len()])
         }
         Op::MaxPool(p) => pool::max_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),
         Op::AvgPool(p) => pool::avg_pool2d(p, &x[..p.input_len()], &mut out[..p.output_len()]),
         Op::AdaptiveAvg { input, output } => {
             let len = input[0] * input[1] * output[0] * output[1];
             let x = &x[..input.iter().product()];
-            pool::adaptive_avg_pool2d(*input, *output, x, &mut out[..len]);
+            if channels_last {
+                // Only to 1 x 1 (`fits_channels_last`).
+                pool::global_avg_pool_channels_last(*input, x, &mut out[..len]);
+            } else {
+                pool::adaptive_avg_pool2d(*input, *output, x, &mut out[..len]);
+            }
         }
         Op::Affine {
             shape,
@@ -870,9 +1049,14 @@ fn execute(step: &Step, x: &[f32], residual: Option<&[f32]>, out: &mut [f32]) {
             relu,
         } => {
             let plane = shape[2] * shape[3];
+            let channels = shape[1].max(1);
             let len: usize = shape.iter().product();
             for (i, (dst, &v)) in out[..len].iter_mut().zip(&x[..len]).enumerate() {
-                let c = (i / plane.max(1)) % shape[1];
+                let c = if channels_last {
+                    i % channels
+                } else {
+                    (i / plane.max(1)) % channels
+                };
                 let y = v * scale[c] + shift[c];
                 *dst = if *relu && y <= 0.0 { 0.0 } else { y };
             }
