@@ -22,6 +22,12 @@ use crate::sgemm::{self, Indirect, Tile, TileFinish, KC};
 /// while the weight's blocks pass through L1.
 const POSITIONS_BLOCK: usize = 96;
 
+/// Layers of fewer input channels gather each block's positions into rows of their
+/// whole `k` (an image network's first layer: 3 channels a tap). At most the fewest
+/// channels [`chunk_channels`] gives a call, so that a ring's weight block is one chunk,
+/// tap by tap: the order of a gathered row.
+const GATHER_BELOW: usize = 16;
+
 /// Input channels per kernel call of a ring of `taps` taps: [`KC`] for one tap; for more,
 /// whole vectors' worth (16) of channels such that `taps x channels <= KC`, so that the
 /// call's block of the weight stays in L1 across the block's tiles.
@@ -93,7 +99,14 @@ pub struct NhwcConv {
     panels: Vec<f32>,
     /// The micro-kernel, whose `nr` is the panels' width.
     micro: Indirect,
-    /// A pixel of zeros (`in_channels` values), for taps that read padding.
+    /// The taps in summing order as runs along a kernel row: `(first tap in summing
+    /// order, ky, kx, taps)`, consecutive taps of one run reading neighbouring pixels
+    /// (contiguous values, channels-last), so that a gathered row copies a run at once.
+    runs: Vec<(usize, usize, usize, usize)>,
+    /// Whether each block gathers its positions' `k` values into rows of their own
+    /// (few input channels: a call per tap would run a few steps each).
+    gathers: bool,
+    /// Zeros for taps that read padding: a pixel's worth, or a gathered row's.
     zeros: Vec<f32>,
 }
 
@@ -148,6 +161,20 @@ impl NhwcConv {
             first_tap += ring.len();
         }
         let k = taps * cin;
+        let mut runs: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for (at, tap) in rings
+            .iter()
+            .flat_map(|r| r.taps.iter().copied())
+            .enumerate()
+        {
+            let (ky, kx) = (tap / kw, tap % kw);
+            match runs.last_mut() {
+                Some((first, y, x, len)) if *y == ky && *x + *len == kx && *first + *len == at => {
+                    *len += 1
+                }
+                _ => runs.push((at, ky, kx, 1)),
+            }
+        }
         let starts = panel_starts(plan.primaries, nr);
         let mut panels = vec![0.0f32; (starts.len() - 1) * k * nr];
         for (primary, filter) in weight.chunks_exact(cin * taps).enumerate() {
@@ -177,11 +204,13 @@ impl NhwcConv {
             stride: plan.stride,
             pad: plan.pad,
             rings,
+            runs,
             macs: plan.macs(),
             starts,
             panels,
             micro,
-            zeros: vec![0.0; cin],
+            gathers: cin < GATHER_BELOW,
+            zeros: vec![0.0; if cin < GATHER_BELOW { k } else { cin }],
         })
     }
 
@@ -291,8 +320,11 @@ impl NhwcConv {
         let [py, px] = self.pad;
         // Per tile of the block, per tap in summing order, per row: where the tile's row
         // reads the tap's pixel (its channel 0), or the zeros where the tap reads padding
-        // or the tile has fewer rows.
-        let mut table = vec![self.zeros.as_ptr(); POSITIONS_BLOCK.div_ceil(mr) * taps * mr];
+        // or the tile has fewer rows. Where the layer gathers, one pointer per row: its
+        // gathered values.
+        let table_taps = if self.gathers { 1 } else { taps };
+        let mut table = vec![self.zeros.as_ptr(); POSITIONS_BLOCK.div_ceil(mr) * table_taps * mr];
+        let mut gathered = vec![0.0f32; if self.gathers { POSITIONS_BLOCK * k } else { 0 }];
         let mut first = positions.start;
         while first < positions.end {
             // Blocks of at most POSITIONS_BLOCK, as even as whole tiles allow.
@@ -304,18 +336,28 @@ impl NhwcConv {
             let (mut image, mut oy, mut ox) = (first / (oh * ow), (first / ow) % oh, first % ow);
             for i in 0..tiles * mr {
                 let (tile, row) = (i / mr, i % mr);
-                for ring in &self.rings {
-                    for (t, &tap) in ring.taps.iter().enumerate() {
-                        let (ky, kx) = (tap / kw, tap % kw);
-                        let iy = (oy * sy + ky).wrapping_sub(py);
-                        let ix = (ox * sx + kx).wrapping_sub(px);
-                        let inside = i < count && iy < h && ix < w;
-                        table[(tile * taps + ring.first_tap + t) * mr + row] = if inside {
-                            // The pixel's cin values.
-                            x[((image * h + iy) * w + ix) * cin..][..cin].as_ptr()
-                        } else {
-                            self.zeros.as_ptr()
-                        };
+                if self.gathers {
+                    table[tile * mr + row] = if i < count {
+                        let dst = &mut gathered[i * k..][..k];
+                        self.gather(x, [image, oy, ox], dst);
+                        dst.as_ptr()
+                    } else {
+                        self.zeros.as_ptr()
+                    };
+                } else {
+                    for ring in &self.rings {
+                        for (t, &tap) in ring.taps.iter().enumerate() {
+                            let (ky, kx) = (tap / kw, tap % kw);
+                            let iy = (oy * sy + ky).wrapping_sub(py);
+                            let ix = (ox * sx + kx).wrapping_sub(px);
+                            let inside = i < count && iy < h && ix < w;
+                            table[(tile * taps + ring.first_tap + t) * mr + row] = if inside {
+                                // The pixel's cin values.
+                                x[((image * h + iy) * w + ix) * cin..][..cin].as_ptr()
+                            } else {
+                                self.zeros.as_ptr()
+                            };
+                        }
                     }
                 }
                 ox += 1;
@@ -337,16 +379,29 @@ impl NhwcConv {
                 let mut started = false;
                 for (r, ring) in self.rings.iter().enumerate() {
                     let ring_taps = ring.taps.len();
-                    let chunk = chunk_channels(ring_taps);
                     let crop0 = r + 1 == self.rings.len();
-                    for c0 in (0..cin).step_by(chunk) {
-                        let kc = (cin - c0).min(chunk);
-                        let at_k = ring.first_k + c0 * ring_taps;
-                        let b = weight[at_k * nr..][..ring_taps * kc * nr].as_ptr();
+                    // The ring's calls: chunks of channels, each over the ring's taps
+                    // (`(kc, taps, first k of the block, where in each row)`); or, gathered,
+                    // one call over the ring's whole block of each row.
+                    let chunk = chunk_channels(ring_taps);
+                    let calls: Vec<(usize, usize, usize, usize)> = if self.gathers {
+                        vec![(ring_taps * cin, 1, ring.first_k, ring.first_k)]
+                    } else {
+                        (0..cin)
+                            .step_by(chunk)
+                            .map(|c0| {
+                                let kc = (cin - c0).min(chunk);
+                                (kc, ring_taps, ring.first_k + c0 * ring_taps, c0)
+                            })
+                            .collect()
+                    };
+                    for (call, &(kc, call_taps, at_k, in_row)) in calls.iter().enumerate() {
+                        let b = weight[at_k * nr..][..call_taps * kc * nr].as_ptr();
                         // The weight's next block (this panel's next, or the next
                         // panel's first), a tile's steps' worth of lines per tile.
-                        let next = b.wrapping_add(ring_taps * kc * nr);
-                        let ring_done = c0 + kc == cin;
+                        let next = b.wrapping_add(call_taps * kc * nr);
+                        let ring_done = call + 1 == calls.len();
+                        let first_row = if self.gathers { 0 } else { ring.first_tap };
                         for tile in 0..tiles {
                             let q = first + tile * mr;
                             let tile_rows = (first + count - q).min(mr);
@@ -362,17 +417,26 @@ impl NhwcConv {
                             };
                             let finish =
                                 (crop0 && ring_done).then(|| tile_finish(epilogue, at, p0));
-                            let rows = table[(tile * taps + ring.first_tap) * mr..]
-                                [..ring_taps * mr]
+                            let rows = table[(tile * table_taps + first_row) * mr..]
+                                [..call_taps * mr]
                                 .as_ptr();
-                            let ahead = next.wrapping_add(tile * ring_taps * kc * 16);
-                            // SAFETY: ring_taps * MR rows of cin values each (image pixels
-                            // or the zeros), so kc from c0 on; the weight block holds
-                            // ring_taps * kc * NR values; the tile is this block's, rows
-                            // cout apart, cols <= NR columns; scale and shift hold cout
-                            // values, the residual the output's.
+                            let ahead = next.wrapping_add(tile * call_taps * kc * 16);
+                            // SAFETY: call_taps * MR rows, each valid from in_row for kc
+                            // values (image pixels of cin values with in_row = c0, or
+                            // gathered rows and zeros of k values, in_row + kc <= k); the
+                            // weight block holds call_taps * kc * NR values; the tile is
+                            // this block's, rows cout apart, cols <= NR columns; scale and
+                            // shift hold cout values, the residual the output's.
                             unsafe {
-                                kernel(kc, ring_taps, (rows, c0), (b, ahead), dst, started, finish)
+                                kernel(
+                                    kc,
+                                    call_taps,
+                                    (rows, in_row),
+                                    (b, ahead),
+                                    dst,
+                                    started,
+                                    finish,
+                                )
                             };
                             if ring_done && !crop0 {
                                 // SAFETY: the tile's sums are final for this crop, in
@@ -395,6 +459,41 @@ impl NhwcConv {
                 }
             }
             first += count;
+        }
+    }
+}
+
+impl NhwcConv {
+    /// The `k` values output position `(image, oy, ox)` reads, in summing order, into
+    /// `dst` (zeros where a tap reads padding): run by run, a whole run at once where it
+    /// lies inside the image.
+    fn gather(&self, x: &[f32], [image, oy, ox]: [usize; 3], dst: &mut [f32]) {
+        let cin = self.in_channels;
+        let [h, w] = self.input;
+        let iy0 = oy * self.stride[0];
+        let ix0 = ox * self.stride[1];
+        for &(at, ky, kx, len) in &self.runs {
+            let dst = &mut dst[at * cin..][..len * cin];
+            let iy = (iy0 + ky).wrapping_sub(self.pad[0]);
+            let ix = (ix0 + kx).wrapping_sub(self.pad[1]);
+            if iy < h && ix < w && ix + len <= w {
+                let src = &x[((image * h + iy) * w + ix) * cin..][..len * cin];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v;
+                }
+                continue;
+            }
+            for (t, dst) in dst.chunks_exact_mut(cin).enumerate() {
+                let ix = ix.wrapping_add(t);
+                if iy < h && ix < w {
+                    let src = &x[((image * h + iy) * w + ix) * cin..][..cin];
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v;
+                    }
+                } else {
+                    dst.fill(0.0);
+                }
+            }
         }
     }
 }
@@ -599,12 +698,14 @@ mod tests {
     #[test]
     fn versatile_rings_match_the_channels_first_pass() {
         // Two crops of a 3 x 3 (an odd channel count leaves crop 1's last primary out),
-        // three of a 5 x 5, strided, batch 2.
+        // three of a 5 x 5, four of a 7 x 7, strided, batch 2.
         for (batch, cin, cout, side, k, s) in [
             (1, 16, 64, 9, 3, 1),
             (2, 24, 63, 8, 3, 2),
             (1, 40, 96, 7, 5, 1),
             (1, 170, 128, 6, 3, 1),
+            // Few channels: gathered rows (an image network's first layer).
+            (2, 3, 64, 23, 7, 2),
         ] {
             check(&versatile([batch, cin, side, side], cout, k, s));
         }
