@@ -1,16 +1,15 @@
 //! Convolution on channels-last activations (`[batch, height, width, channels]`) by the
 //! indirect method: each output position's input pixels are rows of the image itself,
-//! so the micro-kernel broadcasts them in place ([`IndirectKernel`]) against the weight
-//! laid out once in panels. Nothing of the image is packed or copied (the channels-first
-//! passes gather a column matrix per tile), and each tile of output positions is
-//! written once, its epilogue applied from the registers.
+//! so the micro-kernel (sgemm's `IndirectKernel`) broadcasts them in place against the
+//! weight, laid out once in panels. Nothing of the image is packed or copied (the
+//! channels-first passes gather a column matrix per tile), and each tile of output
+//! positions is written once, its epilogue applied from the registers. Layers of few
+//! input channels gather each block's positions into rows instead.
 //!
 //! A versatile layer's rings are summed from the innermost out, each ring's taps
 //! together, into the accumulators of crop 0 (the whole kernel); once a ring is done, the
 //! running sums are the crop it completes, written (through its epilogue) to that crop's
 //! channels while the tile is in L1. A dense convolution is one ring of every tap.
-//!
-//! [`IndirectKernel`]: crate::sgemm::IndirectKernel
 
 use rayon::prelude::*;
 
@@ -52,6 +51,33 @@ fn panel_starts(n: usize, nr: usize) -> Vec<usize> {
     }
     starts.push(n);
     starts
+}
+
+/// `x` (`[n, c, h, w]`, channels-first) as `[n, h, w, c]` into `out` (resized to its
+/// length), in
+/// parallel blocks of 16 positions: each block's values stay in L1 while every channel
+/// adds its 16.
+pub fn to_channels_last(x: &[f32], [_, c, h, w]: [usize; 4], out: &mut Vec<f32>) {
+    const BLOCK: usize = 16;
+    out.resize(x.len(), 0.0);
+    let plane = h * w;
+    if c == 0 || plane == 0 {
+        return;
+    }
+    out.par_chunks_mut(c * plane)
+        .zip(x.par_chunks(c * plane))
+        .for_each(|(dst, image)| {
+            dst.par_chunks_mut(BLOCK * c)
+                .enumerate()
+                .for_each(|(block, dst)| {
+                    let first = block * BLOCK;
+                    for (ch, src) in image.chunks_exact(plane).enumerate() {
+                        for (p, &v) in src[first..].iter().take(dst.len() / c).enumerate() {
+                            dst[p * c + ch] = v;
+                        }
+                    }
+                });
+        });
 }
 
 /// Whether this CPU has the micro-kernels of channels-last convolutions (AVX-512 here).
@@ -558,7 +584,7 @@ unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::plan::{PlanSpec, Window};
     use crate::{forward_packed, PackedWeight};
@@ -570,15 +596,9 @@ mod tests {
     }
 
     /// `[n, c, h, w]` values as `[n, h, w, c]`.
-    fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
-        let mut out = vec![0.0; x.len()];
-        for b in 0..n {
-            for ch in 0..c {
-                for p in 0..h * w {
-                    out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
-                }
-            }
-        }
+    pub(crate) fn channels_last(x: &[f32], shape: [usize; 4]) -> Vec<f32> {
+        let mut out = Vec::new();
+        to_channels_last(x, shape, &mut out);
         out
     }
 

@@ -873,13 +873,7 @@ mod tests {
                 stride,
                 padding,
             };
-            let x: Vec<f32> = (0..pool.input_len())
-                .map(|i| match i % 29 {
-                    5 => f32::NAN,
-                    _ if i % 3 == 0 => [0.0f32, -0.0][(i / 3) % 2],
-                    j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
-                })
-                .collect();
+            let x = tricky(pool.input_len());
             let mut got = vec![0.0; pool.output_len()];
             max_pool2d(&pool, &x, &mut got);
             let windows = pool.windows();
@@ -1027,17 +1021,17 @@ mod tests {
         }
     }
 
-    /// `[n, c, h, w]` values as `[n, h, w, c]`.
-    fn channels_last(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
-        let mut out = vec![0.0; x.len()];
-        for b in 0..n {
-            for ch in 0..c {
-                for p in 0..h * w {
-                    out[(b * h * w + p) * c + ch] = x[(b * c + ch) * h * w + p];
-                }
-            }
-        }
-        out
+    use crate::nhwc::tests::channels_last;
+
+    /// Values with NaNs and ties of +0 and -0 among them.
+    fn tricky(len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| match i % 29 {
+                5 => f32::NAN,
+                _ if i % 3 == 0 => [0.0f32, -0.0][(i / 3) % 2],
+                j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
+            })
+            .collect()
     }
 
     #[test]
@@ -1056,13 +1050,7 @@ mod tests {
                 stride,
                 padding,
             };
-            let x: Vec<f32> = (0..pool.input_len())
-                .map(|i| match i % 29 {
-                    5 => f32::NAN,
-                    _ if i % 3 == 0 => [0.0f32, -0.0][(i / 3) % 2],
-                    j => ((i * 7919) % 101) as f32 / 10.0 - 5.0 + j as f32 * 0.001,
-                })
-                .collect();
+            let x = tricky(pool.input_len());
             let mut want = vec![0.0; pool.output_len()];
             max_pool2d(&pool, &x, &mut want);
             let mut got = vec![1.0; pool.output_len()];

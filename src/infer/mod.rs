@@ -924,7 +924,7 @@ impl InferencePlan {
             if let Some(switch) = self.switch.filter(|s| s.step == index) {
                 let len: usize = switch.shape.iter().product();
                 let source = value_of(&self.placement, &self.buffers, input, switch.value);
-                to_channels_last(&source[..len], switch.shape, &mut staged);
+                kernels::nhwc::to_channels_last(&source[..len], switch.shape, &mut staged);
             }
             let out_buffer = self.placement[step.output].expect("every step output has a buffer");
             let mut out = std::mem::take(&mut self.buffers[out_buffer]);
@@ -978,33 +978,6 @@ fn value_of<'a>(
         None => input,
         Some(b) => &buffers[b],
     }
-}
-
-/// `x` (`[n, c, h, w]`) as `[n, h, w, c]` into `out` (resized to its length), in
-/// parallel blocks of 16 positions: each block's values stay in L1 while every channel
-/// adds its 16.
-fn to_channels_last(x: &[f32], [_, c, h, w]: Shape, out: &mut Vec<f32>) {
-    use rayon::prelude::*;
-    const BLOCK: usize = 16;
-    out.resize(x.len(), 0.0);
-    let plane = h * w;
-    if c == 0 || plane == 0 {
-        return;
-    }
-    out.par_chunks_mut(c * plane)
-        .zip(x.par_chunks(c * plane))
-        .for_each(|(dst, image)| {
-            dst.par_chunks_mut(BLOCK * c)
-                .enumerate()
-                .for_each(|(block, dst)| {
-                    let first = block * BLOCK;
-                    for (ch, src) in image.chunks_exact(plane).enumerate() {
-                        for (p, &v) in src[first..].iter().take(dst.len() / c).enumerate() {
-                            dst[p * c + ch] = v;
-                        }
-                    }
-                });
-        });
 }
 
 /// Runs one step into `out` (at least its output's length; the rest is left as it is),
