@@ -842,9 +842,11 @@ impl InferencePlan {
         self.switch.is_some()
     }
 
-    /// Bytes of the activation buffers (allocated once).
+    /// Bytes of the activation buffers (allocated once), the channels-last copy of the
+    /// value converted at the switch included.
     pub fn activation_bytes(&self) -> usize {
-        self.buffers.iter().map(|b| b.len() * 4).sum()
+        let staged: usize = self.switch.map_or(0, |s| s.shape.iter().product());
+        self.buffers.iter().map(|b| b.len() * 4).sum::<usize>() + staged * 4
     }
 
     /// Number of kernel calls of one run.
