@@ -60,11 +60,14 @@ fn panel_starts(n: usize, nr: usize) -> Vec<usize> {
 }
 
 /// `x` (`[n, c, h, w]`, channels-first) as `[n, h, w, c]` into `out` (resized to its
-/// length), in
-/// parallel blocks of 16 positions: each block's values stay in L1 while every channel
-/// adds its 16.
-pub fn to_channels_last(x: &[f32], [_, c, h, w]: [usize; 4], out: &mut Vec<f32>) {
+/// length), in parallel blocks of 16 positions: each block's values stay in L1 while
+/// every channel adds its 16.
+///
+/// # Panics
+/// If `x` does not hold `n * c * h * w` values.
+pub fn to_channels_last(x: &[f32], [n, c, h, w]: [usize; 4], out: &mut Vec<f32>) {
     const BLOCK: usize = 16;
+    assert_eq!(x.len(), n * c * h * w, "input length");
     out.resize(x.len(), 0.0);
     let plane = h * w;
     if c == 0 || plane == 0 {
