@@ -42,7 +42,14 @@ fn run_args(output: &str) -> Vec<String> {
 }
 
 /// `mpirun -np 2 versatile ARGS` over TCP in `cwd`, with `env` set.
+///
+/// Each run keeps its session directory under `cwd`: by default every `mpirun` of the
+/// user shares `/tmp/ompi.HOST.UID`, which one run removes when it ends while another,
+/// started beside it by a parallel test, is creating its own inside it ("mkdir ...
+/// File exists", and that run fails in `orte_init`).
 fn mpirun(args: &[String], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let session = cwd.join("ompi-session");
+    std::fs::create_dir_all(&session).expect("create the MPI session directory");
     Command::new("mpirun")
         .args([
             "--allow-run-as-root",
@@ -55,7 +62,10 @@ fn mpirun(args: &[String], cwd: &Path, env: &[(&str, &str)]) -> Output {
             "--mca",
             "pml",
             "ob1",
+            "--mca",
+            "orte_tmpdir_base",
         ])
+        .arg(&session)
         .arg(env!("CARGO_BIN_EXE_versatile"))
         .args(args)
         .envs(env.iter().copied())
