@@ -76,11 +76,7 @@ unsafe fn indirect_entry<const ROWS: usize, const WIDTH: usize>(
 /// nor written).
 #[inline(always)]
 fn lanes(cols: usize) -> (__mmask16, __mmask16, __mmask16) {
-    let lane = |first: usize| -> __mmask16 {
-        let n = cols.saturating_sub(first).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    (lane(0), lane(16), lane(32))
+    (mask(cols, 0), mask(cols, 1), mask(cols, 2))
 }
 
 #[target_feature(enable = "avx512f")]
