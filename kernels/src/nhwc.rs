@@ -141,6 +141,11 @@ pub struct NhwcConv {
     /// Whether each block gathers its positions' `k` values into rows of their own
     /// (few input channels: a call per tap would run a few steps each).
     gathers: bool,
+    /// Whether, gathering, the summing order is the kernel's rows in order, each row's
+    /// taps in order (a dense layer): then a position's kernel row is `kw x in_channels`
+    /// contiguous values of the image itself, and only positions whose rows cross the
+    /// left or right edge are gathered.
+    kernel_rows: bool,
     /// Zeros for taps that read padding: a pixel's worth, or a gathered row's.
     zeros: Vec<f32>,
 }
@@ -210,6 +215,13 @@ impl NhwcConv {
                 _ => runs.push((at, ky, kx, 1)),
             }
         }
+        let gathers = cin < GATHER_BELOW;
+        let kernel_rows = gathers
+            && runs.len() == kh
+            && runs
+                .iter()
+                .enumerate()
+                .all(|(ky, &run)| run == (ky * kw, ky, 0, kw));
         let starts = panel_starts(plan.primaries, nr);
         let mut panels = vec![0.0f32; (starts.len() - 1) * k * nr];
         for (primary, filter) in weight.chunks_exact(cin * taps).enumerate() {
@@ -244,8 +256,9 @@ impl NhwcConv {
             starts,
             panels,
             micro,
-            gathers: cin < GATHER_BELOW,
-            zeros: vec![0.0; if cin < GATHER_BELOW { k } else { cin }],
+            gathers,
+            kernel_rows,
+            zeros: vec![0.0; if gathers { k } else { cin }],
         })
     }
 
@@ -356,8 +369,13 @@ impl NhwcConv {
         // Per tile of the block, per tap in summing order, per row: where the tile's row
         // reads the tap's pixel (its channel 0), or the zeros where the tap reads padding
         // or the tile has fewer rows. Where the layer gathers, one pointer per row: its
-        // gathered values.
-        let table_taps = if self.gathers { 1 } else { taps };
+        // gathered values; by kernel rows, one per kernel row: the row in the image, or
+        // in the position's gathered values where it crosses an edge.
+        let table_taps = match (self.gathers, self.kernel_rows) {
+            (true, true) => kh,
+            (true, false) => 1,
+            (false, _) => taps,
+        };
         let mut table = vec![self.zeros.as_ptr(); POSITIONS_BLOCK.div_ceil(mr) * table_taps * mr];
         let mut gathered = vec![0.0f32; if self.gathers { POSITIONS_BLOCK * k } else { 0 }];
         let mut first = positions.start;
@@ -371,7 +389,26 @@ impl NhwcConv {
             let (mut image, mut oy, mut ox) = (first / (oh * ow), (first / ow) % oh, first % ow);
             for i in 0..tiles * mr {
                 let (tile, row) = (i / mr, i % mr);
-                if self.gathers {
+                if self.kernel_rows {
+                    let ix = (ox * sx).wrapping_sub(px);
+                    let inside_x = ix < w && ix + kw <= w;
+                    if i < count && !inside_x {
+                        self.gather(x, [image, oy, ox], &mut gathered[i * k..][..k]);
+                    }
+                    for ky in 0..kh {
+                        let iy = (oy * sy + ky).wrapping_sub(py);
+                        table[(tile * kh + ky) * mr + row] = if i >= count {
+                            self.zeros.as_ptr()
+                        } else if !inside_x {
+                            gathered[i * k + ky * kw * cin..].as_ptr()
+                        } else if iy < h {
+                            // The kernel row's kw pixels of cin values.
+                            x[((image * h + iy) * w + ix) * cin..][..kw * cin].as_ptr()
+                        } else {
+                            self.zeros.as_ptr()
+                        };
+                    }
+                } else if self.gathers {
                     table[tile * mr + row] = if i < count {
                         let dst = &mut gathered[i * k..][..k];
                         self.gather(x, [image, oy, ox], dst);
@@ -419,7 +456,10 @@ impl NhwcConv {
                     // (`(kc, taps, first k of the block, where in each row)`); or, gathered,
                     // one call over the ring's whole block of each row.
                     let chunk = chunk_channels(ring_taps);
-                    let calls: Vec<(usize, usize, usize, usize)> = if self.gathers {
+                    let calls: Vec<(usize, usize, usize, usize)> = if self.kernel_rows {
+                        // One ring of every tap, kernel row by kernel row.
+                        vec![(kw * cin, kh, 0, 0)]
+                    } else if self.gathers {
                         vec![(ring_taps * cin, 1, ring.first_k, ring.first_k)]
                     } else {
                         (0..cin)
@@ -458,7 +498,10 @@ impl NhwcConv {
                             let ahead = next.wrapping_add(tile * call_taps * kc * 16);
                             // SAFETY: call_taps * MR rows, each valid from in_row for kc
                             // values (image pixels of cin values with in_row = c0, or
-                            // gathered rows and zeros of k values, in_row + kc <= k); the
+                            // gathered rows and zeros of k values, in_row + kc <= k; by
+                            // kernel rows, in_row = 0 and kc = kw * cin: a row of kw
+                            // pixels inside the image, a gathered row from its kernel
+                            // row's start, or the zeros' k values); the
                             // weight block holds call_taps * kc * NR values; the tile is
                             // this block's, rows cout apart, cols <= NR columns; scale and
                             // shift hold cout values, the residual the output's.
@@ -707,7 +750,9 @@ pub(crate) mod tests {
             (3, 5, 100, 11, 1, 2),
             (1, 32, 17, 6, 5, 1),
             (2, 64, 96, 28, 3, 1),
+            // Few channels, by kernel rows: pixels in place, gathered at the edges.
             (1, 3, 64, 30, 7, 2),
+            (2, 4, 40, 12, 5, 1),
         ] {
             let p = k / 2;
             let plan = ConvPlan::dense(
