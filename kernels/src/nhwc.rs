@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use crate::alloc::LineAligned;
 use crate::epilogue::Epilogue;
 use crate::plan::ConvPlan;
 use crate::sgemm::{self, Indirect, Tile, TileFinish, KC};
@@ -131,7 +132,7 @@ pub struct NhwcConv {
     /// One panel per range of `starts`, each `k x NR` values (`k = kh * kw *
     /// in_channels`: ring by ring, in each ring chunk by chunk of channels, in each chunk
     /// tap by tap), zero past the panel's primaries.
-    panels: Vec<f32>,
+    panels: LineAligned,
     /// The micro-kernel, whose `nr` is the panels' width.
     micro: Indirect,
     /// The taps in summing order as runs along a kernel row: `(first tap in summing
@@ -223,10 +224,13 @@ impl NhwcConv {
                 .enumerate()
                 .all(|(ky, &run)| run == (ky * kw, ky, 0, kw));
         let starts = panel_starts(plan.primaries, nr);
-        let mut panels = vec![0.0f32; (starts.len() - 1) * k * nr];
+        let mut panels = LineAligned::zeros((starts.len() - 1) * k * nr);
         for (primary, filter) in weight.chunks_exact(cin * taps).enumerate() {
             let j = starts.partition_point(|&start| start <= primary) - 1;
-            let (panel, lane) = (&mut panels[j * k * nr..][..k * nr], primary - starts[j]);
+            let (panel, lane) = (
+                &mut panels.as_mut_slice()[j * k * nr..][..k * nr],
+                primary - starts[j],
+            );
             for ring in &rings {
                 let chunk = chunk_channels(ring.taps.len());
                 for c0 in (0..cin).step_by(chunk) {
@@ -447,7 +451,7 @@ impl NhwcConv {
                     self.starts[panel],
                     self.starts[panel + 1] - self.starts[panel],
                 );
-                let weight = &self.panels[panel * k * nr..][..k * nr];
+                let weight = &self.panels.as_slice()[panel * k * nr..][..k * nr];
                 let mut started = false;
                 for (r, ring) in self.rings.iter().enumerate() {
                     let ring_taps = ring.taps.len();

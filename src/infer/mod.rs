@@ -44,6 +44,7 @@ use burn::tensor::{Tensor, TensorData};
 
 pub use error::InferError;
 
+use crate::kernels::alloc::LineAligned;
 use crate::kernels::nhwc::NhwcConv;
 use crate::kernels::pool::{self, Pool2d};
 use crate::kernels::{self, ConvPlan, Epilogue, PackedWeight};
@@ -158,7 +159,7 @@ pub struct InferencePlan {
     steps: Vec<Step>,
     /// The buffer of each value (`None` for the input).
     placement: Vec<Option<usize>>,
-    buffers: Vec<Vec<f32>>,
+    buffers: Vec<LineAligned>,
     output: Value,
 }
 
@@ -808,7 +809,7 @@ impl InferencePlan {
             staged: Vec::new(),
             steps: builder.steps,
             placement,
-            buffers: sizes.into_iter().map(|size| vec![0.0; size]).collect(),
+            buffers: sizes.into_iter().map(LineAligned::zeros).collect(),
             output,
         })
     }
@@ -874,7 +875,7 @@ impl InferencePlan {
         self.run_steps(input, |_, _| {});
         let len = self.input[0] * self.classes;
         let buffer = self.placement[self.output].expect("the output has a buffer");
-        Ok(&self.buffers[buffer][..len])
+        Ok(&self.buffers[buffer].as_slice()[..len])
     }
 
     /// Runs the plan `runs` times on `input` and reports each step with its median
@@ -940,7 +941,13 @@ impl InferencePlan {
                     }
                 };
                 let residual = step.residual.map(read);
-                execute(step, channels_last, read(step.input), residual, &mut out);
+                execute(
+                    step,
+                    channels_last,
+                    read(step.input),
+                    residual,
+                    out.as_mut_slice(),
+                );
             }
             self.buffers[out_buffer] = out;
             timed(index, start.elapsed().as_secs_f64());
@@ -972,13 +979,13 @@ impl InferencePlan {
 /// The values of `value`: the caller's input, or its buffer.
 fn value_of<'a>(
     placement: &[Option<usize>],
-    buffers: &'a [Vec<f32>],
+    buffers: &'a [LineAligned],
     input: &'a [f32],
     value: Value,
 ) -> &'a [f32] {
     match placement[value] {
         None => input,
-        Some(b) => &buffers[b],
+        Some(b) => buffers[b].as_slice(),
     }
 }
 

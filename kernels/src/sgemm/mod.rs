@@ -28,6 +28,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::alloc::Line;
 use crate::workspace::grow;
 
 /// Depth of one block of `k`: an AVX-512 `rhs` panel (`KC x 48` values) is 30 KiB, so
@@ -621,11 +622,6 @@ impl PtrAdd for *mut f32 {
         unsafe { self.add(count) }
     }
 }
-
-/// 64 bytes, so that packed panels start on a cache line.
-#[derive(Clone, Copy, Default, Debug, PartialEq)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
 
 /// One thread's packing buffers.
 #[derive(Default)]
