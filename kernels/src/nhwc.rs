@@ -90,7 +90,8 @@ pub fn to_channels_last(x: &[f32], [n, c, h, w]: [usize; 4], out: &mut Vec<f32>)
         });
 }
 
-/// Whether this CPU has the micro-kernels of channels-last convolutions (AVX-512 here).
+/// Whether this CPU has the micro-kernels of channels-last convolutions (AVX-512, or AVX2
+/// with FMA).
 pub fn available() -> bool {
     !sgemm::indirect().is_empty()
 }

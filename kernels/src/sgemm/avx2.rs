@@ -1,9 +1,11 @@
 //! The AVX2 + FMA micro-kernel: a 6 x 16 tile of `dst` in 12 ymm accumulators; per `k`,
-//! two loads of `rhs` and six broadcasts of `lhs` feed twelve fused multiply-adds.
+//! two loads of `rhs` and six broadcasts of `lhs` feed twelve fused multiply-adds. The
+//! indirect kernel (channels-last convolutions) has the same tile, its rows read in
+//! place.
 
 use std::arch::x86_64::*;
 
-use super::{Micro, Tile};
+use super::{Indirect, Micro, Tile, TileFinish};
 
 /// Rows of the tile.
 const MR: usize = 6;
@@ -14,7 +16,11 @@ pub(super) const MICRO: Micro = Micro {
     name: "avx2",
     kernel: entry,
     direct: None,
-    indirect: &[],
+    indirect: &[Indirect {
+        kernel: indirect_entry,
+        mr: MR,
+        nr: NR,
+    }],
     mr: MR,
     nr: NR,
 };
@@ -25,6 +31,156 @@ pub(super) const MICRO: Micro = Micro {
 unsafe fn entry(kc: usize, a: *const f32, b: *const f32, dst: Tile, add: bool) {
     // SAFETY: forwarded; the CPU has AVX2 and FMA.
     unsafe { kernel(kc, a, b, dst, add) }
+}
+
+/// # Safety
+/// The [`super::IndirectKernel`] contract, on a CPU with AVX2 and FMA ([`super::detect`]
+/// picks this kernel only there).
+unsafe fn indirect_entry(
+    kc: usize,
+    taps: usize,
+    rows: (*const *const f32, usize),
+    b: (*const f32, *const f32),
+    dst: Tile,
+    add: bool,
+    finish: Option<TileFinish>,
+) {
+    // SAFETY: forwarded; the CPU has AVX2 and FMA.
+    unsafe { indirect(kc, taps, rows, b, dst, add, finish) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn indirect(
+    kc: usize,
+    taps: usize,
+    rows: (*const *const f32, usize),
+    b: (*const f32, *const f32),
+    dst: Tile,
+    add: bool,
+    finish: Option<TileFinish>,
+) {
+    // SAFETY: forwarded (the panel holds taps * kc * NR values, zero past the tile's
+    // columns, so its loads need no masks).
+    unsafe {
+        if dst.cols <= 8 {
+            indirect_tile::<1>(kc, taps, rows, b, dst, add, finish)
+        } else {
+            indirect_tile::<2>(kc, taps, rows, b, dst, add, finish)
+        }
+    }
+}
+
+/// The indirect kernel's tile over its first `VECTORS` vectors of 8 columns: tap by tap,
+/// the tap's `MR` rows read in place for `kc` steps, all into the same accumulators.
+///
+/// # Safety
+/// The [`super::IndirectKernel`] contract, with `dst.cols <= 8 * VECTORS`, on a CPU with
+/// AVX2 and FMA.
+#[inline(always)]
+unsafe fn indirect_tile<const VECTORS: usize>(
+    kc: usize,
+    taps: usize,
+    (rows, offset): (*const *const f32, usize),
+    (b, ahead): (*const f32, *const f32),
+    dst: Tile,
+    add: bool,
+    finish: Option<TileFinish>,
+) {
+    let mut acc = [[_mm256_setzero_ps(); VECTORS]; MR];
+    for tap in 0..taps {
+        // SAFETY: tap < taps: the contract grants its MR row pointers, each valid for
+        // offset + kc values, and its kc * NR panel values; p < kc reads inside both.
+        unsafe {
+            let tap_rows = std::ptr::read(rows.add(tap * MR).cast::<[*const f32; MR]>())
+                .map(|row| row.add(offset));
+            let b = b.add(tap * kc * NR);
+            let ahead = ahead.wrapping_add(tap * kc * NR);
+            for p in 0..kc {
+                // One line of `ahead` per step on its way to L2 (a prefetch never faults).
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(p * NR).cast());
+                let mut bv = [_mm256_setzero_ps(); VECTORS];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm256_loadu_ps(b.add(p * NR + 8 * v));
+                }
+                for (row, sums) in tap_rows.iter().zip(acc.iter_mut()) {
+                    let ai = _mm256_set1_ps(*row.add(p));
+                    for (sum, &bv) in sums.iter_mut().zip(&bv) {
+                        *sum = _mm256_fmadd_ps(ai, bv, *sum);
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: forwarded (the caller's promise on the tile and on `finish`).
+    unsafe { store(acc, dst, add, finish) };
+}
+
+/// Lanes of vector `v` (8 columns from `8 * v`) inside a tile's first `cols` columns: a
+/// lane's mask is its sign bit; masked lanes are neither read nor written.
+#[target_feature(enable = "avx2")]
+fn lanes(cols: usize, v: usize) -> __m256i {
+    let n = cols.saturating_sub(8 * v).min(8) as i32;
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// Stores the tile's accumulators, added to what the tile holds where `add`, through
+/// `finish` where given (the same operations, in the same order, as
+/// `Epilogue::apply`). A function of its own, as the AVX-512 kernel's: inlined into the
+/// multiply-add loop, the compiler kept the accumulators in memory.
+///
+/// # Safety
+/// The tile's `rows x cols` values are valid (rows `dst.rs` apart), and so are
+/// `finish`'s pointers, where not null, for them; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn store<const VECTORS: usize>(
+    acc: [[__m256; VECTORS]; MR],
+    dst: Tile,
+    add: bool,
+    finish: Option<TileFinish>,
+) {
+    let masks: [__m256i; VECTORS] = std::array::from_fn(|v| lanes(dst.cols, v));
+    for (i, row) in acc.iter().enumerate().take(dst.rows) {
+        for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
+            // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in
+            // the tile the contract grants (cols <= 8 * VECTORS), and finish's pointers
+            // valid for its columns (its residual for its rows); the masks keep every
+            // access among them.
+            unsafe {
+                let d = dst.ptr.add(i * dst.rs + 8 * v);
+                let mut value = if add {
+                    _mm256_add_ps(_mm256_maskload_ps(d, mask), sum)
+                } else {
+                    sum
+                };
+                if let Some(finish) = finish {
+                    let column = 8 * v;
+                    if !finish.scale.is_null() {
+                        let scale = _mm256_maskload_ps(finish.scale.add(column), mask);
+                        value = _mm256_mul_ps(value, scale);
+                    }
+                    if !finish.shift.is_null() {
+                        let shift = _mm256_maskload_ps(finish.shift.add(column), mask);
+                        value = _mm256_add_ps(value, shift);
+                    }
+                    if !finish.residual.is_null() {
+                        let r = finish.residual.add(i * dst.rs + column);
+                        value = _mm256_add_ps(value, _mm256_maskload_ps(r, mask));
+                    }
+                    if finish.relu {
+                        // y <= 0 becomes +0 (a NaN compares false and stays).
+                        let zero = _mm256_setzero_ps();
+                        let negative = _mm256_cmp_ps::<_CMP_LE_OQ>(value, zero);
+                        value = _mm256_blendv_ps(value, zero, negative);
+                    }
+                }
+                _mm256_maskstore_ps(d, mask, value);
+            }
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -73,19 +229,8 @@ unsafe fn tile<const VECTORS: usize>(
             }
         }
     }
-    // Lanes of the vectors inside the tile's `cols` columns (a lane's mask is its sign
-    // bit; masked lanes are neither read nor written).
-    let lanes = |first: usize| -> __m256i {
-        let n = dst.cols.saturating_sub(first).min(8) as i32;
-        // SAFETY: AVX2 (the caller's promise).
-        unsafe {
-            _mm256_cmpgt_epi32(
-                _mm256_set1_epi32(n),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            )
-        }
-    };
-    let masks: [__m256i; VECTORS] = std::array::from_fn(|v| lanes(8 * v));
+    // SAFETY: AVX2 (the caller's promise).
+    let masks: [__m256i; VECTORS] = std::array::from_fn(|v| unsafe { lanes(dst.cols, v) });
     for (i, row) in acc.iter().enumerate().take(dst.rows) {
         for (v, (&sum, &mask)) in row.iter().zip(&masks).enumerate() {
             // SAFETY: the lanes of dst.ptr + i * dst.rs + [0, cols) for i < rows are in

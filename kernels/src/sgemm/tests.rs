@@ -460,3 +460,97 @@ fn every_tile_width_gives_the_definition_bits() {
         }
     }
 }
+
+/// Every indirect kernel of this CPU (the AVX-512 ones and, where the CPU has it, the
+/// AVX2 one), on every tile shape up to its own, with and without accumulating into the
+/// tile and a full epilogue: the definition's bits (fused multiply-adds tap by tap, step
+/// by step, then the epilogue's operations in `Epilogue::apply`'s order).
+#[test]
+fn every_indirect_kernel_gives_the_definition_bits() {
+    let mut kernels: Vec<Indirect> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            kernels.extend(avx512::MICRO.indirect);
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.extend(avx2::MICRO.indirect);
+        }
+    }
+    for Indirect { kernel, mr, nr } in kernels {
+        for (taps, kc, offset) in [(1, 5, 0), (3, 16, 2), (2, 37, 1)] {
+            // Each tap's rows are rows of `pixels`, not in order, some shared.
+            let pixels = values(11 * (offset + kc), taps as u64);
+            let rows: Vec<*const f32> = (0..taps * mr)
+                .map(|r| pixels[(r * 7 % 11) * (offset + kc)..].as_ptr())
+                .collect();
+            let row_value = |tap: usize, i: usize, p: usize| {
+                pixels[((tap * mr + i) * 7 % 11) * (offset + kc) + offset + p]
+            };
+            let b = values(taps * kc * nr, kc as u64);
+            let rs = nr + 3;
+            for rows_used in [1, mr - 1, mr] {
+                for cols in [1, 7, 8, 9, 16, nr / 2 + 1, nr] {
+                    let (scale, shift) = (values(cols, 5), values(cols, 6));
+                    let residual = values(rows_used * rs, 7);
+                    for (add, full) in [(false, false), (true, false), (false, true), (true, true)]
+                    {
+                        let start = values(rows_used * rs, 8);
+                        let mut got = start.clone();
+                        let finish = full.then(|| TileFinish {
+                            scale: scale.as_ptr(),
+                            shift: shift.as_ptr(),
+                            residual: residual.as_ptr(),
+                            relu: true,
+                        });
+                        let dst = Tile {
+                            ptr: got.as_mut_ptr(),
+                            rs,
+                            rows: rows_used,
+                            cols,
+                        };
+                        // SAFETY: taps * mr row pointers, each valid for offset + kc
+                        // values of `pixels`; b holds taps * kc * nr values; the tile's
+                        // rows_used x cols values lie in `got`, rows rs apart, and
+                        // finish's columns and residual rows in theirs.
+                        unsafe {
+                            kernel(
+                                kc,
+                                taps,
+                                (rows.as_ptr(), offset),
+                                (b.as_ptr(), b.as_ptr()),
+                                dst,
+                                add,
+                                finish,
+                            )
+                        };
+                        let mut want = start.clone();
+                        for i in 0..rows_used {
+                            for j in 0..cols {
+                                let mut sum = 0.0f32;
+                                for tap in 0..taps {
+                                    for p in 0..kc {
+                                        sum = row_value(tap, i, p)
+                                            .mul_add(b[(tap * kc + p) * nr + j], sum);
+                                    }
+                                }
+                                let mut value = if add { want[i * rs + j] + sum } else { sum };
+                                if full {
+                                    value = value * scale[j] + shift[j] + residual[i * rs + j];
+                                    if value <= 0.0 {
+                                        value = 0.0;
+                                    }
+                                }
+                                want[i * rs + j] = value;
+                            }
+                        }
+                        assert!(
+                            same_bits(&got, &want),
+                            "{mr} x {nr} kernel: {taps} taps of {kc}, {rows_used} x {cols}, add {add}, epilogue {full}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
