@@ -17,6 +17,7 @@ milliseconds; one JSON object per runtime (JSON lines).
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -95,6 +96,7 @@ def main():
                     "version": version,
                     "input": list(shape),
                     "threads": args.threads,
+                    "max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
                     "ms": median,
                     "ms_min": low,
                     "ms_max": high,

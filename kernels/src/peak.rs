@@ -39,10 +39,11 @@ pub fn fma_peak_gflops(iterations: usize, reps: usize) -> Option<f64> {
 /// number of iterations.
 type VectorFma = (usize, fn(usize) -> f32);
 
-/// The widest vector FMA of this CPU.
+/// The widest vector FMA of this CPU, or AVX2's where the micro-kernels were held to
+/// AVX2 (`VERSATILE_SGEMM=avx2`: the peak of the machine that setting stands for).
 #[cfg(target_arch = "x86_64")]
 fn vector_fma() -> Option<VectorFma> {
-    if is_x86_feature_detected!("avx512f") {
+    if is_x86_feature_detected!("avx512f") && crate::sgemm::micro_kernel() != Some("avx2") {
         Some((16, |n| {
             // SAFETY: this function pointer is handed out only here, after the check
             // that the CPU has AVX-512F.
