@@ -187,6 +187,11 @@ impl NhwcConv {
             .filter(|k| plan.primaries.is_multiple_of(k.nr))
             .max_by_key(|k| k.nr)
             .or(kernels.first())?;
+        Some(Self::with_kernel(plan, weight, micro))
+    }
+
+    /// [`NhwcConv::new`] on the micro-kernel `micro` (a plan [`NhwcConv::supports`]).
+    fn with_kernel(plan: &ConvPlan, weight: &[f32], micro: Indirect) -> Self {
         let nr = micro.nr;
         let cin = plan.in_channels;
         let [kh, kw] = plan.kernel;
@@ -245,7 +250,7 @@ impl NhwcConv {
                 }
             }
         }
-        Some(Self {
+        Self {
             batch: plan.batch,
             in_channels: cin,
             out_channels: plan.out_channels,
@@ -264,7 +269,7 @@ impl NhwcConv {
             gathers,
             kernel_rows,
             zeros: vec![0.0; if gathers { k } else { cin }],
-        })
+        }
     }
 
     /// The output's shape, `[batch, out_channels, out_h, out_w]` (stored channels-last).
@@ -701,13 +706,29 @@ pub(crate) mod tests {
     }
 
     /// The plan on channels-last activations against the channels-first pass, with and
-    /// without a full epilogue.
+    /// without a full epilogue, on the kernel `new` picks and on every other indirect
+    /// micro-kernel this CPU runs (the AVX2 one too on an AVX-512 CPU).
     fn check(plan: &ConvPlan) {
         let weight = values(plan.weight_len(), 1);
         if !available() {
             return; // no indirect micro-kernel on this CPU
         }
-        let conv = NhwcConv::new(plan, &weight).expect("a plan of one window");
+        let picked = NhwcConv::new(plan, &weight).expect("a plan of one window");
+        let mut kernels: Vec<Indirect> = sgemm::indirect().to_vec();
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.extend(sgemm::avx2_indirect());
+        }
+        for conv in std::iter::once(picked).chain(
+            kernels
+                .into_iter()
+                .map(|k| NhwcConv::with_kernel(plan, &weight, k)),
+        ) {
+            check_conv(plan, &weight, &conv);
+        }
+    }
+
+    fn check_conv(plan: &ConvPlan, weight: &[f32], conv: &NhwcConv) {
         let input = plan.input_shape();
         let output = plan.output_shape();
         let x = values(plan.input_len(), 2);
@@ -715,7 +736,7 @@ pub(crate) mod tests {
         let (scale, shift) = (values(n, 3), values(n, 4));
         let residual = values(plan.output_len(), 5);
         let residual_last = channels_last(&residual, output);
-        let packed = PackedWeight::new(plan, &weight);
+        let packed = PackedWeight::new(plan, weight);
         for full in [false, true] {
             let epilogue = |residual| Epilogue {
                 scale: full.then_some(&scale[..]),
@@ -736,9 +757,11 @@ pub(crate) mod tests {
             for (i, (&got, &want)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "{input:?} -> {output:?} {:?}/{:?} at {i}: {got} against {want}",
+                    "{input:?} -> {output:?} {:?}/{:?}, {} x {} kernel, at {i}: {got} against {want}",
                     plan.kernel(),
-                    plan.stride()
+                    plan.stride(),
+                    conv.micro.mr,
+                    conv.micro.nr,
                 );
             }
         }

@@ -187,6 +187,14 @@ pub(crate) fn indirect() -> &'static [Indirect] {
     micro().map_or(&[], |m| m.indirect)
 }
 
+/// The AVX2 [`IndirectKernel`]s, for tests on a CPU that picks the AVX-512 ones.
+///
+/// Callers must check that the CPU has AVX2 and FMA before calling them.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn avx2_indirect() -> &'static [Indirect] {
+    avx2::MICRO.indirect
+}
+
 /// A strided matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy)]
 pub(crate) struct Strided<P> {
