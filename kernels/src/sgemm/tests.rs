@@ -497,7 +497,7 @@ fn every_indirect_kernel_gives_the_definition_bits() {
                     {
                         let start = values(rows_used * rs, 8);
                         let mut got = start.clone();
-                        let finish = full.then(|| TileFinish {
+                        let finish = full.then_some(TileFinish {
                             scale: scale.as_ptr(),
                             shift: shift.as_ptr(),
                             residual: residual.as_ptr(),
