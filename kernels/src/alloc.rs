@@ -20,7 +20,8 @@ pub(crate) struct Line(pub(crate) [f32; 16]);
 
 /// `f32` values on storage that starts on a cache line, for a weight or an activation
 /// that a micro-kernel reads or writes a vector at a time: a plain `Vec<f32>` of this
-/// size is 16-byte aligned, and then three vector accesses in four straddle two lines
+/// size is only 16-byte aligned, and where it starts off a line every 64-byte access
+/// straddles two lines
 /// (ResNet-50's 3 x 3 64 -> 64 layer at 56 x 56 channels-last: 0.92 -> 0.82 ms with its
 /// weight's panels aligned).
 #[derive(Clone, Debug, Default, PartialEq)]
