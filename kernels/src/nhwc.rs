@@ -387,7 +387,19 @@ impl NhwcConv {
             (false, _) => taps,
         };
         let mut table = vec![self.zeros.as_ptr(); POSITIONS_BLOCK.div_ceil(mr) * table_taps * mr];
-        let mut gathered = vec![0.0f32; if self.gathers { POSITIONS_BLOCK * k } else { 0 }];
+        // The block's gathered rows, addressed through one raw pointer: the table holds
+        // pointers into earlier rows while later ones are written, and a `&mut` to the
+        // whole buffer for each row would invalidate those pointers.
+        let mut gathered_rows = vec![0.0f32; if self.gathers { POSITIONS_BLOCK * k } else { 0 }];
+        let gathered = gathered_rows.as_mut_ptr();
+        // Row i of the block's gathered rows, to write.
+        let gathered_row = |i: usize| {
+            assert!(i < POSITIONS_BLOCK && self.gathers);
+            // SAFETY: i < POSITIONS_BLOCK, so the row's k values lie in the buffer; no
+            // reference to them is live (the table's pointers are read only by the
+            // kernel calls after the block's rows are all written).
+            unsafe { std::slice::from_raw_parts_mut(gathered.add(i * k), k) }
+        };
         let mut first = positions.start;
         while first < positions.end {
             // Blocks of at most POSITIONS_BLOCK, as even as whole tiles allow.
@@ -403,14 +415,15 @@ impl NhwcConv {
                     let ix = (ox * sx).wrapping_sub(px);
                     let inside_x = ix < w && ix + kw <= w;
                     if i < count && !inside_x {
-                        self.gather(x, [image, oy, ox], &mut gathered[i * k..][..k]);
+                        self.gather(x, [image, oy, ox], gathered_row(i));
                     }
                     for ky in 0..kh {
                         let iy = (oy * sy + ky).wrapping_sub(py);
                         table[(tile * kh + ky) * mr + row] = if i >= count {
                             self.zeros.as_ptr()
                         } else if !inside_x {
-                            gathered[i * k + ky * kw * cin..].as_ptr()
+                            // Its kernel row's kw * cin values, inside the row's k.
+                            gathered.wrapping_add(i * k + ky * kw * cin).cast_const()
                         } else if iy < h {
                             // The kernel row's kw pixels of cin values.
                             x[((image * h + iy) * w + ix) * cin..][..kw * cin].as_ptr()
@@ -420,9 +433,8 @@ impl NhwcConv {
                     }
                 } else if self.gathers {
                     table[tile * mr + row] = if i < count {
-                        let dst = &mut gathered[i * k..][..k];
-                        self.gather(x, [image, oy, ox], dst);
-                        dst.as_ptr()
+                        self.gather(x, [image, oy, ox], gathered_row(i));
+                        gathered.wrapping_add(i * k).cast_const()
                     } else {
                         self.zeros.as_ptr()
                     };
