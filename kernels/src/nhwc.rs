@@ -718,25 +718,31 @@ pub(crate) mod tests {
     }
 
     /// The plan on channels-last activations against the channels-first pass, with and
-    /// without a full epilogue, on the kernel `new` picks and on every other indirect
-    /// micro-kernel this CPU runs (the AVX2 one too on an AVX-512 CPU).
+    /// without a full epilogue, on every indirect micro-kernel this CPU runs (the one
+    /// `new` picks among them, and the AVX2 one too on an AVX-512 CPU).
     fn check(plan: &ConvPlan) {
         let weight = values(plan.weight_len(), 1);
         if !available() {
             return; // no indirect micro-kernel on this CPU
         }
-        let picked = NhwcConv::new(plan, &weight).expect("a plan of one window");
+        assert!(
+            NhwcConv::new(plan, &weight).is_some(),
+            "a plan of one window"
+        );
         let mut kernels: Vec<Indirect> = sgemm::indirect().to_vec();
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            kernels.extend(sgemm::avx2_indirect());
+            // Unless they are this CPU's own already.
+            let avx2 = sgemm::avx2_indirect();
+            if !kernels
+                .iter()
+                .any(|k| (k.mr, k.nr) == (avx2[0].mr, avx2[0].nr))
+            {
+                kernels.extend(avx2);
+            }
         }
-        for conv in std::iter::once(picked).chain(
-            kernels
-                .into_iter()
-                .map(|k| NhwcConv::with_kernel(plan, &weight, k)),
-        ) {
-            check_conv(plan, &weight, &conv);
+        for kernel in kernels {
+            check_conv(plan, &weight, &NhwcConv::with_kernel(plan, &weight, kernel));
         }
     }
 
