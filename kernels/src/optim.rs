@@ -35,32 +35,47 @@ impl SgdStep {
     pub fn apply(&self, weight: &mut [f32], velocity: &mut [f32], grad: &[f32]) {
         assert_eq!(weight.len(), grad.len(), "sgd step: gradient length");
         assert_eq!(weight.len(), velocity.len(), "sgd step: velocity length");
+        // The flags are constants of the loop (one of eight compiled versions), so it is
+        // straight-line vector code; tested per element, it was scalar with a branch per
+        // flag and value (about 6 % of a `resnet18` step).
+        let run = match (self.weight_decay != 0.0, self.first, self.nesterov) {
+            (false, false, false) => chunk_step::<false, false, false>,
+            (false, false, true) => chunk_step::<false, false, true>,
+            (false, true, false) => chunk_step::<false, true, false>,
+            (false, true, true) => chunk_step::<false, true, true>,
+            (true, false, false) => chunk_step::<true, false, false>,
+            (true, false, true) => chunk_step::<true, false, true>,
+            (true, true, false) => chunk_step::<true, true, false>,
+            (true, true, true) => chunk_step::<true, true, true>,
+        };
         let step = *self;
         weight
             .par_chunks_mut(CHUNK)
             .zip(velocity.par_chunks_mut(CHUNK))
             .zip(grad.par_chunks(CHUNK))
-            .for_each(|((weight, velocity), grad)| {
-                for ((w, v), &g) in weight.iter_mut().zip(velocity).zip(grad) {
-                    let g = if step.weight_decay != 0.0 {
-                        *w * step.weight_decay + g
-                    } else {
-                        g
-                    };
-                    // burn's `grad * (1 - dampening) + velocity * momentum`, dampening 0.
-                    *v = if step.first {
-                        g
-                    } else {
-                        g * 1.0 + *v * step.momentum
-                    };
-                    let delta = if step.nesterov {
-                        *v * step.momentum + g
-                    } else {
-                        *v
-                    };
-                    *w -= delta * step.lr;
-                }
-            });
+            .for_each(|((weight, velocity), grad)| run(step, weight, velocity, grad));
+    }
+}
+
+/// [`SgdStep::apply`] on one chunk, its flags (weight decay, first step, Nesterov) fixed.
+fn chunk_step<const DECAY: bool, const FIRST: bool, const NESTEROV: bool>(
+    step: SgdStep,
+    weight: &mut [f32],
+    velocity: &mut [f32],
+    grad: &[f32],
+) {
+    let SgdStep {
+        lr,
+        momentum,
+        weight_decay,
+        ..
+    } = step;
+    for ((w, v), &g) in weight.iter_mut().zip(velocity).zip(grad) {
+        let g = if DECAY { *w * weight_decay + g } else { g };
+        // burn's `grad * (1 - dampening) + velocity * momentum`, dampening 0.
+        *v = if FIRST { g } else { g * 1.0 + *v * momentum };
+        let delta = if NESTEROV { *v * momentum + g } else { *v };
+        *w -= delta * lr;
     }
 }
 
