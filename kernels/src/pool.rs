@@ -83,7 +83,6 @@ impl Pool2d {
             rows: spans(0),
             cols: spans(1),
             width: self.input[3],
-            height: self.input[2],
             across: [self.kernel[1], self.stride[1], self.padding[1]],
             pairs: self.pairs(),
             stride_two_inner: self.stride_two_inner_windows(),
@@ -133,8 +132,6 @@ pub(crate) struct Windows {
     cols: Vec<Range<usize>>,
     /// The input plane's width.
     width: usize,
-    /// The input plane's height.
-    height: usize,
     /// Kernel, stride and padding along the width.
     across: [usize; 3],
     /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
@@ -204,13 +201,10 @@ impl Windows {
     /// maximum (the type's rule), where it is above zero or NaN (a ReLU after it), into
     /// `values[o]` and its index into `sources[o]`; elsewhere `0.0` and `not_passed`.
     ///
-    /// Vector code for every window shape: each input row is scaled once and split into
-    /// its `stride` phases (columns `stride * i + r`), with -inf where a window reaches
-    /// into the padding; a window's column `j` is then the same phase, shifted, for all
-    /// the windows of an output row, so the maxima of a row's windows are one
-    /// element-wise select per window position, visited in the windows' row-major order.
-    /// (Starting from -inf instead of the first value changes no result: -inf never wins,
-    /// and a window whose maximum is -inf is cut by the ReLU either way.)
+    /// Every window shape: the maxima of each input row over the windows' columns, then of
+    /// the rows over each window's rows (see `relu_any_max`). (Starting from -inf instead
+    /// of the first value changes no result: -inf never wins, and a window whose maximum
+    /// is -inf is cut by the ReLU either way.)
     pub(crate) fn relu_any_max(
         &self,
         plane: &[f32],
@@ -219,7 +213,9 @@ impl Windows {
         sources: &mut [u32],
         not_passed: u32,
     ) {
-        relu_any_max_widest(self, plane, factors, values, sources, not_passed)
+        SCRATCH.with_borrow_mut(|scratch| {
+            relu_any_max_widest(self, plane, factors, values, sources, not_passed, scratch)
+        })
     }
 }
 
@@ -263,6 +259,12 @@ fn relu_pairs_max(
 }
 
 /// [`Windows::relu_any_max`] for any CPU, inlined into the versions for wider vectors.
+///
+/// Separable: each input row's maximum over every window's columns (a row is scaled as it
+/// is read, and read once for all the output rows whose windows cover it), then each
+/// window's maximum over its rows' maxima. That is the rule's row-major order: the first
+/// row holding the window's largest value wins a tie between rows and, within the row,
+/// its first column; the last row holding a NaN wins and, within it, the last NaN.
 #[inline(always)]
 fn relu_any_max(
     windows: &Windows,
@@ -271,66 +273,116 @@ fn relu_any_max(
     values: &mut [f32],
     sources: &mut [u32],
     not_passed: u32,
+    scratch: &mut Scratch,
 ) {
     let (w, ow) = (windows.width, windows.cols.len());
+    // The rows some window reads.
+    let first_row = windows
+        .rows
+        .iter()
+        .map(|rows| rows.start)
+        .min()
+        .unwrap_or(0);
+    let end_row = windows
+        .rows
+        .iter()
+        .map(|rows| rows.end)
+        .max()
+        .unwrap_or(0)
+        .max(first_row);
+    let used = (end_row - first_row) * ow;
     let [kernel, stride, pad] = windows.across;
-    // Window column j reads column `stride * ox + j - pad` = phase r, block ox + q.
-    let shift_of = |j: usize| {
-        let d = j as isize - pad as isize;
-        (
-            d.div_euclid(stride as isize),
-            d.rem_euclid(stride as isize) as usize,
-        )
-    };
-    let q_min = shift_of(0).0;
-    let len = ow + (shift_of(kernel - 1).0 - q_min) as usize;
-    // phases[(y * stride + r) * len + i - q_min]: column stride * i + r of row y.
-    let mut phases = vec![f32::NEG_INFINITY; windows.height * stride * len];
-    for (y, row) in plane
-        .chunks_exact(w.max(1))
-        .take(windows.height)
-        .enumerate()
-    {
-        for r in 0..stride.min(w) {
-            let lo = ((-q_min) as usize).min(len);
-            let count = (w - r).div_ceil(stride).min(len - lo);
-            let dst = &mut phases[(y * stride + r) * len..][..len];
-            for (d, &v) in dst[lo..lo + count]
-                .iter_mut()
-                .zip(row[r..].iter().step_by(stride))
-            {
-                *d = v * scale + shift;
+    let positions = if ow == 0 { 0 } else { stride * (ow - 1) + 1 };
+    let padded_len = (positions + kernel - 1).max(pad + w);
+    let (floats, indices) = scratch.take(used + padded_len + positions + ow, used + positions + ow);
+    let (row_best, floats) = floats.split_at_mut(used);
+    let (padded, floats) = floats.split_at_mut(padded_len);
+    let (every_best, best) = floats.split_at_mut(positions);
+    let (row_at, indices) = indices.split_at_mut(used);
+    let (every_at, at) = indices.split_at_mut(positions);
+    // A row scaled, with -inf on both sides where the windows reach past it: window
+    // ox's column j is `padded[stride * ox + j]`.
+    padded.fill(f32::NEG_INFINITY);
+    // The maxima of windows starting at every column, not only every stride-th
+    // (`every_best`): contiguous loads, so that the loop is vector code.
+    for y in first_row..end_row {
+        let row = &plane[y * w..(y + 1) * w];
+        for (p, &v) in padded[pad..pad + w].iter_mut().zip(row) {
+            *p = v * scale + shift;
+        }
+        every_best.fill(f32::NEG_INFINITY);
+        // Where padded column `q` lies in the plane (wrapping below zero: padding, which
+        // never wins).
+        let first = ((y * w) as u32).wrapping_sub(pad as u32);
+        for j in 0..kernel {
+            let columns = &padded[j..j + positions];
+            let starts = every_best.iter_mut().zip(every_at.iter_mut());
+            for (q, ((best, at), &v)) in starts.zip(columns).enumerate() {
+                let wins = (v > *best) | v.is_nan();
+                *at = if wins {
+                    first.wrapping_add((q + j) as u32)
+                } else {
+                    *at
+                };
+                *best = if wins { v } else { *best };
             }
         }
+        let at_row = (y - first_row) * ow;
+        let row_windows = row_best[at_row..at_row + ow]
+            .iter_mut()
+            .zip(&mut row_at[at_row..at_row + ow]);
+        for (ox, (best, at)) in row_windows.enumerate() {
+            (*best, *at) = (every_best[stride * ox], every_at[stride * ox]);
+        }
     }
-    let mut best = vec![f32::NEG_INFINITY; ow];
-    let mut at = vec![0u32; ow];
     for (oy, rows) in windows.rows.iter().enumerate() {
         best.fill(f32::NEG_INFINITY);
         for y in rows.clone() {
-            for j in 0..kernel {
-                let (q, r) = shift_of(j);
-                let from = (y * stride + r) * len + (q - q_min) as usize;
-                // The source index of window ox's column j, wrapping where that column
-                // is padding (-inf there, so it is never taken).
-                let first = ((y * w) as isize + j as isize - pad as isize) as u32;
-                let columns = best.iter_mut().zip(at.iter_mut());
-                for (ox, ((best, at), &v)) in columns.zip(&phases[from..from + ow]).enumerate() {
-                    let wins = (v > *best) | v.is_nan();
-                    let i = first.wrapping_add((stride * ox) as u32);
-                    *at = if wins { i } else { *at };
-                    *best = if wins { v } else { *best };
-                }
+            let at_row = (y - first_row) * ow;
+            let candidates = row_best[at_row..at_row + ow]
+                .iter()
+                .zip(&row_at[at_row..at_row + ow]);
+            for ((best, at), (&v, &i)) in best.iter_mut().zip(at.iter_mut()).zip(candidates) {
+                let wins = (v > *best) | v.is_nan();
+                *at = if wins { i } else { *at };
+                *best = if wins { v } else { *best };
             }
         }
         let values = &mut values[oy * ow..(oy + 1) * ow];
         let sources = &mut sources[oy * ow..(oy + 1) * ow];
-        for (((value, source), &best), &at) in values.iter_mut().zip(sources).zip(&best).zip(&at) {
+        for (((value, source), &best), &at) in values.iter_mut().zip(sources).zip(&*best).zip(&*at)
+        {
             let passes = (best > 0.0) | best.is_nan();
             *value = if passes { best } else { 0.0 };
             *source = if passes { at } else { not_passed };
         }
     }
+}
+
+/// Buffers a thread's `relu_any_max` reuses from plane to plane: allocating them per plane
+/// (thousands of small allocations a pass, both threads taking the allocator's lock) cost
+/// more than the pooling.
+#[derive(Default)]
+struct Scratch {
+    floats: Vec<f32>,
+    indices: Vec<u32>,
+}
+
+impl Scratch {
+    /// At least `floats` and `indices` values (left as a previous plane wrote them).
+    fn take(&mut self, floats: usize, indices: usize) -> (&mut [f32], &mut [u32]) {
+        if self.floats.len() < floats {
+            self.floats.resize(floats, 0.0);
+        }
+        if self.indices.len() < indices {
+            self.indices.resize(indices, 0);
+        }
+        (&mut self.floats[..floats], &mut self.indices[..indices])
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Max pooling (padding never wins; NaN propagates, as PyTorch). A window with no input
@@ -375,7 +427,7 @@ macro_rules! max_plane_for {
 /// `$name`: `$body` (`relu_any_max` or `relu_pairs_max`) compiled for the widest vectors
 /// this CPU has (the same selects, so the same results) and picked at run time.
 macro_rules! relu_max_widest {
-    ($name:ident, $body:ident) => {
+    ($name:ident, $body:ident $(, $extra:ident: $extra_type:ty)*) => {
         fn $name(
             windows: &Windows,
             plane: &[f32],
@@ -383,6 +435,7 @@ macro_rules! relu_max_widest {
             values: &mut [f32],
             sources: &mut [u32],
             not_passed: u32,
+            $($extra: $extra_type,)*
         ) {
             /// `$body` compiled with the target feature `$feature` (safety: to be called
             /// on a CPU that has it).
@@ -397,8 +450,9 @@ macro_rules! relu_max_widest {
                         values: &mut [f32],
                         sources: &mut [u32],
                         not_passed: u32,
+                        $($extra: $extra_type,)*
                     ) {
-                        $body(windows, plane, factors, values, sources, not_passed)
+                        $body(windows, plane, factors, values, sources, not_passed $(, $extra)*)
                     }
                 };
             }
@@ -408,19 +462,23 @@ macro_rules! relu_max_widest {
                 isa_version!(avx2, "avx2");
                 if is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512F.
-                    return unsafe { avx512(windows, plane, factors, values, sources, not_passed) };
+                    return unsafe {
+                        avx512(windows, plane, factors, values, sources, not_passed $(, $extra)*)
+                    };
                 }
                 if is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU has AVX2.
-                    return unsafe { avx2(windows, plane, factors, values, sources, not_passed) };
+                    return unsafe {
+                        avx2(windows, plane, factors, values, sources, not_passed $(, $extra)*)
+                    };
                 }
             }
-            $body(windows, plane, factors, values, sources, not_passed)
+            $body(windows, plane, factors, values, sources, not_passed $(, $extra)*)
         }
     };
 }
 
-relu_max_widest!(relu_any_max_widest, relu_any_max);
+relu_max_widest!(relu_any_max_widest, relu_any_max, scratch: &mut Scratch);
 relu_max_widest!(relu_pairs_max_widest, relu_pairs_max);
 
 #[cfg(target_arch = "x86_64")]
