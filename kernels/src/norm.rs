@@ -10,12 +10,11 @@
 //! interleaved f32 lanes, each plane's total added in f64), whatever the thread count, so
 //! results are the same bits on every run.
 
-use std::mem::MaybeUninit;
-
 use rayon::prelude::*;
 
 use crate::moments::{channel_moments, lane_sums, Moments};
 use crate::pool::Pool2d;
+use crate::workspace::zeroed_slots as zeroed;
 
 /// An NCHW activation as the batch-norm kernels see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,15 +227,6 @@ mod wide {
 
     isa_version!("avx512f", fill_avx512);
     isa_version!("avx2", fill_avx2);
-}
-
-/// `slots` set to `T::default()`, as the initialised slice they now are.
-fn zeroed<T: Copy + Default>(slots: &mut [MaybeUninit<T>]) -> &mut [T] {
-    slots.fill(MaybeUninit::new(T::default()));
-    // SAFETY: every slot of `slots` was just written, and `MaybeUninit<T>` has the size,
-    // alignment and layout of `T`, so the slice is a valid `[T]` of the same length,
-    // borrowing `slots` mutably for as long as it lives.
-    unsafe { &mut *(slots as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// [`fill_planes`] with each plane's values from an iterator: plane `i` holds the values

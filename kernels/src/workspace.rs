@@ -6,6 +6,7 @@
 //! gemm) finds the slot empty and works on a fresh buffer instead of aliasing.
 
 use std::cell::Cell;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::im2col::Run;
@@ -128,4 +129,13 @@ fn advise_huge_pages_raw(address: usize, bytes: usize) {
             madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE);
         }
     }
+}
+
+/// `slots` set to `T::default()`, as the initialised slice they now are.
+pub(crate) fn zeroed_slots<T: Copy + Default>(slots: &mut [MaybeUninit<T>]) -> &mut [T] {
+    slots.fill(MaybeUninit::new(T::default()));
+    // SAFETY: every slot of `slots` was just written, and `MaybeUninit<T>` has the size,
+    // alignment and layout of `T`, so the slice is a valid `[T]` of the same length,
+    // borrowing `slots` mutably for as long as it lives.
+    unsafe { &mut *(slots as *mut [MaybeUninit<T>] as *mut [T]) }
 }

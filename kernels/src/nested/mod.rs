@@ -286,14 +286,30 @@ fn window_offsets(plan: &ConvPlan, [[y0, rows], [x0, cols]]: [[usize; 2]; 2]) ->
 
 /// The positions `window` of a weight `[m, depth, kh, kw]` of `plan`: `[m, depth, rows,
 /// columns]`. (Value by value: the windows are a value or a few wide, where a copy call
-/// per row cost more than the values.)
+/// per row cost more than the values; filters in parallel, as a pass over the whole
+/// weight it is memory bound: ResNet's 512-channel 3 x 3 layers at a 1 x 1 map read 9.4
+/// MB of weight for 1 MB of centre taps.)
 fn narrow_weight<T: Real>(plan: &ConvPlan, weight: &[T], window: [[usize; 2]; 2]) -> Vec<T> {
     let offsets = window_offsets(plan, window);
     let filter_len = plan.kernel[0] * plan.kernel[1];
-    let mut narrowed = Vec::with_capacity(weight.len() / filter_len * offsets.len());
-    for filter in weight.chunks_exact(filter_len) {
-        narrowed.extend(offsets.iter().map(|&o| filter[o]));
+    let filters = weight.len() / filter_len;
+    let mut narrowed = vec![T::ZERO; filters * offsets.len()];
+    if offsets.is_empty() {
+        return narrowed;
     }
+    narrowed
+        .par_chunks_mut(offsets.len() * FILTERS_PER_TASK)
+        .zip(weight.par_chunks(filter_len * FILTERS_PER_TASK))
+        .for_each(|(narrowed, weight)| {
+            for (to, filter) in narrowed
+                .chunks_exact_mut(offsets.len())
+                .zip(weight.chunks_exact(filter_len))
+            {
+                for (to, &o) in to.iter_mut().zip(&offsets) {
+                    *to = filter[o];
+                }
+            }
+        });
     narrowed
 }
 
@@ -301,17 +317,45 @@ fn narrow_weight<T: Real>(plan: &ConvPlan, weight: &[T], window: [[usize; 2]; 2]
 /// and zeros elsewhere (the gradient of the positions that read padding only).
 fn widen_weight<T: Real>(plan: &ConvPlan, narrowed: &[T], window: [[usize; 2]; 2]) -> Vec<T> {
     let offsets = window_offsets(plan, window);
-    let mut weight = vec![T::ZERO; plan.weight_len()];
-    for (filter, values) in weight
-        .chunks_exact_mut(plan.kernel[0] * plan.kernel[1])
-        .zip(narrowed.chunks_exact(offsets.len()))
-    {
-        for (&o, &value) in offsets.iter().zip(values) {
-            filter[o] = value;
-        }
+    let filter_len = plan.kernel[0] * plan.kernel[1];
+    let len = plan.weight_len();
+    let filters = len / filter_len.max(1);
+    assert_eq!(
+        narrowed.len(),
+        filters * offsets.len(),
+        "widen_weight: narrowed length"
+    );
+    if offsets.is_empty() {
+        return vec![T::ZERO; len];
     }
+    // Zeroed and filled chunk by chunk in one parallel pass (not a serial zeroing pass
+    // over the whole weight first).
+    let mut weight = workspace::uninit(len);
+    weight.spare_capacity_mut()[..len]
+        .par_chunks_mut(filter_len * FILTERS_PER_TASK)
+        .zip(narrowed.par_chunks(offsets.len() * FILTERS_PER_TASK))
+        .for_each(|(slots, values)| {
+            let weight = workspace::zeroed_slots(slots);
+            for (filter, values) in weight
+                .chunks_exact_mut(filter_len)
+                .zip(values.chunks_exact(offsets.len()))
+            {
+                for (&o, &value) in offsets.iter().zip(values) {
+                    filter[o] = value;
+                }
+            }
+        });
+    // SAFETY: `uninit` made room for `len` values; the chunks cover the first `len` spare
+    // slots exactly (`len = filters * filter_len` and `narrowed` holds `filters` filters
+    // of `offsets.len()` values, checked above, so both sides have the same number of
+    // chunks), and every task zeroed each slot of its chunk before this line (a task's
+    // panic reaches this thread first).
+    unsafe { weight.set_len(len) };
     weight
 }
+
+/// Filters a task of [`narrow_weight`] and [`widen_weight`] copies.
+const FILTERS_PER_TASK: usize = 4096;
 
 /// The output of `plan` from the output `out` of its narrowed plan `live` (whose crop 0
 /// stands for the merged crops as well), plus the bias.
