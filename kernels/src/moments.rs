@@ -240,7 +240,7 @@ fn small_plane_moments<T: Real>(x: &[T], [batch, channels, plane]: [usize; 3]) -
             let width = CHANNEL_BLOCK.min(channels - first);
             // Value `k` of image `b`'s plane of channel `first + i`.
             let value = |b: usize, k: usize, i: usize| x[((b * channels) + first + i) * plane + k];
-            let sums = block_lane_sums([batch, plane, width], |b, k, i| value(b, k, i));
+            let sums = block_lane_sums([batch, plane, width], value);
             if count == 0 {
                 return vec![Moments::default(); width];
             }

@@ -214,7 +214,15 @@ impl Windows {
         not_passed: u32,
     ) {
         SCRATCH.with_borrow_mut(|scratch| {
-            relu_any_max_widest(self, plane, factors, values, sources, not_passed, scratch)
+            #[cfg(target_arch = "x86_64")]
+            if let Some(selects) = avx512::Selects::detect() {
+                let out = (values, sources, not_passed);
+                return relu_any_max(self, plane, factors, out.0, out.1, out.2, scratch, &selects);
+            }
+            let selects = &PortableSelects;
+            relu_any_max_widest(
+                self, plane, factors, values, sources, not_passed, scratch, selects,
+            )
         })
     }
 }
@@ -266,6 +274,7 @@ fn relu_pairs_max(
 /// row holding the window's largest value wins a tie between rows and, within the row,
 /// its first column; the last row holding a NaN wins and, within it, the last NaN.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn relu_any_max(
     windows: &Windows,
     plane: &[f32],
@@ -274,6 +283,7 @@ fn relu_any_max(
     sources: &mut [u32],
     not_passed: u32,
     scratch: &mut Scratch,
+    selects: &impl Selects,
 ) {
     let (w, ow) = (windows.width, windows.cols.len());
     // The rows some window reads.
@@ -316,16 +326,7 @@ fn relu_any_max(
         let first = ((y * w) as u32).wrapping_sub(pad as u32);
         for j in 0..kernel {
             let columns = &padded[j..j + positions];
-            let starts = every_best.iter_mut().zip(every_at.iter_mut());
-            for (q, ((best, at), &v)) in starts.zip(columns).enumerate() {
-                let wins = (v > *best) | v.is_nan();
-                *at = if wins {
-                    first.wrapping_add((q + j) as u32)
-                } else {
-                    *at
-                };
-                *best = if wins { v } else { *best };
-            }
+            selects.take_run(every_best, every_at, columns, first.wrapping_add(j as u32));
         }
         let at_row = (y - first_row) * ow;
         let row_windows = row_best[at_row..at_row + ow]
@@ -339,22 +340,188 @@ fn relu_any_max(
         best.fill(f32::NEG_INFINITY);
         for y in rows.clone() {
             let at_row = (y - first_row) * ow;
-            let candidates = row_best[at_row..at_row + ow]
-                .iter()
-                .zip(&row_at[at_row..at_row + ow]);
-            for ((best, at), (&v, &i)) in best.iter_mut().zip(at.iter_mut()).zip(candidates) {
-                let wins = (v > *best) | v.is_nan();
-                *at = if wins { i } else { *at };
-                *best = if wins { v } else { *best };
-            }
+            let candidates = &row_best[at_row..at_row + ow];
+            selects.take_at(best, at, candidates, &row_at[at_row..at_row + ow]);
         }
         let values = &mut values[oy * ow..(oy + 1) * ow];
         let sources = &mut sources[oy * ow..(oy + 1) * ow];
-        for (((value, source), &best), &at) in values.iter_mut().zip(sources).zip(&*best).zip(&*at)
-        {
+        selects.relu(best, at, (values, sources), not_passed);
+    }
+}
+
+/// The element-wise selects of `relu_any_max`, where a value wins over the best so far
+/// when it is larger or NaN (the rule of [`Windows`]).
+trait Selects {
+    /// Where `values[i]` wins over `best[i]`: it, and the index `first + i` into `at[i]`.
+    fn take_run(&self, best: &mut [f32], at: &mut [u32], values: &[f32], first: u32);
+    /// Where `values[i]` wins over `best[i]`: it, and `indices[i]` into `at[i]`.
+    fn take_at(&self, best: &mut [f32], at: &mut [u32], values: &[f32], indices: &[u32]);
+    /// A ReLU: `best[i]` and `at[i]` into `values[i]` and `sources[i]` where `best[i]` is
+    /// above zero or NaN, else `0.0` and `not_passed`.
+    fn relu(&self, best: &[f32], at: &[u32], out: (&mut [f32], &mut [u32]), not_passed: u32);
+}
+
+/// [`Selects`] in portable loops (the compiler's vectors where the loops are long).
+struct PortableSelects;
+
+impl Selects for PortableSelects {
+    #[inline(always)]
+    fn take_run(&self, best: &mut [f32], at: &mut [u32], values: &[f32], first: u32) {
+        for (i, ((best, at), &v)) in best.iter_mut().zip(at).zip(values).enumerate() {
+            let wins = (v > *best) | v.is_nan();
+            *at = if wins {
+                first.wrapping_add(i as u32)
+            } else {
+                *at
+            };
+            *best = if wins { v } else { *best };
+        }
+    }
+
+    #[inline(always)]
+    fn take_at(&self, best: &mut [f32], at: &mut [u32], values: &[f32], indices: &[u32]) {
+        let candidates = values.iter().zip(indices);
+        for ((best, at), (&v, &i)) in best.iter_mut().zip(at).zip(candidates) {
+            let wins = (v > *best) | v.is_nan();
+            *at = if wins { i } else { *at };
+            *best = if wins { v } else { *best };
+        }
+    }
+
+    #[inline(always)]
+    fn relu(
+        &self,
+        best: &[f32],
+        at: &[u32],
+        (values, sources): (&mut [f32], &mut [u32]),
+        not_passed: u32,
+    ) {
+        for (((value, source), &best), &at) in values.iter_mut().zip(sources).zip(best).zip(at) {
             let passes = (best > 0.0) | best.is_nan();
             *value = if passes { best } else { 0.0 };
             *source = if passes { at } else { not_passed };
+        }
+    }
+}
+
+/// [`Selects`] in AVX-512 registers: sixteen lanes at a time, the last ones masked. The
+/// rows of small planes (ResNet's 16 x 16 stem pooling: 8 windows a row) are shorter than
+/// the compiler's vector loops take, so those ran scalar, their selects as branches.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// The selects, made only where the CPU has AVX-512F (which makes them safe to run).
+    pub(super) struct Selects(());
+
+    impl Selects {
+        /// The selects where this CPU has AVX-512F.
+        pub(super) fn detect() -> Option<Self> {
+            is_x86_feature_detected!("avx512f").then_some(Selects(()))
+        }
+    }
+
+    /// The mask of lanes `[at, at + 16)` inside a slice of `len > at` values.
+    fn lanes(at: usize, len: usize) -> __mmask16 {
+        let inside = (len - at).min(16) as u32;
+        ((1u32 << inside) - 1) as __mmask16
+    }
+
+    /// The lanes where `v` wins over `best`: larger, or NaN.
+    #[target_feature(enable = "avx512f")]
+    fn wins(v: __m512, best: __m512) -> __mmask16 {
+        _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v)
+    }
+
+    /// `super::Selects::take_run` (the CPU must have AVX-512F).
+    #[target_feature(enable = "avx512f")]
+    fn take_run(best: &mut [f32], at: &mut [u32], values: &[f32], first: u32) {
+        let len = best.len().min(at.len()).min(values.len());
+        let steps = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for i in (0..len).step_by(16) {
+            let mask = lanes(i, len);
+            let index = _mm512_add_epi32(
+                _mm512_set1_epi32(first.wrapping_add(i as u32) as i32),
+                steps,
+            );
+            // SAFETY: the masked lanes are `i..min(i + 16, len)`, inside all three slices
+            // (masked-off lanes are neither read nor written).
+            unsafe {
+                let b = _mm512_maskz_loadu_ps(mask, best.as_ptr().add(i));
+                let v = _mm512_maskz_loadu_ps(mask, values.as_ptr().add(i));
+                let take = wins(v, b) & mask;
+                _mm512_mask_storeu_ps(best.as_mut_ptr().add(i), take, v);
+                _mm512_mask_storeu_epi32(at.as_mut_ptr().add(i).cast(), take, index);
+            }
+        }
+    }
+
+    /// `super::Selects::take_at` (the CPU must have AVX-512F).
+    #[target_feature(enable = "avx512f")]
+    fn take_at(best: &mut [f32], at: &mut [u32], values: &[f32], indices: &[u32]) {
+        let len = best
+            .len()
+            .min(at.len())
+            .min(values.len())
+            .min(indices.len());
+        for i in (0..len).step_by(16) {
+            let mask = lanes(i, len);
+            // SAFETY: the masked lanes are `i..min(i + 16, len)`, inside all four slices.
+            unsafe {
+                let b = _mm512_maskz_loadu_ps(mask, best.as_ptr().add(i));
+                let v = _mm512_maskz_loadu_ps(mask, values.as_ptr().add(i));
+                let index = _mm512_maskz_loadu_epi32(mask, indices.as_ptr().add(i).cast());
+                let take = wins(v, b) & mask;
+                _mm512_mask_storeu_ps(best.as_mut_ptr().add(i), take, v);
+                _mm512_mask_storeu_epi32(at.as_mut_ptr().add(i).cast(), take, index);
+            }
+        }
+    }
+
+    /// `super::Selects::relu` (the CPU must have AVX-512F).
+    #[target_feature(enable = "avx512f")]
+    fn relu(
+        best: &[f32],
+        at: &[u32],
+        (values, sources): (&mut [f32], &mut [u32]),
+        not_passed: u32,
+    ) {
+        let len = best
+            .len()
+            .min(at.len())
+            .min(values.len())
+            .min(sources.len());
+        let cut = _mm512_set1_epi32(not_passed as i32);
+        for i in (0..len).step_by(16) {
+            let mask = lanes(i, len);
+            // SAFETY: the masked lanes are `i..min(i + 16, len)`, inside all four slices.
+            unsafe {
+                let b = _mm512_maskz_loadu_ps(mask, best.as_ptr().add(i));
+                let a = _mm512_maskz_loadu_epi32(mask, at.as_ptr().add(i).cast());
+                // Above zero or NaN: not (b <= 0).
+                let passes = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(b, _mm512_setzero_ps());
+                let value = _mm512_maskz_mov_ps(passes, b);
+                let source = _mm512_mask_blend_epi32(passes, cut, a);
+                _mm512_mask_storeu_ps(values.as_mut_ptr().add(i), mask, value);
+                _mm512_mask_storeu_epi32(sources.as_mut_ptr().add(i).cast(), mask, source);
+            }
+        }
+    }
+
+    impl super::Selects for Selects {
+        fn take_run(&self, best: &mut [f32], at: &mut [u32], values: &[f32], first: u32) {
+            // SAFETY: `Selects` is only made on a CPU with AVX-512F.
+            unsafe { take_run(best, at, values, first) }
+        }
+
+        fn take_at(&self, best: &mut [f32], at: &mut [u32], values: &[f32], indices: &[u32]) {
+            // SAFETY: `Selects` is only made on a CPU with AVX-512F.
+            unsafe { take_at(best, at, values, indices) }
+        }
+
+        fn relu(&self, best: &[f32], at: &[u32], out: (&mut [f32], &mut [u32]), not_passed: u32) {
+            // SAFETY: `Selects` is only made on a CPU with AVX-512F.
+            unsafe { relu(best, at, out, not_passed) }
         }
     }
 }
@@ -428,6 +595,7 @@ macro_rules! max_plane_for {
 /// this CPU has (the same selects, so the same results) and picked at run time.
 macro_rules! relu_max_widest {
     ($name:ident, $body:ident $(, $extra:ident: $extra_type:ty)*) => {
+        #[allow(clippy::too_many_arguments)]
         fn $name(
             windows: &Windows,
             plane: &[f32],
@@ -478,7 +646,12 @@ macro_rules! relu_max_widest {
     };
 }
 
-relu_max_widest!(relu_any_max_widest, relu_any_max, scratch: &mut Scratch);
+relu_max_widest!(
+    relu_any_max_widest,
+    relu_any_max,
+    scratch: &mut Scratch,
+    selects: &PortableSelects
+);
 relu_max_widest!(relu_pairs_max_widest, relu_pairs_max);
 
 #[cfg(target_arch = "x86_64")]
@@ -1044,6 +1217,22 @@ mod tests {
                     &mut sources,
                     NOT_PASSED,
                 );
+                // The portable selects (what a CPU without AVX-512 runs): the same bits.
+                let (mut portable, mut portable_sources) =
+                    (vec![7.0; outputs], vec![7u32; outputs]);
+                relu_any_max(
+                    &windows,
+                    &plane,
+                    [scale, shift],
+                    &mut portable,
+                    &mut portable_sources,
+                    NOT_PASSED,
+                    &mut Scratch::default(),
+                    &PortableSelects,
+                );
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&portable), bits(&values), "{input:?}");
+                assert_eq!(portable_sources, sources, "{input:?}");
                 windows.each_max(
                     &plane,
                     |v| v * scale + shift,
