@@ -79,12 +79,24 @@ impl Pool2d {
                 })
                 .collect()
         };
+        let side_by_side = self.kernel == [2, 2] && self.stride == [2, 2] && self.padding == [0, 0];
+        let whole = [0, 1].map(|axis| self.output[axis].min(self.input[2 + axis] / 2));
+        let blocks = (side_by_side && !self.pairs()).then(|| {
+            Box::new(
+                Pool2d {
+                    output: whole,
+                    ..*self
+                }
+                .windows(),
+            )
+        });
         Windows {
             rows: spans(0),
             cols: spans(1),
             width: self.input[3],
             across: [self.kernel[1], self.stride[1], self.padding[1]],
             pairs: self.pairs(),
+            blocks,
             stride_two_inner: self.stride_two_inner_windows(),
         }
     }
@@ -137,6 +149,10 @@ pub(crate) struct Windows {
     /// Whether every window is a whole 2x2 block of the input, side by side (stride 2, no
     /// padding): the common case, with its own loops (`max_plane`, `relu_pairs_max`).
     pairs: bool,
+    /// For 2 x 2 windows of stride 2 without padding whose ceil-mode output overhangs the
+    /// input: the windows of the input's whole 2 x 2 blocks alone (`relu_pairs_max` runs
+    /// the blocks' loop on them, then the overhanging windows one by one).
+    blocks: Option<Box<Windows>>,
     /// The output columns whose windows of stride 2 lie wholly inside the row (empty for
     /// other strides): the vector loops of `stride_two_windows_max`.
     stride_two_inner: Range<usize>,
@@ -176,7 +192,8 @@ impl Windows {
         }
     }
 
-    /// For 2 x 2 windows of stride 2 (else `false`, nothing written): with `v * scale +
+    /// For 2 x 2 windows of stride 2 without padding, a ceil-mode output's overhanging
+    /// windows included (else `false`, nothing written): with `v * scale +
     /// shift` for each value `v` of `plane`, each window's maximum (the type's rule),
     /// where it is above zero or NaN (a ReLU after it), into `values[o]` and its index
     /// into `sources[o]`; elsewhere `0.0` and `not_passed`. One branch-free pass over each
@@ -190,10 +207,51 @@ impl Windows {
         sources: &mut [u32],
         not_passed: u32,
     ) -> bool {
-        if !self.pairs {
-            return false;
+        if self.pairs {
+            relu_pairs_max_widest(self, plane, factors, values, sources, not_passed);
+            return true;
         }
-        relu_pairs_max_widest(self, plane, factors, values, sources, not_passed);
+        let Some(blocks) = &self.blocks else {
+            return false;
+        };
+        // The whole blocks into rows of their own, then into the output's longer rows.
+        let (ow, [rows, columns]) = (self.cols.len(), [blocks.rows.len(), blocks.cols.len()]);
+        SCRATCH.with_borrow_mut(|scratch| {
+            let (block_values, block_sources) = scratch.take(rows * columns, rows * columns);
+            relu_pairs_max_widest(
+                blocks,
+                plane,
+                factors,
+                block_values,
+                block_sources,
+                not_passed,
+            );
+            for oy in 0..rows {
+                let (from, to) = (oy * columns, oy * ow);
+                values[to..to + columns].copy_from_slice(&block_values[from..from + columns]);
+                sources[to..to + columns].copy_from_slice(&block_sources[from..from + columns]);
+            }
+        });
+        // The overhanging windows (cut by the input's edge, or past it and empty), one by
+        // one in the rule's row-major order.
+        let ([scale, shift], w) = (factors, self.width);
+        for (oy, window_rows) in self.rows.iter().enumerate() {
+            let first = if oy < rows { columns } else { 0 };
+            for (ox, window_cols) in self.cols.iter().enumerate().skip(first) {
+                let (mut at, mut best) = (0u32, f32::NEG_INFINITY);
+                for y in window_rows.clone() {
+                    for x in window_cols.clone() {
+                        let v = plane[y * w + x] * scale + shift;
+                        let wins = (v > best) | v.is_nan();
+                        at = if wins { (y * w + x) as u32 } else { at };
+                        best = if wins { v } else { best };
+                    }
+                }
+                let passes = (best > 0.0) | best.is_nan();
+                values[oy * ow + ox] = if passes { best } else { 0.0 };
+                sources[oy * ow + ox] = if passes { at } else { not_passed };
+            }
+        }
         true
     }
 
@@ -1182,6 +1240,8 @@ mod tests {
             ([9, 10], [[3, 3], [2, 2], [1, 1]], 0),
             ([16, 16], [[3, 3], [2, 2], [1, 1]], 0),
             ([8, 8], [[2, 2], [2, 2], [0, 0]], 0),
+            ([7, 9], [[2, 2], [2, 2], [0, 0]], 1),
+            ([7, 7], [[2, 2], [2, 2], [0, 0]], 0),
             ([7, 9], [[2, 3], [1, 2], [0, 1]], 1),
             ([11, 12], [[3, 3], [3, 3], [1, 1]], 1),
             ([5, 6], [[2, 2], [1, 3], [1, 1]], 0),
@@ -1262,7 +1322,7 @@ mod tests {
                 }
                 assert_eq!(
                     took,
-                    kernel == [2, 2] && stride == [2, 2] && padding == [0, 0] && extra == 0
+                    kernel == [2, 2] && stride == [2, 2] && padding == [0, 0]
                 );
             }
         }
