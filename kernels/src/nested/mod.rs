@@ -320,6 +320,7 @@ fn widen_weight<T: Real>(plan: &ConvPlan, narrowed: &[T], window: [[usize; 2]; 2
     let filter_len = plan.kernel[0] * plan.kernel[1];
     let len = plan.weight_len();
     let filters = len / filter_len.max(1);
+    assert_eq!(len, filters * filter_len, "widen_weight: whole filters");
     assert_eq!(
         narrowed.len(),
         filters * offsets.len(),
@@ -347,8 +348,8 @@ fn widen_weight<T: Real>(plan: &ConvPlan, narrowed: &[T], window: [[usize; 2]; 2
         });
     // SAFETY: `uninit` made room for `len` values; the chunks cover the first `len` spare
     // slots exactly (`len = filters * filter_len` and `narrowed` holds `filters` filters
-    // of `offsets.len()` values, checked above, so both sides have the same number of
-    // chunks), and every task zeroed each slot of its chunk before this line (a task's
+    // of `offsets.len()` values, both checked above, so both sides have the same number
+    // of chunks), and every task zeroed each slot of its chunk before this line (a task's
     // panic reaches this thread first).
     unsafe { weight.set_len(len) };
     weight
