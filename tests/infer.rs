@@ -150,18 +150,23 @@ fn larger_inputs_and_batches_match_the_eval_forward() {
     }
 }
 
-/// ResNets run channels-last where the CPU has the kernels (and agree with the
-/// channels-first plan); channel windows, and VGG's pooling in the write and flattened
-/// 7 x 7 map, keep a network channels-first.
+/// Networks run channels-last where the CPU has the kernels (and agree with the
+/// channels-first plan): ResNets; VGGs, their poolings as steps of their own, their
+/// `fc6` that reads the whole 7 x 7 map and a linear layer on a flattened map with the
+/// weight's columns in channels-last order. Channel windows keep a network
+/// channels-first.
 #[test]
-fn resnets_run_channels_last_where_the_cpu_can() {
+fn networks_run_channels_last_where_the_cpu_can() {
     let can = versatile::kernels::nhwc::available();
     for (name, variant, shape, last) in [
         ("resnet18", "dense", [2, 3, 33, 40], can),
         ("resnet18", "spatial", [1, 3, 32, 32], can),
         ("resnet50", "spatial", [1, 3, 64, 64], can),
         ("resnet18", "spatial+channel", [1, 3, 32, 32], false),
-        ("vgg_small", "spatial", [1, 1, 28, 28], false),
+        ("vgg_small", "spatial", [1, 1, 28, 28], can),
+        ("vgg_bn_fc6:64:16-M-32-M", "dense", [2, 1, 28, 28], can),
+        ("vgg_bn_fc6:64:16-M-32-M", "spatial", [1, 1, 28, 28], can),
+        ("lenet5", "dense", [3, 1, 28, 28], can),
     ] {
         let config = ModelConfig::parse(name, variant)
             .unwrap()
@@ -217,14 +222,15 @@ fn inputs_the_plan_was_not_compiled_for_are_refused() {
     }
 }
 
-/// VGG's 2 x 2 poolings run in the write of the convolutions before them where those
-/// run on the shifted path (the comparisons above check the values); others, and a
-/// pooling after anything but a convolution, stay steps of their own.
+/// In a channels-first plan, VGG's 2 x 2 poolings run in the write of the convolutions
+/// before them where those run on the shifted path (the comparisons above check the
+/// values); others, and a pooling after anything but a convolution, stay steps of their
+/// own. (A channels-last plan pools in steps of their own.)
 #[test]
 fn poolings_after_shifted_convolutions_run_in_their_write() {
     let model = grey_vgg_small(5);
     let shape = [2, 1, 28, 28];
-    let mut plan = InferencePlan::compile(&model, shape).unwrap();
+    let mut plan = InferencePlan::compile_channels_first(&model, shape).unwrap();
     let input = vec![0.5; shape.iter().product()];
     let names: Vec<String> = plan
         .profile(&input, 1)

@@ -25,10 +25,12 @@
 //! - activations live in a few buffers allocated once, reused across layers and runs:
 //!   each buffer is handed to the next layer once the values in it are read for the
 //!   last time;
-//! - where every layer allows it (ResNets: no channel windows or groups, no pooling in a
-//!   convolution's write, no flattening of a map wider than 1 x 1) and the CPU has the
-//!   kernels, activations are channels-last (`[batch, height, width, channels]`, the
-//!   input converted once) and the convolutions run on [`NhwcConv`]: each output
+//! - where every layer allows it (ResNets and VGGs: no channel windows or groups) and the
+//!   CPU has the kernels, activations are channels-last (`[batch, height, width,
+//!   channels]`, the input converted once; poolings as steps of their own; a linear
+//!   layer on a flattened map, or a dense kernel as large as its map, as VGG's `fc6`,
+//!   with its weight's columns in channels-last order) and the convolutions run on
+//!   [`NhwcConv`]: each output
 //!   position's input pixels are read in place, and a versatile layer's crops are
 //!   written from the running sums of its rings. `VERSATILE_LAYOUT=nchw` in the
 //!   environment keeps the channels-first layout (for comparisons).
@@ -494,20 +496,31 @@ impl Builder {
     }
 
     /// Where the plan switches to channels-last activations, if it can: the first
-    /// convolution of 16 input channels or more, or a dense one (a versatile first
+    /// convolution of 16 input channels or more, or a dense one, whose input is small
+    /// enough to convert ([`MAX_CONVERTED_PER_IMAGE`]) (a versatile first
     /// layer of an image network, a few channels over a large map, runs faster
     /// channels-first: ResNet-50's spatial 7 x 7 stem 0.56-0.60 ms against 1.25-1.30;
     /// dense, 1.19-1.25 against 1.14-1.16), with the value it reads, which is converted
-    /// there. From the switch on, every step must run
-    /// channels-last (every convolution on [`NhwcConv`], reading its input as it was
-    /// produced: a linear layer after a 1 x 1 map, not a flattened wider one; no pooling
-    /// in a write; pools with a channels-last version) and read no value from before
-    /// it but the converted one; the output must be 1 x 1.
+    /// there. From the switch on, every step must run channels-last (every convolution
+    /// on [`NhwcConv`] reading its input as it was produced, or on a 1 x 1 map, where
+    /// both layouts are one, a linear layer after a flattened map included; pools with a
+    /// channels-last version) and read no value from before it but the converted one;
+    /// the output must be 1 x 1. [`Self::go_channels_last`] then rewrites the steps.
     fn channels_last_from(&self, output: Value) -> Option<Switch> {
-        let step = self.steps.iter().position(|step| {
-            matches!(&step.op, Op::Conv(conv)
-                if conv.plan.input_shape()[1] >= 16 || conv.plan.rings_count() == 1)
+        let step = self.steps.iter().position(|step| match &step.op {
+            Op::Conv(conv) => {
+                let [_, channels, h, w] = self.shapes[step.input];
+                (conv.plan.input_shape()[1] >= 16 || conv.plan.rings_count() == 1)
+                    && channels * h * w <= MAX_CONVERTED_PER_IMAGE
+            }
+            _ => false,
         })?;
+        self.switch_at(step, output)
+    }
+
+    /// The switch at `step` (see [`Self::channels_last_from`]), where every later step
+    /// can run channels-last.
+    fn switch_at(&self, step: usize, output: Value) -> Option<Switch> {
         let value = self.steps[step].input;
         let [_, _, h, w] = self.shapes[output];
         // Values made before the switch (the input too, where steps come before it).
@@ -523,9 +536,9 @@ impl Builder {
             reads_after
                 && match &step.op {
                     Op::Conv(conv) => {
-                        !conv.pool
-                            && NhwcConv::supports(&conv.plan)
-                            && conv.plan.input_shape() == self.shapes[step.input]
+                        let as_produced = conv.plan.input_shape() == self.shapes[step.input];
+                        (as_produced && NhwcConv::supports(&conv.plan))
+                            || (on_one_pixel(&conv.plan) && !conv.pool)
                     }
                     Op::MaxPool(_) | Op::Affine { .. } => true,
                     Op::AdaptiveAvg { output, .. } => *output == [1, 1],
@@ -537,6 +550,79 @@ impl Builder {
             value,
             shape: self.shapes[value],
         })
+    }
+
+    /// Rewrites the steps from `switch` on for channels-last activations: a convolution
+    /// that pools in its write writes the whole map and a max-pooling step follows (the
+    /// channels-last pass has no pooling write), and a linear layer that reads a
+    /// flattened map takes its weight's columns in the map's channels-last order.
+    fn go_channels_last(&mut self, switch: &Switch) {
+        let mut index = switch.step;
+        while index < self.steps.len() {
+            let input_shape = self.shapes[self.steps[index].input];
+            if let Op::Conv(conv) = &mut self.steps[index].op {
+                let whole_map = reads_whole_map(&conv.plan);
+                if whole_map {
+                    // The same products as a linear layer on the flattened map, which the
+                    // channels-first pass streams (VGG's `fc6`: 14.8 ms against 19.4 on
+                    // `NhwcConv`, batch 1).
+                    let [batch, channels, h, w] = input_shape;
+                    conv.plan = ConvPlan::dense(
+                        [batch, channels * h * w, 1, 1],
+                        conv.plan.out_channels(),
+                        [1, 1],
+                        [1, 1],
+                        [1, 1],
+                        1,
+                        [(0, 0); 2],
+                    )
+                    .expect("a 1 x 1 plan of a valid plan's sizes");
+                }
+                let plan_input = conv.plan.input_shape();
+                if plan_input != input_shape {
+                    // A flattened `[channels, h, w]` map: columns from `(c, y, x)` to
+                    // `(y, x, c)` order.
+                    let [_, channels, h, w] = input_shape;
+                    let depth = plan_input[1];
+                    for row in conv.weight.chunks_exact_mut(depth) {
+                        let by_channel = row.to_vec();
+                        for (c, plane) in by_channel.chunks_exact(h * w).enumerate() {
+                            for (pixel, &v) in plane.iter().enumerate() {
+                                row[pixel * channels + c] = v;
+                            }
+                        }
+                    }
+                }
+                if conv.pool {
+                    conv.pool = false;
+                    let whole = conv.plan.output_shape();
+                    let pool = pooling(
+                        "max pool",
+                        whole,
+                        PoolWindow {
+                            kernel: [2, 2],
+                            stride: [2, 2],
+                            padding: [0, 0],
+                            ceil: false,
+                        },
+                    )
+                    .expect("a map the convolution pooled in its write");
+                    let written = self.value(whole);
+                    let pooled = std::mem::replace(&mut self.steps[index].output, written);
+                    index += 1;
+                    self.steps.insert(
+                        index,
+                        Step {
+                            op: Op::MaxPool(pool),
+                            input: written,
+                            residual: None,
+                            output: pooled,
+                        },
+                    );
+                }
+            }
+            index += 1;
+        }
     }
 
     /// Folds the dense layers' batch-norm scale into their weights and lays every weight
@@ -554,7 +640,7 @@ impl Builder {
                         }
                     }
                 }
-                if channels_last {
+                if channels_last && !on_one_pixel(&conv.plan) {
                     conv.channels_last = NhwcConv::new(&conv.plan, &conv.weight);
                 } else {
                     conv.packed = Some(PackedWeight::new(&conv.plan, &conv.weight));
@@ -563,6 +649,36 @@ impl Builder {
             }
         }
     }
+}
+
+/// The most values per image the plan converts to channels-last at its switch. The
+/// conversion of VGG-16's 64 x 224 x 224 map took about 3 ms, and its next layer (spatial,
+/// 32 primaries, narrower than the channels-last pass's panels) ran slower channels-last
+/// too; switching at the next convolution, after the pooling, gains both.
+const MAX_CONVERTED_PER_IMAGE: usize = 1 << 20;
+
+/// Whether `plan` maps a 1 x 1 map to a 1 x 1 map (a linear layer), where channels-first
+/// and channels-last are the same values in the same order: the channels-first pass runs
+/// it in either layout (it streams a large weight, as VGG's `fc6`).
+fn on_one_pixel(plan: &ConvPlan) -> bool {
+    let [_, _, h, w] = plan.input_shape();
+    let [_, _, oh, ow] = plan.output_shape();
+    [h, w, oh, ow] == [1, 1, 1, 1]
+}
+
+/// Whether `plan` is a dense convolution whose one output pixel reads the whole input
+/// map (no padding): a linear layer on the flattened map.
+fn reads_whole_map(plan: &ConvPlan) -> bool {
+    let [_, channels, h, w] = plan.input_shape();
+    let [_, _, oh, ow] = plan.output_shape();
+    plan.rings_count() == 1
+        && plan.n_c() == 1
+        && plan.windows().len() == 1
+        && plan.weight_shape()[1] == channels
+        && plan.kernel() == [h, w]
+        && plan.padding_begin() == [0, 0]
+        && plan.dilation() == [1, 1]
+        && [oh, ow] == [1, 1]
 }
 
 /// Where a plan switches to channels-last activations.
@@ -799,6 +915,9 @@ impl InferencePlan {
         } else {
             builder.channels_last_from(output)
         };
+        if let Some(switch) = &switch {
+            builder.go_channels_last(switch);
+        }
         builder.finish(switch.map(|s| s.step));
         let lens: Vec<usize> = builder.shapes.iter().map(|s| s.iter().product()).collect();
         let (placement, sizes) = place(&lens, &builder.steps, output);
