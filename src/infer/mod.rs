@@ -76,8 +76,8 @@ struct Conv {
     scale: Option<Vec<f32>>,
     shift: Option<Vec<f32>>,
     relu: bool,
-    /// Whether the 2 x 2 max pooling that follows runs in the write.
-    pool: bool,
+    /// The 2 x 2 max pooling that follows, where it runs in the write.
+    pool: Option<Pool2d>,
 }
 
 /// What a step computes.
@@ -123,7 +123,11 @@ impl Step {
                 } else {
                     String::new()
                 };
-                let pool = if conv.pool { " + 2x2 max pool" } else { "" };
+                let pool = if conv.pool.is_some() {
+                    " + 2x2 max pool"
+                } else {
+                    ""
+                };
                 format!(
                     "conv {cin}->{} {kh}x{kw}/{sh} {h}x{w}{versatile}{pool}",
                     plan.out_channels()
@@ -283,7 +287,7 @@ impl Builder {
             dense,
             scale: None,
             relu: false,
-            pool: false,
+            pool: None,
         };
         Ok((self.push(Op::Conv(Box::new(conv)), x, out_shape), out_shape))
     }
@@ -321,7 +325,7 @@ impl Builder {
             dense: true,
             scale: None,
             relu: false,
-            pool: false,
+            pool: None,
         };
         Ok((
             self.push(Op::Conv(Box::new(conv)), x, [self.batch, d_output, 1, 1]),
@@ -447,8 +451,8 @@ impl Builder {
             ..
         }) = self.producer(x)
         {
-            if in_write && !conv.pool && conv.plan.pools_in_write() {
-                conv.pool = true;
+            if in_write && conv.pool.is_none() && conv.plan.pools_in_write() {
+                conv.pool = Some(pool);
                 self.shapes[x] = out_shape;
                 return Ok((x, out_shape));
             }
@@ -537,8 +541,7 @@ impl Builder {
                 && match &step.op {
                     Op::Conv(conv) => {
                         let as_produced = conv.plan.input_shape() == self.shapes[step.input];
-                        (as_produced && NhwcConv::supports(&conv.plan))
-                            || (on_one_pixel(&conv.plan) && !conv.pool)
+                        (as_produced && NhwcConv::supports(&conv.plan)) || on_one_pixel(&conv.plan)
                     }
                     Op::MaxPool(_) | Op::Affine { .. } => true,
                     Op::AdaptiveAvg { output, .. } => *output == [1, 1],
@@ -561,8 +564,7 @@ impl Builder {
         while index < self.steps.len() {
             let input_shape = self.shapes[self.steps[index].input];
             if let Op::Conv(conv) = &mut self.steps[index].op {
-                let whole_map = reads_whole_map(&conv.plan);
-                if whole_map {
+                if reads_whole_map(&conv.plan) {
                     // The same products as a linear layer on the flattened map, which the
                     // channels-first pass streams (VGG's `fc6`: 14.8 ms against 19.4 on
                     // `NhwcConv`, batch 1).
@@ -583,9 +585,9 @@ impl Builder {
                     // A flattened `[channels, h, w]` map: columns from `(c, y, x)` to
                     // `(y, x, c)` order.
                     let [_, channels, h, w] = input_shape;
-                    let depth = plan_input[1];
-                    for row in conv.weight.chunks_exact_mut(depth) {
-                        let by_channel = row.to_vec();
+                    let mut by_channel = vec![0.0; plan_input[1]];
+                    for row in conv.weight.chunks_exact_mut(by_channel.len()) {
+                        by_channel.copy_from_slice(row);
                         for (c, plane) in by_channel.chunks_exact(h * w).enumerate() {
                             for (pixel, &v) in plane.iter().enumerate() {
                                 row[pixel * channels + c] = v;
@@ -593,21 +595,8 @@ impl Builder {
                         }
                     }
                 }
-                if conv.pool {
-                    conv.pool = false;
-                    let whole = conv.plan.output_shape();
-                    let pool = pooling(
-                        "max pool",
-                        whole,
-                        PoolWindow {
-                            kernel: [2, 2],
-                            stride: [2, 2],
-                            padding: [0, 0],
-                            ceil: false,
-                        },
-                    )
-                    .expect("a map the convolution pooled in its write");
-                    let written = self.value(whole);
+                if let Some(pool) = conv.pool.take() {
+                    let written = self.value(pool.input);
                     let pooled = std::mem::replace(&mut self.steps[index].output, written);
                     index += 1;
                     self.steps.insert(
@@ -1120,7 +1109,7 @@ fn execute(step: &Step, channels_last: bool, x: &[f32], residual: Option<&[f32]>
                 shift: conv.shift.as_deref(),
                 residual: residual.map(|r| &r[..plan.output_len()]),
                 relu: conv.relu,
-                pool: conv.pool,
+                pool: conv.pool.is_some(),
             };
             let len = epilogue.output_len(plan);
             match (&conv.channels_last, &conv.packed) {
