@@ -15,7 +15,7 @@ use versatile::checkpoint::{
 };
 use versatile::models::{ConvLayer, FeatureLayer, ImageClassifier, Model, ModelConfig};
 
-mod support;
+use crate::support;
 use support::{config, input, random_model, scratch, values};
 
 /// Bytes of tensor data a model's checkpoint holds: parameters and buffers, float32.

@@ -16,7 +16,7 @@ use versatile::data::{
     Position, Split, Step, Transform, IDX_CLASS_NAMES,
 };
 
-mod support;
+use crate::support;
 
 // ---------------------------------------------------------------------------------------
 // File writers (independent of the library's own writer)

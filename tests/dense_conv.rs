@@ -3,7 +3,7 @@
 //! asymmetric explicit padding, groups, with and without bias): output and the gradients
 //! of `sum(out * r)` with respect to the input, the weight and the bias.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};

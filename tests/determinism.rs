@@ -4,7 +4,7 @@
 //! same size gives the same bits, however the tasks were scheduled. Each thread count
 //! runs in a pool of its own (not the process-wide one), so the tests are independent.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::nn::PaddingConfig2d;

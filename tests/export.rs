@@ -18,7 +18,7 @@ use versatile::checkpoint::onnx::{export_onnx, export_onnx_as, OnnxForm};
 use versatile::checkpoint::{load_model, save_model, CheckpointError};
 use versatile::models::{ConvLayer, FeatureLayer, ImageClassifier, Model};
 
-mod support;
+use crate::support;
 use support::{
     authors_io, authors_small_vgg, config, input, random_model, relative_error, scratch, values,
     AUTHORS_PTH,

@@ -8,7 +8,7 @@
 //! borders fall inside rows and between images, and its parallel split kicks in on small
 //! inputs.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

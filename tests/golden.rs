@@ -8,7 +8,7 @@
 //!
 //! `VERSATILE_GOLDEN_DIR` points the test at another directory of the same format.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::tensor::Device;

@@ -3,7 +3,7 @@
 //! and 2, square and odd rectangular inputs; batch-norm statistics and biases made
 //! non-trivial first, so that folding them is tested.
 
-mod common;
+use crate::common;
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Device, Tensor, TensorData};

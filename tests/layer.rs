@@ -2,7 +2,7 @@
 //! errors, output shapes equal to the dense `Conv2d`'s, finite-difference gradients, and
 //! the authors' initialisation.
 
-mod common;
+use crate::common;
 
 use burn::module::Param;
 use burn::nn::conv::Conv2dConfig;

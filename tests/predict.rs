@@ -11,7 +11,7 @@ use versatile::checkpoint::{CheckpointError, CheckpointMeta};
 use versatile::data::{Dataset, DatasetKind, Loader, LoaderConfig, Position, Split, Transform};
 use versatile::models::{ImageClassifier, Model};
 
-mod support;
+use crate::support;
 use support::{config, random_model, scratch, values};
 
 /// An RGB image whose three channels differ everywhere, so a swapped channel or axis

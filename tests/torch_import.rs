@@ -10,7 +10,7 @@ use versatile::checkpoint::import::import_state_dict;
 use versatile::checkpoint::{inspect, load_model, save_model, CheckpointError, Format};
 use versatile::models::{ImageClassifier, ModelConfig};
 
-mod support;
+use crate::support;
 use support::{authors_io as recorded, authors_small_vgg, scratch, AUTHORS_PTH as PTH};
 
 fn logits(model: &impl ImageClassifier, x: Tensor<4>) -> Vec<f32> {

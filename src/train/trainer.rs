@@ -31,6 +31,8 @@ use crate::models::{ImageClassifier, Model, ModelConfig};
 
 /// burn's CPU generator is one per process: whoever seeds it and then draws from it
 /// holds this lock, so trainers in the same process (tests, the demo) stay reproducible.
+/// Code that draws from it without the lock (`Tensor::random`, a module's `init`) while a
+/// run initializes or steps changes that run's draws.
 static RNG: Mutex<()> = Mutex::new(());
 
 /// The model a training run starts from: `config` built for `device` with the generator
