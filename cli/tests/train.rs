@@ -257,3 +257,44 @@ fn bench_model_times_a_training_step() {
     let ratio = work(&rows[2]) / work(&rows[0]);
     assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
 }
+
+/// `bench --model M --plan-only` (the second timing of `benches/infer_side_by_side.sh`)
+/// times the compiled plan alone: one row, in the JSON form and the table.
+#[test]
+fn bench_model_plan_only_times_the_plan_alone() {
+    let dir = scratch("bench-plan-only");
+    let args = [
+        "bench",
+        "--model",
+        "vgg_small",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--peak-size",
+        "0",
+        "--plan-only",
+    ];
+    let out = versatile(&[&args[..], &["--json"]].concat(), &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["impl"], "plan");
+    assert!(rows[0]["ms"].as_f64().unwrap() > 0.0, "{}", rows[0]);
+    let out = versatile(&args, &dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.lines().any(|line| line.starts_with("plan ")),
+        "{table}"
+    );
+    assert!(
+        !table.contains("module") && !table.contains("train step"),
+        "{table}"
+    );
+}

@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// Input channels (with `--model`; default: the model's).
     #[arg(long)]
     pub(super) in_channels: Option<usize>,
+    /// Time the compiled plan only, not burn's module forward or a training step (with
+    /// `--model`): `benches/infer_side_by_side.sh` times the plan again after the
+    /// runtimes, so that drift between the two timings shows and averages out.
+    #[arg(long)]
+    pub(super) plan_only: bool,
     /// Also write the timed model's dense form as ONNX here (with `--model`), for the
     /// runtimes `benches/infer_reference.py` times on the same weights.
     #[arg(long, value_name = "FILE")]
@@ -477,20 +482,25 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
     let planned = median_ms(args.warmup, args.reps, || {
         plan.run(&values).map(|_| ()).map_err(Into::into)
     })?;
-    let module = median_ms(args.warmup, args.reps, || {
-        let _ = model.try_forward(input.clone())?.into_data();
-        Ok(())
-    })?;
-    // A training step: the forward (batch norm on the batch's statistics) and backward
-    // of the model in training, on the autodiff device, without the optimizer (`train
-    // --bench-steps` times whole steps on real data).
-    let autodiff = device.clone().autodiff();
-    let trained = config.init(&autodiff)?;
-    let x_train = input.clone().to_device(&autodiff);
-    let step = median_ms(args.warmup, args.reps, || {
-        let _grads = trained.try_forward(x_train.clone())?.sum().backward();
-        Ok(())
-    })?;
+    let (module, step) = if args.plan_only {
+        (None, None)
+    } else {
+        let module = median_ms(args.warmup, args.reps, || {
+            let _ = model.try_forward(input.clone())?.into_data();
+            Ok(())
+        })?;
+        // A training step: the forward (batch norm on the batch's statistics) and
+        // backward of the model in training, on the autodiff device, without the
+        // optimizer (`train --bench-steps` times whole steps on real data).
+        let autodiff = device.clone().autodiff();
+        let trained = config.init(&autodiff)?;
+        let x_train = input.clone().to_device(&autodiff);
+        let step = median_ms(args.warmup, args.reps, || {
+            let _grads = trained.try_forward(x_train.clone())?.sum().backward();
+            Ok(())
+        })?;
+        (Some(module), Some(step))
+    };
     // Multiply-adds: the forward's, and twice as many backward (input and weight
     // gradients).
     let forward_flops = 2.0 * plan.macs() as f64;
@@ -522,7 +532,14 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
             "share_of_fma_peak": share_of_fma(what, t),
         })
     };
-    let rows = [("plan", &planned), ("module", &module), (TRAIN_STEP, &step)];
+    let rows: Vec<(&str, &Timing)> = [
+        ("plan", Some(&planned)),
+        ("module", module.as_ref()),
+        (TRAIN_STEP, step.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(what, t)| Some((what, t?)))
+    .collect();
     if args.json {
         for (what, t) in rows {
             let mut value = row(what, t);
@@ -562,7 +579,7 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
         "impl", "ms", "images/s", "GFLOP/s", "SGEMM", "FMA peak"
     );
     let percent = |s: Option<f64>| s.map_or("-".into(), |s| format!("{:.0} %", s * 100.0));
-    for (what, t) in rows {
+    for &(what, t) in &rows {
         println!(
             "{what:<10} {:>10.2} {:>10.1} {:>9.1} {:>8} {:>8}",
             t.median_ms,
@@ -572,10 +589,12 @@ fn run_model(name: &str, args: &BenchArgs) -> Result<()> {
             percent(share_of_fma(what, t))
         );
     }
-    println!(
-        "plan speedup over the module forward: {:.2}x",
-        module.median_ms / planned.median_ms
-    );
+    if let Some(module) = module {
+        println!(
+            "plan speedup over the module forward: {:.2}x",
+            module.median_ms / planned.median_ms
+        );
+    }
     Ok(())
 }
 
