@@ -1,10 +1,13 @@
 #!/bin/sh
 # Inference side by side in one run: `versatile bench --model` (the compiled plan and
 # burn's module forward) and onnxruntime and OpenVINO on the same model's dense ONNX,
-# same threads and batch. JSON lines on stdout.
+# same threads and batch. JSON lines on stdout. Each case times the plan before the
+# runtimes and again after them (`--plan-only`), so the VM's drift over a case shows
+# and averages out; `benches/summarize_infer.py` reads the lines and prints the ratios.
 #
-#   benches/infer_side_by_side.sh [THREADS] [PYTHON]     (from the repository root,
-#   after `cargo build --release`; PYTHON: a venv with onnxruntime, openvino, onnx)
+#   benches/infer_side_by_side.sh [THREADS] [PYTHON] > run.jsonl   (from the repository
+#   root, after `cargo build --release`; PYTHON: a venv with onnxruntime, openvino, onnx)
+#   python3 benches/summarize_infer.py run.jsonl
 #
 # ISA=avx2 in the environment holds an AVX-512 machine to AVX2 on both sides: our
 # kernels (VERSATILE_SGEMM=avx2) and OpenVINO's (ONEDNN_MAX_CPU_ISA=AVX2). onnxruntime
@@ -36,4 +39,6 @@ for case in vgg16_bn:spatial:1 vgg16_bn:dense:1 vgg16_bn:spatial:8 resnet50:spat
         "$python" benches/infer_reference.py "$scratch/$form.onnx" --batch "$batch" \
             --threads "$threads" --reps 7 --form "$form" --runtimes "$runtimes"
     done
+    RAYON_NUM_THREADS=$threads "$versatile" bench --model "$model" --variant "$variant" \
+        --batch "$batch" --reps 7 --json --plan-only --peak-size 0
 done
