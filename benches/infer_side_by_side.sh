@@ -1,9 +1,10 @@
 #!/bin/sh
 # Inference side by side in one run: `versatile bench --model` (the compiled plan and
-# burn's module forward) and onnxruntime and OpenVINO on the same model's dense ONNX,
-# same threads and batch. JSON lines on stdout. Each case times the plan before the
-# runtimes and again after them (`--plan-only`), so the VM's drift over a case shows
-# and averages out; `benches/summarize_infer.py` reads the lines and prints the ratios.
+# burn's module forward) and onnxruntime and OpenVINO on the same model's dense ONNX and
+# versatile-form ONNX, same threads and batch. JSON lines on stdout. Each case times the
+# plan before the runtimes and again after them (`--plan-only`), so the VM's drift over
+# a case shows and averages out; `benches/summarize_infer.py` reads the lines and prints
+# the ratios.
 #
 #   benches/infer_side_by_side.sh [THREADS] [PYTHON] > run.jsonl   (from the repository
 #   root, after `cargo build --release`; PYTHON: a venv with onnxruntime, openvino, onnx)
