@@ -217,36 +217,42 @@ fn bench_steps_report_the_memory_of_a_step() {
     }
 }
 
+/// The small VGG through `bench --model`, no warm-up and one timed run of each timing,
+/// with `extra` arguments: what it printed.
+fn bench_vgg_small(extra: &[&str], dir: &std::path::Path) -> String {
+    let args = [
+        "bench",
+        "--model",
+        "vgg_small",
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+        "--peak-size",
+        "0",
+    ];
+    let out = versatile(&[&args[..], extra].concat(), dir);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// The rows of `bench --json`'s output.
+fn json_rows(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 /// `bench --model M --json` times a training step beside the compiled plan and the module
 /// forward: three rows with positive times, the step's rate counting three times the
 /// forward's multiply-adds (forward, input gradient, weight gradient).
 #[test]
 fn bench_model_times_a_training_step() {
     let dir = scratch("bench-model");
-    let out = versatile(
-        &[
-            "bench",
-            "--model",
-            "vgg_small",
-            "--variant",
-            "spatial",
-            "--batch",
-            "4",
-            "--warmup",
-            "0",
-            "--reps",
-            "1",
-            "--peak-size",
-            "0",
-            "--json",
-        ],
+    let rows = json_rows(&bench_vgg_small(
+        &["--variant", "spatial", "--batch", "4", "--json"],
         &dir,
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let rows: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    ));
     let impls: Vec<&str> = rows.iter().map(|r| r["impl"].as_str().unwrap()).collect();
     assert_eq!(impls, ["plan", "module", "train step"]);
     for row in &rows {
@@ -263,34 +269,22 @@ fn bench_model_times_a_training_step() {
 #[test]
 fn bench_model_plan_only_times_the_plan_alone() {
     let dir = scratch("bench-plan-only");
-    let args = [
-        "bench",
-        "--model",
-        "vgg_small",
-        "--batch",
-        "2",
-        "--warmup",
-        "0",
-        "--reps",
-        "1",
-        "--peak-size",
-        "0",
-        "--plan-only",
-    ];
-    let out = versatile(&[&args[..], &["--json"]].concat(), &dir);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let rows: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let rows = json_rows(&bench_vgg_small(
+        &["--batch", "2", "--plan-only", "--json"],
+        &dir,
+    ));
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["impl"], "plan");
     assert!(rows[0]["ms"].as_f64().unwrap() > 0.0, "{}", rows[0]);
-    let out = versatile(&args, &dir);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let table = text(&out.stdout);
-    assert!(
-        table.lines().any(|line| line.starts_with("plan ")),
+    let table = bench_vgg_small(&["--batch", "2", "--plan-only"], &dir);
+    // The timing row: `plan`, then its milliseconds (not the "plan memory" line).
+    let timed = |line: &str| {
+        let mut words = line.split_whitespace();
+        words.next() == Some("plan") && words.next().is_some_and(|ms| ms.parse::<f64>().is_ok())
+    };
+    assert_eq!(
+        table.lines().filter(|line| timed(line)).count(),
+        1,
         "{table}"
     );
     assert!(
