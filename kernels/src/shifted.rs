@@ -10,6 +10,7 @@
 //! Backwards, the weight gradient of a position reads the same shifted view and the input
 //! gradient of a position is added into a padded gradient image at the same shift.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::epilogue::Epilogue;
@@ -526,8 +527,8 @@ impl<T: Real> CropWrite<'_, T> {
 }
 
 /// Backward pass of images `[first, last)` through the shifted views: their input
-/// gradient into `dx` (those images only), their weight-gradient contribution into `dw`
-/// (ring layout).
+/// gradient into `dx` (those images only: every value written once, so `dx` need not be
+/// initialised), their weight-gradient contribution into `dw` (ring layout).
 ///
 /// Per image, the running sums `S_r` of every window come first, on the wide columns
 /// (junk columns zero). The weight gradient of a position is one gemm of `S_r` with the
@@ -538,7 +539,11 @@ impl<T: Real> CropWrite<'_, T> {
 pub fn backward_task<T: Real>(
     (plan, layout, x, ringed): TaskInput<'_, T>,
     ws: &mut Workspace<T>,
-    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<'_, T>,
+    (grad_out, (first, last), mut dx, mut dw, fresh, tile, parallelism): BackwardArgs<
+        '_,
+        T,
+        MaybeUninit<T>,
+    >,
 ) {
     let _ = tile;
     let mut overwrite = fresh;
@@ -710,7 +715,9 @@ pub fn backward_task<T: Real>(
                     );
                 }
             }
-            // Interior pixels of the tile into the input gradient.
+            // Interior pixels of the tile into the input gradient. The tiles run over
+            // every padded pixel of the interior rows, so every value of the image's
+            // input gradient (each channel, row and column) is written here, once.
             let dtile: &[T] = dtile;
             let mut q = a;
             while q < b {
@@ -725,10 +732,12 @@ pub fn backward_task<T: Real>(
                         let src = ch * d_rs + (yp * padded.wp + x0 - a) * d_cs;
                         let dst = &mut dx[dst..dst + (x1 - x0)];
                         if d_cs == 1 {
-                            dst.copy_from_slice(&dtile[src..src + (x1 - x0)]);
+                            for (d, &v) in dst.iter_mut().zip(&dtile[src..src + (x1 - x0)]) {
+                                d.write(v);
+                            }
                         } else {
                             for (i, d) in dst.iter_mut().enumerate() {
-                                *d = dtile[src + i * d_cs];
+                                d.write(dtile[src + i * d_cs]);
                             }
                         }
                     }

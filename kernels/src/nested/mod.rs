@@ -13,6 +13,8 @@ pub(crate) use primitives::{
 use primitives::{from_ring_layout, split, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::epilogue::Epilogue;
@@ -734,10 +736,11 @@ pub fn backward<T: Real>(
         return gradients;
     }
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
-    let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
     let mut dw = None;
     let shifted = use_shifted(plan);
-    if (needs.x || needs.weight) && plan.columns() > 0 && !shifted && use_streaming(plan) {
+    let tiled = (needs.x || needs.weight) && plan.columns() > 0;
+    if tiled && !shifted && use_streaming(plan) {
+        let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
         let (dw, tasks) =
             streaming::backward(plan, x, weight, grad_out, dx.as_deref_mut(), needs.weight);
         trace::note(Pass::Backward, Traced::Streaming, tasks);
@@ -747,50 +750,78 @@ pub fn backward<T: Real>(
             bias,
         };
     }
-    if (needs.x || needs.weight) && plan.columns() > 0 {
-        let layout = Layout::new(plan);
-        workspace::with::<T, _>(Slot::Call, |call| {
-            let weight_len = plan.weight_len();
-            let dw_len = if needs.weight { weight_len } else { 0 };
-            let identity = ring_layout_is_identity(plan);
-            let ringed_len = if identity { 0 } else { weight_len };
-            let buffer = grow(&mut call.weight, ringed_len + dw_len);
-            let (ringed, dw_ringed) = buffer.split_at_mut(ringed_len);
-            let ringed: &[T] = if identity {
-                weight
-            } else {
-                to_ring_layout(plan, &layout, weight, ringed);
-                ringed
-            };
-            let tasks = backward_tasks(
-                (plan, &layout, x, ringed),
-                grad_out,
-                dx.as_deref_mut(),
-                needs.weight.then_some(&mut *dw_ringed),
-                &mut call.partials,
-            );
-            let traced = if shifted {
-                Traced::Shifted
-            } else {
-                Traced::Im2col
-            };
-            trace::note(Pass::Backward, traced, tasks);
-            if needs.weight {
-                dw = Some(if identity {
-                    dw_ringed.to_vec()
-                } else {
-                    from_ring_layout(plan, &layout, dw_ringed)
-                });
-            }
-        });
-    } else if needs.weight {
-        dw = Some(vec![T::ZERO; plan.weight_len()]);
-    }
+    let dx = if tiled {
+        let len = plan.input_len();
+        let mut dx = needs.x.then(|| workspace::uninit(len));
+        dw = tiled_backward(
+            plan,
+            (x, weight, grad_out),
+            dx.as_mut().map(|dx| &mut dx.spare_capacity_mut()[..len]),
+            needs.weight,
+        );
+        if let Some(dx) = dx.as_mut() {
+            // SAFETY: the capacity is `len`, and `tiled_backward` wrote every one of its
+            // values.
+            unsafe { dx.set_len(len) };
+        }
+        dx
+    } else {
+        if needs.weight {
+            dw = Some(vec![T::ZERO; plan.weight_len()]);
+        }
+        needs.x.then(|| workspace::zeroed(plan.input_len()))
+    };
     Gradients {
         x: dx,
         weight: dw,
         bias,
     }
+}
+
+/// The backward pass through tiles (the shifted or the im2col path) of a plan with
+/// output columns: every value of the input gradient written into `dx` where given
+/// (whatever it held), and the weight gradient returned where `weight_gradient`.
+fn tiled_backward<T: Real>(
+    plan: &ConvPlan,
+    (x, weight, grad_out): (&[T], &[T], &[T]),
+    dx: Option<&mut [MaybeUninit<T>]>,
+    weight_gradient: bool,
+) -> Option<Vec<T>> {
+    let layout = Layout::new(plan);
+    workspace::with::<T, _>(Slot::Call, |call| {
+        let weight_len = plan.weight_len();
+        let dw_len = if weight_gradient { weight_len } else { 0 };
+        let identity = ring_layout_is_identity(plan);
+        let ringed_len = if identity { 0 } else { weight_len };
+        let buffer = grow(&mut call.weight, ringed_len + dw_len);
+        let (ringed, dw_ringed) = buffer.split_at_mut(ringed_len);
+        let ringed: &[T] = if identity {
+            weight
+        } else {
+            to_ring_layout(plan, &layout, weight, ringed);
+            ringed
+        };
+        let tasks = backward_tasks(
+            (plan, &layout, x, ringed),
+            grad_out,
+            dx,
+            weight_gradient.then_some(&mut *dw_ringed),
+            &mut call.partials,
+        );
+        let traced = if use_shifted(plan) {
+            Traced::Shifted
+        } else {
+            Traced::Im2col
+        };
+        trace::note(Pass::Backward, traced, tasks);
+        weight_gradient.then(|| {
+            if identity {
+                dw_ringed.to_vec()
+            } else {
+                from_ring_layout(plan, &layout, dw_ringed)
+            }
+        })
+    })
 }
 
 #[cfg(test)]
@@ -822,5 +853,115 @@ mod tests {
         let centre = ringed.rings[0].remove(4);
         ringed.rings.push(vec![centre]);
         assert!(!ring_layout_is_identity(&ringed));
+    }
+    /// The tiled backward passes write every value of the input gradient, whatever the
+    /// buffer held (`backward` hands them an uninitialised one): a gradient poisoned with
+    /// NaN comes back with the bits of one that started at zero, on the shifted and the
+    /// im2col path, dense, grouped (windows that partition the channels) and versatile
+    /// with overlapping channel windows, padded unevenly, over one and three threads.
+    #[test]
+    fn tiled_backward_writes_every_input_gradient_value() {
+        use crate::plan::{PlanSpec, Window};
+        use crate::tuning::Tuning;
+        let square_rings = |d: usize| {
+            let mut rings = vec![Vec::new(); d.div_ceil(2)];
+            for ky in 0..d {
+                for kx in 0..d {
+                    rings[ky.min(kx).min(d - 1 - ky).min(d - 1 - kx)].push((ky, kx));
+                }
+            }
+            rings
+        };
+        let window = |j, in_offset, weight_offset, first_primary, rows| Window {
+            j,
+            in_offset,
+            weight_offset,
+            first_primary,
+            rows,
+        };
+        let dense = PlanSpec {
+            input: [2, 3, 7, 6],
+            kernel: [3, 3],
+            stride: [1, 1],
+            dilation: [1, 2],
+            padding: [(1, 0), (2, 1)],
+            out_channels: 5,
+            primaries: 5,
+            n_c: 1,
+            window_depth: 3,
+            weight_depth: 3,
+            rings: vec![square_rings(3).concat()],
+            windows: vec![window(0, 0, 0, 0, 5)],
+        };
+        let grouped = PlanSpec {
+            input: [3, 4, 5, 5],
+            padding: [(1, 1), (0, 2)],
+            dilation: [1, 1],
+            out_channels: 6,
+            primaries: 6,
+            window_depth: 2,
+            weight_depth: 2,
+            windows: vec![window(0, 0, 0, 0, 3), window(0, 2, 0, 3, 3)],
+            ..dense.clone()
+        };
+        let versatile = PlanSpec {
+            input: [3, 6, 8, 7],
+            kernel: [5, 5],
+            dilation: [1, 1],
+            padding: [(2, 2), (1, 2)],
+            out_channels: 14,
+            primaries: 2,
+            n_c: 3,
+            window_depth: 4,
+            weight_depth: 6,
+            rings: square_rings(5),
+            windows: (0..3).map(|j| window(j, j, j, 0, 2)).collect(),
+            ..dense.clone()
+        };
+        let value = |i: usize| ((i * 7919) % 255) as f32 / 255.0 - 0.5;
+        for spec in [dense, grouped, versatile] {
+            for strategy in [Strategy::Shifted, Strategy::Im2col] {
+                let tuning = Tuning {
+                    strategy,
+                    tile_columns: Some(7),
+                    min_task_columns: 4,
+                    ..Tuning::DEFAULT
+                };
+                let plan = ConvPlan::new(spec.clone()).unwrap().with_tuning(tuning);
+                let x: Vec<f32> = (0..plan.input_len()).map(value).collect();
+                let w: Vec<f32> = (0..plan.weight_len()).map(|i| value(i + 3)).collect();
+                let g: Vec<f32> = (0..plan.output_len()).map(|i| value(i + 5)).collect();
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let input_gradient = |fill: f32| {
+                        let mut dx = vec![MaybeUninit::new(fill); plan.input_len()];
+                        let dw = pool
+                            .install(|| tiled_backward(&plan, (&x, &w, &g), Some(&mut dx), true));
+                        // SAFETY: every value was initialised by `MaybeUninit::new` above,
+                        // and since only ever overwritten with initialised values.
+                        let dx: Vec<f32> =
+                            dx.into_iter().map(|v| unsafe { v.assume_init() }).collect();
+                        (dx, dw)
+                    };
+                    let (poisoned, dw_poisoned) = input_gradient(f32::NAN);
+                    let (zeroed, dw_zeroed) = input_gradient(0.0);
+                    let what = format!("{spec:?} {strategy:?} on {threads} threads");
+                    assert!(
+                        poisoned.iter().all(|v| !v.is_nan()),
+                        "{what}: a value left unwritten"
+                    );
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&poisoned), bits(&zeroed), "{what}");
+                    assert_eq!(dw_poisoned, dw_zeroed, "{what}");
+                    assert!(
+                        zeroed.iter().any(|&v| v != 0.0),
+                        "{what}: no gradient at all"
+                    );
+                }
+            }
+        }
     }
 }

@@ -703,13 +703,13 @@ pub(crate) fn windows_partition_channels(plan: &ConvPlan) -> bool {
 }
 
 /// What a backward task works on besides the [`TaskInput`]: the output gradient, its
-/// images `[first, last)`, the input gradient of those images, the weight-gradient buffer
-/// (ring layout; `fresh`: its first write overwrites), the tile width and gemm's
-/// parallelism.
-pub(crate) type BackwardArgs<'a, T> = (
+/// images `[first, last)`, the input gradient of those images (values `D`: `T`, or not yet
+/// written where the task writes each of them once), the weight-gradient buffer (ring
+/// layout; `fresh`: its first write overwrites), the tile width and gemm's parallelism.
+pub(crate) type BackwardArgs<'a, T, D = T> = (
     &'a [T],
     (usize, usize),
-    Option<&'a mut [T]>,
+    Option<&'a mut [D]>,
     Option<&'a mut [T]>,
     bool,
     usize,
