@@ -3,7 +3,8 @@
 //! with `SPATIAL=1` in the environment the spatial versatile layer of the same shape;
 //! `POOL=1` pools the output 2 x 2 in the write; `FLUSH=1` reads 256 MiB between runs,
 //! so that the layer starts from cold caches, as inside a network; `LAYOUT=nhwc` runs
-//! the channels-last convolution ([`NhwcConv`]) instead.
+//! the channels-last convolution ([`NhwcConv`]) instead, `LAYOUT=winograd` the
+//! channels-last F(2 x 2, 3 x 3) one ([`WinogradConv`]).
 //!
 //! ```text
 //! cargo run --release --example conv_steps -- IN OUT KERNEL SIDE [STRIDE=1] [BATCH=1] [RUNS=50]
@@ -15,6 +16,7 @@ use std::time::Instant;
 use versatile::layer::{ChannelMode, Geometry, GeometrySpec};
 use versatile_kernels::nhwc::NhwcConv;
 use versatile_kernels::tuning::Strategy;
+use versatile_kernels::winograd::WinogradConv;
 use versatile_kernels::{forward_packed, ConvPlan, Epilogue, PackedWeight};
 
 fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
@@ -65,8 +67,15 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         .map(|i| ((i * 7919) % 255) as f32 / 2550.0 - 0.05)
         .collect();
     let bias = vec![0.01f32; cout];
-    let channels_last = std::env::var("LAYOUT").is_ok_and(|v| v == "nhwc");
-    let nhwc = if channels_last {
+    let layout = std::env::var("LAYOUT").unwrap_or_default();
+    let winograd = if layout == "winograd" {
+        let conv = WinogradConv::new(&plan, &weight)
+            .ok_or("this CPU or layer has no Winograd convolution")?;
+        Some(conv)
+    } else {
+        None
+    };
+    let nhwc = if layout == "nhwc" {
         if std::env::var("POOL").is_ok_and(|v| v == "1") {
             return Err("a channels-last convolution does not pool in its write".into());
         }
@@ -78,9 +87,10 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     };
     let packed = PackedWeight::new(&plan, &weight);
     // The input's values in either layout: the time does not depend on them.
-    let pass = |x: &[f32], epilogue: &Epilogue<'_, f32>, out: &mut [f32]| match &nhwc {
-        Some(conv) => conv.forward(x, epilogue, out),
-        None => forward_packed(&plan, x, &packed, epilogue, out),
+    let pass = |x: &[f32], epilogue: &Epilogue<'_, f32>, out: &mut [f32]| match (&nhwc, &winograd) {
+        (Some(conv), _) => conv.forward(x, epilogue, out),
+        (_, Some(conv)) => conv.forward(x, epilogue, out),
+        (None, None) => forward_packed(&plan, x, &packed, epilogue, out),
     };
     let x: Vec<f32> = (0..plan.input_len())
         .map(|i| ((i * 104_729) % 255) as f32 / 255.0 - 0.5)

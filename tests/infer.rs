@@ -158,15 +158,30 @@ fn larger_inputs_and_batches_match_the_eval_forward() {
 #[test]
 fn networks_run_channels_last_where_the_cpu_can() {
     let can = versatile::kernels::nhwc::available();
-    for (name, variant, shape, last) in [
-        ("resnet18", "dense", [2, 3, 33, 40], can),
-        ("resnet18", "spatial", [1, 3, 32, 32], can),
-        ("resnet50", "spatial", [1, 3, 64, 64], can),
-        ("resnet18", "spatial+channel", [1, 3, 32, 32], false),
-        ("vgg_small", "spatial", [1, 1, 28, 28], can),
-        ("vgg_bn_fc6:64:16-M-32-M", "dense", [2, 1, 28, 28], can),
-        ("vgg_bn_fc6:64:16-M-32-M", "spatial", [1, 1, 28, 28], can),
-        ("lenet5", "dense", [3, 1, 28, 28], can),
+    // (model, variant, input, channels-last, some layers by Winograd's F(2 x 2, 3 x 3):
+    // 3 x 3 stride-1 layers of at least 32 input channels and primaries)
+    let winograd = can && std::env::var_os("VERSATILE_WINOGRAD").is_none_or(|v| v != "0");
+    for (name, variant, shape, last, by_winograd) in [
+        ("resnet18", "dense", [2, 3, 33, 40], can, winograd),
+        ("resnet18", "spatial", [1, 3, 32, 32], can, winograd),
+        ("resnet50", "spatial", [1, 3, 64, 64], can, winograd),
+        ("resnet18", "spatial+channel", [1, 3, 32, 32], false, false),
+        ("vgg_small", "spatial", [1, 1, 28, 28], can, winograd),
+        (
+            "vgg_bn_fc6:64:16-M-32-M",
+            "dense",
+            [2, 1, 28, 28],
+            can,
+            false,
+        ),
+        (
+            "vgg_bn_fc6:64:16-M-32-M",
+            "spatial",
+            [1, 1, 28, 28],
+            can,
+            false,
+        ),
+        ("lenet5", "dense", [3, 1, 28, 28], can, false),
     ] {
         let config = ModelConfig::parse(name, variant)
             .unwrap()
@@ -184,7 +199,7 @@ fn networks_run_channels_last_where_the_cpu_can() {
             .map(|i| ((i * 7919) % 255) as f32 / 255.0 - 0.5)
             .collect();
         let want = first.run(&input).unwrap().to_vec();
-        let got = plan.run(&input).unwrap();
+        let got = plan.run(&input).unwrap().to_vec();
         let scale = max_abs(&want).max(1.0);
         for (a, b) in got.iter().zip(&want) {
             assert!(
@@ -192,6 +207,17 @@ fn networks_run_channels_last_where_the_cpu_can() {
                 "{name} {variant}: {a} against {b}"
             );
         }
+        // Which ran by Winograd (the comparison above checks them).
+        let steps = plan.profile(&input, 1).unwrap();
+        let winograd_steps = steps
+            .iter()
+            .filter(|step| step.name.ends_with("by F(2x2,3x3)"))
+            .count();
+        assert_eq!(
+            winograd_steps > 0,
+            by_winograd,
+            "{name} {variant}: {winograd_steps} steps by Winograd"
+        );
     }
 }
 

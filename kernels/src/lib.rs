@@ -53,6 +53,7 @@ mod streaming;
 mod threads;
 pub mod trace;
 pub mod tuning;
+pub mod winograd;
 pub mod workspace;
 
 use std::cell::Cell;

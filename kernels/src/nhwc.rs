@@ -353,6 +353,29 @@ impl NhwcConv {
         }
     }
 
+    /// `out = conv(x)` (no epilogue) on the calling thread alone: for a caller that
+    /// splits its own work over the threads ([`crate::winograd`]).
+    ///
+    /// # Panics
+    /// If a length does not match.
+    pub(crate) fn forward_on_this_thread(&self, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), self.input_len(), "input length");
+        assert_eq!(out.len(), self.output_len(), "output length");
+        let positions = self.batch * self.output[0] * self.output[1];
+        let panels = self.starts.len() - 1;
+        // SAFETY: every position of every panel belongs to this call, and `out` is
+        // borrowed mutably for all of it.
+        unsafe {
+            self.block(
+                x,
+                &Epilogue::default(),
+                SendPtr(out.as_mut_ptr()),
+                0..positions,
+                0..panels,
+            )
+        };
+    }
+
     /// Output positions `positions` for the panels `panels`.
     ///
     /// # Safety
@@ -663,7 +686,7 @@ pub(crate) mod tests {
     use crate::plan::{PlanSpec, Window};
     use crate::{forward_packed, PackedWeight};
 
-    fn values(len: usize, seed: usize) -> Vec<f32> {
+    pub(crate) fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i + seed) * 7919) % 251) as f32 / 251.0 - 0.5)
             .collect()
@@ -677,7 +700,12 @@ pub(crate) mod tests {
     }
 
     /// A spatial versatile plan: `kernel x kernel` in one ring per crop, outermost first.
-    fn versatile(input: [usize; 4], out_channels: usize, kernel: usize, stride: usize) -> ConvPlan {
+    pub(crate) fn versatile(
+        input: [usize; 4],
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> ConvPlan {
         let crops = kernel.div_ceil(2);
         let primaries = out_channels.div_ceil(crops);
         let rings = (0..crops)
