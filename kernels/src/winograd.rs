@@ -392,8 +392,9 @@ fn chunks(n: usize, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// The transforms compiled for this CPU's widest vectors (their portable bodies inlined
-/// into each).
+/// The transforms compiled for the instruction set of sgemm's micro-kernel (this CPU's
+/// widest, unless `VERSATILE_SGEMM=avx2` holds them to AVX2), their portable bodies
+/// inlined into each.
 mod isa {
     use super::*;
 
@@ -406,15 +407,12 @@ mod isa {
         centre: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { inputs_avx512(conv, x, tiles, patches, centre) };
-            }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                return unsafe { inputs_avx2(conv, x, tiles, patches, centre) };
-            }
+        match crate::sgemm::micro_kernel() {
+            // SAFETY: sgemm picks its AVX-512 micro-kernel only on a CPU with AVX-512F.
+            Some("avx512") => return unsafe { inputs_avx512(conv, x, tiles, patches, centre) },
+            // SAFETY: and its AVX2 one only on a CPU with AVX2 and FMA.
+            Some("avx2") => return unsafe { inputs_avx2(conv, x, tiles, patches, centre) },
+            _ => {}
         }
         conv.transform_inputs_portable(x, tiles, patches, centre)
     }
@@ -428,15 +426,12 @@ mod isa {
         chunk: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { outputs_avx512(conv, tiles, sums, epilogue, chunk) };
-            }
-            if is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2.
-                return unsafe { outputs_avx2(conv, tiles, sums, epilogue, chunk) };
-            }
+        match crate::sgemm::micro_kernel() {
+            // SAFETY: sgemm picks its AVX-512 micro-kernel only on a CPU with AVX-512F.
+            Some("avx512") => return unsafe { outputs_avx512(conv, tiles, sums, epilogue, chunk) },
+            // SAFETY: and its AVX2 one only on a CPU with AVX2 and FMA.
+            Some("avx2") => return unsafe { outputs_avx2(conv, tiles, sums, epilogue, chunk) },
+            _ => {}
         }
         conv.transform_outputs_portable(tiles, sums, epilogue, chunk)
     }
