@@ -707,6 +707,38 @@ mod tests {
         check(&versatile([1, 64, 56, 56], 128, 3, 1));
     }
 
+    /// The bits do not depend on the thread count, which sizes the blocks.
+    #[test]
+    fn the_bits_do_not_depend_on_the_thread_count() {
+        let plan = versatile([3, 40, 13, 11], 70, 3, 1);
+        let weight = values(plan.weight_len(), 1);
+        let x = channels_last(&values(plan.input_len(), 2), plan.input_shape());
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let conv = WinogradConv::new(&plan, &weight)?;
+                let mut out = vec![0.0; plan.output_len()];
+                conv.forward(&x, &Epilogue::default(), &mut out);
+                Some((conv.block, out))
+            })
+        };
+        let Some((one_block, one)) = run(1) else {
+            return; // no channels-last micro-kernel on this CPU
+        };
+        for threads in [2, 3, 5] {
+            let (block, out) = run(threads).unwrap();
+            assert!(
+                block < one_block,
+                "{threads} threads: blocks of {block} tiles"
+            );
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&out), bits(&one), "{threads} threads");
+        }
+    }
+
     #[test]
     fn declines_what_it_does_not_compute() {
         let weight = |plan: &ConvPlan| vec![0.0; plan.weight_len()];
