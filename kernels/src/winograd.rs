@@ -29,9 +29,20 @@ const LANES: usize = 16;
 /// multiplied and transformed back while it stays in the last-level cache.
 const BLOCK_BYTES: usize = 2 << 20;
 
-/// Layers with fewer input or output channels stay on the direct pass: the transforms
-/// cost per channel what the products save only when each patch meets many filters.
+/// Layers with fewer input channels stay on the direct pass: the transforms cost per
+/// channel what the products save only when each patch meets many filters.
 const MIN_CHANNELS: usize = 32;
+
+/// Nor layers of fewer primaries (filters of the 3 x 3 crop): a spatial layer of 64
+/// channels (32 primaries) at 56 x 56 took 0.56-0.70 ms either way, and the transformed
+/// weight is 16/9 of the direct one.
+const MIN_PRIMARIES: usize = 64;
+
+/// Nor layers of fewer output positions, whose transformed weight (16/9 of the direct
+/// one, read by every thread) outweighs the multiplies saved: ResNet-50's spatial 512 ->
+/// 512 at 7 x 7, batch 1, took 0.88 against 0.60 ms in the network; at batch 2 (98
+/// positions) 1.05 against 1.19 ms alone.
+const MIN_POSITIONS: usize = 64;
 
 /// A 3 x 3 stride-1 convolution (dense, or a versatile layer's 3 x 3 and 1 x 1 crops) on
 /// channels-last activations by F(2 x 2, 3 x 3), its weight transformed and laid out.
@@ -62,7 +73,8 @@ pub struct WinogradConv {
 impl WinogradConv {
     /// Whether [`WinogradConv::new`] makes `plan`: a channels-last plan ([`NhwcConv`])
     /// with a 3 x 3 kernel of stride 1, whose rings are all nine taps (dense) or the outer
-    /// eight and the centre, of at least 32 input channels and primaries.
+    /// eight and the centre, of at least 32 input channels, 64 primaries and 64 output
+    /// positions.
     pub fn supports(plan: &ConvPlan) -> bool {
         let rings_fit = match plan.rings.as_slice() {
             [all] => all.len() == 9,
@@ -74,7 +86,8 @@ impl WinogradConv {
             && plan.stride == [1, 1]
             && rings_fit
             && plan.in_channels >= MIN_CHANNELS
-            && plan.primaries >= MIN_CHANNELS
+            && plan.primaries >= MIN_PRIMARIES
+            && plan.batch * plan.output[0] * plan.output[1] >= MIN_POSITIONS
     }
 
     /// `plan` with its weight (`[primaries, in_channels, 3, 3]`) transformed: `None`
@@ -691,26 +704,26 @@ mod tests {
     fn dense_layers_match_the_direct_pass() {
         // Odd sizes (a last row and column of tiles half outside the map), uneven and no
         // padding, channels not a multiple of the lanes, several images and blocks.
-        check(&dense([1, 32, 8, 8], 32, [(1, 1), (1, 1)]));
-        check(&dense([2, 40, 7, 5], 36, [(1, 1), (1, 1)]));
-        check(&dense([3, 33, 9, 6], 48, [(1, 0), (0, 2)]));
+        check(&dense([1, 32, 8, 8], 64, [(1, 1), (1, 1)]));
+        check(&dense([2, 40, 7, 5], 70, [(1, 1), (1, 1)]));
+        check(&dense([3, 33, 9, 6], 80, [(1, 0), (0, 2)]));
         check(&dense([1, 64, 10, 11], 64, [(0, 0), (0, 0)]));
-        check(&dense([2, 32, 60, 58], 40, [(1, 1), (1, 1)]));
+        check(&dense([2, 32, 60, 58], 72, [(1, 1), (1, 1)]));
     }
 
     #[test]
     fn versatile_crops_match_the_direct_pass() {
         // Both crops whole, and the 1 x 1 crop cut short (channels past out_channels
         // not emitted).
-        check(&versatile([1, 32, 8, 8], 64, 3, 1));
-        check(&versatile([2, 48, 9, 7], 90, 3, 1));
+        check(&versatile([1, 32, 8, 8], 128, 3, 1));
+        check(&versatile([2, 48, 9, 7], 135, 3, 1));
         check(&versatile([1, 64, 56, 56], 128, 3, 1));
     }
 
     /// The bits do not depend on the thread count, which sizes the blocks.
     #[test]
     fn the_bits_do_not_depend_on_the_thread_count() {
-        let plan = versatile([3, 40, 13, 11], 70, 3, 1);
+        let plan = versatile([3, 40, 13, 11], 130, 3, 1);
         let weight = values(plan.weight_len(), 1);
         let x = channels_last(&values(plan.input_len(), 2), plan.input_shape());
         let run = |threads: usize| {
@@ -755,5 +768,12 @@ mod tests {
         ));
         assert!(declined(dense([1, 3, 8, 8], 64, [(1, 1); 2])));
         assert!(declined(versatile([1, 32, 8, 8], 96, 5, 1)));
+        // Too few primaries, too few output positions; and each just past the bound.
+        assert!(declined(versatile([1, 32, 8, 8], 126, 3, 1)));
+        assert!(declined(dense([1, 32, 7, 9], 64, [(1, 1); 2])));
+        if crate::nhwc::available() {
+            assert!(!declined(versatile([1, 32, 8, 8], 127, 3, 1)));
+            assert!(!declined(dense([1, 32, 8, 8], 64, [(1, 1); 2])));
+        }
     }
 }
