@@ -29,7 +29,10 @@
 //!
 //! For inference, [`PackedWeight`] lays a weight out once and [`forward_packed`] writes
 //! each output value through an [`Epilogue`] (scale and shift of a folded batch norm,
-//! residual add, ReLU) into a caller's buffer.
+//! residual add, ReLU) into a caller's buffer. On channels-last activations,
+//! [`nhwc::NhwcConv`] reads each output position's pixels in place, and
+//! [`winograd::WinogradConv`] runs 3 x 3 stride-1 layers by Winograd's F(2 x 2, 3 x 3)
+//! (a versatile layer's 1 x 1 crop as a product of the centre taps).
 //!
 //! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
 

@@ -61,13 +61,13 @@ pub struct WinogradConv {
     pad: [usize; 2],
     /// 2 x 2 output blocks down and across one image.
     tiles: [usize; 2],
-    /// Blocks per product call.
+    /// Tiles (2 x 2 output blocks) per block of work: whole pairs of output rows, the
+    /// positions of each product call.
     block: usize,
     /// `M_e = V_e U_e` for the sixteen `e`: 1 x 1 convolutions of `block` positions.
     products: Vec<NhwcConv>,
     /// The 1 x 1 crop: a 1 x 1 convolution of `4 * block` centre pixels.
     centre: Option<NhwcConv>,
-    macs: u64,
 }
 
 impl WinogradConv {
@@ -161,7 +161,6 @@ impl WinogradConv {
             block,
             products,
             centre,
-            macs: plan.macs(),
         })
     }
 
@@ -175,11 +174,6 @@ impl WinogradConv {
         self.batch * self.output[0] * self.output[1] * self.out_channels
     }
 
-    /// The nested evaluation's multiply-adds (the plan's count, whatever this pass does).
-    pub fn macs(&self) -> u64 {
-        self.macs
-    }
-
     /// Bytes of the laid-out weights.
     pub fn weight_bytes(&self) -> usize {
         self.products
@@ -187,14 +181,6 @@ impl WinogradConv {
             .chain(&self.centre)
             .map(NhwcConv::weight_bytes)
             .sum()
-    }
-
-    /// Bytes of scratch one call allocates: a block's patches, products and centre
-    /// pixels.
-    pub fn scratch_bytes(&self) -> usize {
-        let (cin, m, m1) = (self.in_channels, self.primaries, self.centre_channels);
-        let centre = if m1 > 0 { 4 * (cin + m1) } else { 0 };
-        4 * self.block * (16 * (cin + m) + centre)
     }
 
     /// `out = epilogue(conv(x))`, `x` `[batch, h, w, in_channels]` and `out` (and the
@@ -239,8 +225,9 @@ impl WinogradConv {
                 );
                 let scratch = grow(&mut ws.cols, 16 * block * (cin + m));
                 let (patches, products) = scratch.split_at_mut(16 * block * cin);
-                let scratch = grow(&mut ws.dcols, 4 * block * (cin + m1));
-                let (centre_in, centre_out) = scratch.split_at_mut(4 * block * cin);
+                let centre_len = if m1 > 0 { 4 * block * (cin + m1) } else { 0 };
+                let scratch = grow(&mut ws.dcols, centre_len);
+                let (centre_in, centre_out) = scratch.split_at_mut(centre_len.min(4 * block * cin));
                 let first = first_pair * tw;
                 let last = ((first_pair + per_block) * tw).min(pairs * tw);
                 let tiles = first..last;
