@@ -96,6 +96,31 @@ impl<'a, T: Real> Epilogue<'a, T> {
         }
     }
 
+    /// Checks the arguments of a pass on channels-last activations: `x` and `out` hold
+    /// the lengths given with them, scale and shift one value per output channel, the
+    /// residual one per output value, and the epilogue does not pool.
+    ///
+    /// # Panics
+    /// If one of them does not.
+    pub(crate) fn check_channels_last(
+        &self,
+        (x, input_len): (&[T], usize),
+        (out, output_len): (&[T], usize),
+        out_channels: usize,
+    ) {
+        assert_eq!(x.len(), input_len, "input length");
+        assert_eq!(out.len(), output_len, "output length");
+        assert!(!self.pool, "a channels-last convolution does not pool");
+        for (what, values) in [("scale", self.scale), ("shift", self.shift)] {
+            if let Some(values) = values {
+                assert_eq!(values.len(), out_channels, "epilogue {what} length");
+            }
+        }
+        if let Some(residual) = self.residual {
+            assert_eq!(residual.len(), out.len(), "epilogue residual length");
+        }
+    }
+
     /// Values of the output this epilogue writes for `plan`: the plan's output, or the
     /// pooled one.
     pub fn output_len(&self, plan: &ConvPlan) -> usize {

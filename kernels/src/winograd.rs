@@ -191,17 +191,11 @@ impl WinogradConv {
     /// # Panics
     /// If a length does not match, or the epilogue pools.
     pub fn forward(&self, x: &[f32], epilogue: &Epilogue<'_, f32>, out: &mut [f32]) {
-        assert_eq!(x.len(), self.input_len(), "input length");
-        assert_eq!(out.len(), self.output_len(), "output length");
-        assert!(!epilogue.pool, "a channels-last convolution does not pool");
-        for (what, values) in [("scale", epilogue.scale), ("shift", epilogue.shift)] {
-            if let Some(values) = values {
-                assert_eq!(values.len(), self.out_channels, "epilogue {what} length");
-            }
-        }
-        if let Some(residual) = epilogue.residual {
-            assert_eq!(residual.len(), out.len(), "epilogue residual length");
-        }
+        epilogue.check_channels_last(
+            (x, self.input_len()),
+            (out, self.output_len()),
+            self.out_channels,
+        );
         // Blocks of whole pairs of output rows (pair `image * th + py` holds tile row
         // `py`'s outputs): each block writes only its pairs' values, a range of `out`.
         let [th, tw] = self.tiles;
