@@ -34,9 +34,10 @@
 //!   position's input pixels are read in place, and a versatile layer's crops are
 //!   written from the running sums of its rings. `VERSATILE_LAYOUT=nchw` in the
 //!   environment keeps the channels-first layout (for comparisons);
-//! - channels-last 3 × 3 convolutions of stride 1 and at least 32 channels (dense, or a
-//!   versatile layer's 3 × 3 and 1 × 1 crops) run by Winograd's F(2 × 2, 3 × 3)
-//!   ([`WinogradConv`]): 16 multiplies per 2 × 2 outputs where direct convolution does 36.
+//! - channels-last 3 × 3 convolutions of stride 1 with at least 32 input channels, 64
+//!   filters and 64 output positions (dense, or a versatile layer's 3 × 3 and 1 × 1
+//!   crops) run by Winograd's F(2 × 2, 3 × 3) ([`WinogradConv`]): 16 multiplies per
+//!   2 × 2 outputs where direct convolution does 36.
 //!   `VERSATILE_WINOGRAD=0` in the environment keeps them direct (for comparisons).
 
 mod error;
