@@ -693,6 +693,17 @@ pub(crate) mod tests {
         out
     }
 
+    /// The rings of a `d x d` kernel, outermost first, each's positions row by row.
+    pub(crate) fn square_rings(d: usize) -> Vec<Vec<(usize, usize)>> {
+        let mut rings = vec![Vec::new(); d.div_ceil(2)];
+        for ky in 0..d {
+            for kx in 0..d {
+                rings[ky.min(kx).min(d - 1 - ky).min(d - 1 - kx)].push((ky, kx));
+            }
+        }
+        rings
+    }
+
     /// A spatial versatile plan: `kernel x kernel` in one ring per crop, outermost first.
     pub(crate) fn versatile(
         input: [usize; 4],
@@ -700,22 +711,8 @@ pub(crate) mod tests {
         kernel: usize,
         stride: usize,
     ) -> ConvPlan {
-        let crops = kernel.div_ceil(2);
-        let primaries = out_channels.div_ceil(crops);
-        let rings = (0..crops)
-            .map(|r| {
-                let (lo, hi) = (r, kernel - 1 - r);
-                let mut ring = Vec::new();
-                for ky in lo..=hi {
-                    for kx in lo..=hi {
-                        if ky == lo || ky == hi || kx == lo || kx == hi {
-                            ring.push((ky, kx));
-                        }
-                    }
-                }
-                ring
-            })
-            .collect();
+        let rings = square_rings(kernel);
+        let primaries = out_channels.div_ceil(rings.len());
         ConvPlan::new(PlanSpec {
             input,
             kernel: [kernel; 2],

@@ -736,7 +736,6 @@ pub fn backward<T: Real>(
         return gradients;
     }
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
-    let mut dw = None;
     let shifted = use_shifted(plan);
     let tiled = (needs.x || needs.weight) && plan.columns() > 0;
     if tiled && !shifted && use_streaming(plan) {
@@ -750,10 +749,10 @@ pub fn backward<T: Real>(
             bias,
         };
     }
-    let dx = if tiled {
+    let (dx, dw) = if tiled {
         let len = plan.input_len();
         let mut dx = needs.x.then(|| workspace::uninit(len));
-        dw = tiled_backward(
+        let dw = tiled_backward(
             plan,
             (x, weight, grad_out),
             dx.as_mut().map(|dx| &mut dx.spare_capacity_mut()[..len]),
@@ -764,12 +763,12 @@ pub fn backward<T: Real>(
             // values.
             unsafe { dx.set_len(len) };
         }
-        dx
+        (dx, dw)
     } else {
-        if needs.weight {
-            dw = Some(vec![T::ZERO; plan.weight_len()]);
-        }
-        needs.x.then(|| workspace::zeroed(plan.input_len()))
+        (
+            needs.x.then(|| workspace::zeroed(plan.input_len())),
+            needs.weight.then(|| vec![T::ZERO; plan.weight_len()]),
+        )
     };
     Gradients {
         x: dx,
@@ -854,6 +853,7 @@ mod tests {
         ringed.rings.push(vec![centre]);
         assert!(!ring_layout_is_identity(&ringed));
     }
+
     /// The tiled backward passes write every value of the input gradient, whatever the
     /// buffer held (`backward` hands them an uninitialised one): a gradient poisoned with
     /// NaN comes back with the bits of one that started at zero, on the shifted and the
@@ -861,17 +861,9 @@ mod tests {
     /// with overlapping channel windows, padded unevenly, over one and three threads.
     #[test]
     fn tiled_backward_writes_every_input_gradient_value() {
+        use crate::nhwc::tests::square_rings;
         use crate::plan::{PlanSpec, Window};
         use crate::tuning::Tuning;
-        let square_rings = |d: usize| {
-            let mut rings = vec![Vec::new(); d.div_ceil(2)];
-            for ky in 0..d {
-                for kx in 0..d {
-                    rings[ky.min(kx).min(d - 1 - ky).min(d - 1 - kx)].push((ky, kx));
-                }
-            }
-            rings
-        };
         let window = |j, in_offset, weight_offset, first_primary, rows| Window {
             j,
             in_offset,
