@@ -57,6 +57,7 @@ mod threads;
 pub mod trace;
 pub mod tuning;
 pub mod winograd;
+mod winograd_nchw;
 pub mod workspace;
 
 use std::cell::Cell;

@@ -22,6 +22,8 @@ pub enum Layout {
     Shifted,
     /// Weight streaming.
     Streaming,
+    /// Winograd's F(2 x 2, 3 x 3) on channels-first activations.
+    Winograd,
 }
 
 /// One kernel call.

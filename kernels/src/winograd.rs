@@ -23,7 +23,7 @@ use crate::plan::ConvPlan;
 use crate::workspace::{self, grow, Slot};
 
 /// Channels a transform handles at once: one AVX-512 vector.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// Bytes of the transformed patches and products of one block: the block is transformed,
 /// multiplied and transformed back while it stays in the last-level cache.
@@ -43,6 +43,13 @@ const MIN_PRIMARIES: usize = 64;
 /// 512 at 7 x 7, batch 1, took 0.88 against 0.60 ms in the network; at batch 2 (98
 /// positions) 1.05 against 1.19 ms alone.
 const MIN_POSITIONS: usize = 64;
+
+/// Whether Winograd passes may run: the environment does not say `VERSATILE_WINOGRAD=0`
+/// (which keeps every layer on the direct passes, for comparisons). Read once.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("VERSATILE_WINOGRAD").is_none_or(|v| v != "0"))
+}
 
 /// A 3 x 3 stride-1 convolution (dense, or a versatile layer's 3 x 3 and 1 x 1 crops) on
 /// channels-last activations by F(2 x 2, 3 x 3), its weight transformed and laid out.
@@ -375,7 +382,7 @@ impl WinogradConv {
 /// constant; with one call in a loop, the compiler folds `load`'s and `store`'s two paths
 /// into one `memcpy` call of `lanes` values.
 #[inline(always)]
-fn chunks(n: usize, mut f: impl FnMut(usize, usize)) {
+pub(crate) fn chunks(n: usize, mut f: impl FnMut(usize, usize)) {
     let whole = n / LANES * LANES;
     for c0 in (0..whole).step_by(LANES) {
         f(c0, LANES);
@@ -481,7 +488,7 @@ fn pixel(x: &[f32], at: Option<usize>, c0: usize, lanes: usize) -> [f32; LANES] 
 
 /// `lanes` values from the front of `src` (whole vectors at once), zeros after them.
 #[inline(always)]
-fn load(src: &[f32], lanes: usize) -> [f32; LANES] {
+pub(crate) fn load(src: &[f32], lanes: usize) -> [f32; LANES] {
     if lanes == LANES {
         src[..LANES].try_into().expect("a whole vector")
     } else {
@@ -493,7 +500,7 @@ fn load(src: &[f32], lanes: usize) -> [f32; LANES] {
 
 /// The first `lanes` of `values` to the front of `dst`.
 #[inline(always)]
-fn store(values: &[f32; LANES], dst: &mut [f32], lanes: usize) {
+pub(crate) fn store(values: &[f32; LANES], dst: &mut [f32], lanes: usize) {
     if lanes == LANES {
         dst[..LANES].copy_from_slice(values);
     } else {
@@ -541,7 +548,7 @@ fn finish(
 }
 
 /// `G g Gᵀ` of a 3 x 3 filter `g` (row-major), as sixteen values row-major.
-fn transform_filter(g: [f32; 9]) -> [f32; 16] {
+pub(crate) fn transform_filter(g: [f32; 9]) -> [f32; 16] {
     // G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]].
     let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     let mut t = [[0.0f32; 4]; 3];
@@ -560,13 +567,13 @@ fn transform_filter(g: [f32; 9]) -> [f32; 16] {
 /// `[f(0), f(1), f(2), f(3)]`, written out (`std::array::from_fn` is not inlined into the
 /// instruction sets' versions).
 #[inline(always)]
-fn four(f: impl Fn(usize) -> [f32; LANES]) -> [[f32; LANES]; 4] {
+pub(crate) fn four(f: impl Fn(usize) -> [f32; LANES]) -> [[f32; LANES]; 4] {
     [f(0), f(1), f(2), f(3)]
 }
 
 /// `a + b` lane by lane.
 #[inline(always)]
-fn add(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
+pub(crate) fn add(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
     let mut sum = a;
     for (s, b) in sum.iter_mut().zip(b) {
         *s += b;
@@ -576,7 +583,7 @@ fn add(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
 
 /// `a - b` lane by lane.
 #[inline(always)]
-fn sub(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
+pub(crate) fn sub(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
     let mut difference = a;
     for (d, b) in difference.iter_mut().zip(b) {
         *d -= b;
@@ -587,7 +594,10 @@ fn sub(a: [f32; LANES], b: [f32; LANES]) -> [f32; LANES] {
 /// `Bᵀ d B` of the 4 x 4 patch whose pixel `i` (row-major) is `d(i)`, lane by lane: `emit(e, V_e)` for the
 /// sixteen values row-major.
 #[inline(always)]
-fn transform_patch(d: impl Fn(usize) -> [f32; LANES], mut emit: impl FnMut(usize, &[f32; LANES])) {
+pub(crate) fn transform_patch(
+    d: impl Fn(usize) -> [f32; LANES],
+    mut emit: impl FnMut(usize, &[f32; LANES]),
+) {
     // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]: row i of Bᵀ d,
     // column j; then B on the columns of each such row.
     for i in 0..4 {
@@ -611,7 +621,7 @@ fn transform_patch(d: impl Fn(usize) -> [f32; LANES], mut emit: impl FnMut(usize
 /// `Aᵀ M A` of the sixteen products `m(e)` (row-major), lane by lane: the 2 x 2 outputs
 /// row-major.
 #[inline(always)]
-fn transform_products(m: impl Fn(usize) -> [f32; LANES]) -> [[f32; LANES]; 4] {
+pub(crate) fn transform_products(m: impl Fn(usize) -> [f32; LANES]) -> [[f32; LANES]; 4] {
     // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]: row i of Aᵀ M, column j; then A on the columns.
     let mut y = [[0.0f32; LANES]; 4];
     for i in 0..2 {

@@ -5,12 +5,13 @@
 mod primitives;
 mod tasks;
 
+pub(crate) use primitives::split;
 pub(crate) use primitives::{
     accumulator_strides, add_in_order, add_into, gemm, gemm_gathered, gemm_panels, lhs_panels,
     push_segment, rhs_panels, ring_block, tile_moments, windows_partition_channels, Accumulator,
     BackwardArgs, ForwardPanels, ForwardTiles, SharedMut, TaskInput, TileSegments, PARALLEL_WEIGHT,
 };
-use primitives::{from_ring_layout, split, to_ring_layout, Layout};
+use primitives::{from_ring_layout, to_ring_layout, Layout};
 use tasks::{backward_tasks, bias_gradient, forward_task};
 
 use std::mem::MaybeUninit;
@@ -256,6 +257,9 @@ fn forward_plain<T: Real>(
         }
         let out = forward(&live.plan, x, &narrowed, None);
         return (spread_crops(plan, &live, &out, bias), None);
+    }
+    if let Some(result) = super::winograd_nchw::forward(plan, x, weight, bias, moments) {
+        return result;
     }
     let epilogue = Epilogue::bias(bias);
     check_forward(plan, x, &epilogue);
@@ -738,6 +742,24 @@ pub fn backward<T: Real>(
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
     let shifted = use_shifted(plan);
     let tiled = (needs.x || needs.weight) && plan.columns() > 0;
+    if tiled && super::winograd_nchw::suits::<T>(plan) {
+        let len = plan.input_len();
+        let mut dx = needs.x.then(|| workspace::uninit(len));
+        let spare = dx.as_mut().map(|dx| &mut dx.spare_capacity_mut()[..len]);
+        let passes = (x, weight, grad_out);
+        if let Some(dw) = super::winograd_nchw::backward(plan, passes, spare, needs.weight) {
+            if let Some(dx) = dx.as_mut() {
+                // SAFETY: the capacity is `len`, and the Winograd pass wrote every one of
+                // its values.
+                unsafe { dx.set_len(len) };
+            }
+            return Gradients {
+                x: dx,
+                weight: dw,
+                bias,
+            };
+        }
+    }
     if tiled && !shifted && use_streaming(plan) {
         let mut dx = needs.x.then(|| workspace::zeroed(plan.input_len()));
         let (dw, tasks) =
