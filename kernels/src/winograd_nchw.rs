@@ -646,20 +646,29 @@ impl Geometry {
     }
 
     /// The output rows of each segment (`[out_w * rows][out_channels]` in `outputs`)
-    /// into their places in the channels-first output.
+    /// into their places in the channels-first output, four channels at a time.
     fn write_channels_first(&self, segments: &[Segment], outputs: &[f32], out: SharedMut<f32>) {
         let ([oh, ow], n) = (self.output, self.out_channels);
         for segment in segments {
             let (first_row, end_row) = (2 * segment.first, (2 * segment.end).min(oh));
             let pixels = (end_row - first_row) * ow;
             let src = &outputs[2 * segment.pair * ow * n..][..pixels * n];
-            for channel in 0..n {
+            let channel_rows = |channel: usize| {
                 let start = ((segment.image * n + channel) * oh + first_row) * ow;
                 // SAFETY: the output holds `batch * n * oh * ow` values (the callers'
                 // lengths); these `pixels` values of this channel of this image are rows
-                // `first_row..end_row`, this block's alone (blocks hold disjoint pairs).
-                let dst = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(start), pixels) };
-                for (pixel, value) in dst.iter_mut().enumerate() {
+                // `first_row..end_row`, this block's alone (blocks hold disjoint pairs),
+                // and each channel's are borrowed once.
+                unsafe { std::slice::from_raw_parts_mut(out.ptr().add(start), pixels) }
+            };
+            let mut channel = 0;
+            while channel + 4 <= n {
+                let dst = [0, 1, 2, 3].map(|k| channel_rows(channel + k));
+                four_channels_first(&src[channel..], n, dst);
+                channel += 4;
+            }
+            for channel in channel..n {
+                for (pixel, value) in channel_rows(channel).iter_mut().enumerate() {
                     *value = src[pixel * n + channel];
                 }
             }
@@ -886,6 +895,55 @@ fn filter_gradient(du: [f32; 16]) -> [f32; 9] {
         dw[i * 3..][..3].copy_from_slice(&rows(*row));
     }
     dw
+}
+
+/// `dst[k][p] = src[p * stride + k]`: four channels of channels-last pixels (`src` from
+/// the first channel on, `stride` values per pixel) into their channels-first rows, 4 x 4
+/// blocks transposed in registers.
+///
+/// # Panics
+/// If the rows differ in length or `src` does not hold their pixels.
+fn four_channels_first(src: &[f32], stride: usize, mut dst: [&mut [f32]; 4]) {
+    let pixels = dst[0].len();
+    assert!(
+        dst.iter().all(|d| d.len() == pixels)
+            && stride >= 4
+            && (pixels == 0 || src.len() >= (pixels - 1) * stride + 4),
+        "four_channels_first bounds"
+    );
+    let whole = pixels / 4 * 4;
+    #[cfg(target_arch = "x86_64")]
+    for p in (0..whole).step_by(4) {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE is part of x86-64; the loads read src[(p + j) * stride..+4], inside
+        // `src` as (p + 3) * stride + 4 <= (pixels - 1) * stride + 4 (asserted); the
+        // stores write dst[k][p..p + 4] with p + 4 <= pixels, each row's length
+        // (asserted). Unaligned loads and stores throughout.
+        unsafe {
+            let at = |j: usize| src.as_ptr().add((p + j) * stride);
+            let (r0, r1, r2, r3) = (
+                _mm_loadu_ps(at(0)),
+                _mm_loadu_ps(at(1)),
+                _mm_loadu_ps(at(2)),
+                _mm_loadu_ps(at(3)),
+            );
+            let t0 = _mm_unpacklo_ps(r0, r1);
+            let t1 = _mm_unpacklo_ps(r2, r3);
+            let t2 = _mm_unpackhi_ps(r0, r1);
+            let t3 = _mm_unpackhi_ps(r2, r3);
+            _mm_storeu_ps(dst[0].as_mut_ptr().add(p), _mm_movelh_ps(t0, t1));
+            _mm_storeu_ps(dst[1].as_mut_ptr().add(p), _mm_movehl_ps(t1, t0));
+            _mm_storeu_ps(dst[2].as_mut_ptr().add(p), _mm_movelh_ps(t2, t3));
+            _mm_storeu_ps(dst[3].as_mut_ptr().add(p), _mm_movehl_ps(t3, t2));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let whole = 0;
+    for p in whole..pixels {
+        for (k, row) in dst.iter_mut().enumerate() {
+            row[p] = src[p * stride + k];
+        }
+    }
 }
 
 /// Rows `first_row..first_row + count` of image `image` of the channels-first `src`
