@@ -383,21 +383,24 @@ impl Geometry {
         } else {
             (wide_in, wide_out)
         };
-        // U_e[o][i]: output channel o of the pass from its input channel i.
-        let mut transformed = vec![vec![0.0f32; wide_out * wide_in]; 16];
-        for (pc, g) in weight.chunks_exact(9).enumerate() {
-            let (p, c) = (pc / cin, pc % cin);
-            let mut g: [f32; 9] = g.try_into().expect("nine taps");
-            let at = if turned {
-                g.reverse();
-                c * m + p
-            } else {
-                p * cin + c
-            };
-            for (e, value) in transform_filter(g).into_iter().enumerate() {
-                transformed[e][at] = value;
-            }
-        }
+        // Each filter's sixteen transformed values, `[o][i][e]` for output channel o of
+        // the pass from its input channel i, output channels in parallel.
+        let mut by_filter = vec![[0.0f32; 16]; wide_out * wide_in];
+        by_filter
+            .par_chunks_mut(wide_in)
+            .enumerate()
+            .for_each(|(o, filters)| {
+                for (i, u) in filters.iter_mut().enumerate() {
+                    let (p, c) = if turned { (i, o) } else { (o, i) };
+                    let mut g: [f32; 9] = weight[(p * cin + c) * 9..][..9]
+                        .try_into()
+                        .expect("nine taps");
+                    if turned {
+                        g.reverse();
+                    }
+                    *u = transform_filter(g);
+                }
+            });
         let product = |positions: usize, [inputs, outputs]: [usize; 2], weight: &[f32]| {
             let plan = ConvPlan::dense(
                 [1, inputs, 1, positions],
@@ -412,9 +415,13 @@ impl Geometry {
             NhwcConv::new(&plan, weight)
         };
         let tiles = self.block_tiles();
-        let products = transformed
-            .iter()
-            .map(|u| product(tiles, [wide_in, wide_out], u))
+        // U_e (`[o][i]`) laid out for the micro-kernel, the sixteen in parallel.
+        let products = (0..16)
+            .into_par_iter()
+            .map(|e| {
+                let u: Vec<f32> = by_filter.iter().map(|u| u[e]).collect();
+                product(tiles, [wide_in, wide_out], &u)
+            })
             .collect::<Option<Vec<_>>>()?;
         let centre = match &self.centre {
             Some(centre) => {
@@ -717,13 +724,18 @@ impl Geometry {
         add_in_order(&mut sum, &partials);
         let (transformed, centre) = sum.split_at(16 * m * cin);
         let mut dw = vec![0.0f32; plan.weight_len()];
-        for (pc, dw) in dw.chunks_exact_mut(9).enumerate() {
-            let du: [f32; 16] = std::array::from_fn(|e| transformed[e * m * cin + pc]);
-            dw.copy_from_slice(&filter_gradient(du));
-            if pc / cin < centre_channels {
-                dw[4] += centre[pc];
-            }
-        }
+        dw.par_chunks_mut(9 * cin)
+            .enumerate()
+            .for_each(|(p, filters)| {
+                for (c, dw) in filters.chunks_exact_mut(9).enumerate() {
+                    let pc = p * cin + c;
+                    let du: [f32; 16] = std::array::from_fn(|e| transformed[e * m * cin + pc]);
+                    dw.copy_from_slice(&filter_gradient(du));
+                    if p < centre_channels {
+                        dw[4] += centre[pc];
+                    }
+                }
+            });
         dw
     }
 
