@@ -35,6 +35,12 @@ pub(super) const MICRO: Micro = Micro {
             mr: 6,
             nr: 64,
         },
+        // For 32 primaries (a 48-wide panel would multiply 16 columns of zeros).
+        Indirect {
+            kernel: indirect_entry::<12, 32>,
+            mr: 12,
+            nr: 32,
+        },
     ],
     mr: MR,
     nr: NR,
@@ -106,6 +112,9 @@ unsafe fn indirect<const ROWS: usize, const WIDTH: usize>(
         }
         if dst.cols == WIDTH && WIDTH == 48 {
             return indirect_tile::<ROWS, 3, WIDTH>(kc, taps, rows, b, [!0; 3], dst, add, finish);
+        }
+        if dst.cols == WIDTH && WIDTH == 32 {
+            return indirect_tile::<ROWS, 2, WIDTH>(kc, taps, rows, b, [!0; 2], dst, add, finish);
         }
         match dst.cols.div_ceil(16) {
             0 | 1 => indirect_tile::<ROWS, 1, WIDTH>(kc, taps, rows, b, [m(0)], dst, add, finish),
