@@ -32,7 +32,10 @@
 //! residual add, ReLU) into a caller's buffer. On channels-last activations,
 //! [`nhwc::NhwcConv`] reads each output position's pixels in place, and
 //! [`winograd::WinogradConv`] runs 3 x 3 stride-1 layers by Winograd's F(2 x 2, 3 x 3)
-//! (a versatile layer's 1 x 1 crop as a product of the centre taps).
+//! (a versatile layer's 1 x 1 crop as a product of the centre taps). The training passes
+//! ([`forward`], [`forward_with_moments`], [`backward`]) run such layers by F(2 x 2, 3 x 3)
+//! too, on their channels-first activations, the forward pass and both gradients (see
+//! `winograd_nchw.rs`).
 //!
 //! Everything is generic over [`Real`] (`f32`, the fast path, and `f64`).
 

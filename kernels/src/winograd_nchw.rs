@@ -149,9 +149,9 @@ pub(crate) fn forward<T: Real>(
     Some((from_f32(out), moments))
 }
 
-/// The input and weight gradients `needs_x`, `needs_weight` ask for, of a plan that
-/// [`suits`], into `dx` (every value written, whatever it held) and returned; `None`
-/// (nothing written) where it does not suit.
+/// The backward pass of a plan that [`suits`]: the input gradient into `dx` where given
+/// (every value written, whatever it held), and the weight gradient, returned where
+/// `needs_weight`. `None`, with nothing written, where the plan does not suit.
 pub(crate) fn backward<T: Real>(
     plan: &ConvPlan,
     (x, weight, grad_out): (&[T], &[T], &[T]),
@@ -173,6 +173,7 @@ pub(crate) fn backward<T: Real>(
     };
     if let (Some(dx), Some(filters)) = (dx, filters) {
         assert_eq!(dx.len(), plan.input_len(), "input gradient length");
+        // `T` is `f32` (`suits`): the pass writes f32 values into the buffer's slots.
         let out = SharedMut(dx.as_mut_ptr().cast::<f32>());
         input_gradient.run(&filters, grad_out, None, out, false);
     }
