@@ -187,6 +187,43 @@ macro_rules! real {
     };
 }
 
+/// The first `cols` pixels of row `y` of image `image` of the channels-first `x` (`[c,
+/// h, w]` per image) into `dst` pixel-major (`dst[pixel * c + channel]`): 4 x 4 blocks
+/// (channels x pixels) transposed in registers, the edges one by one.
+///
+/// # Panics
+/// If the row is not inside `x` or `dst` is shorter than `cols * c`.
+pub(crate) fn row_to_pixel_major<T: Real>(
+    x: &[T],
+    [c, h, w]: [usize; 3],
+    (image, y, cols): (usize, usize, usize),
+    dst: &mut [T],
+) {
+    let plane_row = |ch: usize| &x[((image * c + ch) * h + y) * w..][..cols];
+    let mut ch = 0;
+    while ch + 4 <= c {
+        let rows = [
+            plane_row(ch),
+            plane_row(ch + 1),
+            plane_row(ch + 2),
+            plane_row(ch + 3),
+        ];
+        let out = &mut dst[ch..];
+        let done = T::transpose_4xn(rows, out, c);
+        for px in done..cols {
+            for (k, row) in rows.iter().enumerate() {
+                out[px * c + k] = row[px];
+            }
+        }
+        ch += 4;
+    }
+    for ch in ch..c {
+        for (px, &v) in plane_row(ch).iter().enumerate() {
+            dst[px * c + ch] = v;
+        }
+    }
+}
+
 mod transpose {
     /// `f32` 4 x 4 transposes with SSE (every x86-64 CPU has it).
     #[cfg(target_arch = "x86_64")]

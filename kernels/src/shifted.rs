@@ -164,33 +164,10 @@ fn pad_image_pixel_major<T: Real>(
     dst.fill(T::ZERO);
     let rows = h.min(padded.hp.saturating_sub(pt));
     let cols = w.min(padded.wp.saturating_sub(pl));
-    // 4 x 4 blocks (channels x pixels) transposed in registers; the edges one by one.
-    let plane_at = |ch: usize, y: usize| ((image * c + ch) * h + y) * w;
     for y in 0..rows {
         let pixel0 = (y + pt) * padded.wp + pl;
-        let mut ch = 0;
-        while ch + 4 <= c {
-            let src = [
-                &x[plane_at(ch, y)..][..cols],
-                &x[plane_at(ch + 1, y)..][..cols],
-                &x[plane_at(ch + 2, y)..][..cols],
-                &x[plane_at(ch + 3, y)..][..cols],
-            ];
-            let out = &mut dst[pixel0 * c + ch..];
-            let done = T::transpose_4xn(src, out, c);
-            for xx in done..cols {
-                for (k, row) in src.iter().enumerate() {
-                    out[xx * c + k] = row[xx];
-                }
-            }
-            ch += 4;
-        }
-        for ch in ch..c {
-            let row = &x[plane_at(ch, y)..][..cols];
-            for (xx, &v) in row.iter().enumerate() {
-                dst[(pixel0 + xx) * c + ch] = v;
-            }
-        }
+        let out = &mut dst[pixel0 * c..];
+        crate::row_to_pixel_major(x, [c, h, w], (image, y, cols), out);
     }
 }
 

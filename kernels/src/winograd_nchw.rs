@@ -982,30 +982,7 @@ fn rows_channels_last(
         row[..left * c].fill(0.0);
         row[(left + cols) * c..].fill(0.0);
         let inside = &mut row[left * c..(left + cols) * c];
-        let plane_row = |ch: usize| &src[((image * c + ch) * h + y) * w..][..cols];
-        // 4 x 4 blocks (channels x pixels) transposed in registers; the edges one by one.
-        let mut ch = 0;
-        while ch + 4 <= c {
-            let rows = [
-                plane_row(ch),
-                plane_row(ch + 1),
-                plane_row(ch + 2),
-                plane_row(ch + 3),
-            ];
-            let out = &mut inside[ch..];
-            let done = f32::transpose_4xn(rows, out, c);
-            for x in done..cols {
-                for (k, row) in rows.iter().enumerate() {
-                    out[x * c + k] = row[x];
-                }
-            }
-            ch += 4;
-        }
-        for ch in ch..c {
-            for (x, &v) in plane_row(ch).iter().enumerate() {
-                inside[x * c + ch] = v;
-            }
-        }
+        crate::row_to_pixel_major(src, [c, h, w], (image, y, cols), inside);
     }
 }
 
