@@ -10,6 +10,10 @@
 //! without it: 163-164). A bare loop without prefetch or masks runs every tile from
 //! 8 x 32 to 6 x 64 at 75-88 % of the peak (the `micro_kernel_shapes` example). Eight
 //! rows keep the channel counts of real networks in whole panels.
+//!
+//! The channels-last (indirect) kernels come in 8 x 48, 6 x 64 and 12 x 32; a layer takes
+//! the widest whose width divides its primaries (12 x 32 for 32, whose 48-wide panel would
+//! multiply 16 columns of zeros).
 
 use std::arch::x86_64::*;
 
