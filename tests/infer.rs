@@ -161,7 +161,7 @@ fn networks_run_channels_last_where_the_cpu_can() {
     // (model, variant, input, channels-last, some layers by Winograd's F(2 x 2, 3 x 3):
     // 3 x 3 stride-1 layers of at least 32 input channels, 64 primaries and 64 output
     // positions)
-    let winograd = can && std::env::var_os("VERSATILE_WINOGRAD").is_none_or(|v| v != "0");
+    let winograd = can && versatile::kernels::winograd::enabled();
     for (name, variant, shape, last, by_winograd) in [
         ("resnet18", "dense", [2, 3, 33, 40], can, winograd),
         ("resnet18", "spatial", [1, 3, 32, 32], can, false),

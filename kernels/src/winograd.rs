@@ -51,6 +51,20 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("VERSATILE_WINOGRAD").is_none_or(|v| v != "0"))
 }
 
+/// Whether F(2 x 2, 3 x 3) computes `plan` (with the 1 x 1 crop as a product of the centre
+/// taps): a plan the channels-last micro-kernel takes ([`NhwcConv::supports`]: one window
+/// over every input channel, no dilation) with a 3 x 3 kernel of stride 1, whose rings are
+/// all nine taps (dense) or the outer eight and the centre. The passes that use it add
+/// their own size rules.
+pub(crate) fn computes(plan: &ConvPlan) -> bool {
+    let rings_fit = match plan.rings.as_slice() {
+        [all] => all.len() == 9,
+        [outer, centre] => outer.len() == 8 && centre.as_slice() == [(1, 1)],
+        _ => false,
+    };
+    NhwcConv::supports(plan) && plan.kernel == [3, 3] && plan.stride == [1, 1] && rings_fit
+}
+
 /// A 3 x 3 stride-1 convolution (dense, or a versatile layer's 3 x 3 and 1 x 1 crops) on
 /// channels-last activations by F(2 x 2, 3 x 3), its weight transformed and laid out.
 #[derive(Debug, Clone)]
@@ -83,15 +97,7 @@ impl WinogradConv {
     /// eight and the centre, of at least 32 input channels, 64 primaries and 64 output
     /// positions.
     pub fn supports(plan: &ConvPlan) -> bool {
-        let rings_fit = match plan.rings.as_slice() {
-            [all] => all.len() == 9,
-            [outer, centre] => outer.len() == 8 && centre.as_slice() == [(1, 1)],
-            _ => false,
-        };
-        NhwcConv::supports(plan)
-            && plan.kernel == [3, 3]
-            && plan.stride == [1, 1]
-            && rings_fit
+        computes(plan)
             && plan.in_channels >= MIN_CHANNELS
             && plan.primaries >= MIN_PRIMARIES
             && plan.batch * plan.output[0] * plan.output[1] >= MIN_POSITIONS

@@ -66,11 +66,6 @@ const MIN_POSITIONS: usize = 64;
 /// channels, 32 primaries and 64 output positions, the default strategy, and the
 /// environment not saying `VERSATILE_WINOGRAD=0`.
 pub(crate) fn suits<T: Real>(plan: &ConvPlan) -> bool {
-    let rings_fit = match plan.rings.as_slice() {
-        [all] => all.len() == 9,
-        [outer, centre] => outer.len() == 8 && centre.as_slice() == [(1, 1)],
-        _ => false,
-    };
     // The bottom and right padding show in the output size only.
     let pad_fits = |axis: usize| {
         let (size, out, before) = (plan.input[axis], plan.output[axis], plan.pad[axis]);
@@ -84,10 +79,7 @@ pub(crate) fn suits<T: Real>(plan: &ConvPlan) -> bool {
     TypeId::of::<T>() == TypeId::of::<f32>()
         && plan.tuning.strategy == Strategy::Auto
         && crate::winograd::enabled()
-        && NhwcConv::supports(plan)
-        && plan.kernel == [3, 3]
-        && plan.stride == [1, 1]
-        && rings_fit
+        && crate::winograd::computes(plan)
         && pad_fits(0)
         && pad_fits(1)
         && centre_fits
@@ -143,7 +135,7 @@ pub(crate) fn forward<T: Real>(
     let len = plan.output_len();
     let mut out = workspace::uninit::<f32>(len);
     let moments = pass.run(&filters, x, bias, SharedMut(out.as_mut_ptr()), moments);
-    trace::note(TracedPass::Forward, Traced::Winograd, pass.blocks().len());
+    trace::note(TracedPass::Forward, Traced::Winograd, pass.block_count());
     // SAFETY: `run` wrote every value of the output.
     unsafe { out.set_len(len) };
     Some((from_f32(out), moments))
@@ -180,7 +172,7 @@ pub(crate) fn backward<T: Real>(
     trace::note(
         TracedPass::Backward,
         Traced::Winograd,
-        forward.blocks().len(),
+        forward.block_count(),
     );
     Some(needs_weight.then(|| from_f32(forward.weight_gradient(plan, x, grad_out))))
 }
@@ -340,6 +332,11 @@ impl Geometry {
     /// Rows of a block's band: two per pair and two more per image.
     fn band_rows(&self) -> usize {
         4 * self.block_pairs
+    }
+
+    /// How many blocks there are.
+    fn block_count(&self) -> usize {
+        self.pairs().div_ceil(self.block_pairs)
     }
 
     /// The blocks: ranges of pairs.

@@ -99,7 +99,7 @@ impl ChannelsLast {
     /// `None` where this CPU has no channels-last kernels or the plan has channel windows
     /// or groups.
     fn new(plan: &ConvPlan, weight: &[f32]) -> Option<Self> {
-        let winograd = std::env::var_os("VERSATILE_WINOGRAD").is_none_or(|v| v != "0");
+        let winograd = crate::kernels::winograd::enabled();
         match winograd.then(|| WinogradConv::new(plan, weight)).flatten() {
             Some(conv) => Some(Self::Winograd(conv)),
             None => NhwcConv::new(plan, weight).map(Self::Direct),
