@@ -554,6 +554,60 @@ impl ConvPlan {
         })
     }
 
+    /// This plan's channel windows as one window over every input channel: `n_c * m`
+    /// primaries of the input's full depth, primary `j * m + p` being window `j`'s filter
+    /// `p` placed at the window's input channels (zeros elsewhere, as in the dense form),
+    /// with the same rings and output channels (`(crop * n_c + j) * m + p` is
+    /// `crop * (n_c * m) + (j * m + p)`). Two windows that read overlapping inputs then
+    /// share every pass over the input. `None` for a plan of one window, of groups, or of
+    /// windows trimmed short.
+    pub(crate) fn windows_unfolded(&self) -> Option<ConvPlan> {
+        let m = self.primaries;
+        let whole_windows = self.n_c > 1
+            && self.windows.len() == self.n_c
+            && self
+                .windows
+                .iter()
+                .enumerate()
+                .all(|(j, w)| w.j == j && w.first_primary == 0 && w.rows == m);
+        if !whole_windows {
+            return None;
+        }
+        let primaries = self.n_c.checked_mul(m)?;
+        // The trailing padding: whatever keeps the output size.
+        let padding = [0, 1].map(|i| {
+            let reach =
+                (self.output[i] - 1) * self.stride[i] + (self.kernel[i] - 1) * self.dilation[i] + 1;
+            (
+                self.pad[i],
+                reach.saturating_sub(self.input[i] + self.pad[i]),
+            )
+        });
+        let plan = ConvPlan::new(PlanSpec {
+            input: self.input_shape(),
+            kernel: self.kernel,
+            stride: self.stride,
+            dilation: self.dilation,
+            padding,
+            out_channels: self.out_channels,
+            primaries,
+            n_c: 1,
+            window_depth: self.in_channels,
+            weight_depth: self.in_channels,
+            rings: self.rings.clone(),
+            windows: vec![Window {
+                j: 0,
+                in_offset: 0,
+                weight_offset: 0,
+                first_primary: 0,
+                rows: primaries,
+            }],
+        })
+        .ok()?
+        .with_tuning(self.tuning);
+        (plan.output == self.output).then_some(plan)
+    }
+
     /// Input shape `[batch, c, h, w]`.
     pub fn input_shape(&self) -> [usize; 4] {
         [self.batch, self.in_channels, self.input[0], self.input[1]]

@@ -16,6 +16,11 @@
 //!   convolution with each filter turned half a turn and the input and output channels
 //!   swapped, padded `2 - pad`. The 1 x 1 crop's channels add the product of their
 //!   gradient with the centre taps.
+//! - A layer's channel windows run as one window over every input channel, `n_c * m`
+//!   filters each holding its window's taps at the window's channels and zeros elsewhere
+//!   ([`ConvPlan::windows_unfolded`]): windows that read overlapping inputs share one
+//!   band and one input transform. The weight gradient of those filters is folded back,
+//!   window by window in order.
 //! - The weight gradient is that of the algorithm itself: `dU_e = Σ (A dY Aᵀ)_e V_e` over
 //!   the tiles, then `dW = Gᵀ dU G`. The algorithm computes the convolution exactly (up
 //!   to rounding), so this is its gradient.
@@ -25,6 +30,7 @@
 //! bits depend on the plan and the thread count only.
 
 use std::any::TypeId;
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -61,11 +67,34 @@ const MIN_POSITIONS: usize = 64;
 
 /// Whether the plan's passes run here: `f32` on a CPU with the channels-last
 /// micro-kernel, a 3 x 3 kernel of stride 1 and no dilation over every input channel
-/// (one window: no channel windows, no groups), rings that are all nine taps (dense) or
-/// the outer eight and the centre, padding of at most 2 on each side, at least 16 input
-/// channels, 32 primaries and 64 output positions, the default strategy, and the
-/// environment not saying `VERSATILE_WINOGRAD=0`.
+/// (one window and no groups, or channel windows that each read at least 8/9 of the
+/// channels, unfolded: [`runnable`]), rings that are all nine taps (dense) or the outer
+/// eight and the centre, padding of at most 2 on each side, at least 16 input channels,
+/// 32 primaries (`n_c * m` for windows) and 64 output positions, the default strategy,
+/// and the environment not saying `VERSATILE_WINOGRAD=0`.
 pub(crate) fn suits<T: Real>(plan: &ConvPlan) -> bool {
+    runnable::<T>(plan).is_some()
+}
+
+/// The plan the passes run for `plan`: the plan itself where it runs as it is, else its
+/// channel windows unfolded into one window over every input channel
+/// ([`ConvPlan::windows_unfolded`]), so that the windows share one transformed input.
+/// The unfolded filters' zeros are multiplied too: only windows that each read at least
+/// 8/9 of the input channels are unfolded.
+fn runnable<T: Real>(plan: &ConvPlan) -> Option<Cow<'_, ConvPlan>> {
+    if runs_as_is::<T>(plan) {
+        return Some(Cow::Borrowed(plan));
+    }
+    if plan.in_channels * 8 > plan.window_depth * 9 {
+        return None;
+    }
+    plan.windows_unfolded()
+        .filter(runs_as_is::<T>)
+        .map(Cow::Owned)
+}
+
+/// [`suits`]'s rules for a plan of one window.
+fn runs_as_is<T: Real>(plan: &ConvPlan) -> bool {
     // The bottom and right padding show in the output size only.
     let pad_fits = |axis: usize| {
         let (size, out, before) = (plan.input[axis], plan.output[axis], plan.pad[axis]);
@@ -117,9 +146,7 @@ pub(crate) fn forward<T: Real>(
     bias: Option<&[T]>,
     moments: bool,
 ) -> Option<(Vec<T>, Option<Vec<Moments>>)> {
-    if !suits::<T>(plan) {
-        return None;
-    }
+    let run = runnable::<T>(plan)?;
     let (x, weight) = (as_f32(x)?, as_f32(weight)?);
     let bias = match bias {
         Some(bias) => Some(as_f32(bias)?),
@@ -130,8 +157,8 @@ pub(crate) fn forward<T: Real>(
     if let Some(bias) = bias {
         assert_eq!(bias.len(), plan.out_channels, "bias length");
     }
-    let pass = Geometry::forward(plan);
-    let filters = pass.filters(weight, false)?;
+    let pass = Geometry::forward(&run);
+    let filters = pass.filters(&unfolded_weight(plan, weight), false)?;
     let len = plan.output_len();
     let mut out = workspace::uninit::<f32>(len);
     let moments = pass.run(&filters, x, bias, SharedMut(out.as_mut_ptr()), moments);
@@ -150,17 +177,15 @@ pub(crate) fn backward<T: Real>(
     dx: Option<&mut [MaybeUninit<T>]>,
     needs_weight: bool,
 ) -> Option<Option<Vec<T>>> {
-    if !suits::<T>(plan) {
-        return None;
-    }
+    let run = runnable::<T>(plan)?;
     let (x, weight, grad_out) = (as_f32(x)?, as_f32(weight)?, as_f32(grad_out)?);
     assert_eq!(x.len(), plan.input_len(), "input length");
     assert_eq!(weight.len(), plan.weight_len(), "weight length");
     assert_eq!(grad_out.len(), plan.output_len(), "output gradient length");
-    let forward = Geometry::forward(plan);
-    let input_gradient = Geometry::input_gradient(plan);
+    let forward = Geometry::forward(&run);
+    let input_gradient = Geometry::input_gradient(&run);
     let filters = match &dx {
-        Some(_) => Some(input_gradient.filters(weight, true)?),
+        Some(_) => Some(input_gradient.filters(&unfolded_weight(plan, weight), true)?),
         None => None,
     };
     if let (Some(dx), Some(filters)) = (dx, filters) {
@@ -174,7 +199,58 @@ pub(crate) fn backward<T: Real>(
         Traced::Winograd,
         forward.block_count(),
     );
-    Some(needs_weight.then(|| from_f32(forward.weight_gradient(plan, x, grad_out))))
+    Some(needs_weight.then(|| {
+        from_f32(folded_gradient(
+            plan,
+            forward.weight_gradient(&run, x, grad_out),
+        ))
+    }))
+}
+
+/// `weight` laid out as its plan's unfolded weight ([`ConvPlan::windows_unfolded`]):
+/// window `j`'s filters at the window's input channels, zeros elsewhere. The weight
+/// itself for a plan of one window.
+fn unfolded_weight<'w>(plan: &ConvPlan, weight: &'w [f32]) -> Cow<'w, [f32]> {
+    if plan.n_c == 1 {
+        return Cow::Borrowed(weight);
+    }
+    let (m, channels) = (plan.primaries, plan.in_channels);
+    let taps = plan.kernel[0] * plan.kernel[1];
+    let span = plan.window_depth * taps;
+    let mut wide = vec![0.0; plan.n_c * m * channels * taps];
+    for w in &plan.windows {
+        for p in 0..m {
+            let from = (p * plan.weight_depth + w.weight_offset) * taps;
+            let to = ((w.j * m + p) * channels + w.in_offset) * taps;
+            wide[to..to + span].copy_from_slice(&weight[from..from + span]);
+        }
+    }
+    Cow::Owned(wide)
+}
+
+/// The gradient of a plan's weight from that of its unfolded weight
+/// ([`unfolded_weight`]): each window's share added in window order.
+fn folded_gradient(plan: &ConvPlan, wide: Vec<f32>) -> Vec<f32> {
+    if plan.n_c == 1 {
+        return wide;
+    }
+    let (m, channels) = (plan.primaries, plan.in_channels);
+    let taps = plan.kernel[0] * plan.kernel[1];
+    let span = plan.window_depth * taps;
+    let mut gradient = vec![0.0; plan.weight_len()];
+    for w in &plan.windows {
+        for p in 0..m {
+            let to = (p * plan.weight_depth + w.weight_offset) * taps;
+            let from = ((w.j * m + p) * channels + w.in_offset) * taps;
+            for (sum, part) in gradient[to..to + span]
+                .iter_mut()
+                .zip(&wide[from..from + span])
+            {
+                *sum += part;
+            }
+        }
+    }
+    gradient
 }
 
 /// The 1 x 1 part of a pass: a versatile layer's 1 x 1 crop.
@@ -1152,6 +1228,43 @@ mod tests {
         .unwrap()
     }
 
+    /// A spatial+channel 3 x 3 plan: `n` output channels from windows `delta / g + 1`
+    /// windows `c - delta` deep, the weight shared by the windows or sliding with them,
+    /// padded 1.
+    fn windows_plan(
+        input: [usize; 4],
+        n: usize,
+        [delta, g]: [usize; 2],
+        sliding: bool,
+    ) -> ConvPlan {
+        let depth = input[1] - delta;
+        let n_c = delta / g + 1;
+        let primaries = n.div_ceil(2 * n_c);
+        ConvPlan::new(PlanSpec {
+            input,
+            kernel: [3, 3],
+            stride: [1, 1],
+            dilation: [1, 1],
+            padding: [(1, 1); 2],
+            out_channels: n,
+            primaries,
+            n_c,
+            window_depth: depth,
+            weight_depth: if sliding { input[1] } else { depth },
+            rings: square_rings(3),
+            windows: (0..n_c)
+                .map(|j| Window {
+                    j,
+                    in_offset: j * g,
+                    weight_offset: if sliding { j * g } else { 0 },
+                    first_primary: 0,
+                    rows: primaries,
+                })
+                .collect(),
+        })
+        .unwrap()
+    }
+
     /// The plan on the direct passes.
     fn direct(plan: &ConvPlan) -> ConvPlan {
         plan.clone().with_tuning(Tuning {
@@ -1192,6 +1305,18 @@ mod tests {
             (
                 "versatile, no padding",
                 plan([2, 17, 9, 10], (65, 33), [(0, 0); 2]),
+            ),
+            (
+                "channel windows, shared weight",
+                windows_plan([2, 33, 6, 7], 64, [1, 1], false),
+            ),
+            (
+                "channel windows, sliding weight, three windows",
+                windows_plan([3, 40, 5, 6], 96, [2, 1], true),
+            ),
+            (
+                "channel windows of stride 2, the last 1 x 1 block cut",
+                windows_plan([4, 36, 4, 4], 65, [2, 2], false),
             ),
         ]
     }
@@ -1282,8 +1407,9 @@ mod tests {
     }
 
     /// What stays on the direct passes: f64, a strategy other than the default, too few
-    /// channels, primaries or positions (each bound and just past it), and plans with
-    /// other kernels, strides, windows or padding.
+    /// channels, primaries or positions (each bound and just past it), plans with other
+    /// kernels, strides, groups or padding, and channel windows that read too few of the
+    /// input channels or unfold to too few primaries.
     #[test]
     fn declines_what_it_does_not_run() {
         let base = plan([1, 16, 8, 8], (32, 32), [(1, 1); 2]);
@@ -1309,6 +1435,26 @@ mod tests {
         let grouped =
             ConvPlan::dense([1, 32, 8, 8], 64, [3, 3], [1, 1], [1, 1], 2, [(1, 1); 2]).unwrap();
         assert!(!suits::<f32>(&grouped));
+        // Channel windows: unfolded while each reads at least 8/9 of the channels, and
+        // where the unfolded plan has 32 primaries.
+        assert!(suits::<f32>(&windows_plan(
+            [1, 36, 8, 8],
+            64,
+            [4, 1],
+            false
+        )));
+        assert!(!suits::<f32>(&windows_plan(
+            [1, 36, 8, 8],
+            64,
+            [5, 5],
+            false
+        )));
+        assert!(!suits::<f32>(&windows_plan(
+            [1, 36, 8, 8],
+            60,
+            [1, 1],
+            false
+        )));
     }
 
     /// `Gᵀ dU G` is the adjoint of `G g Gᵀ`: `<G g Gᵀ, dU> = <g, Gᵀ dU G>` for any `g`
