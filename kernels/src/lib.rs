@@ -65,7 +65,7 @@ pub mod workspace;
 
 use std::cell::Cell;
 use std::fmt::Debug;
-use std::ops::{Add, AddAssign, Mul, Sub};
+use std::ops::{Add, AddAssign, Mul, Range, Sub};
 
 pub use epilogue::Epilogue;
 pub use nested::{
@@ -188,38 +188,62 @@ macro_rules! real {
 }
 
 /// The first `cols` pixels of row `y` of image `image` of the channels-first `x` (`[c,
-/// h, w]` per image) into `dst` pixel-major (`dst[pixel * c + channel]`): 4 x 4 blocks
-/// (channels x pixels) transposed in registers, the edges one by one.
+/// h, w]` per image) into `dst` pixel-major (`dst[pixel * c + channel]`), as
+/// [`rows_to_pixel_major`] does for several rows.
 ///
 /// # Panics
 /// If the row is not inside `x` or `dst` is shorter than `cols * c`.
 pub(crate) fn row_to_pixel_major<T: Real>(
     x: &[T],
-    [c, h, w]: [usize; 3],
+    dims: [usize; 3],
     (image, y, cols): (usize, usize, usize),
     dst: &mut [T],
 ) {
-    let plane_row = |ch: usize| &x[((image * c + ch) * h + y) * w..][..cols];
+    rows_to_pixel_major(x, dims, (image, y..y + 1, cols), (dst, 0));
+}
+
+/// The first `cols` pixels of rows `rows` of image `image` of the channels-first `x`
+/// (`[c, h, w]` per image) into `dst` pixel-major, row `rows.start + r` from
+/// `dst[r * dst_row]` on (`dst[r * dst_row + pixel * c + channel]`): 4 x 4 blocks
+/// (channels x pixels) transposed in registers, the edges one by one.
+///
+/// Four channels at a time, each over all the rows: it reads four planes' rows in order,
+/// streams the prefetcher follows, rather than `c` planes a row at a time.
+///
+/// # Panics
+/// If a row is not inside `x`, or `dst` is shorter than the last row's `dst_row * r +
+/// cols * c`.
+pub(crate) fn rows_to_pixel_major<T: Real>(
+    x: &[T],
+    [c, h, w]: [usize; 3],
+    (image, rows, cols): (usize, Range<usize>, usize),
+    (dst, dst_row): (&mut [T], usize),
+) {
+    let plane_row = |ch: usize, y: usize| &x[((image * c + ch) * h + y) * w..][..cols];
     let mut ch = 0;
     while ch + 4 <= c {
-        let rows = [
-            plane_row(ch),
-            plane_row(ch + 1),
-            plane_row(ch + 2),
-            plane_row(ch + 3),
-        ];
-        let out = &mut dst[ch..];
-        let done = T::transpose_4xn(rows, out, c);
-        for px in done..cols {
-            for (k, row) in rows.iter().enumerate() {
-                out[px * c + k] = row[px];
+        for (r, y) in rows.clone().enumerate() {
+            let planes = [
+                plane_row(ch, y),
+                plane_row(ch + 1, y),
+                plane_row(ch + 2, y),
+                plane_row(ch + 3, y),
+            ];
+            let out = &mut dst[r * dst_row + ch..];
+            let done = T::transpose_4xn(planes, out, c);
+            for px in done..cols {
+                for (k, plane) in planes.iter().enumerate() {
+                    out[px * c + k] = plane[px];
+                }
             }
         }
         ch += 4;
     }
     for ch in ch..c {
-        for (px, &v) in plane_row(ch).iter().enumerate() {
-            dst[px * c + ch] = v;
+        for (r, y) in rows.clone().enumerate() {
+            for (px, &v) in plane_row(ch, y).iter().enumerate() {
+                dst[r * dst_row + px * c + ch] = v;
+            }
         }
     }
 }

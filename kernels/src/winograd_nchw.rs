@@ -1045,17 +1045,26 @@ fn rows_channels_last(
 ) {
     let c = channels;
     let cols = w.min(width.saturating_sub(left));
+    // The band's rows inside the image, `inside.start - first_row` on.
+    let inside = first_row.clamp(0, h as isize) as usize
+        ..(first_row + count as isize).clamp(0, h as isize) as usize;
+    let first_inside = (inside.start as isize - first_row).max(0) as usize;
     for (r, row) in dst.chunks_exact_mut(width * c).take(count).enumerate() {
-        let y = first_row + r as isize;
-        if y < 0 || y as usize >= h {
+        if (first_inside..first_inside + inside.len()).contains(&r) {
+            row[..left * c].fill(0.0);
+            row[(left + cols) * c..].fill(0.0);
+        } else {
             row.fill(0.0);
-            continue;
         }
-        let y = y as usize;
-        row[..left * c].fill(0.0);
-        row[(left + cols) * c..].fill(0.0);
-        let inside = &mut row[left * c..(left + cols) * c];
-        crate::row_to_pixel_major(src, [c, h, w], (image, y, cols), inside);
+    }
+    if !inside.is_empty() {
+        let from = first_inside * width * c + left * c;
+        crate::rows_to_pixel_major(
+            src,
+            [c, h, w],
+            (image, inside, cols),
+            (&mut dst[from..], width * c),
+        );
     }
 }
 
