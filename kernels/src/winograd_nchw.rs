@@ -188,6 +188,8 @@ pub(crate) fn backward<T: Real>(
         Some(_) => Some(input_gradient.filters(&unfolded_weight(plan, weight), true)?),
         None => None,
     };
+    // The filters go when the input gradient is done (moved into this block), before the
+    // weight gradient's buffers come.
     if let (Some(dx), Some(filters)) = (dx, filters) {
         assert_eq!(dx.len(), plan.input_len(), "input gradient length");
         // `T` is `f32` (`suits`): the pass writes f32 values into the buffer's slots.
@@ -785,17 +787,26 @@ impl Geometry {
         let ranges = crate::nested::split(blocks.len(), tasks);
         let partial_len = 16 * m * cin + centre_channels * cin;
         let task = |&(start, end): &(usize, usize)| -> Vec<f32> {
-            let mut partial = vec![0.0f32; partial_len];
+            assert!(start < end, "a task of no blocks");
+            // Not zeroed: the first block's products write every value.
+            let mut partial = workspace::uninit::<f32>(partial_len);
+            let slots = &mut partial.spare_capacity_mut()[..partial_len];
             workspace::with::<f32, _>(Slot::Task, |ws| {
-                for block in &blocks[start..end] {
-                    self.add_weight_gradient(ws, block.clone(), (x, grad_out), &mut partial);
+                for (i, block) in blocks[start..end].iter().enumerate() {
+                    let adds = i > 0;
+                    self.add_weight_gradient(ws, block.clone(), (x, grad_out), (slots, adds));
                 }
             });
+            // SAFETY: the capacity is `partial_len`, and the first block wrote every value.
+            unsafe { partial.set_len(partial_len) };
             partial
         };
         let mut partials: Vec<Vec<f32>> = ranges.par_iter().map(task).collect();
         let mut sum = partials.remove(0);
         add_in_order(&mut sum, &partials);
+        // Freed before the gradient is allocated: a backward pass's first layer runs at
+        // the step's memory peak.
+        drop(partials);
         let (transformed, centre) = sum.split_at(16 * m * cin);
         let mut dw = vec![0.0f32; plan.weight_len()];
         dw.par_chunks_mut(9 * cin)
@@ -813,14 +824,18 @@ impl Geometry {
         dw
     }
 
-    /// One block's part of the weight gradient added into `partial`: `[16][m][in]` of
-    /// the transformed filters, then the centre taps' `[centre channels][in]`.
+    /// One block's part of the weight gradient added into `partial` (`adds`), or written
+    /// there (every value): `[16][m][in]` of the transformed filters, then the centre
+    /// taps' `[centre channels][in]`.
+    ///
+    /// # Panics
+    /// If `partial` is not `16 * m * in + centre channels * in` long.
     fn add_weight_gradient(
         &self,
         ws: &mut workspace::Workspace<f32>,
         block: Range<usize>,
         (x, grad_out): (&[f32], &[f32]),
-        partial: &mut [f32],
+        (partial, adds): (&mut [MaybeUninit<f32>], bool),
     ) {
         let (cin, m, n, tw) = (
             self.in_channels,
@@ -857,17 +872,23 @@ impl Geometry {
             );
         }
         isa::transform_gradients(self, used, grad_rows, grad_products, grad_centre);
+        assert_eq!(
+            partial.len(),
+            (16 * m + centre_channels) * cin,
+            "partial length"
+        );
         let (du, dcentre) = partial.split_at_mut(16 * m * cin);
         for e in 0..16 {
-            // SAFETY: dU_e is `m x cin` (row-major) inside `du`; dM_e's first `used` tiles
-            // (`[tile][m]`, read as its transpose) and V_e's (`[tile][cin]`) lie inside
-            // their buffers; `du` overlaps neither (a separate allocation).
+            // SAFETY: dU_e is `m x cin` (row-major) inside `du`, read only where `adds`
+            // (the values an earlier block wrote), else written whole; dM_e's first
+            // `used` tiles (`[tile][m]`, read as its transpose) and V_e's (`[tile][cin]`)
+            // lie inside their buffers; `du` overlaps neither (a separate allocation).
             unsafe {
                 gemm(
                     [m, cin, used],
-                    du[e * m * cin..].as_mut_ptr(),
+                    du[e * m * cin..].as_mut_ptr().cast::<f32>(),
                     [1, cin],
-                    true,
+                    adds,
                     grad_products[e * tiles * m..].as_ptr(),
                     [m, 1],
                     patches[e * tiles * cin..].as_ptr(),
@@ -882,9 +903,9 @@ impl Geometry {
             unsafe {
                 gemm(
                     [centre_channels, cin, 4 * used],
-                    dcentre.as_mut_ptr(),
+                    dcentre.as_mut_ptr().cast::<f32>(),
                     [1, cin],
-                    true,
+                    adds,
                     grad_centre.as_ptr(),
                     [centre_channels, 1],
                     centre_pixels.as_ptr(),
