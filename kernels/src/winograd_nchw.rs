@@ -606,15 +606,16 @@ impl Geometry {
         (row * self.padded_width() + 2 * tx) * self.in_channels
     }
 
-    /// The patches of the segments' tiles into `patches` (`[16][block tiles][wide_in]`)
-    /// and, where there is a 1 x 1 part, their four centre pixels' channels it reads into
-    /// `centre` (`[block tiles][4][its inputs]`).
+    /// The patches of the segments' tiles into `patches` (`[16][block tiles][wide_in]`),
+    /// from channel `first_channel` on (the channels before it are done), and, where there
+    /// is a 1 x 1 part, their four centre pixels' channels it reads into `centre`
+    /// (`[block tiles][4][its inputs]`).
     #[inline(always)]
     fn transform_inputs_portable(
         &self,
         segments: &[Segment],
         rows: &[f32],
-        patches: &mut [f32],
+        (patches, first_channel): (&mut [f32], usize),
         centre: &mut [f32],
     ) {
         let (c, wp, tw, tiles) = (
@@ -631,9 +632,10 @@ impl Geometry {
                     let at = self.patch_at(segment, py, tx);
                     let pixel = |i: usize| at + ((i / 4) * wp + i % 4) * c;
                     chunks(
-                        wide_in,
+                        wide_in - first_channel,
                         #[inline(always)]
                         |c0, lanes| {
+                            let c0 = first_channel + c0;
                             transform_patch(
                                 #[inline(always)]
                                 |i| load(&rows[pixel(i) + c0..], lanes),
@@ -1106,13 +1108,104 @@ mod isa {
         match crate::sgemm::micro_kernel() {
             // SAFETY: sgemm picks its AVX-512 micro-kernel only on a CPU with AVX-512F.
             Some("avx512") => {
-                return unsafe { inputs_avx512(pass, segments, rows, patches, centre) }
+                // SAFETY: as above.
+                let done = unsafe { inputs_by_columns_avx512(pass, segments, rows, patches) };
+                return unsafe { inputs_avx512(pass, segments, rows, (patches, done), centre) };
             }
             // SAFETY: and its AVX2 one only on a CPU with AVX2 and FMA.
-            Some("avx2") => return unsafe { inputs_avx2(pass, segments, rows, patches, centre) },
+            Some("avx2") => {
+                return unsafe { inputs_avx2(pass, segments, rows, (patches, 0), centre) }
+            }
             _ => {}
         }
-        pass.transform_inputs_portable(segments, rows, patches, centre)
+        pass.transform_inputs_portable(segments, rows, (patches, 0), centre)
+    }
+
+    /// The input transform of [`Geometry::transform_inputs_portable`] for the whole
+    /// 16-channel vectors of the 3 x 3 part's channels, on AVX-512, a row of tiles at a
+    /// time: each band column's `Bᵀ` part (its four rows combined) is made once and serves
+    /// the two tiles that share the column, so each pixel is read once per row of tiles
+    /// (the patch by patch transform reads it four times). The same sums in the same
+    /// order, so the same bits. Returns the channels done.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn inputs_by_columns_avx512(
+        pass: &Geometry,
+        segments: &[Segment],
+        rows: &[f32],
+        patches: &mut [f32],
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let (c, wp, tw, tiles) = (
+            pass.in_channels,
+            pass.padded_width(),
+            pass.tiles[1],
+            pass.block_tiles(),
+        );
+        let wide_in = pass.wide_in;
+        let whole = wide_in / 16 * 16;
+        assert!(wide_in <= c, "the 3 x 3 part reads the input's channels");
+        for segment in segments {
+            for py in segment.first..segment.end {
+                let first_tile = (segment.pair + py - segment.first) * tw;
+                // The patches' four band rows from `base` on, `wp` pixels of `c` channels
+                // each; the tiles' sixteen values at `(e * tiles + tile) * wide_in`.
+                let base = pass.patch_at(segment, py, 0);
+                assert!(
+                    base + 4 * wp * c <= rows.len()
+                        && (15 * tiles + first_tile + tw) * wide_in <= patches.len(),
+                    "a row of tiles inside the band and the patches"
+                );
+                let src = rows.as_ptr().wrapping_add(base);
+                let dst = patches.as_mut_ptr();
+                for c0 in (0..whole).step_by(16) {
+                    // Bᵀ over the four rows of band column `j`.
+                    let column = |j: usize| {
+                        // SAFETY: r < 4, j < wp and c0 + 16 <= wide_in <= c, so the read
+                        // lies below base + 4 * wp * c (asserted inside `rows`).
+                        let d =
+                            |r: usize| unsafe { _mm512_loadu_ps(src.add((r * wp + j) * c + c0)) };
+                        let (d0, d1, d2, d3) = (d(0), d(1), d(2), d(3));
+                        [
+                            _mm512_sub_ps(d0, d2),
+                            _mm512_add_ps(d1, d2),
+                            _mm512_sub_ps(d2, d1),
+                            _mm512_sub_ps(d1, d3),
+                        ]
+                    };
+                    let (mut left, mut second) = (column(0), column(1));
+                    for tx in 0..tw {
+                        // Tile tx reads band columns 2 tx .. 2 tx + 4 < wp = 2 tw + 2.
+                        let (third, right) = (column(2 * tx + 2), column(2 * tx + 3));
+                        // Value e at `at + e * stride`: one running address, not sixteen.
+                        let stride = tiles * wide_in;
+                        let mut at = (first_tile + tx) * wide_in + c0;
+                        for i in 0..4 {
+                            let (t0, t1, t2, t3) = (left[i], second[i], third[i], right[i]);
+                            let values = [
+                                _mm512_sub_ps(t0, t2),
+                                _mm512_add_ps(t1, t2),
+                                _mm512_sub_ps(t2, t1),
+                                _mm512_sub_ps(t1, t3),
+                            ];
+                            for v in values {
+                                // SAFETY: `at` is (e * tiles + tile) * wide_in + c0 for e =
+                                // 4 i + k < 16, tile < first_tile + tw and c0 + 16 <=
+                                // wide_in: the 16 values lie below (15 * tiles + first_tile
+                                // + tw) * wide_in (asserted inside `patches`).
+                                unsafe { _mm512_storeu_ps(dst.add(at), v) };
+                                at += stride;
+                            }
+                        }
+                        (left, second) = (third, right);
+                    }
+                }
+            }
+        }
+        whole
     }
 
     /// [`Geometry::transform_outputs_portable`] on this CPU's widest vectors.
@@ -1171,7 +1264,7 @@ mod isa {
                 pass: &Geometry,
                 segments: &[Segment],
                 rows: &[f32],
-                patches: &mut [f32],
+                patches: (&mut [f32], usize),
                 centre: &mut [f32],
             ) {
                 pass.transform_inputs_portable(segments, rows, patches, centre)
@@ -1485,6 +1578,25 @@ mod tests {
             [1, 1],
             false
         )));
+    }
+
+    /// The input transform this CPU runs (by columns on AVX-512, the channels past the last
+    /// whole vector patch by patch) gives the portable transform's bits, for a layer with a
+    /// 1 x 1 part, 40 channels (a vector's tail) and blocks spanning images.
+    #[test]
+    fn input_transform_matches_the_portable_one() {
+        let plan = plan([6, 40, 6, 5], (64, 32), [(1, 1); 2]);
+        let pass = Geometry::forward(&plan);
+        let tiles = pass.block_tiles();
+        let rows = values(pass.band_rows() * pass.padded_width() * 40, 8);
+        for block in pass.blocks() {
+            let segments = pass.segments(block);
+            let mut want = (vec![0.0; 16 * tiles * 40], vec![0.0; 4 * tiles * 40]);
+            let mut got = want.clone();
+            pass.transform_inputs_portable(&segments, &rows, (&mut want.0, 0), &mut want.1);
+            isa::transform_inputs(&pass, &segments, &rows, &mut got.0, &mut got.1);
+            assert_eq!(got, want);
+        }
     }
 
     /// `Gᵀ dU G` is the adjoint of `G g Gᵀ`: `<G g Gᵀ, dU> = <g, Gᵀ dU G>` for any `g`
