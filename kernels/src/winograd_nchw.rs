@@ -673,7 +673,7 @@ impl Geometry {
         segments: &[Segment],
         (products, centre): (&[f32], &[f32]),
         bias: Option<&[f32]>,
-        outputs: &mut [f32],
+        (outputs, first_channel): (&mut [f32], usize),
     ) {
         let ([oh, ow], tw, n) = (self.output, self.tiles[1], self.out_channels);
         let (tiles, wide_out) = (self.block_tiles(), self.wide_out);
@@ -693,9 +693,10 @@ impl Geometry {
                     });
                     let adds = self.centre.as_ref().filter(|part| part.adds);
                     chunks(
-                        wide_out,
+                        wide_out - first_channel,
                         #[inline(always)]
                         |c0, lanes| {
+                            let c0 = first_channel + c0;
                             let y = transform_products(
                                 #[inline(always)]
                                 |e| load(&products[(e * tiles + t) * wide_out + c0..], lanes),
@@ -1220,13 +1221,113 @@ mod isa {
         match crate::sgemm::micro_kernel() {
             // SAFETY: as in `transform_inputs`.
             Some("avx512") => {
-                return unsafe { outputs_avx512(pass, segments, sums, bias, outputs) }
+                // SAFETY: as in `transform_inputs`.
+                let done =
+                    unsafe { outputs_by_vectors_avx512(pass, segments, sums, bias, outputs) };
+                return unsafe { outputs_avx512(pass, segments, sums, bias, (outputs, done)) };
             }
             // SAFETY: as in `transform_inputs`.
-            Some("avx2") => return unsafe { outputs_avx2(pass, segments, sums, bias, outputs) },
+            Some("avx2") => {
+                return unsafe { outputs_avx2(pass, segments, sums, bias, (outputs, 0)) }
+            }
             _ => {}
         }
-        pass.transform_outputs_portable(segments, sums, bias, outputs)
+        pass.transform_outputs_portable(segments, sums, bias, (outputs, 0))
+    }
+
+    /// The 3 x 3 part of [`Geometry::transform_outputs_portable`] for its whole 16-channel
+    /// vectors, on AVX-512: each product read once (the portable transform reads eight of
+    /// the sixteen twice), the 1 x 1 part's gradient and the bias added where the pass
+    /// has them. The same sums in the same order, so the same bits. Returns the channels
+    /// done.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn outputs_by_vectors_avx512(
+        pass: &Geometry,
+        segments: &[Segment],
+        (products, centre): (&[f32], &[f32]),
+        bias: Option<&[f32]>,
+        outputs: &mut [f32],
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let ([oh, ow], tw, n) = (pass.output, pass.tiles[1], pass.out_channels);
+        let (tiles, wide_out) = (pass.block_tiles(), pass.wide_out);
+        let whole = wide_out / 16 * 16;
+        let adds = pass.centre.as_ref().is_some_and(|part| part.adds);
+        assert!(
+            wide_out <= n
+                && products.len() >= 16 * tiles * wide_out
+                && (!adds || centre.len() >= 4 * tiles * wide_out)
+                && bias.is_none_or(|bias| bias.len() >= wide_out),
+            "the products, the 1 x 1 part's sums and the bias of a block"
+        );
+        let stride = tiles * wide_out;
+        for segment in segments {
+            for py in segment.first..segment.end {
+                let pair = segment.pair + py - segment.first;
+                assert!(
+                    pair < pass.block_pairs && (2 * pair + 2) * ow * n <= outputs.len(),
+                    "a pair of output rows inside the block's outputs"
+                );
+                for tx in 0..tw {
+                    let t = pair * tw + tx;
+                    // The tile's outputs inside the map, as bits of `inside`.
+                    let inside: [bool; 4] =
+                        std::array::from_fn(|k| 2 * py + k / 2 < oh && 2 * tx + k % 2 < ow);
+                    for c0 in (0..whole).step_by(16) {
+                        // SAFETY: e < 16, t < tiles and c0 + 16 <= wide_out: inside the
+                        // block's products (asserted).
+                        let m: [__m512; 16] = std::array::from_fn(|e| unsafe {
+                            _mm512_loadu_ps(products.as_ptr().add(e * stride + t * wide_out + c0))
+                        });
+                        let rows = [
+                            std::array::from_fn::<__m512, 4, _>(|j| {
+                                _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j])
+                            }),
+                            std::array::from_fn::<__m512, 4, _>(|j| {
+                                _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j])
+                            }),
+                        ];
+                        for (i, [t0, t1, t2, t3]) in rows.into_iter().enumerate() {
+                            let pair_of = [
+                                _mm512_add_ps(_mm512_add_ps(t0, t1), t2),
+                                _mm512_sub_ps(_mm512_sub_ps(t1, t2), t3),
+                            ];
+                            for (x, mut v) in pair_of.into_iter().enumerate() {
+                                let k = 2 * i + x;
+                                if !inside[k] {
+                                    continue;
+                                }
+                                if adds {
+                                    // SAFETY: t * 4 + k < 4 * tiles and c0 + 16 <=
+                                    // wide_out: inside the 1 x 1 part's sums (asserted).
+                                    let sum = unsafe {
+                                        _mm512_loadu_ps(
+                                            centre.as_ptr().add((t * 4 + k) * wide_out + c0),
+                                        )
+                                    };
+                                    v = _mm512_add_ps(v, sum);
+                                }
+                                if let Some(bias) = bias {
+                                    // SAFETY: c0 + 16 <= wide_out <= bias.len() (asserted).
+                                    let b = unsafe { _mm512_loadu_ps(bias.as_ptr().add(c0)) };
+                                    v = _mm512_add_ps(v, b);
+                                }
+                                let at = ((2 * pair + i) * ow + 2 * tx + x) * n + c0;
+                                // SAFETY: 2 * pair + i < 2 * pair + 2, 2 * tx + x < ow
+                                // (inside) and c0 + 16 <= wide_out <= n: below (2 * pair +
+                                // 2) * ow * n <= outputs.len() (asserted).
+                                unsafe { _mm512_storeu_ps(outputs.as_mut_ptr().add(at), v) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        whole
     }
 
     /// [`Geometry::transform_gradients_portable`] on this CPU's widest vectors.
@@ -1281,7 +1382,7 @@ mod isa {
                 segments: &[Segment],
                 sums: (&[f32], &[f32]),
                 bias: Option<&[f32]>,
-                outputs: &mut [f32],
+                outputs: (&mut [f32], usize),
             ) {
                 pass.transform_outputs_portable(segments, sums, bias, outputs)
             }
@@ -1596,6 +1697,34 @@ mod tests {
             pass.transform_inputs_portable(&segments, &rows, (&mut want.0, 0), &mut want.1);
             isa::transform_inputs(&pass, &segments, &rows, &mut got.0, &mut got.1);
             assert_eq!(got, want);
+        }
+    }
+
+    /// The output transform this CPU runs gives the portable transform's bits: the
+    /// forward pass with a bias and a 1 x 1 part of its own, and the input gradient's,
+    /// whose 1 x 1 part adds into the 3 x 3 part's channels; 40 and 48 channels, odd maps
+    /// (tiles with outputs outside the map).
+    #[test]
+    fn output_transform_matches_the_portable_one() {
+        let plan = plan([6, 48, 5, 7], (80, 40), [(1, 1); 2]);
+        let bias = values(80, 9);
+        for (pass, bias) in [
+            (Geometry::forward(&plan), Some(&bias[..])),
+            (Geometry::input_gradient(&plan), None),
+        ] {
+            let tiles = pass.block_tiles();
+            let (wide_out, n) = (pass.wide_out, pass.out_channels);
+            let products = values(16 * tiles * wide_out, 10);
+            let centre = values(4 * tiles * wide_out.max(n - wide_out), 11);
+            for block in pass.blocks() {
+                let segments = pass.segments(block);
+                let mut want = vec![0.0; pass.block_pairs * 2 * pass.output[1] * n];
+                let mut got = want.clone();
+                let sums = (&products[..], &centre[..]);
+                pass.transform_outputs_portable(&segments, sums, bias, (&mut want, 0));
+                isa::transform_outputs(&pass, &segments, sums, bias, &mut got);
+                assert_eq!(got, want);
+            }
         }
     }
 
