@@ -749,13 +749,7 @@ pub(crate) mod tests {
             window_depth: input[1],
             weight_depth: input[1],
             rings,
-            windows: vec![Window {
-                j: 0,
-                in_offset: 0,
-                weight_offset: 0,
-                first_primary: 0,
-                rows: primaries,
-            }],
+            windows: vec![Window::whole(primaries)],
         })
         .expect("a valid plan")
     }

@@ -29,6 +29,20 @@ pub struct Window {
     pub rows: usize,
 }
 
+impl Window {
+    /// The one window of a plan without channel windows or groups: every input channel,
+    /// the weight's channels from the first, primaries `0..rows`.
+    pub fn whole(rows: usize) -> Self {
+        Self {
+            j: 0,
+            in_offset: 0,
+            weight_offset: 0,
+            first_primary: 0,
+            rows,
+        }
+    }
+}
+
 /// What a caller describes to make a [`ConvPlan`] (see [`ConvPlan::new`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanSpec {
@@ -595,13 +609,7 @@ impl ConvPlan {
             window_depth: self.in_channels,
             weight_depth: self.in_channels,
             rings: self.rings.clone(),
-            windows: vec![Window {
-                j: 0,
-                in_offset: 0,
-                weight_offset: 0,
-                first_primary: 0,
-                rows: primaries,
-            }],
+            windows: vec![Window::whole(primaries)],
         })
         .ok()?
         .with_tuning(self.tuning);
@@ -838,13 +846,7 @@ mod tests {
             window_depth: 2,
             weight_depth: 2,
             rings: vec![outer.clone(), vec![(1, 1)]],
-            windows: vec![Window {
-                j: 0,
-                in_offset: 0,
-                weight_offset: 0,
-                first_primary: 0,
-                rows: 2,
-            }],
+            windows: vec![Window::whole(2)],
         };
         let plan = ConvPlan::new(spec(1, 1)).unwrap();
         assert_eq!(plan.live_window(), Some([[1, 1], [1, 1]]));

@@ -1441,13 +1441,7 @@ mod tests {
             window_depth: input[1],
             weight_depth: input[1],
             rings,
-            windows: vec![Window {
-                j: 0,
-                in_offset: 0,
-                weight_offset: 0,
-                first_primary: 0,
-                rows: primaries,
-            }],
+            windows: vec![Window::whole(primaries)],
         })
         .unwrap()
     }

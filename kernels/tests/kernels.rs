@@ -527,13 +527,7 @@ fn dense_spec(input: [usize; 4], n: usize, d: usize) -> PlanSpec {
         rings: vec![(0..d)
             .flat_map(|ky| (0..d).map(move |kx| (ky, kx)))
             .collect()],
-        windows: vec![Window {
-            j: 0,
-            in_offset: 0,
-            weight_offset: 0,
-            first_primary: 0,
-            rows: n,
-        }],
+        windows: vec![Window::whole(n)],
     }
 }
 
