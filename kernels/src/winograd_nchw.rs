@@ -928,7 +928,7 @@ impl Geometry {
         &self,
         used: usize,
         grad_rows: &[f32],
-        products: &mut [f32],
+        (products, first_channel): (&mut [f32], usize),
         centre: &mut [f32],
     ) {
         let (m, n, tw, tiles) = (
@@ -942,9 +942,10 @@ impl Geometry {
             let (pair, tx) = (t / tw, t % tw);
             let at = |k: usize| ((2 * pair + k / 2) * 2 * tw + 2 * tx + k % 2) * n;
             chunks(
-                m,
+                m - first_channel,
                 #[inline(always)]
                 |c0, lanes| {
+                    let c0 = first_channel + c0;
                     let g = |k: usize| load(&grad_rows[at(k) + c0..], lanes);
                     let (a, b, c, d) = (g(0), g(1), g(2), g(3));
                     let zero = [0.0; LANES];
@@ -1342,15 +1343,88 @@ mod isa {
         match crate::sgemm::micro_kernel() {
             // SAFETY: as in `transform_inputs`.
             Some("avx512") => {
-                return unsafe { gradients_avx512(pass, used, grad_rows, products, centre) }
+                // SAFETY: as in `transform_inputs`.
+                let done = unsafe { gradients_by_vectors_avx512(pass, used, grad_rows, products) };
+                let products = (products, done);
+                return unsafe { gradients_avx512(pass, used, grad_rows, products, centre) };
             }
             // SAFETY: as in `transform_inputs`.
             Some("avx2") => {
-                return unsafe { gradients_avx2(pass, used, grad_rows, products, centre) }
+                let products = (products, 0);
+                return unsafe { gradients_avx2(pass, used, grad_rows, products, centre) };
             }
             _ => {}
         }
-        pass.transform_gradients_portable(used, grad_rows, products, centre)
+        pass.transform_gradients_portable(used, grad_rows, (products, 0), centre)
+    }
+
+    /// The 3 x 3 part of [`Geometry::transform_gradients_portable`] for its whole
+    /// 16-channel vectors, on AVX-512: the sixteen values of each tile stored through one
+    /// running address. The same sums in the same order, so the same bits. Returns the
+    /// channels done.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn gradients_by_vectors_avx512(
+        pass: &Geometry,
+        used: usize,
+        grad_rows: &[f32],
+        products: &mut [f32],
+    ) -> usize {
+        use std::arch::x86_64::*;
+        let (m, n, tw, tiles) = (
+            pass.wide_out,
+            pass.out_channels,
+            pass.tiles[1],
+            pass.block_tiles(),
+        );
+        let whole = m / 16 * 16;
+        // Tile t = pair * tw + tx reads rows 2 pair, 2 pair + 1 of `2 * tw` pixels.
+        let pairs = used.div_ceil(tw.max(1));
+        assert!(
+            used <= tiles
+                && m <= n
+                && 16 * tiles * m <= products.len()
+                && pairs * 2 * 2 * tw * n <= grad_rows.len(),
+            "the tiles' output gradients and products inside their buffers"
+        );
+        let zero = _mm512_setzero_ps();
+        let stride = tiles * m;
+        for t in 0..used {
+            let (pair, tx) = (t / tw, t % tw);
+            let at = |k: usize| ((2 * pair + k / 2) * 2 * tw + 2 * tx + k % 2) * n;
+            for c0 in (0..whole).step_by(16) {
+                // SAFETY: pair < pairs, k / 2 < 2, 2 tx + k % 2 < 2 tw and c0 + 16 <= m
+                // <= n: below pairs * 2 * 2 tw * n (asserted inside `grad_rows`).
+                let g = |k: usize| unsafe { _mm512_loadu_ps(grad_rows.as_ptr().add(at(k) + c0)) };
+                let (a, b, c, d) = (g(0), g(1), g(2), g(3));
+                let rows = [
+                    (a, b),
+                    (_mm512_add_ps(a, c), _mm512_add_ps(b, d)),
+                    (_mm512_sub_ps(a, c), _mm512_sub_ps(b, d)),
+                    (_mm512_sub_ps(zero, c), _mm512_sub_ps(zero, d)),
+                ];
+                let mut to = t * m + c0;
+                for (u, v) in rows {
+                    let values = [
+                        u,
+                        _mm512_add_ps(u, v),
+                        _mm512_sub_ps(u, v),
+                        _mm512_sub_ps(zero, v),
+                    ];
+                    for value in values {
+                        // SAFETY: `to` is (e * tiles + t) * m + c0 for e < 16, t < used <=
+                        // tiles and c0 + 16 <= m: below 16 * tiles * m (asserted inside
+                        // `products`).
+                        unsafe { _mm512_storeu_ps(products.as_mut_ptr().add(to), value) };
+                        to += stride;
+                    }
+                }
+            }
+        }
+        whole
     }
 
     macro_rules! isa_versions {
@@ -1397,7 +1471,7 @@ mod isa {
                 pass: &Geometry,
                 used: usize,
                 grad_rows: &[f32],
-                products: &mut [f32],
+                products: (&mut [f32], usize),
                 centre: &mut [f32],
             ) {
                 pass.transform_gradients_portable(used, grad_rows, products, centre)
@@ -1719,6 +1793,24 @@ mod tests {
                 isa::transform_outputs(&pass, &segments, sums, bias, &mut got);
                 assert_eq!(got, want);
             }
+        }
+    }
+
+    /// The output gradient's transform this CPU runs gives the portable transform's bits,
+    /// for 40 primaries (a vector's tail) and a 1 x 1 part, all of a block's tiles and
+    /// fewer.
+    #[test]
+    fn gradient_transform_matches_the_portable_one() {
+        let plan = plan([4, 24, 6, 7], (72, 40), [(1, 1); 2]);
+        let pass = Geometry::forward(&plan);
+        let (tiles, m, n) = (pass.block_tiles(), pass.wide_out, pass.out_channels);
+        let grad_rows = values(pass.block_pairs * 2 * 2 * pass.tiles[1] * n, 12);
+        for used in [tiles, tiles - 1] {
+            let mut want = (vec![0.0; 16 * tiles * m], vec![0.0; 4 * tiles * (n - m)]);
+            let mut got = want.clone();
+            pass.transform_gradients_portable(used, &grad_rows, (&mut want.0, 0), &mut want.1);
+            isa::transform_gradients(&pass, used, &grad_rows, &mut got.0, &mut got.1);
+            assert_eq!(got, want);
         }
     }
 
