@@ -187,21 +187,6 @@ macro_rules! real {
     };
 }
 
-/// The first `cols` pixels of row `y` of image `image` of the channels-first `x` (`[c,
-/// h, w]` per image) into `dst` pixel-major (`dst[pixel * c + channel]`), as
-/// [`rows_to_pixel_major`] does for several rows.
-///
-/// # Panics
-/// If the row is not inside `x` or `dst` is shorter than `cols * c`.
-pub(crate) fn row_to_pixel_major<T: Real>(
-    x: &[T],
-    dims: [usize; 3],
-    (image, y, cols): (usize, usize, usize),
-    dst: &mut [T],
-) {
-    rows_to_pixel_major(x, dims, (image, y..y + 1, cols), (dst, 0));
-}
-
 /// The first `cols` pixels of rows `rows` of image `image` of the channels-first `x`
 /// (`[c, h, w]` per image) into `dst` pixel-major, row `rows.start + r` from
 /// `dst[r * dst_row]` on (`dst[r * dst_row + pixel * c + channel]`): 4 x 4 blocks

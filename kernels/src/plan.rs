@@ -542,8 +542,7 @@ impl ConvPlan {
         let mut padding = [(0, 0); 2];
         for (i, [first, len]) in window.into_iter().enumerate() {
             let begin = self.pad[i].checked_sub(first * self.dilation[i])?;
-            let reach = (self.output[i] - 1) * self.stride[i] + (len - 1) * self.dilation[i] + 1;
-            padding[i] = (begin, reach.saturating_sub(self.input[i] + begin));
+            padding[i] = self.padding_keeping_output(i, len, begin);
         }
         let plan = ConvPlan::new(PlanSpec {
             input: self.input_shape(),
@@ -588,15 +587,7 @@ impl ConvPlan {
             return None;
         }
         let primaries = self.n_c.checked_mul(m)?;
-        // The trailing padding: whatever keeps the output size.
-        let padding = [0, 1].map(|i| {
-            let reach =
-                (self.output[i] - 1) * self.stride[i] + (self.kernel[i] - 1) * self.dilation[i] + 1;
-            (
-                self.pad[i],
-                reach.saturating_sub(self.input[i] + self.pad[i]),
-            )
-        });
+        let padding = [0, 1].map(|i| self.padding_keeping_output(i, self.kernel[i], self.pad[i]));
         let plan = ConvPlan::new(PlanSpec {
             input: self.input_shape(),
             kernel: self.kernel,
@@ -614,6 +605,15 @@ impl ConvPlan {
         .ok()?
         .with_tuning(self.tuning);
         (plan.output == self.output).then_some(plan)
+    }
+
+    /// The padding `(before, after)` along `axis` of a kernel `taps` long (this plan's
+    /// stride and dilation) with `before` leading: the trailing padding is whatever keeps
+    /// this plan's output size.
+    fn padding_keeping_output(&self, axis: usize, taps: usize, before: usize) -> (usize, usize) {
+        let reach =
+            (self.output[axis] - 1) * self.stride[axis] + (taps - 1) * self.dilation[axis] + 1;
+        (before, reach.saturating_sub(self.input[axis] + before))
     }
 
     /// Input shape `[batch, c, h, w]`.

@@ -164,10 +164,10 @@ fn pad_image_pixel_major<T: Real>(
     dst.fill(T::ZERO);
     let rows = h.min(padded.hp.saturating_sub(pt));
     let cols = w.min(padded.wp.saturating_sub(pl));
-    for y in 0..rows {
-        let pixel0 = (y + pt) * padded.wp + pl;
-        let out = &mut dst[pixel0 * c..];
-        crate::row_to_pixel_major(x, [c, h, w], (image, y, cols), out);
+    if rows > 0 {
+        let out = &mut dst[(pt * padded.wp + pl) * c..];
+        let rows = (image, 0..rows, cols);
+        crate::rows_to_pixel_major(x, [c, h, w], rows, (out, padded.wp * c));
     }
 }
 

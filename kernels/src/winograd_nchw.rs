@@ -1275,7 +1275,7 @@ mod isa {
                 );
                 for tx in 0..tw {
                     let t = pair * tw + tx;
-                    // The tile's outputs inside the map, as bits of `inside`.
+                    // Which of the tile's four outputs lie inside the map.
                     let inside: [bool; 4] =
                         std::array::from_fn(|k| 2 * py + k / 2 < oh && 2 * tx + k % 2 < ow);
                     for c0 in (0..whole).step_by(16) {
