@@ -1029,12 +1029,16 @@ impl Trainer {
     }
 
     /// Times `steps` training steps (after `warmup` untimed ones) from the start of the
-    /// current position, phase by phase; nothing is saved and the run does not advance.
+    /// current position, phase by phase; nothing is saved.
+    ///
+    /// It consumes the trainer: the steps update the parameters in place, as training
+    /// does, and keeping a copy of the model to restore afterwards would hold a second
+    /// set of parameters alive, making the first step copy every parameter and the
+    /// step's measured memory grow by the model's size.
     ///
     /// # Errors
     /// Data errors; [`TrainError::NonFinite`].
-    pub fn bench(&mut self, warmup: usize, steps: usize) -> Result<BenchReport, TrainError> {
-        let saved = (self.model().clone(), self.optimizer.clone());
+    pub fn bench(mut self, warmup: usize, steps: usize) -> Result<BenchReport, TrainError> {
         let mut timings = [0.0f64; 6];
         let mut data = 0.0f64;
         let mut done = 0;
@@ -1070,8 +1074,6 @@ impl Trainer {
             }
             epoch += 1;
         }
-        self.model = Some(saved.0);
-        self.optimizer = saved.1;
         let per_step = |t: f64| 1e3 * t / steps.max(1) as f64;
         Ok(BenchReport {
             steps,

@@ -441,13 +441,13 @@ fn bench(
     if let Some(group) = group {
         trainer = trainer.distributed(group).map_err(train_error)?;
     }
+    let model = trainer.state().model.clone();
     let mark = memory::mark();
     let report = trainer.bench(3, steps).map_err(train_error)?;
     let used = mark.used();
     if !root {
         return Ok(());
     }
-    let model = &trainer.state().model;
     if json {
         let mut value = serde_json::to_value(&report)?;
         value["model"] = model.name().into();
