@@ -55,6 +55,7 @@ mod plan;
 pub mod pool;
 pub mod sgemm;
 mod shifted;
+mod small_map;
 mod streaming;
 mod threads;
 pub mod trace;

@@ -24,6 +24,8 @@ pub enum Layout {
     Streaming,
     /// Winograd's F(2 x 2, 3 x 3) on channels-first activations.
     Winograd,
+    /// The whole map as one matrix product over the batch (maps of a few pixels).
+    WholeMap,
 }
 
 /// One kernel call.

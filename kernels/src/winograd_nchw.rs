@@ -1484,7 +1484,7 @@ mod isa {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nhwc::tests::{square_rings, values};
     use crate::plan::{PlanSpec, Window};
@@ -1493,7 +1493,7 @@ mod tests {
 
     /// A 3 x 3 plan: dense (`out_channels` primaries, one ring) or spatial versatile
     /// (`primaries` filters, rings the outer eight and the centre), padded `padding`.
-    fn plan(
+    pub(crate) fn plan(
         input: [usize; 4],
         (out_channels, primaries): (usize, usize),
         padding: [(usize, usize); 2],
@@ -1523,7 +1523,7 @@ mod tests {
     /// A spatial+channel 3 x 3 plan: `n` output channels from windows `delta / g + 1`
     /// windows `c - delta` deep, the weight shared by the windows or sliding with them,
     /// padded 1.
-    fn windows_plan(
+    pub(crate) fn windows_plan(
         input: [usize; 4],
         n: usize,
         [delta, g]: [usize; 2],
@@ -1558,7 +1558,7 @@ mod tests {
     }
 
     /// The plan on the direct passes.
-    fn direct(plan: &ConvPlan) -> ConvPlan {
+    pub(crate) fn direct(plan: &ConvPlan) -> ConvPlan {
         plan.clone().with_tuning(Tuning {
             strategy: Strategy::Im2col,
             ..Tuning::DEFAULT
@@ -1567,7 +1567,7 @@ mod tests {
 
     /// Whether `got` is `want` up to the rounding of sums over `terms` values: within
     /// `1e-5 * terms` of the largest magnitude.
-    fn assert_close(got: &[f32], want: &[f32], terms: usize, what: &str) {
+    pub(crate) fn assert_close(got: &[f32], want: &[f32], terms: usize, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
         let tolerance = 1e-5 * terms as f32 * scale;
@@ -1591,8 +1591,8 @@ mod tests {
                 plan([3, 20, 6, 5], (60, 32), [(1, 1); 2]),
             ),
             (
-                "versatile, 2 x 2 maps, blocks across images",
-                plan([40, 16, 2, 2], (64, 32), [(1, 1); 2]),
+                "versatile, 2 x 3 maps, blocks across images",
+                plan([40, 16, 2, 3], (64, 32), [(1, 1); 2]),
             ),
             (
                 "versatile, no padding",

@@ -15,14 +15,17 @@ use super::nested::ForwardPanels;
 /// The scratch buffers of one thread.
 #[derive(Debug, Default)]
 pub struct Workspace<T> {
-    /// Column matrix of a tile (forward, weight gradient).
+    /// Column matrix of a tile (forward, weight gradient); the output gradient by
+    /// columns (whole-map path).
     pub cols: Vec<T>,
-    /// Column-matrix gradient of a tile (input gradient).
+    /// Column-matrix gradient of a tile (input gradient); the input by columns
+    /// (whole-map path).
     pub dcols: Vec<T>,
     /// Accumulator of a window's rows over a tile (forward partial sums, backward
-    /// running sums of the output gradients).
+    /// running sums of the output gradients); the matrix's gradient (whole-map path).
     pub acc: Vec<T>,
-    /// Weight in ring layout (call level) or a task's weight-gradient partial.
+    /// Weight in ring layout (call level), a task's weight-gradient partial, or the
+    /// whole-map path's matrix.
     pub weight: Vec<T>,
     /// Shifted running sums of a tile (shifted path, input gradient).
     pub scol: Vec<T>,

@@ -295,7 +295,8 @@ fn every_layout_matches_the_definition() {
             seen.extend(layouts);
         }
     }
-    assert_eq!(seen.len(), 3, "layouts exercised: {seen:?}");
+    // im2col, shifted, streaming and the whole map (random specs draw small maps).
+    assert_eq!(seen.len(), 4, "layouts exercised: {seen:?}");
 }
 
 #[test]

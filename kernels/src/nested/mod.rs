@@ -258,6 +258,10 @@ fn forward_plain<T: Real>(
         let out = forward(&live.plan, x, &narrowed, None);
         return (spread_crops(plan, &live, &out, bias), None);
     }
+    if super::small_map::suits(plan) {
+        trace::note(Pass::Forward, Traced::WholeMap, 1);
+        return (super::small_map::forward(plan, x, weight, bias), None);
+    }
     if let Some(result) = super::winograd_nchw::forward(plan, x, weight, bias, moments) {
         return result;
     }
@@ -742,6 +746,16 @@ pub fn backward<T: Real>(
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
     let shifted = use_shifted(plan);
     let tiled = (needs.x || needs.weight) && plan.columns() > 0;
+    if tiled && super::small_map::suits(plan) {
+        trace::note(Pass::Backward, Traced::WholeMap, 1);
+        let (dx, dw) =
+            super::small_map::backward(plan, (x, weight, grad_out), [needs.x, needs.weight]);
+        return Gradients {
+            x: dx,
+            weight: dw,
+            bias,
+        };
+    }
     if tiled && super::winograd_nchw::suits::<T>(plan) {
         let len = plan.input_len();
         let mut dx = needs.x.then(|| workspace::uninit(len));
