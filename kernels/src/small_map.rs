@@ -157,10 +157,10 @@ pub(crate) fn suits(plan: &ConvPlan) -> bool {
     rows * cols <= MAX_WASTE * live
 }
 
-/// `Mᵀ` into `transposed`, row `(o, p_out)` of `c · in_pixels` values: the weight `[m, depth, kh, kw]`
-/// placed at each output channel's taps and channels, zeros elsewhere (output channels
-/// in parallel; pairs outside, channels inside, the strided copies a loop over few
-/// pixels would spend its time around).
+/// `Mᵀ` into `transposed`, row `(o, p_out)` of `c · in_pixels` values: the weight `[m,
+/// depth, kh, kw]` placed at each output channel's taps and channels, zeros elsewhere
+/// (output channels in parallel; pairs outside and channels inside, so that the inner
+/// loop is a strided copy, not a loop over a few pixels).
 fn matrix<T: Real>(plan: &ConvPlan, pairs: &Pairs, weight: &[T], transposed: &mut [T]) {
     let (in_pixels, out_pixels) = (pairs.in_pixels, pairs.out_pixels);
     let rows = plan.in_channels * in_pixels;
@@ -200,7 +200,8 @@ fn transpose<T: Real>(values: &[T], count: usize, len: usize, out: &mut [T]) {
 }
 
 /// The forward pass `[batch, n, oh, ow]` of the input `[batch, c, h, w]`, the weight and
-/// the bias.
+/// the bias (their lengths checked by the caller: the products read them through raw
+/// pointers).
 pub(crate) fn forward<T: Real>(
     plan: &ConvPlan,
     x: &[T],
@@ -243,7 +244,7 @@ pub(crate) fn forward<T: Real>(
 }
 
 /// The input gradient (where `input`) and the weight gradient (where `weight`) of the
-/// output gradient `[batch, n, oh, ow]`.
+/// output gradient `[batch, n, oh, ow]` (every length checked by the caller).
 pub(crate) fn backward<T: Real>(
     plan: &ConvPlan,
     (x, weight, grad_out): (&[T], &[T], &[T]),
@@ -481,6 +482,18 @@ mod tests {
         assert!(!suits(&dense([2, 8, 2, 2], 8, 3, 1, 4)));
         assert!(!suits(&direct(&dense([2, 8, 2, 2], 8, 3, 1, 1))));
         assert!(suits(&dense([2, 8, 2, 2], 8, 3, 1, 1)));
+    }
+
+    /// A short input is refused before the products read it (they read through raw
+    /// pointers).
+    #[test]
+    #[should_panic(expected = "input length")]
+    fn a_short_input_is_refused() {
+        let plan = dense([2, 8, 2, 2], 8, 3, 1, 1);
+        assert!(suits(&plan));
+        let x = values(plan.input_len() - 1, 1);
+        let w = values(plan.weight_len(), 2);
+        crate::forward(&plan, &x, &w, None);
     }
 
     /// On 1, 2, 3 and 5 threads each thread count gives the same bits on every run.

@@ -258,15 +258,15 @@ fn forward_plain<T: Real>(
         let out = forward(&live.plan, x, &narrowed, None);
         return (spread_crops(plan, &live, &out, bias), None);
     }
-    if super::small_map::suits(plan) {
-        trace::note(Pass::Forward, Traced::WholeMap, 1);
-        return (super::small_map::forward(plan, x, weight, bias), None);
-    }
     if let Some(result) = super::winograd_nchw::forward(plan, x, weight, bias, moments) {
         return result;
     }
     let epilogue = Epilogue::bias(bias);
     check_forward(plan, x, &epilogue);
+    if super::small_map::suits(plan) {
+        trace::note(Pass::Forward, Traced::WholeMap, 1);
+        return (super::small_map::forward(plan, x, weight, bias), None);
+    }
     let len = plan.output_len();
     // Every output value is written exactly once (each channel comes from one crop,
     // window and primary; each pixel from one tile), so the buffer starts uninitialized
