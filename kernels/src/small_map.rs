@@ -14,8 +14,8 @@
 //!
 //! `M` is built from each output channel's filter as a dense convolution sees it (its
 //! crop's taps at its window's channels, zeros elsewhere), so any plan can run here;
-//! [`suits`] takes those whose product multiplies at most [`MAX_WASTE`] times the direct
-//! passes' live multiply-adds.
+//! [`SmallMap::new`] takes those whose product multiplies at most [`MAX_WASTE`] times the
+//! direct passes' live multiply-adds.
 //!
 //! Every sum runs in an order fixed by the shapes (the products on [`gemm`], the weight
 //! gradient's gathers tap by tap in pixel order): the bits depend on the plan and the
@@ -40,51 +40,6 @@ const MAX_MATRIX: usize = 1 << 24;
 /// pixels do not.
 const MAX_WASTE: usize = 2;
 
-/// Which tap carries each input pixel to each output pixel.
-struct Pairs {
-    in_pixels: usize,
-    out_pixels: usize,
-    /// `tap[p_out * in_pixels + p_in]`: the kernel position `ky * kw + kx`, if any.
-    tap: Vec<Option<usize>>,
-}
-
-impl Pairs {
-    /// The pairs of `plan`'s maps (at most [`MAX_PAIRS`] of them: [`suits`] checks).
-    fn new(plan: &ConvPlan) -> Self {
-        let ([h, w], [oh, ow]) = (plan.input, plan.output);
-        let (in_pixels, out_pixels) = (h * w, oh * ow);
-        let mut tap = vec![None; in_pixels * out_pixels];
-        let [kh, kw] = plan.kernel;
-        // The input coordinate of output `o` at kernel position `k` along `axis`.
-        let at = |axis: usize, o: usize, k: usize| {
-            (o * plan.stride[axis] + k * plan.dilation[axis])
-                .checked_sub(plan.pad[axis])
-                .filter(|&i| i < plan.input[axis])
-        };
-        for (oy, ox) in (0..oh).flat_map(|oy| (0..ow).map(move |ox| (oy, ox))) {
-            for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
-                if let (Some(iy), Some(ix)) = (at(0, oy, ky), at(1, ox, kx)) {
-                    // Distinct kernel positions read distinct input pixels of one output.
-                    tap[(oy * ow + ox) * in_pixels + iy * w + ix] = Some(ky * kw + kx);
-                }
-            }
-        }
-        Self {
-            in_pixels,
-            out_pixels,
-            tap,
-        }
-    }
-
-    /// [`tap`](Self::tap) for each crop: the taps the crop holds only.
-    fn by_crop(&self, plan: &ConvPlan) -> Vec<Vec<Option<usize>>> {
-        crop_positions(plan)
-            .iter()
-            .map(|held| self.tap.iter().map(|t| t.filter(|&t| held[t])).collect())
-            .collect()
-    }
-}
-
 /// Where an output channel's filter comes from: its crop, its window and its primary.
 #[derive(Clone, Copy)]
 struct Source {
@@ -93,257 +48,278 @@ struct Source {
     primary: usize,
 }
 
-/// Each output channel's source, in channel order (a checked plan emits every channel
-/// below `out_channels` exactly once).
-fn sources(plan: &ConvPlan) -> Vec<Option<Source>> {
-    let mut sources = vec![None; plan.out_channels];
-    for crop in 0..plan.rings.len() {
-        for (window, w) in plan.windows.iter().enumerate() {
-            let base = plan.channel_base(crop, w);
-            for r in 0..plan.emitted(crop, w) {
-                sources[base + r] = Some(Source {
-                    crop,
-                    window,
-                    primary: w.first_primary + r,
-                });
-            }
+/// A plan that runs as one matrix product, with the tables its passes share (made once
+/// per call).
+pub(crate) struct SmallMap<'p> {
+    plan: &'p ConvPlan,
+    in_pixels: usize,
+    out_pixels: usize,
+    /// `taps[crop][p_out * in_pixels + p_in]`: the kernel position `ky * kw + kx` of the
+    /// crop that carries input pixel `p_in` to output pixel `p_out`, if any.
+    taps: Vec<Vec<Option<usize>>>,
+    /// Each output channel's source, in channel order (a checked plan emits every channel
+    /// below `out_channels` exactly once).
+    sources: Vec<Option<Source>>,
+}
+
+impl<'p> SmallMap<'p> {
+    /// `plan` as one product, where it runs here: the default strategy, a map of at most
+    /// [`MAX_PAIRS`] pixel pairs, a matrix of at most [`MAX_MATRIX`] values, and a product
+    /// of at most [`MAX_WASTE`] times the direct passes' live multiply-adds.
+    pub(crate) fn new(plan: &'p ConvPlan) -> Option<Self> {
+        let ([h, w], [oh, ow]) = (plan.input, plan.output);
+        let (in_pixels, out_pixels) = (h * w, oh * ow);
+        let pairs = in_pixels.checked_mul(out_pixels)?;
+        if plan.tuning.strategy != Strategy::Auto || plan.columns() == 0 || pairs > MAX_PAIRS {
+            return None;
         }
-    }
-    sources
-}
-
-/// `in_crop[crop][position]`: whether crop `crop` (rings `crop..`) holds the position.
-fn crop_positions(plan: &ConvPlan) -> Vec<Vec<bool>> {
-    let kw = plan.kernel[1];
-    (0..plan.rings.len())
-        .map(|crop| {
-            let mut held = vec![false; plan.kernel[0] * kw];
-            for &(ky, kx) in plan.rings[crop..].iter().flatten() {
-                held[ky * kw + kx] = true;
-            }
-            held
-        })
-        .collect()
-}
-
-/// Whether the plan runs here: the default strategy, a map of at most [`MAX_PAIRS`]
-/// pixel pairs, a matrix of at most [`MAX_MATRIX`] values, and a product of at most
-/// [`MAX_WASTE`] times the direct passes' live multiply-adds.
-pub(crate) fn suits(plan: &ConvPlan) -> bool {
-    let (in_pixels, out_pixels) = (
-        plan.input[0] * plan.input[1],
-        plan.output[0] * plan.output[1],
-    );
-    if plan.tuning.strategy != Strategy::Auto
-        || plan.columns() == 0
-        || in_pixels
-            .checked_mul(out_pixels)
-            .is_none_or(|pairs| pairs > MAX_PAIRS)
-    {
-        return false;
-    }
-    let rows = plan.in_channels * in_pixels;
-    let cols = plan.out_channels * out_pixels;
-    if rows.checked_mul(cols).is_none_or(|len| len > MAX_MATRIX) {
-        return false;
-    }
-    let by_crop = Pairs::new(plan).by_crop(plan);
-    // Live multiply-adds of one image: each channel's filter at the pairs its crop joins.
-    let live: usize = sources(plan)
-        .iter()
-        .flatten()
-        .map(|s| by_crop[s.crop].iter().flatten().count() * plan.window_depth)
-        .sum();
-    rows * cols <= MAX_WASTE * live
-}
-
-/// `Mᵀ` into `transposed`, row `(o, p_out)` of `c · in_pixels` values: the weight `[m,
-/// depth, kh, kw]` placed at each output channel's taps and channels, zeros elsewhere
-/// (output channels in parallel; pairs outside and channels inside, so that the inner
-/// loop is a strided copy, not a loop over a few pixels).
-fn matrix<T: Real>(plan: &ConvPlan, pairs: &Pairs, weight: &[T], transposed: &mut [T]) {
-    let (in_pixels, out_pixels) = (pairs.in_pixels, pairs.out_pixels);
-    let rows = plan.in_channels * in_pixels;
-    let area = plan.kernel[0] * plan.kernel[1];
-    let by_crop = pairs.by_crop(plan);
-    let sources = sources(plan);
-    transposed.fill(T::ZERO);
-    transposed
-        .par_chunks_mut(rows * out_pixels)
-        .zip(&sources)
-        .for_each(|(channel, source)| {
-            let Some(source) = source else { return };
-            let window = &plan.windows[source.window];
-            let filter = &weight
-                [(source.primary * plan.weight_depth + window.weight_offset) * area..]
-                [..plan.window_depth * area];
-            for (pair, tap) in by_crop[source.crop].iter().enumerate() {
-                let Some(t) = *tap else { continue };
-                let (p_out, p_in) = (pair / in_pixels, pair % in_pixels);
-                let row = &mut channel[p_out * rows + window.in_offset * in_pixels..]
-                    [..plan.window_depth * in_pixels];
-                for (value, taps) in row
-                    .iter_mut()
-                    .skip(p_in)
-                    .step_by(in_pixels)
-                    .zip(filter.chunks_exact(area))
-                {
-                    *value = taps[t];
+        let rows = plan.in_channels * in_pixels;
+        let cols = plan.out_channels * out_pixels;
+        if rows.checked_mul(cols).is_none_or(|len| len > MAX_MATRIX) {
+            return None;
+        }
+        let [kh, kw] = plan.kernel;
+        // The input coordinate of output `o` at kernel position `k` along `axis`.
+        let at = |axis: usize, o: usize, k: usize| {
+            (o * plan.stride[axis] + k * plan.dilation[axis])
+                .checked_sub(plan.pad[axis])
+                .filter(|&i| i < plan.input[axis])
+        };
+        let mut tap = vec![None; pairs];
+        for (oy, ox) in (0..oh).flat_map(|oy| (0..ow).map(move |ox| (oy, ox))) {
+            for (ky, kx) in (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky, kx))) {
+                if let (Some(iy), Some(ix)) = (at(0, oy, ky), at(1, ox, kx)) {
+                    // Distinct kernel positions read distinct input pixels of one output.
+                    tap[(oy * ow + ox) * in_pixels + iy * w + ix] = Some(ky * kw + kx);
                 }
             }
+        }
+        // Crop `crop` holds rings `crop..`.
+        let taps: Vec<Vec<Option<usize>>> = (0..plan.rings.len())
+            .map(|crop| {
+                let mut held = vec![false; kh * kw];
+                for &(ky, kx) in plan.rings[crop..].iter().flatten() {
+                    held[ky * kw + kx] = true;
+                }
+                tap.iter().map(|t| t.filter(|&t| held[t])).collect()
+            })
+            .collect();
+        let mut sources = vec![None; plan.out_channels];
+        for crop in 0..plan.rings.len() {
+            for (window, w) in plan.windows.iter().enumerate() {
+                let base = plan.channel_base(crop, w);
+                for r in 0..plan.emitted(crop, w) {
+                    sources[base + r] = Some(Source {
+                        crop,
+                        window,
+                        primary: w.first_primary + r,
+                    });
+                }
+            }
+        }
+        // Live multiply-adds of one image: each channel's filter at the pairs its crop
+        // joins.
+        let live: usize = sources
+            .iter()
+            .flatten()
+            .map(|s| taps[s.crop].iter().flatten().count() * plan.window_depth)
+            .sum();
+        (rows * cols <= MAX_WASTE * live).then_some(Self {
+            plan,
+            in_pixels,
+            out_pixels,
+            taps,
+            sources,
+        })
+    }
+
+    /// Rows of `M`: `c · in_pixels`.
+    fn rows(&self) -> usize {
+        self.plan.in_channels * self.in_pixels
+    }
+
+    /// Columns of `M`: `n · out_pixels`.
+    fn cols(&self) -> usize {
+        self.plan.out_channels * self.out_pixels
+    }
+
+    /// The forward pass `[batch, n, oh, ow]` of the input `[batch, c, h, w]`, the weight
+    /// and the bias (their lengths checked by the caller: the products read them through
+    /// raw pointers).
+    pub(crate) fn forward<T: Real>(&self, x: &[T], weight: &[T], bias: Option<&[T]>) -> Vec<T> {
+        let plan = self.plan;
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![T::ZERO; plan.output_len()];
+        workspace::with::<T, _>(Slot::Call, |ws| {
+            let transposed = grow(&mut ws.weight, rows * cols);
+            self.matrix(weight, transposed);
+            // SAFETY: `x` is `batch × rows` row-major (a plan's input length), `transposed`
+            // is `cols × rows` row-major, read as the `rows × cols` right operand (strides 1
+            // down a column, `rows` across), and `out` is `batch × cols` row-major, a
+            // buffer of its own.
+            unsafe {
+                gemm(
+                    [plan.batch, cols, rows],
+                    out.as_mut_ptr(),
+                    [1, cols],
+                    false,
+                    x.as_ptr(),
+                    [1, rows],
+                    transposed.as_ptr(),
+                    [rows, 1],
+                    gemm::Parallelism::Rayon(0),
+                );
+            }
         });
+        if let Some(bias) = bias {
+            for image in out.chunks_exact_mut(cols) {
+                for (plane, &b) in image.chunks_exact_mut(self.out_pixels).zip(bias) {
+                    plane.iter_mut().for_each(|v| *v += b);
+                }
+            }
+        }
+        out
+    }
+
+    /// The input gradient (where `input`) and the weight gradient (where `weight`) of the
+    /// output gradient `[batch, n, oh, ow]` (every length checked by the caller).
+    pub(crate) fn backward<T: Real>(
+        &self,
+        (x, weight, grad_out): (&[T], &[T], &[T]),
+        [input, weight_gradient]: [bool; 2],
+    ) -> (Option<Vec<T>>, Option<Vec<T>>) {
+        let plan = self.plan;
+        let (rows, cols) = (self.rows(), self.cols());
+        workspace::with::<T, _>(Slot::Call, |ws| {
+            let dx = input.then(|| {
+                let transposed = grow(&mut ws.weight, rows * cols);
+                self.matrix(weight, transposed);
+                let mut dx = vec![T::ZERO; plan.input_len()];
+                // SAFETY: `grad_out` is `batch × cols` row-major, `transposed` the `cols ×
+                // rows` row-major right operand `Mᵀ`, and `dx` is `batch × rows`
+                // row-major, a buffer of its own.
+                unsafe {
+                    gemm(
+                        [plan.batch, rows, cols],
+                        dx.as_mut_ptr(),
+                        [1, rows],
+                        false,
+                        grad_out.as_ptr(),
+                        [1, cols],
+                        transposed.as_ptr(),
+                        [1, rows],
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+                dx
+            });
+            let dw = weight_gradient.then(|| {
+                // The product, a sum over the batch, runs on transposed copies: a
+                // row-major left and a column-major right operand, the layout sgemm takes.
+                let grad_by_column = grow(&mut ws.cols, cols * plan.batch);
+                transpose(grad_out, plan.batch, cols, grad_by_column);
+                let x_by_column = grow(&mut ws.dcols, rows * plan.batch);
+                transpose(x, plan.batch, rows, x_by_column);
+                // dMᵀ = dyᵀ · x: row (o, p_out) of `rows` values.
+                let product = grow(&mut ws.acc, cols * rows);
+                // SAFETY: `grad_by_column` is `dyᵀ`, `cols × batch` row-major;
+                // `x_by_column` (`rows × batch` row-major) is read as the `batch × rows`
+                // right operand `x` (strides 1 down, `batch` across); `product` is `cols ×
+                // rows` row-major, overwritten (no accumulation), apart from both.
+                unsafe {
+                    gemm(
+                        [cols, rows, plan.batch],
+                        product.as_mut_ptr(),
+                        [1, rows],
+                        false,
+                        grad_by_column.as_ptr(),
+                        [1, plan.batch],
+                        x_by_column.as_ptr(),
+                        [plan.batch, 1],
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+                self.fold(product)
+            });
+            (dx, dw)
+        })
+    }
+
+    /// For output channel `source`'s pairs its crop joins, in pixel order: where its
+    /// window's first channel lies in row `p_out` of the channel's block of `Mᵀ` (`rows`
+    /// values per row, channel `c` at `c · in_pixels + p_in`), and the tap.
+    fn placed(&self, source: &Source) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let (in_pixels, rows) = (self.in_pixels, self.rows());
+        let in_offset = self.plan.windows[source.window].in_offset;
+        self.taps[source.crop]
+            .iter()
+            .enumerate()
+            .filter_map(move |(pair, tap)| {
+                let (p_out, p_in) = (pair / in_pixels, pair % in_pixels);
+                tap.map(|t| (p_out * rows + in_offset * in_pixels + p_in, t))
+            })
+    }
+
+    /// `Mᵀ` into `transposed`, row `(o, p_out)` of `c · in_pixels` values: the weight `[m,
+    /// depth, kh, kw]` placed at each output channel's taps and channels, zeros elsewhere
+    /// (output channels in parallel; pairs outside and channels inside, so that the inner
+    /// loop is a strided copy, not a loop over a few pixels).
+    fn matrix<T: Real>(&self, weight: &[T], transposed: &mut [T]) {
+        let plan = self.plan;
+        let area = plan.kernel[0] * plan.kernel[1];
+        let depth = plan.window_depth;
+        transposed.fill(T::ZERO);
+        transposed
+            .par_chunks_mut(self.rows() * self.out_pixels)
+            .zip(&self.sources)
+            .for_each(|(channel, source)| {
+                let Some(source) = source else { return };
+                let first =
+                    source.primary * plan.weight_depth + plan.windows[source.window].weight_offset;
+                let filter = &weight[first * area..][..depth * area];
+                for (at, t) in self.placed(source) {
+                    let values = channel[at..].iter_mut().step_by(self.in_pixels);
+                    for (value, taps) in values.zip(filter.chunks_exact(area)) {
+                        *value = taps[t];
+                    }
+                }
+            });
+    }
+
+    /// The weight gradient `[m, depth, kh, kw]` of `dMᵀ`: each weight value's share of
+    /// every output channel that reads it, channels in order, each channel's pairs in
+    /// pixel order (primaries in parallel; pairs outside, channels inside, as in
+    /// [`matrix`](Self::matrix)).
+    fn fold<T: Real>(&self, product: &[T]) -> Vec<T> {
+        let plan = self.plan;
+        let area = plan.kernel[0] * plan.kernel[1];
+        let depth = plan.window_depth;
+        let mut dw = vec![T::ZERO; plan.weight_len()];
+        dw.par_chunks_mut(plan.weight_depth * area)
+            .enumerate()
+            .for_each(|(primary, dw)| {
+                let channels = product.chunks_exact(self.rows() * self.out_pixels);
+                for (channel, source) in channels.zip(&self.sources) {
+                    let Some(source) = source.filter(|s| s.primary == primary) else {
+                        continue;
+                    };
+                    let first = plan.windows[source.window].weight_offset;
+                    let filter = &mut dw[first * area..][..depth * area];
+                    for (at, t) in self.placed(&source) {
+                        let values = channel[at..].iter().step_by(self.in_pixels);
+                        for (&value, taps) in values.zip(filter.chunks_exact_mut(area)) {
+                            taps[t] += value;
+                        }
+                    }
+                }
+            });
+        dw
+    }
 }
 
 /// `values` (`[count, len]` row-major) transposed into `out` (`[len, count]`).
 fn transpose<T: Real>(values: &[T], count: usize, len: usize, out: &mut [T]) {
     crate::rows_to_pixel_major(values, [count, 1, len], (0, 0..1, len), (out, 0));
-}
-
-/// The forward pass `[batch, n, oh, ow]` of the input `[batch, c, h, w]`, the weight and
-/// the bias (their lengths checked by the caller: the products read them through raw
-/// pointers).
-pub(crate) fn forward<T: Real>(
-    plan: &ConvPlan,
-    x: &[T],
-    weight: &[T],
-    bias: Option<&[T]>,
-) -> Vec<T> {
-    let pairs = Pairs::new(plan);
-    let rows = plan.in_channels * pairs.in_pixels;
-    let cols = plan.out_channels * pairs.out_pixels;
-    let mut out = vec![T::ZERO; plan.output_len()];
-    workspace::with::<T, _>(Slot::Call, |ws| {
-        let transposed = grow(&mut ws.weight, rows * cols);
-        matrix(plan, &pairs, weight, transposed);
-        // SAFETY: `x` is `batch × rows` row-major (a plan's input length), `transposed` is
-        // `cols × rows` row-major, read as the `rows × cols` right operand (strides 1 down
-        // a column, `rows` across), and `out` is `batch × cols` row-major, a buffer of its
-        // own.
-        unsafe {
-            gemm(
-                [plan.batch, cols, rows],
-                out.as_mut_ptr(),
-                [1, cols],
-                false,
-                x.as_ptr(),
-                [1, rows],
-                transposed.as_ptr(),
-                [rows, 1],
-                gemm::Parallelism::Rayon(0),
-            );
-        }
-    });
-    if let Some(bias) = bias {
-        for image in out.chunks_exact_mut(cols) {
-            for (plane, &b) in image.chunks_exact_mut(pairs.out_pixels).zip(bias) {
-                plane.iter_mut().for_each(|v| *v += b);
-            }
-        }
-    }
-    out
-}
-
-/// The input gradient (where `input`) and the weight gradient (where `weight`) of the
-/// output gradient `[batch, n, oh, ow]` (every length checked by the caller).
-pub(crate) fn backward<T: Real>(
-    plan: &ConvPlan,
-    (x, weight, grad_out): (&[T], &[T], &[T]),
-    [input, weight_gradient]: [bool; 2],
-) -> (Option<Vec<T>>, Option<Vec<T>>) {
-    let pairs = Pairs::new(plan);
-    let rows = plan.in_channels * pairs.in_pixels;
-    let cols = plan.out_channels * pairs.out_pixels;
-    workspace::with::<T, _>(Slot::Call, |ws| {
-        let dx = input.then(|| {
-            let transposed = grow(&mut ws.weight, rows * cols);
-            matrix(plan, &pairs, weight, transposed);
-            let mut dx = vec![T::ZERO; plan.input_len()];
-            // SAFETY: `grad_out` is `batch × cols` row-major, `transposed` the `cols ×
-            // rows` row-major right operand `Mᵀ`, and `dx` is `batch × rows` row-major,
-            // a buffer of its own.
-            unsafe {
-                gemm(
-                    [plan.batch, rows, cols],
-                    dx.as_mut_ptr(),
-                    [1, rows],
-                    false,
-                    grad_out.as_ptr(),
-                    [1, cols],
-                    transposed.as_ptr(),
-                    [1, rows],
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
-            dx
-        });
-        let dw = weight_gradient.then(|| {
-            // The product, a sum over the batch, runs on transposed copies: a row-major
-            // left and a column-major right operand, the layout sgemm takes.
-            let grad_by_column = grow(&mut ws.cols, cols * plan.batch);
-            transpose(grad_out, plan.batch, cols, grad_by_column);
-            let x_by_column = grow(&mut ws.dcols, rows * plan.batch);
-            transpose(x, plan.batch, rows, x_by_column);
-            // dMᵀ = dyᵀ · x: row (o, p_out) of `rows` values.
-            let product = grow(&mut ws.acc, cols * rows);
-            // SAFETY: `grad_by_column` is `dyᵀ`, `cols × batch` row-major;
-            // `x_by_column` (`rows × batch` row-major) is read as the `batch × rows`
-            // right operand `x` (strides 1 down, `batch` across); `product` is `cols ×
-            // rows` row-major, overwritten (no accumulation), apart from both.
-            unsafe {
-                gemm(
-                    [cols, rows, plan.batch],
-                    product.as_mut_ptr(),
-                    [1, rows],
-                    false,
-                    grad_by_column.as_ptr(),
-                    [1, plan.batch],
-                    x_by_column.as_ptr(),
-                    [plan.batch, 1],
-                    gemm::Parallelism::Rayon(0),
-                );
-            }
-            fold(plan, &pairs, product)
-        });
-        (dx, dw)
-    })
-}
-
-/// The weight gradient `[m, depth, kh, kw]` of `dMᵀ`: each weight value's share of every
-/// output channel that reads it, channels in order, each channel's pairs in pixel order
-/// (primaries in parallel; pairs outside, channels inside, as in [`matrix`]).
-fn fold<T: Real>(plan: &ConvPlan, pairs: &Pairs, product: &[T]) -> Vec<T> {
-    let (in_pixels, out_pixels) = (pairs.in_pixels, pairs.out_pixels);
-    let rows = plan.in_channels * in_pixels;
-    let area = plan.kernel[0] * plan.kernel[1];
-    let by_crop = pairs.by_crop(plan);
-    let sources = sources(plan);
-    let mut dw = vec![T::ZERO; plan.weight_len()];
-    dw.par_chunks_mut(plan.weight_depth * area)
-        .enumerate()
-        .for_each(|(primary, dw)| {
-            for (channel, source) in product.chunks_exact(rows * out_pixels).zip(&sources) {
-                let Some(source) = source.filter(|s| s.primary == primary) else {
-                    continue;
-                };
-                let window = &plan.windows[source.window];
-                let filter = &mut dw[window.weight_offset * area..][..plan.window_depth * area];
-                for (pair, tap) in by_crop[source.crop].iter().enumerate() {
-                    let Some(t) = *tap else { continue };
-                    let (p_out, p_in) = (pair / in_pixels, pair % in_pixels);
-                    let row = &channel[p_out * rows + window.in_offset * in_pixels..]
-                        [..plan.window_depth * in_pixels];
-                    for (&value, taps) in row
-                        .iter()
-                        .skip(p_in)
-                        .step_by(in_pixels)
-                        .zip(filter.chunks_exact_mut(area))
-                    {
-                        taps[t] += value;
-                    }
-                }
-            }
-        });
-    dw
 }
 
 #[cfg(test)]
@@ -353,6 +329,11 @@ mod tests {
     use crate::trace::{self, Layout, Pass};
     use crate::winograd_nchw::tests::{assert_close, direct, plan, windows_plan};
     use crate::Needs;
+
+    /// Whether the plan runs as one product.
+    fn suits(plan: &ConvPlan) -> bool {
+        SmallMap::new(plan).is_some()
+    }
 
     fn dense(
         input: [usize; 4],

@@ -23,6 +23,7 @@ use super::moments::{channel_moments, merge_tiles, Moments, TileMoments};
 use super::plan::{ConvPlan, LiveCrops};
 use super::sgemm;
 use super::shifted;
+use super::small_map::SmallMap;
 use super::streaming::{self, StreamWeight};
 use super::trace::{self, Layout as Traced, Pass};
 use super::tuning::{self, Strategy};
@@ -263,9 +264,9 @@ fn forward_plain<T: Real>(
     }
     let epilogue = Epilogue::bias(bias);
     check_forward(plan, x, &epilogue);
-    if super::small_map::suits(plan) {
+    if let Some(map) = SmallMap::new(plan) {
         trace::note(Pass::Forward, Traced::WholeMap, 1);
-        return (super::small_map::forward(plan, x, weight, bias), None);
+        return (map.forward(x, weight, bias), None);
     }
     let len = plan.output_len();
     // Every output value is written exactly once (each channel comes from one crop,
@@ -746,10 +747,9 @@ pub fn backward<T: Real>(
     let bias = needs.bias.then(|| bias_gradient(plan, grad_out));
     let shifted = use_shifted(plan);
     let tiled = (needs.x || needs.weight) && plan.columns() > 0;
-    if tiled && super::small_map::suits(plan) {
+    if let Some(map) = tiled.then(|| SmallMap::new(plan)).flatten() {
         trace::note(Pass::Backward, Traced::WholeMap, 1);
-        let (dx, dw) =
-            super::small_map::backward(plan, (x, weight, grad_out), [needs.x, needs.weight]);
+        let (dx, dw) = map.backward((x, weight, grad_out), [needs.x, needs.weight]);
         return Gradients {
             x: dx,
             weight: dw,
